@@ -1,0 +1,178 @@
+"""Turn a checkpoint whose height collapse is a `Lambda` layer into one with the registered
+`CollapseHeight` layer, which loads in Keras' safe mode and across Keras versions.
+
+    python export_safe.py --in_keras saved_model/crnn_ctc_final.keras --out_keras saved_model/crnn_ctc_final_safe.keras
+
+No code stored in the input runs: its architecture is read as JSON, the Lambda's entry is
+replaced by CollapseHeight, the model is rebuilt from that in safe mode, and only the weights are
+read from the archive. Then the result is saved, reloaded in safe mode, and both must agree on a
+batch. With --trust_input (only for files you trust: it runs the Lambda's stored code), the
+original model is loaded too and the two must agree.
+"""
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import model  # first: it quiets TensorFlow's logging before Keras loads it
+import h5py
+import keras
+import numpy as np
+
+import preprocess
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+PARITY_TOLERANCE = 1e-5
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in_keras", required=True, help="checkpoint with a Lambda height collapse")
+    parser.add_argument("--out_keras", required=True, help="where to write the safe checkpoint")
+    parser.add_argument("--collapse", choices=["auto", "mean", "flatten"], default="auto",
+                        help="what the Lambda computed: mean over height, or height folded into features "
+                             "(auto: the one the weights fit, mean first)")
+    parser.add_argument("--charset", default="default",
+                        help="symbols of a checkpoint saved without metadata (preset name or the symbols)")
+    parser.add_argument("--blank", choices=["first", "last"], default="last",
+                        help="CTC blank position of a checkpoint saved without metadata "
+                             "(the reference's checkpoints: last)")
+    parser.add_argument("--trust_input", action="store_true",
+                        help="also load the input as-is (runs its stored Lambda code) and compare outputs")
+    return parser.parse_args(argv)
+
+
+def read_config(path):
+    raw = model.read_archive_member(path, "config.json")
+    if raw is None:
+        raise CaptchaError(f"{path}: not a Keras .keras archive (no config.json)")
+    return json.loads(raw)
+
+
+def replace_lambda(config, mode):
+    """A copy of the archive's model config with its one Lambda turned into CollapseHeight(mode)."""
+    config = copy.deepcopy(config)
+    config.pop("compile_config", None)  # the loss may be a custom object; inference needs none
+    layers = config["config"]["layers"]
+    lambdas = [layer for layer in layers if layer.get("class_name") == "Lambda"]
+    if len(lambdas) != 1:
+        raise CaptchaError(f"expected one Lambda layer (the height collapse), found {len(lambdas)}")
+    old = lambdas[0]
+    new = keras.saving.serialize_keras_object(model.CollapseHeight(mode, name=old["config"]["name"]))
+    new["name"] = old.get("name", old["config"]["name"])
+    # Same input tensors; the Lambda's call kwargs (mask=None) mean nothing to CollapseHeight.
+    new["inbound_nodes"] = [{**node, "kwargs": {}} for node in old["inbound_nodes"]]
+    if "build_config" in old:
+        new["build_config"] = old["build_config"]
+    layers[layers.index(old)] = new
+    return config
+
+
+def weight_arrays(h5_path):
+    arrays = []
+    with h5py.File(h5_path, "r") as f:
+        f.visititems(lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def rebuild(config, weights_file, mode):
+    """The model of `config` with CollapseHeight(mode), and every weight of the archive loaded into it."""
+    safe_config = replace_lambda(config, mode)
+    rebuilt = keras.saving.deserialize_keras_object(safe_config, safe_mode=True)
+    rebuilt.load_weights(weights_file)
+    stored = sorted(a.size for a in weight_arrays(weights_file))
+    loaded = sorted(int(np.prod(w.shape)) for w in rebuilt.weights)
+    if stored != loaded:
+        raise ValueError(f"{len(stored)} stored weight arrays do not match the model's {len(loaded)}")
+    rebuilt.predict_on_batch(parity_batch(rebuilt, count=1))  # weights of the wrong shape fail only here
+    return rebuilt
+
+
+def parity_batch(crnn, count=8, seed=0):
+    """Inputs to compare models on: random pixels in [0, 1], the range the pipeline produces."""
+    height, width, channels = crnn.input_shape[1:]
+    return np.random.default_rng(seed).random((count, height, width, channels), dtype=np.float32)
+
+
+def export(args):
+    src, dst = Path(args.in_keras), Path(args.out_keras)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CaptchaError(f"{dst}: --out_keras would overwrite --in_keras; choose another path")
+    config = read_config(src)
+    meta = model.read_meta(src)
+    if not model.lambda_layer_names(src):
+        model.load_model(src)  # proves it really loads in safe mode
+        if meta is None:
+            raise CaptchaError(f"{src}: already has no Lambda layer, but no metadata either; nothing to export")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        print(f"{src} has no Lambda layer: it already loads in safe mode; copied it to {dst}")
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_file = Path(tmp) / "model.weights.h5"  # our own name: archive member names never become paths
+        raw = model.read_archive_member(src, "model.weights.h5")
+        if raw is None:
+            raise CaptchaError(f"{src}: the archive holds no model.weights.h5")
+        weights_file.write_bytes(raw)
+        modes = ["mean", "flatten"] if args.collapse == "auto" else [args.collapse]
+        errors = []
+        for mode in modes:
+            try:
+                rebuilt = rebuild(config, weights_file, mode)
+                break
+            except CaptchaError:
+                raise
+            except Exception as e:  # Keras raises several types when weights don't fit a config
+                errors.append(f"collapse={mode}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        else:
+            raise CaptchaError(f"{src}: not a CRNN this tool can rebuild ({'; '.join(errors)})")
+    print(f"rebuilt {src} with CollapseHeight(mode={mode!r}) and {len(rebuilt.weights)} weight arrays")
+
+    if meta is None:
+        charset = preprocess.charset_from_arg(args.charset, args.blank)
+        if rebuilt.output_shape[-1] != charset.num_classes:
+            raise CaptchaError(f"{src}: model has {rebuilt.output_shape[-1]} output classes but --charset gives "
+                               f"{charset.num_classes} (symbols + blank)")
+        height, width = rebuilt.input_shape[1:3]
+        meta = model.make_meta(charset, 5, PreprocessOptions(height=height, width=width), None)
+        print(f"{src} has no metadata: assuming {len(charset.symbols)} symbols, blank {args.blank} "
+              f"(class {charset.blank_index})")
+
+    batch = parity_batch(rebuilt)
+    expected = rebuilt.predict_on_batch(batch)
+    if args.trust_input:
+        original = keras.saving.load_model(src, compile=False, safe_mode=False)
+        diff = float(np.max(np.abs(original.predict_on_batch(batch) - expected)))
+        if diff > PARITY_TOLERANCE:
+            raise CaptchaError(f"{src}: the rebuilt model differs from the original by {diff:.2e}: "
+                               f"try --collapse flatten or mean")
+        print(f"parity with the original (trusted) model: max abs difference {diff:.2e}")
+
+    model.save_model(rebuilt, dst, meta)
+    reloaded, _ = model.load_model(dst, safe_mode=True)
+    diff = float(np.max(np.abs(reloaded.predict_on_batch(batch) - expected)))
+    if diff > PARITY_TOLERANCE:
+        dst.unlink()
+        raise CaptchaError(f"{dst}: reloaded model differs by {diff:.2e}; removed it")
+    charset = Charset.from_dict(meta["charset"])
+    print(f"wrote {dst}: loads with safe_mode=True, max abs difference after reload {diff:.2e}; "
+          f"decodes with blank at class {charset.blank_index}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return export(args)
+    except CaptchaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

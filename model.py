@@ -1,0 +1,291 @@
+"""The CRNN: convolutions -> CollapseHeight -> 2x bidirectional LSTM -> per-time-step softmax, trained with CTC.
+
+One builder serves every script. Written with `keras.ops` only, so it runs on any Keras backend
+(TensorFlow by default; `KERAS_BACKEND=jax` on machines without TensorFlow).
+
+A trained model is one `.keras` file: Keras' own archive plus a `captcha_meta.json` member that
+holds the charset, the blank index, the label length and the preprocessing options, so test.py
+never needs them typed again.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info lines off the terminal
+
+import json
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers, ops
+from rapidfuzz.distance import Levenshtein
+
+from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaError, Charset, PreprocessOptions
+
+META_MEMBER = "captcha_meta.json"
+META_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    height: int = IMG_HEIGHT
+    width: int = IMG_WIDTH
+    conv_filters: tuple = (64, 128, 256)
+    lstm_units: int = 256
+    lstm_layers: int = 2
+    dropout_cnn: float = 0.25  # after the convolutions
+    dropout_rnn: float = 0.15  # between the recurrent layers
+    collapse: str = "mean"  # how CollapseHeight turns (H, W, C) into W time steps: "mean" or "flatten"
+    bn_momentum: float = 0.99  # Keras' default; 0.9 lets inference statistics catch up in short runs
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "conv_filters" in d:
+            d["conv_filters"] = tuple(d["conv_filters"])
+        return cls(**d)
+
+
+PRESETS = {
+    # The reference design: 64/128/256 convolutions, 2 x BiLSTM(256), dropout 0.25 / 0.15.
+    "seed": ModelConfig(),
+    # For CPUs: about a quarter of the seed's arithmetic.
+    "fast": ModelConfig(conv_filters=(32, 64, 128), lstm_units=128, bn_momentum=0.9),
+    # For tests: trains in seconds.
+    "tiny": ModelConfig(conv_filters=(8, 16, 16), lstm_units=16, lstm_layers=1, dropout_cnn=0.0, dropout_rnn=0.0,
+                        bn_momentum=0.9),
+}
+
+
+def time_steps(config):
+    """Output sequence length: the width after the two 2x2 poolings (the third pools height only)."""
+    return config.width // 4
+
+
+@keras.saving.register_keras_serializable(package="crnn")
+class CollapseHeight(layers.Layer):
+    """(batch, H, W, C) -> (batch, W, C') so that image columns become CTC time steps.
+
+    A registered layer, unlike the reference's `Lambda`, loads in Keras' safe mode and in other
+    Keras versions: its code lives here, not as pickled bytecode in the checkpoint.
+    """
+
+    def __init__(self, mode="mean", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("mean", "flatten"):
+            raise ValueError(f"CollapseHeight mode must be 'mean' or 'flatten', got {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        if self.mode == "mean":
+            return ops.mean(x, axis=1)
+        x = ops.transpose(x, (0, 2, 1, 3))  # (batch, W, H, C)
+        return ops.reshape(x, (-1, x.shape[1], x.shape[2] * x.shape[3]))
+
+    def compute_output_shape(self, input_shape):
+        batch, h, w, c = input_shape
+        return (batch, w, c if self.mode == "mean" else h * c)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def build_model(config, num_classes, legacy_lambda=False):
+    """The CRNN, ending in a softmax over `num_classes` (symbols + blank) at each time step.
+
+    legacy_lambda=True collapses height with a `Lambda` instead of CollapseHeight, as the
+    reference's checkpoints do: export_safe.py's tests build those with it.
+    """
+    image = keras.Input(shape=(config.height, config.width, 1), name="image")
+    x = image
+    # Pool (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
+    for filters, pool in zip(config.conv_filters, [(2, 2), (2, 2), (2, 1)]):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=config.bn_momentum)(x)
+        x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D(pool)(x)
+    if legacy_lambda:  # self-contained lambdas: Keras stores them as bytecode without their module
+        if config.collapse == "mean":
+            collapse = lambda t: __import__("keras").ops.mean(t, axis=1)  # noqa: E731
+        else:
+            collapse = lambda t: __import__("keras").ops.reshape(  # noqa: E731
+                __import__("keras").ops.transpose(t, (0, 2, 1, 3)), (-1, t.shape[2], t.shape[1] * t.shape[3]))
+        x = layers.Lambda(collapse, name="collapse_height")(x)
+    else:
+        x = CollapseHeight(config.collapse, name="collapse_height")(x)
+    x = layers.Dropout(config.dropout_cnn)(x)
+    for i in range(config.lstm_layers):
+        x = layers.Bidirectional(layers.LSTM(config.lstm_units, return_sequences=True), name=f"bilstm_{i + 1}")(x)
+        if i < config.lstm_layers - 1:
+            x = layers.Dropout(config.dropout_rnn)(x)
+    probs = layers.Dense(num_classes, activation="softmax", name="char_probs")(x)
+    return keras.Model(image, probs, name="crnn_ctc")
+
+
+@keras.saving.register_keras_serializable(package="crnn")
+class CTCLoss(keras.losses.Loss):
+    """CTC on the model's softmax output, with the blank where this model keeps it.
+
+    Labels come padded with PAD_LABEL; their lengths are counted from that. keras.losses.CTC
+    hard-codes the blank at 0, which would misread blank-last (reference) models.
+    """
+
+    def __init__(self, blank_index=0, name="ctc", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.blank_index = blank_index
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "int32")
+        label_length = ops.sum(ops.cast(ops.not_equal(y_true, PAD_LABEL), "int32"), axis=-1)
+        targets = ops.where(ops.equal(y_true, PAD_LABEL), 0, y_true)  # padding: any valid index
+        y_pred = ops.cast(y_pred, "float32")
+        batch, steps = ops.shape(y_pred)[0], ops.shape(y_pred)[1]
+        output_length = ops.full((batch,), steps, dtype="int32")
+        # ctc_loss expects logits; log-probabilities are logits whose log-softmax is themselves.
+        log_probs = ops.log(ops.clip(y_pred, 1e-8, 1.0))
+        return ops.ctc_loss(targets, log_probs, label_length, output_length, mask_index=self.blank_index)
+
+    def get_config(self):
+        return {**super().get_config(), "blank_index": self.blank_index}
+
+
+def compile_model(model, charset, learning_rate=1e-3):
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=CTCLoss(charset.blank_index))
+    return model
+
+
+def decode(probs, charset, beam_width=0):
+    """Softmax output (batch, T, classes) -> list of strings. beam_width 0 or 1: greedy."""
+    probs = np.asarray(probs, dtype=np.float32)
+    lengths = np.full((probs.shape[0],), probs.shape[1], dtype=np.int32)
+    log_probs = np.log(np.clip(probs, 1e-8, 1.0))
+    if beam_width and beam_width > 1:
+        decoded, _ = ops.ctc_decode(log_probs, lengths, strategy="beam_search", beam_width=beam_width,
+                                    top_paths=1, mask_index=charset.blank_index)
+    else:
+        decoded, _ = ops.ctc_decode(log_probs, lengths, strategy="greedy", mask_index=charset.blank_index)
+    return [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
+
+
+def character_error_rate(predictions, truths):
+    """Total edit distance over total characters of the truths."""
+    edits = sum(Levenshtein.distance(p, t) for p, t in zip(predictions, truths))
+    return edits / max(1, sum(len(t) for t in truths))
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def make_meta(charset, max_len, preprocess_options, config):
+    return {
+        "format_version": META_VERSION,
+        "charset": charset.to_dict(),
+        "max_len": max_len,
+        "preprocess": preprocess_options.to_dict(),
+        "model_config": config.to_dict() if config is not None else None,
+    }
+
+
+def save_model(model, path, meta):
+    """Write `model` plus its metadata atomically: a crash mid-save never leaves a broken file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=f".{path.stem}-", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(META_MEMBER, json.dumps(meta, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_archive_member(path, member):
+    """Bytes of one member of a .keras archive, or None if it has none by that name."""
+    path = Path(path)
+    if not path.exists():
+        raise CaptchaError(f"{path}: model file does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if member not in archive.namelist():
+                return None
+            return archive.read(member)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CaptchaError(f"{path}: not a Keras .keras archive ({e})") from None
+
+
+def read_meta(path):
+    raw = read_archive_member(path, META_MEMBER)
+    return json.loads(raw) if raw is not None else None
+
+
+def lambda_layer_names(path):
+    """Names of the Lambda layers in a .keras archive's config, read as JSON (no code runs)."""
+    raw = read_archive_member(path, "config.json")
+    if raw is None:
+        raise CaptchaError(f"{path}: not a Keras .keras archive (no config.json)")
+    config = json.loads(raw)
+    return [layer["config"]["name"] for layer in config.get("config", {}).get("layers", [])
+            if layer.get("class_name") == "Lambda"]
+
+
+def reference_meta(num_classes):
+    """What a checkpoint without metadata is assumed to be: the reference's 62 symbols, blank last."""
+    charset = Charset(blank_index=len(Charset().symbols))
+    if num_classes != charset.num_classes:
+        raise CaptchaError(
+            f"model has {num_classes} output classes and no saved charset; the reference charset needs "
+            f"{charset.num_classes}: pass --charset with the {num_classes - 1} symbols it was trained on"
+        )
+    return make_meta(charset, 5, PreprocessOptions(), None)
+
+
+def load_model(path, safe_mode=True):
+    """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked."""
+    path = Path(path)
+    meta = read_meta(path)  # also checks the file exists and is an archive
+    lambdas = lambda_layer_names(path)
+    if lambdas and safe_mode:
+        raise CaptchaError(
+            f"{path}: holds a Lambda layer ({', '.join(lambdas)}) whose code Keras will not run in safe mode; "
+            f"convert it with: python export_safe.py --in_keras {path} --out_keras <new>.keras"
+        )
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except Exception as e:  # Keras raises ValueError/TypeError/KeyError for archives it can't rebuild
+        raise CaptchaError(f"{path}: Keras could not load this model ({type(e).__name__}: {e})") from None
+    if meta is None:
+        meta = reference_meta(model.output_shape[-1])
+    charset = Charset.from_dict(meta["charset"])
+    if model.output_shape[-1] != charset.num_classes:
+        raise CaptchaError(
+            f"{path}: model outputs {model.output_shape[-1]} classes but its charset has "
+            f"{charset.num_classes} (symbols + blank)"
+        )
+    return model, meta
+
+
+def gpu_names():
+    """The GPUs the active Keras backend will use (empty on a CPU-only machine)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [d.name for d in tf.config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []

@@ -1,0 +1,520 @@
+"""Everything between a captcha file on disk and a batch of model input.
+
+One pipeline serves training and inference, so the network sees the same pixels in both:
+read -> grayscale -> [auto-crop] -> [invert] -> aspect-preserving resize and pad to 200x50
+-> CLAHE -> [strong stroke enhancement] -> scale to [0, 1].
+
+Also here: the charset (text <-> CTC class indices), scanning a folder whose file names are the
+labels, the train/val/test split, a streaming batch loader, and the built-in synthetic data
+generator (`python preprocess.py synth --out data/synth --count 1000`).
+"""
+
+import argparse
+import math
+import os
+import random
+import re
+import string
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMG_HEIGHT = 50
+IMG_WIDTH = 200
+DEFAULT_SYMBOLS = string.ascii_uppercase + string.ascii_lowercase + string.digits  # the reference's order
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+PAD_LABEL = -1  # fills label rows past a label's end; the CTC loss counts only the rest
+MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs instead of allocating gigabytes
+CLAHE_CLIP = 2.0
+CLAHE_TILES = (8, 8)
+
+# `aB3xQ_12.png` and `aB3xQ-1.png` are duplicates of the label `aB3xQ`.
+DUPLICATE_SUFFIX = re.compile(r"[_-]\d+$")
+
+
+class CaptchaError(Exception):
+    """A user-facing problem (bad file, bad folder, bad option): scripts print it as one line."""
+
+
+# ----------------------------------------------------------------------------- charset
+
+
+@dataclass(frozen=True)
+class Charset:
+    """The symbols a model can read, and where the CTC blank sits among its output classes.
+
+    Keras' `ops.ctc_loss`/`ctc_decode` expect the blank at index 0 (their `mask_index` default),
+    so new models use blank_index=0 and symbol i is class i+1. The reference project's checkpoints
+    follow TensorFlow's old convention, blank last (class 62 of 63); `blank_index=len(symbols)`
+    describes those.
+    """
+
+    symbols: str = DEFAULT_SYMBOLS
+    blank_index: int = 0
+
+    def __post_init__(self):
+        if not self.symbols:
+            raise CaptchaError("charset is empty")
+        repeated = sorted(c for c, n in Counter(self.symbols).items() if n > 1)
+        if repeated:
+            raise CaptchaError(f"charset repeats symbols: {''.join(repeated)!r}")
+        if self.blank_index not in (0, len(self.symbols)):
+            raise CaptchaError(
+                f"blank_index must be 0 (Keras) or {len(self.symbols)} (last); got {self.blank_index}"
+            )
+
+    @property
+    def num_classes(self):
+        return len(self.symbols) + 1
+
+    def _offset(self):
+        return 1 if self.blank_index == 0 else 0
+
+    def encode(self, text):
+        unknown = self.unknown_symbols(text)
+        if unknown:
+            raise CaptchaError(f"{text!r} has symbols outside the charset: {unknown!r}")
+        return [self.symbols.index(c) + self._offset() for c in text]
+
+    def decode(self, indices):
+        """Class indices (blank, padding and out-of-range ones skipped) back to text."""
+        offset = self._offset()
+        chars = []
+        for i in indices:
+            i = int(i)
+            if i < 0 or i == self.blank_index or i >= self.num_classes:
+                continue
+            chars.append(self.symbols[i - offset])
+        return "".join(chars)
+
+    def unknown_symbols(self, text):
+        return "".join(sorted(set(text) - set(self.symbols)))
+
+    def to_dict(self):
+        return {"symbols": self.symbols, "blank_index": self.blank_index}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(symbols=d["symbols"], blank_index=int(d["blank_index"]))
+
+
+CHARSET_PRESETS = {
+    "default": DEFAULT_SYMBOLS,
+    "digits": string.digits,
+    "lower": string.ascii_lowercase,
+    "upper": string.ascii_uppercase,
+    "lower_digits": string.ascii_lowercase + string.digits,
+    "upper_digits": string.ascii_uppercase + string.digits,
+}
+
+
+def charset_from_arg(value, blank_index="first"):
+    """A preset name from CHARSET_PRESETS, or the literal symbols ("0123456789abcdef")."""
+    symbols = CHARSET_PRESETS.get(value, value)
+    blank = 0 if blank_index == "first" else len(symbols)
+    return Charset(symbols, blank)
+
+
+# ----------------------------------------------------------------------------- image pipeline
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Pipeline switches. Saved inside every trained model, so inference repeats training's pixels."""
+
+    height: int = IMG_HEIGHT
+    width: int = IMG_WIDTH
+    auto_crop: bool = True
+    force_invert: bool = False
+    strong: bool = False
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_gray(path):
+    """Decode any common image file (gray, RGB, RGBA, palette, CMYK, 16-bit) to 8-bit grayscale."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise CaptchaError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if data.size == 0:
+        raise CaptchaError(f"{path}: empty file (0 bytes)")
+    image = _decode_with_opencv(data)
+    if image is None:
+        image = _decode_with_pillow(path)
+    if image is None:
+        raise CaptchaError(f"{path}: not a readable image (corrupt, truncated or not an image)")
+    return image
+
+
+def _decode_with_opencv(data):
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+    if image is None or image.size == 0:
+        return None
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+        return None
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2:
+        return image
+    if image.shape[2] == 4:  # transparent pixels become white paper, not black
+        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+        image = (image[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
+
+
+def _decode_with_pillow(path):
+    """Formats OpenCV cannot read (GIF, some palette PNGs)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                return None
+            im = im.convert("RGBA")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, im).convert("L"))
+    except Exception:  # Pillow raises many types for broken files; all mean "unreadable"
+        return None
+
+
+def _background_level(gray):
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return int(np.median(border))
+
+
+def auto_crop(gray, margin=3):
+    """Crop to the text: the rows and columns holding pixels far from the background level."""
+    background = _background_level(gray)
+    distance = cv2.absdiff(gray, np.full_like(gray, background))
+    threshold, _ = cv2.threshold(distance, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ink = distance > max(threshold, 40)
+    ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+    rows = np.flatnonzero(ink.sum(axis=1) >= 2)
+    cols = np.flatnonzero(ink.sum(axis=0) >= 2)
+    if rows.size < 5 or cols.size < 5:  # nothing that looks like text: leave the image alone
+        return gray
+    top, bottom = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, gray.shape[0])
+    left, right = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, gray.shape[1])
+    return gray[top:bottom, left:right]
+
+
+def resize_and_pad(gray, height=IMG_HEIGHT, width=IMG_WIDTH):
+    """Fit inside height x width keeping the aspect ratio; pad with the image's own background."""
+    h, w = gray.shape
+    scale = min(width / w, height / h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(gray, (new_w, new_h), interpolation=interpolation)
+    canvas = np.full((height, width), _background_level(gray), dtype=np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resized
+    return canvas
+
+
+def preprocess_gray(gray, options=PreprocessOptions(), stages=None):
+    """8-bit grayscale image -> float32 (height, width, 1) in [0, 1].
+
+    Pass a dict as `stages` to collect every intermediate 8-bit image (for --save_debug).
+    """
+    def keep(name, image):
+        if stages is not None:
+            stages[name] = image
+
+    keep("0_gray", gray)
+    if options.auto_crop:
+        gray = auto_crop(gray)
+        keep("1_crop", gray)
+    if options.force_invert:
+        gray = 255 - gray
+        keep("2_invert", gray)
+    gray = resize_and_pad(gray, options.height, options.width)
+    keep("3_resize_pad", gray)
+    gray = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES).apply(gray)
+    keep("4_clahe", gray)
+    if options.strong:  # thin strokes: grow dark ink by a pixel so the early convolutions see it
+        gray = cv2.erode(gray, np.ones((2, 2), np.uint8))
+        keep("5_strong", gray)
+    return (gray.astype(np.float32) / 255.0)[:, :, np.newaxis]
+
+
+def load_image(path, options=PreprocessOptions()):
+    return preprocess_gray(read_gray(path), options)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def label_from_filename(path):
+    """`aB3xQ.png` -> 'aB3xQ'; `aB3xQ_12.png` / `aB3xQ-1.png` (duplicates) -> 'aB3xQ'."""
+    return DUPLICATE_SUFFIX.sub("", Path(path).stem)
+
+
+def list_images(folder):
+    """Image files under `folder` (sub-folders too), sorted so every run sees the same order."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise CaptchaError(f"{folder}: folder does not exist")
+    if not folder.is_dir():
+        raise CaptchaError(f"{folder}: not a folder")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@dataclass
+class ScanResult:
+    samples: list  # (path, label) pairs that passed every check
+    skipped: dict = field(default_factory=dict)  # reason -> [paths]
+
+    def summary(self):
+        counts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(self.skipped.items()))
+        return f"{len(self.samples)} usable images" + (f"; skipped {counts}" if counts else "")
+
+
+def _check_readable(path):
+    try:
+        if Path(path).stat().st_size == 0:
+            return "empty file"
+        read_gray(path)
+    except CaptchaError:
+        return "unreadable image"
+    return None
+
+
+def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4):
+    """Find labelled captchas in `folder`, skipping (and counting by reason) those that can't train.
+
+    charset=None accepts any symbols; max_len=None accepts any length. verify=True decodes every
+    image once, so a corrupt file is reported here rather than crashing a training epoch.
+    """
+    samples, skipped = [], {}
+    candidates = []
+    for path in list_images(folder):
+        label = label_from_filename(path)
+        if not label:
+            reason = "empty label"
+        elif charset is not None and charset.unknown_symbols(label):
+            reason = "symbols outside the charset"
+        elif max_len is not None and len(label) > max_len:
+            reason = f"labels longer than {max_len}"
+        else:
+            candidates.append((str(path), label))
+            continue
+        skipped.setdefault(reason, []).append(str(path))
+    if verify and candidates:
+        with ThreadPoolExecutor(workers) as pool:  # OpenCV decodes outside the GIL
+            problems = list(pool.map(_check_readable, [p for p, _ in candidates]))
+    else:
+        problems = [None] * len(candidates)
+    for (path, label), problem in zip(candidates, problems):
+        if problem:
+            skipped.setdefault(problem, []).append(path)
+        else:
+            samples.append((path, label))
+    return ScanResult(samples, skipped)
+
+
+def split_samples(samples, val_fraction=0.1, test_fraction=0.1, seed=42):
+    """Fixed-seed train/val/test split (scikit-learn); each part keeps at least one sample."""
+    from sklearn.model_selection import train_test_split
+
+    if len(samples) < 3:
+        raise CaptchaError(f"need at least 3 labelled images to split train/val/test, found {len(samples)}")
+    n_test = max(1, round(len(samples) * test_fraction))
+    n_val = max(1, round(len(samples) * val_fraction))
+    rest, test = train_test_split(samples, test_size=n_test, random_state=seed)
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed)
+    return train, val, test
+
+
+def encode_labels(labels, charset, max_len):
+    """Labels -> int32 (batch, max_len), padded with PAD_LABEL."""
+    rows = np.full((len(labels), max_len), PAD_LABEL, dtype=np.int32)
+    for i, label in enumerate(labels):
+        indices = charset.encode(label)
+        rows[i, : len(indices)] = indices
+    return rows
+
+
+def _keras_pydataset():
+    import keras  # imported here so that `preprocess.py synth` starts without TensorFlow
+
+    return keras.utils.PyDataset
+
+
+class CaptchaBatches:
+    """Streams (images, labels) batches from disk: memory stays flat however large the folder.
+
+    Built by `make_batches`, which mixes in keras.utils.PyDataset so Keras can prefetch batches on
+    worker threads while the model trains.
+    """
+
+    def __init__(self, samples, charset, max_len, options=PreprocessOptions(), batch_size=64,
+                 shuffle=False, seed=0, **pydataset_kwargs):
+        super().__init__(**pydataset_kwargs)
+        self.paths = [p for p, _ in samples]
+        self.labels = encode_labels([label for _, label in samples], charset, max_len)
+        self.options = options
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = np.arange(len(self.paths))
+        if shuffle:
+            self.rng.shuffle(self.order)
+
+    def __len__(self):
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        images = np.stack([load_image(self.paths[i], self.options) for i in rows])
+        return images, self.labels[rows]
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+
+def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
+                 seed=0, workers=2):
+    cls = type("CaptchaPyDataset", (CaptchaBatches, _keras_pydataset()), {})
+    return cls(samples, charset, max_len, options, batch_size, shuffle, seed,
+               workers=workers, use_multiprocessing=False)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+class _SeededSecrets:
+    """Stands in for the `secrets` module that captcha.image draws every random choice from.
+
+    ImageCaptcha uses `secrets` (unseedable) on purpose; for reproducible datasets we swap in a
+    seeded generator with the three functions it calls.
+    """
+
+    def __init__(self, seed):
+        self._rng = random.Random(seed)
+
+    def randbelow(self, n):
+        return self._rng.randrange(n)
+
+    def randbits(self, k):
+        return self._rng.getrandbits(k)
+
+    def choice(self, seq):
+        return self._rng.choice(seq)
+
+
+def _draw_captcha_png(args):
+    text, seed, width, height = args
+    import captcha.image
+    from io import BytesIO
+
+    captcha.image.secrets = _SeededSecrets(seed)
+    font_sizes = tuple(round(s * height / 60) for s in (42, 50, 56))  # the package's sizes, scaled
+    image = captcha.image.ImageCaptcha(width=width, height=height, font_sizes=font_sizes).generate_image(text)
+    out = BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def random_labels(count, symbols, length, seed):
+    """`length` is an int or a (min, max) range of label lengths."""
+    rng = random.Random(seed)
+    low, high = (length, length) if isinstance(length, int) else length
+    return ["".join(rng.choice(symbols) for _ in range(rng.randint(low, high))) for _ in range(count)]
+
+
+def unique_filename(label, taken):
+    """`label.png`, or `label_1.png`... when a name is taken (compared case-blind for macOS/Windows)."""
+    name, n = f"{label}.png", 0
+    while name.lower() in taken:
+        n += 1
+        name = f"{label}_{n}.png"
+    taken.add(name.lower())
+    return name
+
+
+def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, length=5, width=IMG_WIDTH,
+                       height=IMG_HEIGHT, workers=None, progress=True):
+    """Draw `count` captchas with the `captcha` package into `out_dir`, named by their labels.
+
+    Image i depends only on (seed, i), so the same call always writes the same files.
+    """
+    from multiprocessing import Pool
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = random_labels(count, symbols, length, seed)
+    jobs = [(label, seed * 1_000_003 + i, width, height) for i, label in enumerate(labels)]
+    workers = workers or os.cpu_count() or 1
+    taken = {p.name.lower() for p in out_dir.iterdir()}
+    written = []
+    with Pool(workers) as pool:
+        pngs = pool.imap(_draw_captcha_png, jobs, chunksize=64)
+        if progress:
+            from tqdm import tqdm
+
+            pngs = tqdm(pngs, total=count, desc=f"drawing captchas into {out_dir}", unit="img")
+        for label, png in zip(labels, pngs):
+            path = out_dir / unique_filename(label, taken)
+            path.write_bytes(png)
+            written.append(path)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Dataset tools: draw synthetic captchas, or check a folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="draw labelled captchas with the `captcha` package")
+    synth.add_argument("--out", default="data/synth", help="folder to write into (default: data/synth)")
+    synth.add_argument("--count", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=1234)
+    synth.add_argument("--charset", default="default", help=f"preset {sorted(CHARSET_PRESETS)} or symbols")
+    synth.add_argument("--length", default="5", help="label length, or a range like 4-6")
+    synth.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    scan = commands.add_parser("scan", help="count the usable and skipped images of a folder")
+    scan.add_argument("folder")
+    scan.add_argument("--charset", default="default")
+    scan.add_argument("--max_len", type=int, default=0, help="longest label accepted (0: any)")
+    scan.add_argument("--verbose", action="store_true", help="list every skipped file")
+    args = parser.parse_args(argv)
+    try:
+        charset = charset_from_arg(args.charset)
+        if args.command == "synth":
+            low, _, high = args.length.partition("-")
+            length = (int(low), int(high)) if high else int(low)
+            written = generate_synthetic(args.out, args.count, args.seed, charset.symbols, length,
+                                         workers=args.workers or None)
+            print(f"wrote {len(written)} images to {args.out}")
+        else:
+            result = scan_folder(args.folder, charset, args.max_len or None)
+            print(result.summary())
+            if args.verbose:
+                for reason, paths in sorted(result.skipped.items()):
+                    for path in paths:
+                        print(f"skipped ({reason}): {path}")
+    except (CaptchaError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Read captchas with a trained model.
+
+    python test.py --model saved_model/crnn_ctc_best.keras --image path/to/captcha.png
+    python test.py --model saved_model/crnn_ctc_best.keras --folder path/to/images --limit 50
+
+Prints `path -> text` per image. Preprocessing repeats what the model was trained with (saved
+inside the model); the flags below change it. When file names are labels (aB3xQ.png), also prints
+exact match and CER.
+"""
+
+import argparse
+import csv
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import model  # first: it quiets TensorFlow's logging before Keras loads it
+import cv2
+import numpy as np
+
+import preprocess
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="saved_model/crnn_ctc_best.keras", help="a .keras file from train.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="one captcha image")
+    source.add_argument("--folder", help="a folder of captcha images (sub-folders too)")
+    parser.add_argument("--limit", type=int, default=0, help="read at most this many images of --folder (0: all)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--beam_width", type=int, default=0, help="CTC beam search width (0: greedy decoding)")
+    parser.add_argument("--no_auto_crop", action="store_true", help="do not crop to the text")
+    parser.add_argument("--force_invert", action="store_true", help="invert colours (light text on dark)")
+    parser.add_argument("--strong", action="store_true", help="thicken thin strokes")
+    parser.add_argument("--save_debug", metavar="DIR", help="write every preprocessing stage of each image here")
+    parser.add_argument("--output", metavar="CSV", help="also write path,prediction[,label] rows here")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="load models with Lambda layers, running code stored in the file: only for files you trust")
+    return parser.parse_args(argv)
+
+
+def inference_options(meta, args):
+    """The model's own preprocessing, changed only where the user asked."""
+    options = PreprocessOptions.from_dict(meta["preprocess"])
+    return PreprocessOptions(
+        height=options.height,
+        width=options.width,
+        auto_crop=options.auto_crop and not args.no_auto_crop,
+        force_invert=options.force_invert or args.force_invert,
+        strong=options.strong or args.strong,
+    )
+
+
+def prepare(path, options, debug_dir):
+    """-> (model input, None) or (None, error message). Writes the stages when debugging."""
+    try:
+        stages = {} if debug_dir else None
+        image = preprocess.preprocess_gray(preprocess.read_gray(path), options, stages)
+    except CaptchaError as e:
+        return None, str(e)
+    if debug_dir:
+        for name, stage in stages.items():
+            cv2.imwrite(str(Path(debug_dir) / f"{Path(path).stem}_{name}.png"), stage)
+    return image, None
+
+
+def predict_paths(crnn, charset, paths, options, batch_size=64, beam_width=0, debug_dir=None):
+    """Yield (path, text or None, error or None) in order; reads the next batch while predicting this one."""
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(2) as pool:
+        def load(batch):
+            return list(pool.map(lambda p: prepare(p, options, debug_dir), batch))
+
+        pending = pool.submit(load, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            prepared = pending.result()
+            pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            good = [image for image, error in prepared if error is None]
+            texts = iter(model.decode(crnn.predict_on_batch(np.stack(good)), charset, beam_width) if good else [])
+            for path, (image, error) in zip(batch, prepared):
+                yield (path, None, error) if error else (path, next(texts), None)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        crnn, meta = model.load_model(args.model, safe_mode=not args.unsafe)
+        charset = Charset.from_dict(meta["charset"])
+        options = inference_options(meta, args)
+        if args.image:
+            if not Path(args.image).is_file():
+                raise CaptchaError(f"{args.image}: image file does not exist")
+            paths = [Path(args.image)]
+        else:
+            paths = preprocess.list_images(args.folder)
+            if not paths:
+                raise CaptchaError(f"{args.folder}: no image files (png, jpg, bmp, webp, gif, tif)")
+            if args.limit:
+                paths = paths[: args.limit]
+        if args.save_debug:
+            Path(args.save_debug).mkdir(parents=True, exist_ok=True)
+    except CaptchaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    rows, failures = [], 0
+    for path, text, error in predict_paths(crnn, charset, paths, options, args.batch_size, args.beam_width,
+                                           args.save_debug):
+        if error:
+            failures += 1
+            print(f"skipped: {error}", file=sys.stderr)
+            continue
+        print(f"{path} -> {text}")
+        rows.append((str(path), text, preprocess.label_from_filename(path)))
+
+    # File names count as labels only where they could be: every symbol in the model's charset.
+    labelled = [(text, label) for _, text, label in rows if label and not charset.unknown_symbols(label)]
+    if labelled:
+        predictions, labels = zip(*labelled)
+        exact = np.mean([p == t for p, t in labelled])
+        print(f"{len(labelled)} labelled images: exact match {exact:.4f}, CER {model.character_error_rate(predictions, labels):.4f}")
+    if failures:
+        print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "prediction", "label"])
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The four scripts end to end: train.py, test.py, export_safe.py, `preprocess.py synth`."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import export_safe
+import model
+import preprocess
+import test as read_captchas  # the project's test.py (reads captchas), not a test module
+import train
+from preprocess import Charset
+
+from conftest import ROOT
+
+TINY = model.PRESETS["tiny"]
+
+
+def run_script(*args):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+# ----------------------------------------------------------------------------- train.py
+
+
+def test_training_writes_both_checkpoints_log_and_test_metrics(trained_run):
+    best, meta = model.load_model(trained_run / train.BEST_NAME)
+    final, _ = model.load_model(trained_run / train.FINAL_NAME)
+    assert meta["charset"] == {"symbols": "0123456789", "blank_index": 0}
+    assert meta["max_len"] == 4 and meta["preprocess"]["auto_crop"] is True
+    assert best.output_shape == final.output_shape == (None, 50, 11)
+    with open(trained_run / "train_log.csv") as f:
+        log = list(csv.DictReader(f))
+    assert len(log) == 3 and {"loss", "val_loss", "val_exact_match", "val_cer"} <= set(log[0])
+    losses = [float(row["loss"]) for row in log]
+    assert losses[-1] < losses[0]  # gradients flow end to end
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["test"]["count"] == 4  # 10% of 40 images, never seen in training or selection
+    assert 0 <= metrics["test"]["exact_match"] <= 1 and 0 <= metrics["test"]["cer"]
+    assert metrics["epochs_run"] == 3 and len(metrics["examples"]) == 4
+
+
+def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
+    _, meta = model.load_model(trained_run / train.BEST_NAME)
+    samples = preprocess.scan_folder(digits_folder).samples[:4]
+    charset = Charset.from_dict(meta["charset"])
+    training_options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
+    train_images, _ = preprocess.make_batches(samples, charset, 4, training_options, batch_size=4, workers=1)[0]
+    args = read_captchas.parse_args(["--image", samples[0][0]])
+    inference_options = read_captchas.inference_options(meta, args)
+    for (path, _), train_image in zip(samples, train_images):
+        test_image, error = read_captchas.prepare(path, inference_options, None)
+        assert error is None and np.array_equal(test_image, train_image)
+    # and the flags do change them
+    args = read_captchas.parse_args(["--image", samples[0][0], "--no_auto_crop", "--strong"])
+    changed, _ = read_captchas.prepare(samples[0][0], read_captchas.inference_options(meta, args), None)
+    assert not np.array_equal(changed, train_images[0])
+
+
+def test_time_steps_are_checked_against_label_length():
+    with pytest.raises(preprocess.CaptchaError, match="time steps"):
+        train.check_time_steps(model.ModelConfig(width=16), 5)
+
+
+def test_training_on_an_empty_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    assert_one_line_error(run_script("train.py", "--data_dir", tmp_path, "--out", tmp_path / "out"),
+                          str(tmp_path), "no usable labelled images")
+
+
+# ----------------------------------------------------------------------------- test.py
+
+
+def expected_texts(model_path, paths):
+    crnn, meta = model.load_model(model_path)
+    options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
+    images = np.stack([preprocess.load_image(p, options) for p in paths])
+    return model.decode(crnn.predict_on_batch(images), Charset.from_dict(meta["charset"]))
+
+
+def test_read_one_image(trained_run, digits_folder, capsys):
+    image = preprocess.list_images(digits_folder)[0]
+    assert read_captchas.main(["--model", str(trained_run / train.BEST_NAME), "--image", str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{image} -> {expected_texts(trained_run / train.BEST_NAME, [image])[0]}"
+    assert lines[1].startswith("1 labelled images: exact match")
+
+
+def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digits_folder, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    images = preprocess.list_images(digits_folder)[:5]
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "00000.png").write_bytes(b"broken")  # sorts first; must not stop the rest
+    model_path = trained_run / train.BEST_NAME
+    code = read_captchas.main(["--model", str(model_path), "--folder", str(folder), "--limit", "5", "--batch_size", "2",
+                               "--output", str(tmp_path / "out.csv"), "--save_debug", str(tmp_path / "debug")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "00000.png: not a readable image" in captured.err
+    predicted = [line for line in captured.out.splitlines() if " -> " in line]
+    readable = sorted(folder / image.name for image in images)[:4]
+    texts = expected_texts(model_path, readable)
+    assert predicted == [f"{path} -> {text}" for path, text in zip(readable, texts)]
+    truths = [preprocess.label_from_filename(p) for p in readable]
+    exact = np.mean([t == p for t, p in zip(truths, texts)])
+    assert f"4 labelled images: exact match {exact:.4f}" in captured.out
+    with open(tmp_path / "out.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["prediction"] for row in rows] == texts and [row["label"] for row in rows] == truths
+    stages = sorted(p.name for p in (tmp_path / "debug").glob(f"{readable[0].stem}_*.png"))
+    assert stages == [f"{readable[0].stem}_{s}.png" for s in ("0_gray", "1_crop", "3_resize_pad", "4_clahe")]
+
+
+def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
+    legacy = tmp_path / "legacy.keras"
+    model.build_model(TINY, 63, legacy_lambda=True).save(legacy)
+    image = tmp_path / "x.png"
+    assert_one_line_error(run_script("test.py", "--model", tmp_path / "none.keras", "--image", image),
+                          "none.keras", "does not exist")
+    assert_one_line_error(run_script("test.py", "--model", legacy, "--image", image), "legacy.keras", "export_safe.py")
+    assert_one_line_error(run_script("test.py", "--model", trained_run / train.BEST_NAME, "--folder", tmp_path / "no"),
+                          "folder does not exist")
+
+
+# ----------------------------------------------------------------------------- export_safe.py
+
+
+def legacy_checkpoint(path, collapse="mean", lambda_function=None, num_classes=63):
+    """A reference-style checkpoint: Lambda height collapse, no metadata. Returns the in-memory model."""
+    crnn = model.build_model(model.ModelConfig(**{**TINY.to_dict(), "collapse": collapse}), num_classes,
+                             legacy_lambda=True)
+    if lambda_function is not None:
+        def swap_lambda(layer):
+            if isinstance(layer, keras.layers.Lambda):
+                return keras.layers.Lambda(lambda_function, name=layer.name)
+            return layer.__class__.from_config(layer.get_config())
+
+        weights = crnn.get_weights()
+        crnn = keras.models.clone_model(crnn, clone_function=swap_lambda)
+        crnn.set_weights(weights)
+    crnn.save(path)
+    return crnn
+
+
+@pytest.mark.parametrize("collapse", ["mean", "flatten"])
+def test_export_rebuilds_a_lambda_model_with_identical_outputs(tmp_path, collapse, capsys):
+    src, dst = tmp_path / "final.keras", tmp_path / "final_safe.keras"
+    original = legacy_checkpoint(src, collapse)
+    assert export_safe.main(["--in_keras", str(src), "--out_keras", str(dst)]) == 0
+    assert f"CollapseHeight(mode='{collapse}')" in capsys.readouterr().out
+    assert model.lambda_layer_names(dst) == []
+    safe = keras.saving.load_model(dst, safe_mode=True)  # Keras' own safe mode, no help from us
+    assert any(isinstance(layer, model.CollapseHeight) for layer in safe.layers)
+    batch = export_safe.parity_batch(safe, count=4, seed=9)
+    assert np.max(np.abs(safe.predict_on_batch(batch) - original.predict_on_batch(batch))) < 1e-5
+
+
+def test_exported_reference_checkpoint_decodes_with_the_blank_last(tmp_path, capsys):
+    src, dst = tmp_path / "ref.keras", tmp_path / "ref_safe.keras"
+    original = legacy_checkpoint(src)
+    dense = original.get_layer("char_probs")
+    kernel, bias = dense.get_weights()
+    bias[:] = -10.0
+    bias[0] = 10.0  # every step says class 0: "A" when the blank is last, nothing if it were first
+    dense.set_weights([np.zeros_like(kernel), bias])
+    original.save(src)
+    assert export_safe.main(["--in_keras", str(src), "--out_keras", str(dst), "--trust_input"]) == 0
+    assert "parity with the original (trusted) model" in capsys.readouterr().out
+    _, meta = model.load_model(dst)
+    assert meta["charset"]["blank_index"] == 62
+    image = tmp_path / "Q.png"
+    image.write_bytes(preprocess.generate_synthetic(tmp_path / "img", 1, workers=1, progress=False)[0].read_bytes())
+    assert read_captchas.main(["--model", str(dst), "--image", str(image)]) == 0
+    assert f"{image} -> A" in capsys.readouterr().out
+
+
+def test_export_never_runs_code_stored_in_the_input(tmp_path):
+    marker = tmp_path / "code-ran"
+    src = tmp_path / "planted.keras"
+    legacy_checkpoint(src, lambda_function=lambda t, m=str(marker): (open(m, "w").close(),
+                                                                   __import__("keras").ops.mean(t, axis=1))[1])
+    marker.unlink(missing_ok=True)  # building the model in this process ran it once; the export must not
+    result = run_script("export_safe.py", "--in_keras", src, "--out_keras", tmp_path / "out.keras")
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert model.lambda_layer_names(tmp_path / "out.keras") == []
+
+
+def test_export_user_errors(tmp_path, trained_run, capsys):
+    src = tmp_path / "m.keras"
+    legacy_checkpoint(src)
+    assert_one_line_error(run_script("export_safe.py", "--in_keras", src, "--out_keras", src), "overwrite")
+    other = tmp_path / "other.keras"
+    legacy_checkpoint(other, num_classes=11)
+    assert export_safe.main(["--in_keras", str(other), "--out_keras", str(tmp_path / "o.keras")]) == 2
+    assert "11 output classes" in capsys.readouterr().err
+    safe_copy = tmp_path / "copy.keras"
+    assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(safe_copy)]) == 0
+    assert "already loads in safe mode" in capsys.readouterr().out
+    assert safe_copy.read_bytes() == (trained_run / train.BEST_NAME).read_bytes()
+
+
+# ----------------------------------------------------------------------------- preprocess.py synth
+
+
+def test_synth_command_writes_a_labelled_folder(tmp_path):
+    result = run_script("preprocess.py", "synth", "--out", tmp_path / "s", "--count", "6", "--seed", "3",
+                        "--charset", "lower_digits", "--length", "4-6", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(tmp_path / "s")]
+    assert len(labels) == 6 and all(4 <= len(label) <= 6 for label in labels)
+    assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))

@@ -1,0 +1,228 @@
+"""Train the CRNN + CTC captcha reader.
+
+    python train.py                         # built-in synthetic data (drawn once into data/synth)
+    python train.py --data_dir path/to/imgs # your folder: file names are the labels (aB3xQ.png)
+    python train.py --preset fast --epochs 10 --batch_size 32
+
+Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
+crnn_ctc_best.keras (best validation CER), crnn_ctc_final.keras (last epoch), train_log.csv
+(one row per epoch) and metrics.json (the best model on the held-out test split).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import model  # first: it quiets TensorFlow's logging before Keras loads it
+import keras
+import numpy as np
+
+import preprocess
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+BEST_NAME = "crnn_ctc_best.keras"
+FINAL_NAME = "crnn_ctc_final.keras"
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = ""  # folder of labelled images; empty: the built-in synthetic set
+    synth_dir: str = "data/synth"  # where the built-in set is drawn (once) and cached
+    synth_count: int = 20000
+    synth_seed: int = 1234
+    preset: str = "seed"  # model size: seed (the reference), fast (CPU), tiny (tests)
+    charset: str = "auto"  # auto: the reference's 62 symbols, or the data's own if it has others
+    max_len: int = 0  # longest label; 0: the longest in the data
+    limit: int = 0  # use at most this many images (0: all)
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 42  # split, shuffling and weight initialisation
+    patience: int = 8  # epochs without a better validation CER before stopping
+    auto_crop: bool = True
+    force_invert: bool = False
+    strong: bool = False
+    workers: int = 2  # threads that read and preprocess batches
+    out: str = "saved_model"
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"(default: {f.default})")
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def resolve_data(cfg):
+    """The folder to train on: the user's, or the built-in synthetic set (drawn on first use)."""
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    folder = Path(cfg.synth_dir)
+    have = len(preprocess.list_images(folder)) if folder.is_dir() else 0
+    if have < cfg.synth_count:
+        print(f"drawing {cfg.synth_count - have} synthetic captchas into {folder} (cached for later runs)")
+        preprocess.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have)
+    return folder
+
+
+def resolve_charset(cfg, labels):
+    if cfg.charset != "auto":
+        return preprocess.charset_from_arg(cfg.charset)
+    seen = set("".join(labels))
+    if seen <= set(preprocess.DEFAULT_SYMBOLS):
+        return Charset()
+    return Charset("".join(sorted(seen)))
+
+
+def load_dataset(cfg, folder):
+    """Scan, pick charset and label length, split. Returns (charset, max_len, train, val, test)."""
+    fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
+    scan = preprocess.scan_folder(folder, fixed_charset, cfg.max_len or None)
+    print(f"{folder}: {scan.summary()}")
+    if not scan.samples:
+        raise CaptchaError(f"{folder}: no usable labelled images ({scan.summary()})")
+    samples = scan.samples
+    if cfg.limit:
+        samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
+    labels = [label for _, label in samples]
+    charset = resolve_charset(cfg, labels)
+    max_len = cfg.max_len or max(len(label) for label in labels)
+    train, val, test = preprocess.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    print(f"charset: {len(charset.symbols)} symbols + blank; labels up to {max_len} characters; "
+          f"split {len(train)} train / {len(val)} val / {len(test)} test")
+    return charset, max_len, train, val, test
+
+
+def check_time_steps(config, max_len):
+    """CTC needs at least one output step per character (and one more between each repeated pair)."""
+    steps = model.time_steps(config)
+    if steps < max_len:
+        raise CaptchaError(f"the model emits {steps} time steps but labels have up to {max_len} characters; "
+                           f"use a wider --width or shorter labels")
+    if steps < 2 * max_len - 1:
+        print(f"warning: {steps} time steps for labels of {max_len}: labels with many repeated "
+              f"characters may be unlearnable")
+
+
+def evaluate(keras_model, batches, charset, labels, beam_width=0):
+    """Exact match (case-sensitive and not) and CER of `keras_model` on every batch of `batches`."""
+    predictions = []
+    for i in range(len(batches)):
+        images, _ = batches[i]
+        predictions += model.decode(keras_model.predict_on_batch(images), charset, beam_width)
+    return {
+        "exact_match": float(np.mean([p == t for p, t in zip(predictions, labels)])),
+        "exact_match_ignore_case": float(np.mean([p.lower() == t.lower() for p, t in zip(predictions, labels)])),
+        "cer": model.character_error_rate(predictions, labels),
+        "count": len(labels),
+    }, predictions
+
+
+def make_callbacks(cfg, meta, val_batches, charset, val_labels):
+    out = Path(cfg.out)
+
+    class ValidationMetrics(keras.callbacks.Callback):
+        """Adds val_exact_match and val_cer to the epoch logs, for the callbacks after it."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            scores, _ = evaluate(self.model, val_batches, charset, val_labels)
+            logs["val_exact_match"] = scores["exact_match"]
+            logs["val_cer"] = scores["cer"]
+            print(f" - val_exact_match: {scores['exact_match']:.4f} - val_cer: {scores['cer']:.4f}")
+
+    class BestCheckpoint(keras.callbacks.Callback):
+        """Saves the model with the lowest val_cer, atomically and with its metadata.
+
+        (keras.callbacks.ModelCheckpoint can do neither.)
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.best = np.inf
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs["val_cer"] < self.best:
+                print(f"val_cer improved {self.best:.4f} -> {logs['val_cer']:.4f}; saving {out / BEST_NAME}")
+                self.best = logs["val_cer"]
+                model.save_model(self.model, out / BEST_NAME, meta)
+
+    return [
+        ValidationMetrics(),  # first: the ones below read what it adds
+        BestCheckpoint(),
+        keras.callbacks.EarlyStopping(monitor="val_cer", mode="min", patience=cfg.patience, verbose=1),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-5, verbose=1),
+        keras.callbacks.CSVLogger(str(out / "train_log.csv")),
+    ]
+
+
+def train(cfg):
+    folder = resolve_data(cfg)
+    charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
+    if cfg.preset not in model.PRESETS:
+        raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)}")
+    config = model.PRESETS[cfg.preset]
+    check_time_steps(config, max_len)
+    options = PreprocessOptions(config.height, config.width, cfg.auto_crop, cfg.force_invert, cfg.strong)
+    meta = model.make_meta(charset, max_len, options, config)
+
+    def batches(samples, shuffle):
+        return preprocess.make_batches(samples, charset, max_len, options, cfg.batch_size, shuffle,
+                                       cfg.seed, cfg.workers)
+
+    train_batches, val_batches, test_batches = batches(train_set, True), batches(val_set, False), batches(test_set, False)
+
+    keras.utils.set_random_seed(cfg.seed)
+    gpus = model.gpu_names()
+    print(f"Keras {keras.__version__} ({keras.backend.backend()} backend) on {', '.join(gpus) or 'CPU (no GPU found)'}")
+    crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, cfg.learning_rate)
+    print(f"model: preset {cfg.preset}, {crnn.count_params():,} parameters, {model.time_steps(config)} time steps")
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = make_callbacks(cfg, meta, val_batches, charset, [label for _, label in val_set])
+    started = time.time()
+    history = crnn.fit(train_batches, validation_data=val_batches, epochs=cfg.epochs, callbacks=callbacks, verbose=2)
+    train_seconds = time.time() - started
+    model.save_model(crnn, out / FINAL_NAME, meta)
+
+    # The test split chose nothing (val chose the checkpoint), so this is a clean score.
+    best, _ = model.load_model(out / BEST_NAME)
+    test_labels = [label for _, label in test_set]
+    scores, predictions = evaluate(best, test_batches, charset, test_labels)
+    metrics = {
+        "test": scores,
+        "checkpoint": str(out / BEST_NAME),
+        "epochs_run": len(history.history["loss"]),
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": round(len(train_set) * len(history.history["loss"]) / train_seconds, 1),
+        "data_dir": str(folder),
+        "config": dataclasses.asdict(cfg),
+        "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f}, "
+          f"CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
+    return metrics
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except CaptchaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
