@@ -209,13 +209,21 @@ def save_model(model, path, meta):
 
 
 def read_archive_member(path, member):
-    """Bytes of one member of a .keras archive, or None if it has none by that name."""
+    """Bytes of one member of a .keras archive, or None if it has none by that name.
+
+    Archives with members that could land outside a folder when extracted (`../x`, `/x`) are
+    refused outright: such a file was made to attack, not to be loaded.
+    """
     path = Path(path)
     if not path.exists():
         raise CaptchaError(f"{path}: model file does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
-            if member not in archive.namelist():
+            names = archive.namelist()
+            unsafe = [n for n in names if n.startswith(("/", "\\")) or ".." in Path(n.replace("\\", "/")).parts]
+            if unsafe:
+                raise CaptchaError(f"{path}: archive member {unsafe[0]!r} points outside the archive; refusing it")
+            if member not in names:
                 return None
             return archive.read(member)
     except (zipfile.BadZipFile, OSError) as e:
@@ -248,8 +256,11 @@ def reference_meta(num_classes):
     return make_meta(charset, 5, PreprocessOptions(), None)
 
 
-def load_model(path, safe_mode=True):
-    """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked."""
+def load_model(path, safe_mode=True, compile=False):
+    """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked.
+
+    compile=True also restores the optimizer and its state (for resuming training).
+    """
     path = Path(path)
     meta = read_meta(path)  # also checks the file exists and is an archive
     lambdas = lambda_layer_names(path)
@@ -259,7 +270,7 @@ def load_model(path, safe_mode=True):
             f"convert it with: python export_safe.py --in_keras {path} --out_keras <new>.keras"
         )
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        model = keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     except Exception as e:  # Keras raises ValueError/TypeError/KeyError for archives it can't rebuild
         raise CaptchaError(f"{path}: Keras could not load this model ({type(e).__name__}: {e})") from None
     if meta is None:

@@ -29,7 +29,7 @@ IMG_WIDTH = 200
 DEFAULT_SYMBOLS = string.ascii_uppercase + string.ascii_lowercase + string.digits  # the reference's order
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 PAD_LABEL = -1  # fills label rows past a label's end; the CTC loss counts only the rest
-MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs instead of allocating gigabytes
+MAX_IMAGE_PIXELS = 40_000_000  # no captcha is this large; refusing it keeps a stray photo from eating memory
 CLAHE_CLIP = 2.0
 CLAHE_TILES = (8, 8)
 
@@ -39,6 +39,14 @@ DUPLICATE_SUFFIX = re.compile(r"[_-]\d+$")
 
 class CaptchaError(Exception):
     """A user-facing problem (bad file, bad folder, bad option): scripts print it as one line."""
+
+
+class ImageReadError(CaptchaError):
+    """An image file that cannot be used; `reason` is its short category for scan summaries."""
+
+    def __init__(self, path, reason, detail=""):
+        super().__init__(f"{path}: {reason}{f' ({detail})' if detail else ''}")
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- charset
@@ -148,14 +156,20 @@ def read_gray(path):
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
-        raise CaptchaError(f"{path}: cannot read file ({e.strerror or e})") from None
+        raise ImageReadError(path, "cannot read file", e.strerror or str(e)) from None
     if data.size == 0:
-        raise CaptchaError(f"{path}: empty file (0 bytes)")
+        raise ImageReadError(path, "empty file", "0 bytes")
+    # OpenCV fills a cut-off JPEG with gray and carries on; a label on half an image would be wrong.
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:].tobytes():
+        raise ImageReadError(path, "truncated image", "JPEG without its end marker")
     image = _decode_with_opencv(data)
     if image is None:
         image = _decode_with_pillow(path)
     if image is None:
-        raise CaptchaError(f"{path}: not a readable image (corrupt, truncated or not an image)")
+        raise ImageReadError(path, "not a readable image", "corrupt, truncated or not an image")
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, "image too large",
+                             f"{image.shape[1]}x{image.shape[0]}; the limit is {MAX_IMAGE_PIXELS // 10**6} megapixels")
     return image
 
 
@@ -165,8 +179,6 @@ def _decode_with_opencv(data):
     except cv2.error:
         return None
     if image is None or image.size == 0:
-        return None
-    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
         return None
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
@@ -186,8 +198,6 @@ def _decode_with_pillow(path):
 
     try:
         with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                return None
             im = im.convert("RGBA")
             white = Image.new("RGBA", im.size, (255, 255, 255, 255))
             return np.asarray(Image.alpha_composite(white, im).convert("L"))
@@ -289,11 +299,9 @@ class ScanResult:
 
 def _check_readable(path):
     try:
-        if Path(path).stat().st_size == 0:
-            return "empty file"
         read_gray(path)
-    except CaptchaError:
-        return "unreadable image"
+    except ImageReadError as e:
+        return e.reason
     return None
 
 

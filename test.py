@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--strong", action="store_true", help="thicken thin strokes")
     parser.add_argument("--save_debug", metavar="DIR", help="write every preprocessing stage of each image here")
     parser.add_argument("--output", metavar="CSV", help="also write path,prediction[,label] rows here")
+    parser.add_argument("--charset", help="the symbols you expect the model to read (preset name or symbols): "
+                                          "a model trained on others is refused")
     parser.add_argument("--unsafe", action="store_true",
                         help="load models with Lambda layers, running code stored in the file: only for files you trust")
     return parser.parse_args(argv)
@@ -88,6 +90,9 @@ def main(argv=None):
     try:
         crnn, meta = model.load_model(args.model, safe_mode=not args.unsafe)
         charset = Charset.from_dict(meta["charset"])
+        if args.charset and preprocess.charset_from_arg(args.charset).symbols != charset.symbols:
+            expected = preprocess.charset_from_arg(args.charset).symbols
+            raise CaptchaError(f"{args.model}: reads {charset.symbols!r}, not the --charset you gave ({expected!r})")
         options = inference_options(meta, args)
         if args.image:
             if not Path(args.image).is_file():

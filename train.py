@@ -6,7 +6,8 @@
 
 Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
 crnn_ctc_best.keras (best validation CER), crnn_ctc_final.keras (last epoch), train_log.csv
-(one row per epoch) and metrics.json (the best model on the held-out test split).
+(one row per epoch) and metrics.json (the best model on the held-out test split). While it runs,
+crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash, a kill or Ctrl-C.
 """
 
 import argparse
@@ -26,6 +27,8 @@ from preprocess import CaptchaError, Charset, PreprocessOptions
 
 BEST_NAME = "crnn_ctc_best.keras"
 FINAL_NAME = "crnn_ctc_final.keras"
+RESUME_NAME = "crnn_ctc_resume.keras"  # after every epoch: weights, optimizer state, where training stands
+LOG_NAME = "train_log.csv"
 
 
 @dataclass
@@ -50,6 +53,8 @@ class TrainConfig:
     strong: bool = False
     workers: int = 2  # threads that read and preprocess batches
     out: str = "saved_model"
+    resume: bool = False  # continue the interrupted run in --out, with its own settings
+    verbose: bool = False  # list every skipped file
 
 
 def parse_config(argv=None):
@@ -88,6 +93,10 @@ def load_dataset(cfg, folder):
     fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
     scan = preprocess.scan_folder(folder, fixed_charset, cfg.max_len or None)
     print(f"{folder}: {scan.summary()}")
+    if cfg.verbose:
+        for reason, paths in sorted(scan.skipped.items()):
+            for path in paths:
+                print(f"skipped ({reason}): {path}")
     if not scan.samples:
         raise CaptchaError(f"{folder}: no usable labelled images ({scan.summary()})")
     samples = scan.samples
@@ -127,44 +136,78 @@ def evaluate(keras_model, batches, charset, labels, beam_width=0):
     }, predictions
 
 
-def make_callbacks(cfg, meta, val_batches, charset, val_labels):
-    out = Path(cfg.out)
+class ValidationMetrics(keras.callbacks.Callback):
+    """Adds val_exact_match and val_cer to the epoch logs, for the callbacks after it."""
 
-    class ValidationMetrics(keras.callbacks.Callback):
-        """Adds val_exact_match and val_cer to the epoch logs, for the callbacks after it."""
+    def __init__(self, val_batches, charset, val_labels):
+        super().__init__()
+        self.val_batches, self.charset, self.val_labels = val_batches, charset, val_labels
 
-        def on_epoch_end(self, epoch, logs=None):
-            scores, _ = evaluate(self.model, val_batches, charset, val_labels)
-            logs["val_exact_match"] = scores["exact_match"]
-            logs["val_cer"] = scores["cer"]
-            print(f" - val_exact_match: {scores['exact_match']:.4f} - val_cer: {scores['cer']:.4f}")
+    def on_epoch_end(self, epoch, logs=None):
+        scores, _ = evaluate(self.model, self.val_batches, self.charset, self.val_labels)
+        logs["val_exact_match"] = scores["exact_match"]
+        logs["val_cer"] = scores["cer"]
+        print(f" - val_exact_match: {scores['exact_match']:.4f} - val_cer: {scores['cer']:.4f}")
 
-    class BestCheckpoint(keras.callbacks.Callback):
-        """Saves the model with the lowest val_cer, atomically and with its metadata.
 
-        (keras.callbacks.ModelCheckpoint can do neither.)
-        """
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model with the lowest val_cer, atomically and with its metadata
+    (keras.callbacks.ModelCheckpoint can do neither)."""
 
-        def __init__(self):
-            super().__init__()
-            self.best = np.inf
+    def __init__(self, path, meta, best=np.inf):
+        super().__init__()
+        self.path, self.meta, self.best = path, meta, best
 
-        def on_epoch_end(self, epoch, logs=None):
-            if logs["val_cer"] < self.best:
-                print(f"val_cer improved {self.best:.4f} -> {logs['val_cer']:.4f}; saving {out / BEST_NAME}")
-                self.best = logs["val_cer"]
-                model.save_model(self.model, out / BEST_NAME, meta)
+    def on_epoch_end(self, epoch, logs=None):
+        if logs["val_cer"] < self.best:
+            print(f"val_cer improved {self.best:.4f} -> {logs['val_cer']:.4f}; saving {self.path}")
+            self.best = logs["val_cer"]
+            model.save_model(self.model, self.path, self.meta)
 
-    return [
-        ValidationMetrics(),  # first: the ones below read what it adds
-        BestCheckpoint(),
-        keras.callbacks.EarlyStopping(monitor="val_cer", mode="min", patience=cfg.patience, verbose=1),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-5, verbose=1),
-        keras.callbacks.CSVLogger(str(out / "train_log.csv")),
-    ]
+
+class ResumeCheckpoint(keras.callbacks.Callback):
+    """After every epoch, saves what `--resume` needs: the model with its optimizer state (learning
+    rate included), the epochs done, the best val_cer so far and the run's settings."""
+
+    def __init__(self, path, meta, cfg, best_checkpoint, epochs_done=0):
+        super().__init__()
+        self.path, self.meta, self.cfg, self.best_checkpoint = path, meta, cfg, best_checkpoint
+        self.epochs_done = epochs_done
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_done = epoch + 1
+        self.save()
+
+    def save(self):
+        state = {"epochs_done": self.epochs_done, "best_val_cer": self.best_checkpoint.best,
+                 "config": dataclasses.asdict(self.cfg)}
+        model.save_model(self.model, self.path, {**self.meta, "resume": state})
+
+
+def keep_log_rows_before(log_path, epoch):
+    """Drop log rows of epochs that will run again after a resume."""
+    if not log_path.exists():
+        return
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) < epoch]
+    log_path.write_text("\n".join(kept) + "\n")
+
+
+def resume_config(cfg):
+    """The interrupted run's own settings, read from its resume checkpoint in --out."""
+    path = Path(cfg.out) / RESUME_NAME
+    meta = model.read_meta(path) if path.exists() else None
+    if meta is None or "resume" not in meta:
+        raise CaptchaError(f"{path}: no interrupted run to resume in {cfg.out}")
+    saved = meta["resume"]["config"]
+    print(f"resuming the run in {cfg.out} after epoch {meta['resume']['epochs_done']} with its saved settings")
+    return TrainConfig(**{**saved, "out": cfg.out, "resume": True})
 
 
 def train(cfg):
+    if cfg.resume:
+        cfg = resume_config(cfg)
     folder = resolve_data(cfg)
     charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
     if cfg.preset not in model.PRESETS:
@@ -183,16 +226,40 @@ def train(cfg):
     keras.utils.set_random_seed(cfg.seed)
     gpus = model.gpu_names()
     print(f"Keras {keras.__version__} ({keras.backend.backend()} backend) on {', '.join(gpus) or 'CPU (no GPU found)'}")
-    crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, cfg.learning_rate)
-    print(f"model: preset {cfg.preset}, {crnn.count_params():,} parameters, {model.time_steps(config)} time steps")
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    callbacks = make_callbacks(cfg, meta, val_batches, charset, [label for _, label in val_set])
+    epochs_done, best_val_cer = 0, np.inf
+    if cfg.resume:
+        crnn, saved = model.load_model(out / RESUME_NAME, compile=True)
+        epochs_done, best_val_cer = saved["resume"]["epochs_done"], saved["resume"]["best_val_cer"]
+        keep_log_rows_before(out / LOG_NAME, epochs_done)
+    else:
+        crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, cfg.learning_rate)
+    print(f"model: preset {cfg.preset}, {crnn.count_params():,} parameters, {model.time_steps(config)} time steps")
+
+    best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, best_val_cer)
+    resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
+    callbacks = [
+        ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # first: the rest read its numbers
+        best_checkpoint,
+        keras.callbacks.EarlyStopping(monitor="val_cer", mode="min", patience=cfg.patience, verbose=1),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-5, verbose=1),
+        keras.callbacks.CSVLogger(str(out / LOG_NAME), append=cfg.resume),
+        resume_checkpoint,  # last: it records what the others decided
+    ]
     started = time.time()
-    history = crnn.fit(train_batches, validation_data=val_batches, epochs=cfg.epochs, callbacks=callbacks, verbose=2)
+    try:
+        history = crnn.fit(train_batches, validation_data=val_batches, epochs=cfg.epochs, initial_epoch=epochs_done,
+                           callbacks=callbacks, verbose=2)
+    except KeyboardInterrupt:
+        resume_checkpoint.save()  # this epoch's progress too; the epoch itself runs again on resume
+        print(f"\ninterrupted after {resume_checkpoint.epochs_done} complete epochs; saved "
+              f"{out / RESUME_NAME}. Continue with: python train.py --resume --out {out}")
+        return None
     train_seconds = time.time() - started
     model.save_model(crnn, out / FINAL_NAME, meta)
+    (out / RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    epochs_run = epochs_done + len(history.history.get("loss", []))
 
     # The test split chose nothing (val chose the checkpoint), so this is a clean score.
     best, _ = model.load_model(out / BEST_NAME)
@@ -201,9 +268,9 @@ def train(cfg):
     metrics = {
         "test": scores,
         "checkpoint": str(out / BEST_NAME),
-        "epochs_run": len(history.history["loss"]),
-        "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": round(len(train_set) * len(history.history["loss"]) / train_seconds, 1),
+        "epochs_run": epochs_run,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "images_per_second_with_validation": round(len(train_set) * (epochs_run - epochs_done) / train_seconds, 1),
         "data_dir": str(folder),
         "config": dataclasses.asdict(cfg),
         "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
@@ -217,11 +284,11 @@ def train(cfg):
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        train(cfg)
+        metrics = train(cfg)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if metrics is not None else 130  # 130: stopped by Ctrl-C, as shells report it
 
 
 if __name__ == "__main__":

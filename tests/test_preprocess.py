@@ -137,8 +137,8 @@ def test_scan_counts_bad_files_by_reason_and_keeps_good_ones(tmp_path):
     assert sorted(label for _, label in result.samples) == ["Zz9Yy", "aB3xQ", "aB3xQ"]
     counts = {reason: len(paths) for reason, paths in result.skipped.items()}
     assert counts == {"symbols outside the charset": 1, "labels longer than 5": 1, "empty file": 1,
-                      "unreadable image": 2}
-    assert "3 usable images" in result.summary() and "2 unreadable image" in result.summary()
+                      "not a readable image": 2}
+    assert "3 usable images" in result.summary() and "2 not a readable image" in result.summary()
 
 
 def test_scan_of_missing_folder_is_a_clear_error(tmp_path):

@@ -137,6 +137,11 @@ def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
     assert_one_line_error(run_script("test.py", "--model", legacy, "--image", image), "legacy.keras", "export_safe.py")
     assert_one_line_error(run_script("test.py", "--model", trained_run / train.BEST_NAME, "--folder", tmp_path / "no"),
                           "folder does not exist")
+    assert_one_line_error(run_script("test.py", "--model", trained_run / train.BEST_NAME, "--image", image,
+                                     "--charset", "default"), "crnn_ctc_best.keras", "reads '0123456789'")
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    assert_one_line_error(run_script("test.py", "--model", junk, "--image", image), "junk.keras", "not a Keras")
 
 
 # ----------------------------------------------------------------------------- export_safe.py
@@ -211,6 +216,11 @@ def test_export_user_errors(tmp_path, trained_run, capsys):
     legacy_checkpoint(other, num_classes=11)
     assert export_safe.main(["--in_keras", str(other), "--out_keras", str(tmp_path / "o.keras")]) == 2
     assert "11 output classes" in capsys.readouterr().err
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2), keras.layers.Dense(3)])
+    dense.save(tmp_path / "dense.keras")  # a Lambda, but no CRNN around it
+    assert export_safe.main(["--in_keras", str(tmp_path / "dense.keras"), "--out_keras", str(tmp_path / "d.keras")]) == 2
+    assert "not a CRNN this tool can rebuild" in capsys.readouterr().err
+    assert not (tmp_path / "d.keras").exists()
     safe_copy = tmp_path / "copy.keras"
     assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(safe_copy)]) == 0
     assert "already loads in safe mode" in capsys.readouterr().out

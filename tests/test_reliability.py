@@ -1,0 +1,128 @@
+"""Interrupted training loses nothing; hostile files run nothing and escape nowhere."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import cv2
+import numpy as np
+import pytest
+
+import model
+import preprocess
+import train
+from conftest import DIGITS, ROOT
+
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume_data")
+    preprocess.generate_synthetic(folder, 160, seed=2, symbols=DIGITS, length=4, workers=1, progress=False)
+    return folder
+
+
+def start_training(data, out):
+    return subprocess.Popen(
+        [sys.executable, "train.py", "--data_dir", str(data), "--preset", "tiny", "--epochs", str(EPOCHS),
+         "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_first_epoch(process, out, timeout=120):
+    """Returns once epoch 1's resume checkpoint is on disk, while the process is still training."""
+    deadline = time.time() + timeout
+    while not (out / train.RESUME_NAME).exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "no resume checkpoint after the first epoch"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+
+
+def resume_and_check(out):
+    result = subprocess.run([sys.executable, "train.py", "--resume", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming the run" in result.stdout
+    with open(out / train.LOG_NAME) as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == list(range(EPOCHS))  # every epoch once, in order, none lost or repeated
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == EPOCHS
+    model.load_model(out / train.BEST_NAME)
+    assert not (out / train.RESUME_NAME).exists()  # finished: nothing left to resume
+
+
+def test_resume_after_sigkill_mid_epoch(resume_data, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(resume_data, out)
+    wait_for_first_epoch(process, out)
+    process.kill()
+    process.wait()
+    state = model.read_meta(out / train.RESUME_NAME)["resume"]
+    assert 1 <= state["epochs_done"] < EPOCHS
+    model.load_model(out / train.BEST_NAME)  # the best checkpoint survived the kill
+    resume_and_check(out)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(resume_data, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(resume_data, out)
+    wait_for_first_epoch(process, out)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "Traceback" not in output
+    assert "Continue with: python train.py --resume" in output
+    crnn, meta = model.load_model(out / train.RESUME_NAME, compile=True)
+    assert crnn.optimizer.iterations.numpy() > 0  # the optimizer state came along
+    assert meta["resume"]["config"]["epochs"] == EPOCHS
+    resume_and_check(out)
+
+
+def test_resume_without_an_interrupted_run_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--resume", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no interrupted run to resume" in result.stderr
+
+
+def test_archive_members_that_escape_are_refused(tmp_path):
+    good = tmp_path / "good.keras"
+    model.build_model(model.PRESETS["tiny"], 63).save(good)
+    for name in ["../escaped.txt", "/abs.txt", "a/../../escaped.txt"]:
+        bad = tmp_path / "bad.keras"
+        bad.write_bytes(good.read_bytes())
+        with zipfile.ZipFile(bad, "a") as archive:
+            archive.writestr(name, "x")
+        with pytest.raises(preprocess.CaptchaError, match="points outside the archive"):
+            model.load_model(bad)
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_bad_images_in_a_training_folder_are_skipped_and_counted(tmp_path, resume_data):
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    good = sorted(resume_data.iterdir())[:12]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    jpeg = cv2.imencode(".jpg", cv2.imread(str(good[0])))[1].tobytes()
+    (folder / "1111.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated JPEG
+    cv2.imwrite(str(folder / "2222.png"), np.zeros((10000, 10000), np.uint8))  # far too large
+    (folder / "3333.png").write_bytes(b"")
+    (folder / "4x44.png").write_bytes(good[0].read_bytes())  # 'x' is not a digit
+    result = subprocess.run(
+        [sys.executable, "train.py", "--data_dir", str(folder), "--preset", "tiny", "--epochs", "1", "--charset",
+         "digits", "--batch_size", "4", "--workers", "1", "--out", str(tmp_path / "out"), "--verbose"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith(f"{folder}:")]
+    assert summary == [f"{folder}: 12 usable images; skipped 1 empty file, 1 image too large, "
+                       f"1 symbols outside the charset, 1 truncated image"]
+    assert f"skipped (truncated image): {folder / '1111.jpg'}" in result.stdout
+    assert (tmp_path / "out" / train.BEST_NAME).exists()
