@@ -34,6 +34,7 @@ class ModelConfig:
     height: int = IMG_HEIGHT
     width: int = IMG_WIDTH
     conv_filters: tuple = (64, 128, 256)
+    pools: tuple = ((2, 2), (2, 2), (2, 1))  # (height, width) pooling after each convolution block
     lstm_units: int = 256
     lstm_layers: int = 2
     dropout_cnn: float = 0.25  # after the convolutions
@@ -49,14 +50,16 @@ class ModelConfig:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "conv_filters" in d:
             d["conv_filters"] = tuple(d["conv_filters"])
+        if "pools" in d:
+            d["pools"] = tuple(tuple(p) for p in d["pools"])
         return cls(**d)
 
 
 PRESETS = {
     # The reference design: 64/128/256 convolutions, 2 x BiLSTM(256), dropout 0.25 / 0.15.
     "seed": ModelConfig(),
-    # For CPUs: about a quarter of the seed's arithmetic.
-    "fast": ModelConfig(conv_filters=(32, 64, 128), lstm_units=128, bn_momentum=0.9),
+    # For CPUs: a quarter of the seed's convolution work, and 25 time steps (plenty for 5-8 characters).
+    "fast": ModelConfig(conv_filters=(32, 64, 128), pools=((2, 2), (2, 2), (2, 2)), lstm_units=128, bn_momentum=0.9),
     # For tests: trains in seconds.
     "tiny": ModelConfig(conv_filters=(8, 16, 16), lstm_units=16, lstm_layers=1, dropout_cnn=0.0, dropout_rnn=0.0,
                         bn_momentum=0.9),
@@ -64,8 +67,11 @@ PRESETS = {
 
 
 def time_steps(config):
-    """Output sequence length: the width after the two 2x2 poolings (the third pools height only)."""
-    return config.width // 4
+    """Output sequence length: the input width after the poolings."""
+    steps = config.width
+    for _, pool_width in config.pools:
+        steps //= pool_width
+    return steps
 
 
 @keras.saving.register_keras_serializable(package="crnn")
@@ -104,8 +110,8 @@ def build_model(config, num_classes, legacy_lambda=False):
     """
     image = keras.Input(shape=(config.height, config.width, 1), name="image")
     x = image
-    # Pool (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
-    for filters, pool in zip(config.conv_filters, [(2, 2), (2, 2), (2, 1)]):
+    # The seed pools (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
+    for filters, pool in zip(config.conv_filters, config.pools):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization(momentum=config.bn_momentum)(x)
         x = layers.Activation("relu")(x)
@@ -155,8 +161,48 @@ class CTCLoss(keras.losses.Loss):
         return {**super().get_config(), "blank_index": self.blank_index}
 
 
-def compile_model(model, charset, learning_rate=1e-3):
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=CTCLoss(charset.blank_index))
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: optimizer, learning-rate schedule, batch size."""
+
+    optimizer: str = "adamw"  # "adam" or "adamw"
+    learning_rate: float = 3e-3  # the peak, for "onecycle"
+    weight_decay: float = 1e-4  # adamw only
+    clipnorm: float = 1.0  # 0: no clipping
+    schedule: str = "onecycle"  # "onecycle": linear warm-up, then cosine decay to ~0 over the run;
+    #                             "plateau": constant, halved by train.py when val_loss stalls
+    warmup_fraction: float = 0.05
+    batch_size: int = 32
+
+
+RECIPES = {
+    # The reference project's: Adam at 1e-3, batch 64, ReduceLROnPlateau.
+    "reference": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="plateau",
+                        warmup_fraction=0.0, batch_size=64),
+    "default": Recipe(),
+}
+
+
+def make_optimizer(recipe, total_steps):
+    """The recipe's optimizer; `total_steps` (batches in the whole run) shapes the one-cycle schedule."""
+    learning_rate = recipe.learning_rate
+    if recipe.schedule == "onecycle":
+        warmup = max(1, int(total_steps * recipe.warmup_fraction))
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=recipe.learning_rate / 10, warmup_target=recipe.learning_rate,
+            warmup_steps=warmup, decay_steps=max(1, total_steps - warmup), alpha=0.01)
+    elif recipe.schedule != "plateau":
+        raise CaptchaError(f"unknown schedule {recipe.schedule!r}: use 'onecycle' or 'plateau'")
+    clip = {"clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
+    if recipe.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay, **clip)
+    if recipe.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate, **clip)
+    raise CaptchaError(f"unknown optimizer {recipe.optimizer!r}: use 'adam' or 'adamw'")
+
+
+def compile_model(model, charset, recipe=RECIPES["reference"], total_steps=1):
+    model.compile(optimizer=make_optimizer(recipe, total_steps), loss=CTCLoss(charset.blank_index))
     return model
 
 

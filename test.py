@@ -17,6 +17,7 @@ from pathlib import Path
 import model  # first: it quiets TensorFlow's logging before Keras loads it
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 import preprocess
 from preprocess import CaptchaError, Charset, PreprocessOptions
@@ -111,14 +112,18 @@ def main(argv=None):
         return 2
 
     rows, failures = [], 0
+    # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
+    progress = tqdm(total=len(paths), unit="img", desc="reading", disable=len(paths) < 2 or not sys.stderr.isatty())
     for path, text, error in predict_paths(crnn, charset, paths, options, args.batch_size, args.beam_width,
                                            args.save_debug):
+        progress.update()
         if error:
             failures += 1
-            print(f"skipped: {error}", file=sys.stderr)
+            tqdm.write(f"skipped: {error}", file=sys.stderr)
             continue
-        print(f"{path} -> {text}")
+        tqdm.write(f"{path} -> {text}")
         rows.append((str(path), text, preprocess.label_from_filename(path)))
+    progress.close()
 
     # File names count as labels only where they could be: every symbol in the model's charset.
     labelled = [(text, label) for _, text, label in rows if label and not charset.unknown_symbols(label)]

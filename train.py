@@ -6,7 +6,8 @@
 
 Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
 crnn_ctc_best.keras (best validation CER), crnn_ctc_final.keras (last epoch), train_log.csv
-(one row per epoch) and metrics.json (the best model on the held-out test split). While it runs,
+(one row per epoch), metrics.json (the best model on the held-out test split) and three plots
+(training_curves.png, predictions.png, confusions.png). While it runs,
 crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash, a kill or Ctrl-C.
 """
 
@@ -22,6 +23,7 @@ import model  # first: it quiets TensorFlow's logging before Keras loads it
 import keras
 import numpy as np
 
+import plots
 import preprocess
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
@@ -34,16 +36,20 @@ LOG_NAME = "train_log.csv"
 @dataclass
 class TrainConfig:
     data_dir: str = ""  # folder of labelled images; empty: the built-in synthetic set
-    synth_dir: str = "data/synth"  # where the built-in set is drawn (once) and cached
+    synth_dir: str = "data/synth"  # the built-in set is drawn (once) into synth_dir/synth_style
+    synth_style: str = "captcha"  # captcha (the `captcha` package) or gregwar (like the Kaggle set)
     synth_count: int = 20000
     synth_seed: int = 1234
+    init_from: str = ""  # a .keras model to start from (fine-tuning); the output layer is new if charsets differ
+    freeze_cnn_epochs: int = 0  # with init_from: train only the recurrent part and the output for this many epochs
     preset: str = "seed"  # model size: seed (the reference), fast (CPU), tiny (tests)
     charset: str = "auto"  # auto: the reference's 62 symbols, or the data's own if it has others
     max_len: int = 0  # longest label; 0: the longest in the data
     limit: int = 0  # use at most this many images (0: all)
+    recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle) or reference (Adam 1e-3, plateau)
     epochs: int = 30
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    batch_size: int = 0  # 0: the recipe's
+    learning_rate: float = 0.0  # 0: the recipe's (the peak, for one-cycle)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 42  # split, shuffling and weight initialisation
@@ -71,11 +77,12 @@ def resolve_data(cfg):
     """The folder to train on: the user's, or the built-in synthetic set (drawn on first use)."""
     if cfg.data_dir:
         return Path(cfg.data_dir)
-    folder = Path(cfg.synth_dir)
+    folder = Path(cfg.synth_dir) / cfg.synth_style
     have = len(preprocess.list_images(folder)) if folder.is_dir() else 0
     if have < cfg.synth_count:
         print(f"drawing {cfg.synth_count - have} synthetic captchas into {folder} (cached for later runs)")
-        preprocess.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have)
+        preprocess.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have,
+                                      style=cfg.synth_style)
     return folder
 
 
@@ -184,6 +191,31 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         model.save_model(self.model, self.path, {**self.meta, "resume": state})
 
 
+def copy_fitting_weights(source, target):
+    """Copy weights layer by layer, in order, wherever the shapes agree. Returns the names of the
+    target layers left as initialised (the output layer, when the charsets differ)."""
+    source_layers = [layer for layer in source.layers if layer.weights]
+    target_layers = [layer for layer in target.layers if layer.weights]
+    if len(source_layers) != len(target_layers):
+        raise CaptchaError(f"--init_from model has {len(source_layers)} layers with weights, this one "
+                           f"{len(target_layers)}: not the same architecture")
+    fresh = []
+    for src, dst in zip(source_layers, target_layers):
+        weights = src.get_weights()
+        if [w.shape for w in weights] == [tuple(w.shape) for w in dst.weights]:
+            dst.set_weights(weights)
+        else:
+            fresh.append(dst.name)
+    return fresh
+
+
+def set_cnn_trainable(crnn, trainable):
+    """Freeze or thaw the convolution blocks (frozen BatchNorm also keeps its statistics)."""
+    for layer in crnn.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization)):
+            layer.trainable = trainable
+
+
 def keep_log_rows_before(log_path, epoch):
     """Drop log rows of epochs that will run again after a resume."""
     if not log_path.exists():
@@ -213,12 +245,21 @@ def train(cfg):
     if cfg.preset not in model.PRESETS:
         raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)}")
     config = model.PRESETS[cfg.preset]
+    if cfg.init_from:
+        source_model, source_meta = model.load_model(cfg.init_from)
+        if source_meta.get("model_config"):  # fine-tuning keeps the architecture it starts from
+            config = model.ModelConfig.from_dict(source_meta["model_config"])
+    if cfg.recipe not in model.RECIPES:
+        raise CaptchaError(f"unknown --recipe {cfg.recipe!r}; choose from {sorted(model.RECIPES)}")
+    recipe = model.RECIPES[cfg.recipe]
+    recipe = dataclasses.replace(recipe, batch_size=cfg.batch_size or recipe.batch_size,
+                                 learning_rate=cfg.learning_rate or recipe.learning_rate)
     check_time_steps(config, max_len)
     options = PreprocessOptions(config.height, config.width, cfg.auto_crop, cfg.force_invert, cfg.strong)
     meta = model.make_meta(charset, max_len, options, config)
 
     def batches(samples, shuffle):
-        return preprocess.make_batches(samples, charset, max_len, options, cfg.batch_size, shuffle,
+        return preprocess.make_batches(samples, charset, max_len, options, recipe.batch_size, shuffle,
                                        cfg.seed, cfg.workers)
 
     train_batches, val_batches, test_batches = batches(train_set, True), batches(val_set, False), batches(test_set, False)
@@ -234,23 +275,51 @@ def train(cfg):
         epochs_done, best_val_cer = saved["resume"]["epochs_done"], saved["resume"]["best_val_cer"]
         keep_log_rows_before(out / LOG_NAME, epochs_done)
     else:
-        crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, cfg.learning_rate)
-    print(f"model: preset {cfg.preset}, {crnn.count_params():,} parameters, {model.time_steps(config)} time steps")
+        crnn = model.build_model(config, charset.num_classes)
+        if cfg.init_from:
+            fresh = copy_fitting_weights(source_model, crnn)
+            print(f"starting from {cfg.init_from}" + (f"; new, untrained: {', '.join(fresh)} (its charset differs)"
+                                                      if fresh else " (all weights)"))
+    frozen_until = cfg.freeze_cnn_epochs if cfg.init_from else 0
 
+    def compile_for(first_epoch, last_epoch):
+        model.compile_model(crnn, charset, recipe, total_steps=(last_epoch - first_epoch) * len(train_batches))
+
+    if not cfg.resume:
+        compile_for(0, frozen_until or cfg.epochs)
+    print(f"model: {crnn.count_params():,} parameters, {model.time_steps(config)} time steps; "
+          f"recipe {cfg.recipe}: {recipe}")
+
+    csv_log = keras.callbacks.CSVLogger(str(out / LOG_NAME), append=cfg.resume)
     best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, best_val_cer)
     resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
     callbacks = [
         ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # first: the rest read its numbers
         best_checkpoint,
         keras.callbacks.EarlyStopping(monitor="val_cer", mode="min", patience=cfg.patience, verbose=1),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-5, verbose=1),
-        keras.callbacks.CSVLogger(str(out / LOG_NAME), append=cfg.resume),
+        csv_log,
         resume_checkpoint,  # last: it records what the others decided
     ]
+    if recipe.schedule == "plateau":  # a one-cycle schedule sets the rate itself
+        callbacks.insert(3, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3,
+                                                              min_lr=1e-5, verbose=1))
     started = time.time()
+    verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
     try:
-        history = crnn.fit(train_batches, validation_data=val_batches, epochs=cfg.epochs, initial_epoch=epochs_done,
-                           callbacks=callbacks, verbose=2)
+        histories, first_epoch = [], epochs_done
+        if first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
+            set_cnn_trainable(crnn, False)
+            compile_for(first_epoch, frozen_until)
+            print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
+            histories.append(crnn.fit(train_batches, validation_data=val_batches, epochs=frozen_until,
+                                      initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
+            first_epoch += len(histories[-1].history.get("loss", []))
+            set_cnn_trainable(crnn, True)
+            compile_for(first_epoch, cfg.epochs)
+            csv_log.append = True  # phase 2 adds to phase 1's rows
+        if first_epoch >= frozen_until:  # phase 1 (if any) was not stopped early
+            histories.append(crnn.fit(train_batches, validation_data=val_batches, epochs=cfg.epochs,
+                                      initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
     except KeyboardInterrupt:
         resume_checkpoint.save()  # this epoch's progress too; the epoch itself runs again on resume
         print(f"\ninterrupted after {resume_checkpoint.epochs_done} complete epochs; saved "
@@ -259,7 +328,7 @@ def train(cfg):
     train_seconds = time.time() - started
     model.save_model(crnn, out / FINAL_NAME, meta)
     (out / RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    epochs_run = epochs_done + len(history.history.get("loss", []))
+    epochs_run = epochs_done + sum(len(h.history.get("loss", [])) for h in histories)
 
     # The test split chose nothing (val chose the checkpoint), so this is a clean score.
     best, _ = model.load_model(out / BEST_NAME)
@@ -276,6 +345,9 @@ def train(cfg):
         "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
+    pictures = plots.write_run_plots(out, out / LOG_NAME, shown, test_labels, predictions)
+    print(f"plots: {', '.join(str(p) for p in pictures)}")
     print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f}, "
           f"CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
     return metrics

@@ -55,6 +55,27 @@ def test_training_writes_both_checkpoints_log_and_test_metrics(trained_run):
     assert metrics["epochs_run"] == 3 and len(metrics["examples"]) == 4
 
 
+def test_training_plots_are_real_pictures_of_this_run(trained_run):
+    from PIL import Image
+
+    import plots
+
+    for name in ["training_curves.png", "predictions.png", "confusions.png"]:
+        with Image.open(trained_run / name) as picture:
+            assert picture.format == "PNG" and picture.width > 300 and picture.height > 100
+    rows = plots.read_log(trained_run / "train_log.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # the curves' data is this run's own history
+    examples = json.loads((trained_run / "metrics.json").read_text())["examples"]
+    truths, predictions = [e["truth"] for e in examples], [e["prediction"] for e in examples]
+    assert sum(n for _, n in plots.confusions(truths, predictions, top=100)) <= sum(len(t) for t in truths)
+
+
+def test_confusions_count_substitutions_only():
+    import plots
+
+    assert plots.confusions(["abcde", "abcde", "xyz"], ["abXde", "abXd", "xyz"]) == [(("c", "X"), 2)]
+
+
 def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
     _, meta = model.load_model(trained_run / train.BEST_NAME)
     samples = preprocess.scan_folder(digits_folder).samples[:4]

@@ -1,0 +1,220 @@
+"""Benchmark training recipes on generated captchas: accuracy against wall-clock time, side by side.
+
+    python bench.py                                   # reference vs default, 60 minutes each
+    python bench.py --minutes 10 --runs default=fast:default
+
+Each run is NAME=PRESET:RECIPE[@MINUTES] (presets and recipes from model.py; MINUTES overrides --minutes). All runs train on the same
+generated data and are scored on the same held-out test images. They take turns in slices of
+--slice_seconds, so a busy machine slows them alike; each run's clock counts only its own training
+(evaluation is not counted). Every --eval_minutes of a run's own time it is scored on the test set.
+Writes bench.json (every curve point), bench_curves.png, each run's final model (NAME.keras) and a
+table to stdout.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import model  # first: it quiets TensorFlow's logging before Keras loads it
+import keras
+import numpy as np
+from matplotlib.figure import Figure
+
+import preprocess
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+
+@dataclass
+class BenchConfig:
+    runs: str = "reference=seed:reference,default=fast:default"
+    minutes: float = 60.0  # training time of each run
+    train_count: int = 40000
+    test_count: int = 1000
+    length: int = 5
+    charset: str = "default"
+    data_seed: int = 2024
+    seed: int = 0
+    slice_seconds: float = 60.0
+    eval_minutes: float = 5.0
+    data_root: str = "data/bench"
+    out: str = "runs/bench"
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(BenchConfig):
+        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"(default: {f.default})")
+    return BenchConfig(**vars(parser.parse_args(argv)))
+
+
+def bench_data(cfg, charset):
+    """Generated once per (seed, size, charset, length) and cached; the test images come from another seed."""
+    root = Path(cfg.data_root) / f"captcha_{cfg.charset}_len{cfg.length}_seed{cfg.data_seed}"
+    parts = {}
+    for part, count, seed in [("train", cfg.train_count, cfg.data_seed), ("test", cfg.test_count, cfg.data_seed + 1)]:
+        folder = root / f"{part}_{count}"
+        if not folder.is_dir() or len(preprocess.list_images(folder)) != count:
+            shutil.rmtree(folder, ignore_errors=True)  # half-written by an interrupted run: start clean
+            preprocess.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length)
+        parts[part] = preprocess.scan_folder(folder, charset, cfg.length, verify=False).samples
+    return parts["train"], parts["test"]
+
+
+class Contender:
+    """One recipe being trained: its model, its batches, and its own clock."""
+
+    def __init__(self, name, preset, recipe_name, minutes, cfg, charset, train_samples):
+        self.name, self.preset, self.recipe_name = name, preset, recipe_name
+        self.config, self.recipe = model.PRESETS[preset], model.RECIPES[recipe_name]
+        self.charset = charset
+        self.batches = preprocess.make_batches(train_samples, charset, cfg.length, PreprocessOptions(),
+                                               self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1)
+        self.budget = minutes * 60
+        self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
+        self.pool = ThreadPoolExecutor(2)
+        self.crnn = None
+
+    def next_batch(self):
+        """Batches load on a thread while the previous one trains."""
+        index = self.step % len(self.batches)
+        if index == 0 and self.step:
+            self.batches.on_epoch_end()
+        batch = self.pending.result() if self.step else self.batches[index]
+        self.pending = self.pool.submit(self.batches.__getitem__, (index + 1) % len(self.batches))
+        self.step += 1
+        return batch
+
+    def start(self, seed):
+        """Measures steps per second on a scratch copy, to size the one-cycle schedule to the budget."""
+        keras.utils.set_random_seed(seed)
+        scratch = model.compile_model(model.build_model(self.config, self.charset.num_classes), self.charset,
+                                      self.recipe, total_steps=100)
+        images, labels = self.batches[0]
+        scratch.train_on_batch(images, labels)  # traces the step function
+        started = time.time()
+        for _ in range(5):
+            scratch.train_on_batch(images, labels)
+        steps_per_second = 5 / (time.time() - started)
+        self.total_steps = max(10, int(self.budget * steps_per_second * 0.9))  # loading costs some time too
+        keras.utils.set_random_seed(seed)
+        self.crnn = model.compile_model(model.build_model(self.config, self.charset.num_classes), self.charset,
+                                        self.recipe, total_steps=self.total_steps)
+        self.crnn.train_on_batch(images, labels)  # trace before the clock starts; counts as a step
+        self.images += len(images)
+
+    def train_for(self, seconds):
+        started = time.time()
+        while time.time() - started < seconds and self.seconds + (time.time() - started) < self.budget:
+            images, labels = self.next_batch()
+            loss = self.crnn.train_on_batch(images, labels)
+            self.images += len(images)
+        self.seconds += time.time() - started
+        self.last_loss = float(loss) if "loss" in locals() else float("nan")
+
+    def done(self):
+        return self.seconds >= self.budget - 1e-6
+
+
+def score(crnn, charset, test_images, test_labels):
+    predictions = []
+    for i in range(0, len(test_images), 256):
+        predictions += model.decode(crnn.predict_on_batch(test_images[i : i + 256]), charset)
+    return {
+        "exact_match": float(np.mean([p == t for p, t in zip(predictions, test_labels)])),
+        "exact_match_ignore_case": float(np.mean([p.lower() == t.lower() for p, t in zip(predictions, test_labels)])),
+        "cer": model.character_error_rate(predictions, test_labels),
+    }
+
+
+def plot_curves(contenders, path):
+    fig = Figure(figsize=(10, 3.6))
+    exact_ax, cer_ax = fig.subplots(1, 2)
+    for c in contenders:
+        minutes = [p["minutes"] for p in c.curve]
+        exact_ax.plot(minutes, [p["exact_match"] for p in c.curve], "o-", label=f"{c.name} ({c.preset}, {c.recipe_name})")
+        cer_ax.plot(minutes, [p["cer"] for p in c.curve], "o-", label=c.name)
+    exact_ax.set(title="test exact match", xlabel="training minutes", ylim=(0, 1))
+    cer_ax.set(title="test CER", xlabel="training minutes", ylim=(0, 1))
+    exact_ax.legend(fontsize=8)
+    for ax in (exact_ax, cer_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def bench(cfg):
+    charset = Charset(preprocess.CHARSET_PRESETS.get(cfg.charset, cfg.charset))
+    train_samples, test_samples = bench_data(cfg, charset)
+    test_images = np.stack([preprocess.load_image(p) for p, _ in test_samples])
+    test_labels = [label for _, label in test_samples]
+    print(f"data: {len(train_samples)} train / {len(test_samples)} test captchas, {cfg.length} of "
+          f"{len(charset.symbols)} symbols; {cfg.minutes:g} training minutes per run")
+
+    contenders = []
+    for spec in cfg.runs.split(","):
+        name, _, rest = spec.partition("=")
+        rest, _, minutes = rest.partition("@")
+        preset, _, recipe = rest.partition(":")
+        if preset not in model.PRESETS or recipe not in model.RECIPES:
+            raise CaptchaError(f"--runs {spec!r}: expected NAME=PRESET:RECIPE with a preset of {sorted(model.PRESETS)} "
+                               f"and a recipe of {sorted(model.RECIPES)}")
+        contender = Contender(name, preset, recipe, float(minutes or cfg.minutes), cfg, charset, train_samples)
+        contender.start(cfg.seed)
+        contenders.append(contender)
+        print(f"{name}: preset {preset}, recipe {recipe}, {contender.crnn.count_params():,} parameters, "
+              f"schedule sized for {contender.total_steps} steps")
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    while not all(c.done() for c in contenders):
+        for c in contenders:
+            if c.done():
+                continue
+            next_eval = (len(c.curve) + 1) * cfg.eval_minutes * 60
+            c.train_for(min(cfg.slice_seconds, next_eval - c.seconds))
+            if c.seconds >= min(next_eval, c.budget) - 1e-6:
+                point = {"minutes": round(c.seconds / 60, 2), "images": c.images, "loss": c.last_loss,
+                         **score(c.crnn, charset, test_images, test_labels)}
+                c.curve.append(point)
+                print(f"{c.name:>10} {point['minutes']:6.1f} min  {point['images']:8d} img  loss {point['loss']:7.3f}  "
+                      f"exact {point['exact_match']:.4f}  (ignoring case {point['exact_match_ignore_case']:.4f})  "
+                      f"CER {point['cer']:.4f}", flush=True)
+
+    results = []
+    for c in contenders:  # the trained models too: a pre-trained start for fine-tuning (train.py --init_from)
+        model.save_model(c.crnn, out / f"{c.name}.keras",
+                         model.make_meta(charset, cfg.length, PreprocessOptions(), c.config))
+        first = next((p["minutes"] for p in c.curve if p["exact_match"] > 0), None)
+        results.append({"name": c.name, "preset": c.preset, "recipe": c.recipe_name, **c.curve[-1],
+                        "train_images_per_second": round(c.images / c.seconds, 1),
+                        "minutes_to_first_nonzero_exact_match": first, "curve": c.curve})
+    (out / "bench.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2))
+    plot_curves(contenders, out / "bench_curves.png")
+    print(f"\n| run | preset | recipe | minutes | exact match | exact, ignoring case | CER | train img/s | first exact > 0 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        first = f"{r['minutes_to_first_nonzero_exact_match']} min" if r["minutes_to_first_nonzero_exact_match"] else "never"
+        print(f"| {r['name']} | {r['preset']} | {r['recipe']} | {r['minutes']} | {r['exact_match']:.4f} | "
+              f"{r['exact_match_ignore_case']:.4f} | {r['cer']:.4f} | {r['train_images_per_second']} | {first} |")
+    print(f"wrote {out / 'bench.json'}, {out / 'bench_curves.png'} and the models {out}/NAME.keras")
+    return results
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        bench(cfg)
+    except CaptchaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

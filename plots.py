@@ -1,0 +1,128 @@
+"""Pictures of a run, as PNG files: training curves, predictions against the truth, confused characters."""
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+# Figure without pyplot: no GUI backend and no global state, so this works on servers and in CI, and
+# leaves a notebook's own inline plotting alone.
+from matplotlib.figure import Figure
+from rapidfuzz.distance import Levenshtein
+
+
+def read_log(log_path):
+    with open(log_path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def training_curves(log_path, out_path):
+    """Loss, validation exact match and validation CER per epoch, from train.py's CSV log."""
+    rows = read_log(log_path)
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
+    axes[0].plot(epochs, [r["loss"] for r in rows], "o-", label="train")
+    axes[0].plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
+    axes[0].set(title="CTC loss", xlabel="epoch", yscale="log")
+    axes[0].legend()
+    axes[1].plot(epochs, [r["val_exact_match"] for r in rows], "o-", color="tab:green")
+    axes[1].set(title="validation exact match", xlabel="epoch", ylim=(0, 1))
+    axes[2].plot(epochs, [r["val_cer"] for r in rows], "o-", color="tab:red")
+    axes[2].set(title="validation CER", xlabel="epoch", ylim=(0, max(1.0, max(r["val_cer"] for r in rows))))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    return out_path
+
+
+def prediction_grid(images, truths, predictions, out_path, columns=4, limit=24):
+    """Model inputs with 'prediction (truth)' above each; wrong ones in red."""
+    count = min(limit, len(images))
+    rows = max(1, (count + columns - 1) // columns)
+    fig = Figure(figsize=(3.2 * columns, 1.25 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= count:
+            continue
+        ax.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
+        right = predictions[i] == truths[i]
+        ax.set_title(predictions[i] if right else f"{predictions[i] or '(empty)'} ({truths[i]})",
+                     color="black" if right else "red", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    return out_path
+
+
+def confusions(truths, predictions, top=15):
+    """Most frequent (true, predicted) character substitutions, from an edit-distance alignment."""
+    counts = Counter()
+    for truth, prediction in zip(truths, predictions):
+        for op in Levenshtein.editops(truth, prediction):
+            if op.tag == "replace":
+                counts[(truth[op.src_pos], prediction[op.dest_pos])] += 1
+    return counts.most_common(top)
+
+
+def confusion_chart(truths, predictions, out_path, top=15):
+    pairs = confusions(truths, predictions, top)
+    fig = Figure(figsize=(7, 0.3 * max(len(pairs), 3) + 1))
+    ax = fig.subplots()
+    if pairs:
+        ax.barh([f"{t} -> {p}" for (t, p), _ in reversed(pairs)], [n for _, n in reversed(pairs)])
+        ax.set(xlabel="times read wrong", title="most confused characters (truth -> read as)")
+    else:
+        ax.text(0.5, 0.5, "no substituted characters", ha="center", va="center")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    return out_path
+
+
+def write_run_plots(out_dir, log_path, images, truths, predictions):
+    out_dir = Path(out_dir)
+    return [
+        training_curves(log_path, out_dir / "training_curves.png"),
+        prediction_grid(images, truths, predictions, out_dir / "predictions.png"),
+        confusion_chart(truths, predictions, out_dir / "confusions.png"),
+    ]
+
+
+def main(argv=None):
+    """Redraw the plots of a finished train.py run from its --out folder."""
+    import argparse
+    import json
+    import sys
+
+    import numpy as np
+
+    import model
+    import preprocess
+    import train
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run", help="a train.py --out folder (with metrics.json, train_log.csv, crnn_ctc_best.keras)")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    try:
+        metrics_path = run / "metrics.json"
+        if not metrics_path.exists():
+            raise preprocess.CaptchaError(f"{metrics_path}: not found; is {run} a finished train.py run?")
+        cfg = train.TrainConfig(**json.loads(metrics_path.read_text())["config"])
+        crnn, meta = model.load_model(run / train.BEST_NAME)
+        charset, max_len, _, _, test_set = train.load_dataset(cfg, Path(json.loads(metrics_path.read_text())["data_dir"]))
+        options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
+        batches = preprocess.make_batches(test_set, charset, max_len, options, cfg.batch_size, workers=cfg.workers)
+        _, predictions = train.evaluate(crnn, batches, charset, [label for _, label in test_set])
+        images = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
+        written = write_run_plots(run, run / train.LOG_NAME, images, [label for _, label in test_set], predictions)
+    except preprocess.CaptchaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Issue: Gregwar-style data, fine-tuning from a trained model, and the recipe benchmark."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import bench
+import model
+import preprocess
+import train
+from conftest import DIGITS
+
+
+@pytest.mark.parametrize("style, size, extension", [("captcha", (200, 50), ".png"), ("gregwar", (150, 40), ".jpg")])
+def test_both_synthetic_styles_are_deterministic_labelled_and_sized(tmp_path, style, size, extension):
+    a = preprocess.generate_synthetic(tmp_path / "a", 10, seed=11, style=style, workers=1, progress=False)
+    b = preprocess.generate_synthetic(tmp_path / "b", 10, seed=11, style=style, workers=2, progress=False)
+    c = preprocess.generate_synthetic(tmp_path / "c", 10, seed=12, style=style, workers=1, progress=False)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
+    for path in a:
+        assert path.suffix == extension
+        with Image.open(path) as image:
+            assert image.size == size
+        label = preprocess.label_from_filename(path)
+        assert len(label) == 5 and not preprocess.Charset().unknown_symbols(label)
+
+
+def test_gregwar_style_varies_like_the_library(tmp_path):
+    paths = preprocess.generate_synthetic(tmp_path, 40, seed=3, style="gregwar", workers=1, progress=False)
+    borders = [np.median(np.concatenate([g[0], g[-1]])) for g in map(preprocess.read_gray, paths)]
+    inverted = sum(level < 128 for level in borders)
+    assert 8 <= inverted <= 32  # about half the images are colour-inverted
+    assert len(preprocess.gregwar_fonts()) == 6 and all(map(lambda f: __import__("os").path.exists(f),
+                                                            preprocess.gregwar_fonts()))
+
+
+def cnn_weights(crnn):
+    return [w.numpy() for layer in crnn.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization))
+            for w in layer.weights]
+
+
+def test_fine_tuning_with_the_same_charset_and_frozen_convolutions(trained_run, digits_folder, tmp_path, capsys):
+    source = trained_run / train.BEST_NAME
+    out = tmp_path / "tuned"
+    assert train.main(["--data_dir", str(digits_folder), "--init_from", str(source), "--freeze_cnn_epochs", "1",
+                       "--epochs", "1", "--batch_size", "8", "--workers", "1", "--charset", "digits",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"starting from {source} (all weights)" in printed and "convolutions frozen" in printed
+    before, _ = model.load_model(source)
+    after, _ = model.load_model(out / train.FINAL_NAME)
+    assert all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(after)))  # frozen
+    lstm = lambda m: m.get_layer("bilstm_1").get_weights()[0]  # noqa: E731
+    assert not np.array_equal(lstm(before), lstm(after))  # but the rest learned
+
+
+def test_fine_tuning_to_another_charset_replaces_only_the_output_layer(trained_run, tmp_path, capsys):
+    data = tmp_path / "hex"
+    preprocess.generate_synthetic(data, 30, seed=4, symbols="0123456789abcdef", length=4, workers=1, progress=False)
+    out = tmp_path / "tuned"
+    assert train.main(["--data_dir", str(data), "--init_from", str(trained_run / train.BEST_NAME), "--epochs", "1",
+                       "--charset", "0123456789abcdef", "--batch_size", "8", "--workers", "1",
+                       "--out", str(out)]) == 0
+    assert "new, untrained: char_probs (its charset differs)" in capsys.readouterr().out
+    tuned, meta = model.load_model(out / train.FINAL_NAME)
+    assert tuned.output_shape == (None, 50, 17) and meta["charset"]["symbols"] == "0123456789abcdef"
+
+
+def test_bench_compares_recipes_and_writes_curves_and_models(tmp_path, capsys):
+    code = bench.main(["--runs", "plain=tiny:reference@0.1,tuned=tiny:default@0.1", "--train_count", "48",
+                       "--test_count", "8", "--charset", DIGITS, "--length", "3", "--eval_minutes", "0.05",
+                       "--slice_seconds", "2", "--data_root", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "bench.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["plain", "tuned"]
+    for r in results:
+        assert len(r["curve"]) == 2 and r["minutes"] == pytest.approx(0.1, abs=0.02)
+        assert r["train_images_per_second"] > 0 and {"exact_match", "exact_match_ignore_case", "cer"} <= set(r)
+        model.load_model(tmp_path / "out" / f"{r['name']}.keras")
+    with Image.open(tmp_path / "out" / "bench_curves.png") as picture:
+        assert picture.format == "PNG"
+    assert "| plain | tiny | reference |" in capsys.readouterr().out

@@ -1,0 +1,29 @@
+"""training_colab.ipynb runs top to bottom (tiny settings) and produces its plots and models."""
+
+import json
+
+import nbformat
+from nbclient import NotebookClient
+from PIL import Image
+
+from conftest import ROOT
+
+
+def test_notebook_runs_end_to_end_on_tiny_settings(tmp_path):
+    notebook = nbformat.read(ROOT / "training_colab.ipynb", as_version=4)
+    parameters = next(cell for cell in notebook.cells if cell.cell_type == "code" and "DATA_SOURCE =" in cell.source)
+    parameters.source = "\n".join([
+        'REPO_URL = ""', "INSTALL = False", 'DATA_SOURCE = "synthetic"', "SYNTH_COUNT = 40", "EPOCHS = 2",
+        'PRESET = "tiny"', "BATCH_SIZE = 8", f'DATA_DIR = "{tmp_path / "data"}"', f'OUT = "{tmp_path / "out"}"',
+    ])
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on any cell error
+
+    out = tmp_path / "out"
+    for name in ["training_curves.png", "predictions.png", "confusions.png"]:
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG"
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    assert (out / "crnn_ctc_best_safe.keras").exists()
+    last = notebook.cells[-1]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in last.outputs)
