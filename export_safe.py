@@ -1,7 +1,9 @@
 """Turn a checkpoint whose height collapse is a `Lambda` layer into one with the registered
-`CollapseHeight` layer, which loads in Keras' safe mode and across Keras versions.
+`CollapseHeight` layer, which loads in Keras' safe mode and across Keras versions; or export a
+model for deployment (--format onnx / savedmodel).
 
     python export_safe.py --in_keras saved_model/crnn_ctc_final.keras --out_keras saved_model/crnn_ctc_final_safe.keras
+    python export_safe.py --in_keras saved_model/crnn_ctc_best.keras --out_keras saved_model/crnn_ctc_best.onnx --format onnx
 
 No code stored in the input runs: its architecture is read as JSON, the Lambda's entry is
 replaced by CollapseHeight, the model is rebuilt from that in safe mode, and only the weights are
@@ -13,6 +15,7 @@ original model is loaded too and the two must agree.
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--blank", choices=["first", "last"], default="last",
                         help="CTC blank position of a checkpoint saved without metadata "
                              "(the reference's checkpoints: last)")
+    parser.add_argument("--format", choices=sorted(WRITERS), default="keras",
+                        help="keras: a safe .keras file; onnx: the network for onnxruntime (test.py reads it); "
+                             "savedmodel: a TensorFlow SavedModel folder")
     parser.add_argument("--trust_input", action="store_true",
                         help="also load the input as-is (runs its stored Lambda code) and compare outputs")
     return parser.parse_args(argv)
@@ -98,21 +104,9 @@ def parity_batch(crnn, count=8, seed=0):
     return np.random.default_rng(seed).random((count, height, width, channels), dtype=np.float32)
 
 
-def export(args):
-    src, dst = Path(args.in_keras), Path(args.out_keras)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise CaptchaError(f"{dst}: --out_keras would overwrite --in_keras; choose another path")
-    config = read_config(src)
-    meta = model.read_meta(src)
-    if not model.lambda_layer_names(src):
-        model.load_model(src)  # proves it really loads in safe mode
-        if meta is None:
-            raise CaptchaError(f"{src}: already has no Lambda layer, but no metadata either; nothing to export")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        print(f"{src} has no Lambda layer: it already loads in safe mode; copied it to {dst}")
-        return 0
-
+def rebuild_safely(src, config, args):
+    """The Lambda checkpoint `src` rebuilt with CollapseHeight, and its metadata. No code from it runs
+    unless --trust_input."""
     with tempfile.TemporaryDirectory() as tmp:
         weights_file = Path(tmp) / "model.weights.h5"  # our own name: archive member names never become paths
         raw = model.read_archive_member(src, "model.weights.h5")
@@ -133,6 +127,7 @@ def export(args):
             raise CaptchaError(f"{src}: not a CRNN this tool can rebuild ({'; '.join(errors)})")
     print(f"rebuilt {src} with CollapseHeight(mode={mode!r}) and {len(rebuilt.weights)} weight arrays")
 
+    meta = model.read_meta(src)
     if meta is None:
         charset = preprocess.charset_from_arg(args.charset, args.blank)
         if rebuilt.output_shape[-1] != charset.num_classes:
@@ -143,25 +138,89 @@ def export(args):
         print(f"{src} has no metadata: assuming {len(charset.symbols)} symbols, blank {args.blank} "
               f"(class {charset.blank_index})")
 
-    batch = parity_batch(rebuilt)
-    expected = rebuilt.predict_on_batch(batch)
     if args.trust_input:
+        batch = parity_batch(rebuilt)
         original = keras.saving.load_model(src, compile=False, safe_mode=False)
-        diff = float(np.max(np.abs(original.predict_on_batch(batch) - expected)))
+        diff = float(np.max(np.abs(original.predict_on_batch(batch) - rebuilt.predict_on_batch(batch))))
         if diff > PARITY_TOLERANCE:
             raise CaptchaError(f"{src}: the rebuilt model differs from the original by {diff:.2e}: "
                                f"try --collapse flatten or mean")
         print(f"parity with the original (trusted) model: max abs difference {diff:.2e}")
+    return rebuilt, meta
 
-    model.save_model(rebuilt, dst, meta)
+
+def write_keras(crnn, meta, dst):
+    model.save_model(crnn, dst, meta)
     reloaded, _ = model.load_model(dst, safe_mode=True)
-    diff = float(np.max(np.abs(reloaded.predict_on_batch(batch) - expected)))
-    if diff > PARITY_TOLERANCE:
-        dst.unlink()
-        raise CaptchaError(f"{dst}: reloaded model differs by {diff:.2e}; removed it")
+    return reloaded.predict_on_batch
+
+
+def write_onnx(crnn, meta, dst):
+    """The network alone (the CTC decoding stays outside: model.decode), with the metadata inside."""
+    import onnx
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    crnn.export(str(tmp), format="onnx", verbose=False)
+    proto = onnx.load(str(tmp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = model.META_MEMBER, json.dumps(meta)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, dst)
+    reader, _ = model.load_model(dst)
+    return reader.predict_on_batch
+
+
+def write_savedmodel(crnn, meta, dst):
+    """A TensorFlow SavedModel folder (endpoint `serve`), with captcha_meta.json beside its files."""
+    import tensorflow as tf
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    crnn.export(str(tmp), format="tf_saved_model", verbose=False)
+    (tmp / model.META_MEMBER).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    served = tf.saved_model.load(str(dst))
+    return lambda batch: served.serve(batch).numpy()
+
+
+WRITERS = {"keras": write_keras, "onnx": write_onnx, "savedmodel": write_savedmodel}
+
+
+def export(args):
+    src, dst = Path(args.in_keras), Path(args.out_keras)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CaptchaError(f"{dst}: --out_keras would overwrite --in_keras; choose another path")
+    config = read_config(src)
+    if model.lambda_layer_names(src):
+        crnn, meta = rebuild_safely(src, config, args)
+    elif args.format == "keras":
+        model.load_model(src)  # proves it really loads in safe mode
+        if model.read_meta(src) is None:
+            raise CaptchaError(f"{src}: already has no Lambda layer, but no metadata either; nothing to export")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        print(f"{src} has no Lambda layer: it already loads in safe mode; copied it to {dst}")
+        return 0
+    else:
+        crnn, meta = model.load_model(src)
+
+    batch = parity_batch(crnn)
+    expected = crnn.predict_on_batch(batch)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    predict = WRITERS[args.format](crnn, meta, dst)
+    diff = float(np.max(np.abs(predict(batch) - expected)))
+    tolerance = PARITY_TOLERANCE if args.format == "keras" else 1e-4  # other runtimes order float sums differently
+    if diff > tolerance:
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        else:
+            dst.unlink()
+        raise CaptchaError(f"{dst}: the {args.format} export differs from the model by {diff:.2e}; removed it")
     charset = Charset.from_dict(meta["charset"])
-    print(f"wrote {dst}: loads with safe_mode=True, max abs difference after reload {diff:.2e}; "
-          f"decodes with blank at class {charset.blank_index}")
+    print(f"wrote {dst} ({args.format}): max abs difference from the Keras model {diff:.2e} on a batch of "
+          f"{len(batch)}; decodes with blank at class {charset.blank_index}"
+          + ("; loads with safe_mode=True" if args.format == "keras" else ""))
     return 0
 
 

@@ -302,12 +302,43 @@ def reference_meta(num_classes):
     return make_meta(charset, 5, PreprocessOptions(), None)
 
 
+class OnnxNetwork:
+    """An exported .onnx network run by onnxruntime, with the one method test.py needs."""
+
+    def __init__(self, path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CaptchaError(f"{path}: reading .onnx models needs onnxruntime (pip install onnxruntime)") from None
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise CaptchaError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_shape = tuple(self.session.get_outputs()[0].shape)
+
+    def predict_on_batch(self, images):
+        return self.session.run(None, {self.input_name: np.asarray(images, dtype=np.float32)})[0]
+
+
+def load_onnx(path):
+    network = OnnxNetwork(path)
+    meta = network.session.get_modelmeta().custom_metadata_map.get(META_MEMBER)
+    if meta is None:
+        raise CaptchaError(f"{path}: ONNX model without this project's metadata; export it with export_safe.py")
+    return network, json.loads(meta)
+
+
 def load_model(path, safe_mode=True, compile=False):
     """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked.
 
     compile=True also restores the optimizer and its state (for resuming training).
     """
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if not path.exists():
+            raise CaptchaError(f"{path}: model file does not exist")
+        return load_onnx(path)
     meta = read_meta(path)  # also checks the file exists and is an archive
     lambdas = lambda_layer_names(path)
     if lambdas and safe_mode:

@@ -80,6 +80,28 @@ def confusion_chart(truths, predictions, out_path, top=15):
     return out_path
 
 
+def style_samples(out_path, count=6, seed=1):
+    """Raw captchas of every built-in synthetic style, a row each, labelled with their text."""
+    import tempfile
+
+    import preprocess
+
+    styles = sorted(preprocess.SYNTH_STYLES)
+    fig = Figure(figsize=(2.6 * count, 1.2 * len(styles)))
+    axes = fig.subplots(len(styles), count, squeeze=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for row, style in zip(axes, styles):
+            paths = preprocess.generate_synthetic(Path(tmp) / style, count, seed=seed, style=style, workers=1,
+                                                  progress=False)
+            for ax, path in zip(row, paths):
+                ax.imshow(preprocess.read_gray(path), cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"{style}: {preprocess.label_from_filename(path)}", fontsize=9)
+                ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    return out_path
+
+
 def write_run_plots(out_dir, log_path, images, truths, predictions):
     out_dir = Path(out_dir)
     return [
@@ -90,7 +112,7 @@ def write_run_plots(out_dir, log_path, images, truths, predictions):
 
 
 def main(argv=None):
-    """Redraw the plots of a finished train.py run from its --out folder."""
+    """Redraw the plots of a finished train.py run from its --out folder (or draw style samples)."""
     import argparse
     import json
     import sys
@@ -102,8 +124,14 @@ def main(argv=None):
     import train
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("run", help="a train.py --out folder (with metrics.json, train_log.csv, crnn_ctc_best.keras)")
+    parser.add_argument("run", nargs="?", help="a train.py --out folder (metrics.json, train_log.csv, crnn_ctc_best.keras)")
+    parser.add_argument("--samples", metavar="PNG", help="instead, draw samples of each synthetic style into PNG")
     args = parser.parse_args(argv)
+    if args.samples:
+        print(f"wrote {style_samples(args.samples)}")
+        return 0
+    if not args.run:
+        parser.error("give a run folder, or --samples PNG")
     run = Path(args.run)
     try:
         metrics_path = run / "metrics.json"

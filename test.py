@@ -11,6 +11,7 @@ exact match and CER.
 import argparse
 import csv
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from preprocess import CaptchaError, Charset, PreprocessOptions
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="saved_model/crnn_ctc_best.keras", help="a .keras file from train.py")
+    parser.add_argument("--model", default="saved_model/crnn_ctc_best.keras",
+                        help="a .keras file from train.py, or an .onnx file from export_safe.py --format onnx")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one captcha image")
     source.add_argument("--folder", help="a folder of captcha images (sub-folders too)")
@@ -111,7 +113,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    rows, failures = [], 0
+    rows, failures, started = [], 0, time.perf_counter()
     # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
     progress = tqdm(total=len(paths), unit="img", desc="reading", disable=len(paths) < 2 or not sys.stderr.isatty())
     for path, text, error in predict_paths(crnn, charset, paths, options, args.batch_size, args.beam_width,
@@ -124,6 +126,10 @@ def main(argv=None):
         tqdm.write(f"{path} -> {text}")
         rows.append((str(path), text, preprocess.label_from_filename(path)))
     progress.close()
+    seconds = time.perf_counter() - started
+    if len(paths) > 1:
+        print(f"read {len(rows)} images in {seconds:.2f} s ({len(rows) / seconds:.1f} images/s, reading files included)",
+              file=sys.stderr)
 
     # File names count as labels only where they could be: every symbol in the model's charset.
     labelled = [(text, label) for _, text, label in rows if label and not charset.unknown_symbols(label)]

@@ -258,3 +258,41 @@ def test_synth_command_writes_a_labelled_folder(tmp_path):
     labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(tmp_path / "s")]
     assert len(labels) == 6 and all(4 <= len(label) <= 6 for label in labels)
     assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
+
+
+@pytest.mark.parametrize("script", ["train", "test", "export_safe", "preprocess", "bench", "plots"])
+def test_every_script_has_help(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_unsafe_flag_is_the_only_way_to_load_a_lambda_model(tmp_path, digits_folder, capsys):
+    legacy = tmp_path / "legacy.keras"
+    model.build_model(TINY, 63, legacy_lambda=True).save(legacy)
+    image = preprocess.list_images(digits_folder)[0]
+    assert read_captchas.main(["--model", str(legacy), "--image", str(image)]) == 2
+    assert "export_safe.py" in capsys.readouterr().err
+    assert read_captchas.main(["--model", str(legacy), "--image", str(image), "--unsafe"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image} -> ")
+
+
+def test_onnx_and_savedmodel_exports_match_the_keras_model(trained_run, digits_folder, tmp_path, capsys):
+    source = trained_run / train.BEST_NAME
+    onnx_path, saved_path = tmp_path / "m.onnx", tmp_path / "m_savedmodel"
+    assert export_safe.main(["--in_keras", str(source), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
+    assert export_safe.main(["--in_keras", str(source), "--out_keras", str(saved_path), "--format", "savedmodel"]) == 0
+    printed = capsys.readouterr().out
+    assert "m.onnx (onnx): max abs difference" in printed and "m_savedmodel (savedmodel)" in printed
+    assert json.loads((saved_path / model.META_MEMBER).read_text())["charset"]["symbols"] == "0123456789"
+
+    network, meta = model.load_model(onnx_path)
+    keras_model, _ = model.load_model(source)
+    batch = export_safe.parity_batch(keras_model, count=3, seed=5)
+    assert np.max(np.abs(network.predict_on_batch(batch) - keras_model.predict_on_batch(batch))) < 1e-4
+    folder = ["--folder", str(digits_folder), "--limit", "6"]
+    assert read_captchas.main(["--model", str(onnx_path), *folder]) == 0
+    from_onnx = capsys.readouterr().out
+    assert read_captchas.main(["--model", str(source), *folder]) == 0
+    assert capsys.readouterr().out == from_onnx  # same texts, same scores
