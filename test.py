@@ -74,14 +74,15 @@ def prepare(path, options, debug_dir):
 def predict_paths(crnn, charset, paths, options, batch_size=64, beam_width=0, debug_dir=None):
     """Yield (path, text or None, error or None) in order; reads the next batch while predicting this one."""
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(2) as pool:
+    # One thread prepares the next batch, spreading its images over two more (OpenCV frees the GIL).
+    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(2) as pool:
         def load(batch):
             return list(pool.map(lambda p: prepare(p, options, debug_dir), batch))
 
-        pending = pool.submit(load, batches[0]) if batches else None
+        pending = prefetch.submit(load, batches[0]) if batches else None
         for i, batch in enumerate(batches):
             prepared = pending.result()
-            pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            pending = prefetch.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
             good = [image for image, error in prepared if error is None]
             texts = iter(model.decode(crnn.predict_on_batch(np.stack(good)), charset, beam_width) if good else [])
             for path, (image, error) in zip(batch, prepared):

@@ -42,7 +42,7 @@ class TrainConfig:
     synth_seed: int = 1234
     init_from: str = ""  # a .keras model to start from (fine-tuning); the output layer is new if charsets differ
     freeze_cnn_epochs: int = 0  # with init_from: train only the recurrent part and the output for this many epochs
-    preset: str = "seed"  # model size: seed (the reference), fast (CPU), tiny (tests)
+    preset: str = "auto"  # model size: seed (the reference), fast (CPU), tiny (tests); auto: seed on a GPU, else fast
     charset: str = "auto"  # auto: the reference's 62 symbols, or the data's own if it has others
     max_len: int = 0  # longest label; 0: the longest in the data
     limit: int = 0  # use at most this many images (0: all)
@@ -242,8 +242,11 @@ def train(cfg):
         cfg = resume_config(cfg)
     folder = resolve_data(cfg)
     charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
+    if cfg.preset == "auto":
+        cfg = dataclasses.replace(cfg, preset="seed" if model.gpu_names() else "fast")
+        print(f"--preset auto: {cfg.preset} ({'a GPU was found' if cfg.preset == 'seed' else 'no GPU: the CPU-sized model'})")
     if cfg.preset not in model.PRESETS:
-        raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)}")
+        raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
     config = model.PRESETS[cfg.preset]
     if cfg.init_from:
         source_model, source_meta = model.load_model(cfg.init_from)
