@@ -43,7 +43,7 @@ class TrainConfig:
     init_from: str = ""  # a .keras model to start from (fine-tuning); the output layer is new if charsets differ
     freeze_cnn_epochs: int = 0  # with init_from: train only the recurrent part and the output for this many epochs
     preset: str = "auto"  # model size: seed (the reference), fast (CPU), tiny (tests); auto: seed on a GPU, else fast
-    charset: str = "auto"  # auto: the reference's 62 symbols, or the data's own if it has others
+    charset: str = "auto"  # auto: the symbols the labels use; or a preset (default, digits, ...) or the symbols
     max_len: int = 0  # longest label; 0: the longest in the data
     limit: int = 0  # use at most this many images (0: all)
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle) or reference (Adam 1e-3, plateau)
@@ -87,12 +87,12 @@ def resolve_data(cfg):
 
 
 def resolve_charset(cfg, labels):
+    """--charset, or with "auto" the symbols the labels use (in the reference's order where they can)."""
     if cfg.charset != "auto":
         return preprocess.charset_from_arg(cfg.charset)
     seen = set("".join(labels))
-    if seen <= set(preprocess.DEFAULT_SYMBOLS):
-        return Charset()
-    return Charset("".join(sorted(seen)))
+    known = "".join(c for c in preprocess.DEFAULT_SYMBOLS if c in seen)
+    return Charset(known + "".join(sorted(seen - set(known))))
 
 
 def load_dataset(cfg, folder):

@@ -84,3 +84,17 @@ def test_bench_compares_recipes_and_writes_curves_and_models(tmp_path, capsys):
     with Image.open(tmp_path / "out" / "bench_curves.png") as picture:
         assert picture.format == "PNG"
     assert "| plain | tiny | reference |" in capsys.readouterr().out
+
+
+def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
+    """Lower-case letters and digits, 4 to 6 characters, 150x40 JPEGs: charset and length come from the data."""
+    data = tmp_path / "other"
+    preprocess.generate_synthetic(data, 40, seed=9, symbols="abcdefghijklmnopqrstuvwxyz0123456789", length=(4, 6),
+                                  style="gregwar", workers=1, progress=False)
+    labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(data)]
+    out = tmp_path / "out"
+    assert train.main(["--data_dir", str(data), "--preset", "tiny", "--epochs", "1", "--workers", "1",
+                       "--out", str(out)]) == 0
+    _, meta = model.load_model(out / train.BEST_NAME)
+    assert meta["max_len"] == max(map(len, labels)) == 6
+    assert set(meta["charset"]["symbols"]) == set("".join(labels)) and meta["charset"]["blank_index"] == 0
