@@ -192,3 +192,13 @@ def test_batches_stream_padded_labels(digits_folder):
     assert sorted(batches.order) == sorted(first_order) and list(batches.order) != list(first_order)
     last_images, _ = batches[2]
     assert len(last_images) == 40 - 32
+
+
+def test_scan_command_summarises_and_lists_skipped_files(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "aB3xQ.png"), captcha_like())
+    (tmp_path / "zero5.png").write_bytes(b"")
+    assert preprocess.main(["scan", str(tmp_path), "--verbose"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["1 usable images; skipped 1 empty file", f"skipped (empty file): {tmp_path / 'zero5.png'}"]
+    assert preprocess.main(["scan", str(tmp_path / "missing")]) == 2
+    assert "missing: folder does not exist" in capsys.readouterr().err
