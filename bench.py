@@ -2,6 +2,7 @@
 
     python bench.py                                   # reference vs default, 60 minutes each
     python bench.py --minutes 10 --runs default=fast:default
+    python bench.py --style gregwar                   # data that looks like the reference's Kaggle set
 
 Each run is NAME=PRESET:RECIPE[@MINUTES] (presets and recipes from model.py; MINUTES overrides --minutes). All runs train on the same
 generated data and are scored on the same held-out test images. They take turns in slices of
@@ -38,6 +39,7 @@ class BenchConfig:
     test_count: int = 1000
     length: int = 5
     charset: str = "default"
+    style: str = "captcha"  # the synthetic style: captcha or gregwar (the look of the reference's Kaggle set)
     data_seed: int = 2024
     seed: int = 0
     slice_seconds: float = 60.0
@@ -55,13 +57,14 @@ def parse_config(argv=None):
 
 def bench_data(cfg, charset):
     """Generated once per (seed, size, charset, length) and cached; the test images come from another seed."""
-    root = Path(cfg.data_root) / f"captcha_{cfg.charset}_len{cfg.length}_seed{cfg.data_seed}"
+    root = Path(cfg.data_root) / f"{cfg.style}_{cfg.charset}_len{cfg.length}_seed{cfg.data_seed}"
     parts = {}
     for part, count, seed in [("train", cfg.train_count, cfg.data_seed), ("test", cfg.test_count, cfg.data_seed + 1)]:
         folder = root / f"{part}_{count}"
         if not folder.is_dir() or len(preprocess.list_images(folder)) != count:
             shutil.rmtree(folder, ignore_errors=True)  # half-written by an interrupted run: start clean
-            preprocess.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length)
+            preprocess.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length,
+                                          style=cfg.style)
         parts[part] = preprocess.scan_folder(folder, charset, cfg.length, verify=False).samples
     return parts["train"], parts["test"]
 
@@ -153,7 +156,7 @@ def bench(cfg):
     train_samples, test_samples = bench_data(cfg, charset)
     test_images = np.stack([preprocess.load_image(p) for p, _ in test_samples])
     test_labels = [label for _, label in test_samples]
-    print(f"data: {len(train_samples)} train / {len(test_samples)} test captchas, {cfg.length} of "
+    print(f"data: {len(train_samples)} train / {len(test_samples)} test {cfg.style}-style captchas, {cfg.length} of "
           f"{len(charset.symbols)} symbols; {cfg.minutes:g} training minutes per run")
 
     contenders = []

@@ -71,7 +71,7 @@ def test_fine_tuning_to_another_charset_replaces_only_the_output_layer(trained_r
 
 
 def test_bench_compares_recipes_and_writes_curves_and_models(tmp_path, capsys):
-    code = bench.main(["--runs", "plain=tiny:reference@0.1,tuned=tiny:default@0.1", "--train_count", "48",
+    code = bench.main(["--runs", "plain=tiny:reference@0.1,tuned=tiny:default@0.1", "--train_count", "48", "--style", "gregwar",
                        "--test_count", "8", "--charset", DIGITS, "--length", "3", "--eval_minutes", "0.05",
                        "--slice_seconds", "2", "--data_root", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
     assert code == 0
@@ -83,7 +83,9 @@ def test_bench_compares_recipes_and_writes_curves_and_models(tmp_path, capsys):
         model.load_model(tmp_path / "out" / f"{r['name']}.keras")
     with Image.open(tmp_path / "out" / "bench_curves.png") as picture:
         assert picture.format == "PNG"
-    assert "| plain | tiny | reference |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| plain | tiny | reference |" in printed and "gregwar-style captchas" in printed
+    assert len(list((tmp_path / "data").glob("gregwar_*/train_48/*.jpg"))) == 48
 
 
 def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
