@@ -241,6 +241,8 @@ def train(cfg):
     if cfg.resume:
         cfg = resume_config(cfg)
     folder = resolve_data(cfg)
+    if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
+        cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
     charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
     if cfg.preset == "auto":
         cfg = dataclasses.replace(cfg, preset="seed" if model.gpu_names() else "fast")

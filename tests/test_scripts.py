@@ -98,6 +98,18 @@ def test_time_steps_are_checked_against_label_length():
         train.check_time_steps(model.ModelConfig(width=16), 5)
 
 
+def test_built_in_data_is_drawn_once_and_cached(tmp_path, capsys):
+    args = ["--synth_dir", str(tmp_path / "synth"), "--preset", "tiny", "--epochs", "1", "--workers", "1",
+            "--out", str(tmp_path / "out")]
+    assert train.main(args + ["--synth_count", "30"]) == 0
+    drawn = {p: p.stat().st_mtime_ns for p in preprocess.list_images(tmp_path / "synth" / "captcha")}
+    assert len(drawn) == 30 and "drawing 30 synthetic captchas" in capsys.readouterr().out
+    assert train.main(args + ["--synth_count", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "drawing" not in printed and "split 16 train / 2 val / 2 test" in printed  # a subset of the cache
+    assert {p: p.stat().st_mtime_ns for p in preprocess.list_images(tmp_path / "synth" / "captcha")} == drawn
+
+
 def test_training_on_an_empty_folder_is_a_one_line_error(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     assert_one_line_error(run_script("train.py", "--data_dir", tmp_path, "--out", tmp_path / "out"),
