@@ -360,12 +360,6 @@ def encode_labels(labels, charset, max_len):
     return rows
 
 
-def _keras_pydataset():
-    import keras  # imported here so that `preprocess.py synth` starts without TensorFlow
-
-    return keras.utils.PyDataset
-
-
 class CaptchaBatches:
     """Streams (images, labels) batches from disk: memory stays flat however large the folder.
 
@@ -401,9 +395,11 @@ class CaptchaBatches:
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
                  seed=0, workers=2):
-    cls = type("CaptchaPyDataset", (CaptchaBatches, _keras_pydataset()), {})
-    return cls(samples, charset, max_len, options, batch_size, shuffle, seed,
-               workers=workers, use_multiprocessing=False)
+    import keras  # here, not at the top: `preprocess.py synth` and its worker processes start without TensorFlow
+
+    batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
+    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed,
+                         workers=workers, use_multiprocessing=False)
 
 
 # ----------------------------------------------------------------------------- synthetic data
