@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import model  # first: it quiets TensorFlow's logging before Keras loads it
@@ -160,7 +161,9 @@ def write_onnx(crnn, meta, dst):
     import onnx
 
     tmp = dst.with_name(f".{dst.name}.tmp")
-    crnn.export(str(tmp), format="onnx", verbose=False)
+    with warnings.catch_warnings():  # tf2onnx probes the removed np.object; harmless, but noisy
+        warnings.simplefilter("ignore", FutureWarning)
+        crnn.export(str(tmp), format="onnx", verbose=False)
     proto = onnx.load(str(tmp))
     entry = proto.metadata_props.add()
     entry.key, entry.value = model.META_MEMBER, json.dumps(meta)

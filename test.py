@@ -137,7 +137,7 @@ def main(argv=None):
     if labelled:
         predictions, labels = zip(*labelled)
         exact = np.mean([p == t for p, t in labelled])
-        print(f"{len(labelled)} labelled images: exact match {exact:.4f}, CER {model.character_error_rate(predictions, labels):.4f}")
+        print(f"{len(labelled)} labelled image{'s' if len(labelled) != 1 else ''}: exact match {exact:.4f}, CER {model.character_error_rate(predictions, labels):.4f}")
     if failures:
         print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
     if args.output:

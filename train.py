@@ -292,8 +292,10 @@ def train(cfg):
 
     if not cfg.resume:
         compile_for(0, frozen_until or cfg.epochs)
-    print(f"model: {crnn.count_params():,} parameters, {model.time_steps(config)} time steps; "
-          f"recipe {cfg.recipe}: {recipe}")
+    schedule = "one-cycle peak" if recipe.schedule == "onecycle" else "halved on plateau from"
+    architecture = f"as {cfg.init_from}" if cfg.init_from else f"preset {cfg.preset}"
+    print(f"model: {architecture}, {crnn.count_params():,} parameters, {model.time_steps(config)} time steps; "
+          f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}")
 
     csv_log = keras.callbacks.CSVLogger(str(out / LOG_NAME), append=cfg.resume)
     best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, best_val_cer)

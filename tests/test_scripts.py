@@ -131,7 +131,7 @@ def test_read_one_image(trained_run, digits_folder, capsys):
     assert read_captchas.main(["--model", str(trained_run / train.BEST_NAME), "--image", str(image)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{image} -> {expected_texts(trained_run / train.BEST_NAME, [image])[0]}"
-    assert lines[1].startswith("1 labelled images: exact match")
+    assert lines[1].startswith("1 labelled image: exact match")
 
 
 def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digits_folder, tmp_path, capsys):
