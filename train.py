@@ -12,6 +12,7 @@ crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash, a 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -58,6 +59,8 @@ class TrainConfig:
     force_invert: bool = False
     strong: bool = False
     workers: int = 2  # threads that read and preprocess batches
+    strategy: str = "auto"  # mirrored: tf.distribute.MirroredStrategy over all GPUs (batch_size is the global batch);
+    #                         auto: mirrored when there are 2+ GPUs; none: one device
     out: str = "saved_model"
     resume: bool = False  # continue the interrupted run in --out, with its own settings
     verbose: bool = False  # list every skipped file
@@ -93,6 +96,25 @@ def resolve_charset(cfg, labels):
     seen = set("".join(labels))
     known = "".join(c for c in preprocess.DEFAULT_SYMBOLS if c in seen)
     return Charset(known + "".join(sorted(seen - set(known))))
+
+
+def make_strategy(name):
+    """TensorFlow's MirroredStrategy over every GPU (over the logical CPUs when there is no GPU), or None.
+
+    Keras splits each global batch across the replicas and sums their gradients. Multi-machine
+    training (MultiWorkerMirroredStrategy) is not offered: Keras 3's fit() fails under it
+    (keras-team/keras#20585).
+    """
+    if name not in ("auto", "mirrored", "none"):
+        raise CaptchaError(f"unknown --strategy {name!r}; choose from auto, mirrored, none")
+    if name == "none" or (name == "auto" and len(model.gpu_names()) < 2):
+        return None
+    if keras.backend.backend() != "tensorflow":
+        raise CaptchaError(f"--strategy {name} needs the TensorFlow backend (this is {keras.backend.backend()})")
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
 
 
 def load_dataset(cfg, folder):
@@ -272,15 +294,23 @@ def train(cfg):
     keras.utils.set_random_seed(cfg.seed)
     gpus = model.gpu_names()
     print(f"Keras {keras.__version__} ({keras.backend.backend()} backend) on {', '.join(gpus) or 'CPU (no GPU found)'}")
+    strategy = make_strategy(cfg.strategy)
+    if strategy is not None:
+        print(f"strategy: MirroredStrategy, {strategy.num_replicas_in_sync} replicas; global batch {recipe.batch_size}"
+              f" = {recipe.batch_size / strategy.num_replicas_in_sync:g} per replica")
+    # Variables (weights, optimizer state) must be made inside the strategy's scope to be mirrored.
+    in_scope = strategy.scope if strategy is not None else contextlib.nullcontext
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     epochs_done, best_val_cer = 0, np.inf
     if cfg.resume:
-        crnn, saved = model.load_model(out / RESUME_NAME, compile=True)
+        with in_scope():
+            crnn, saved = model.load_model(out / RESUME_NAME, compile=True)
         epochs_done, best_val_cer = saved["resume"]["epochs_done"], saved["resume"]["best_val_cer"]
         keep_log_rows_before(out / LOG_NAME, epochs_done)
     else:
-        crnn = model.build_model(config, charset.num_classes)
+        with in_scope():
+            crnn = model.build_model(config, charset.num_classes)
         if cfg.init_from:
             fresh = copy_fitting_weights(source_model, crnn)
             print(f"starting from {cfg.init_from}" + (f"; new, untrained: {', '.join(fresh)} (its charset differs)"
@@ -288,7 +318,8 @@ def train(cfg):
     frozen_until = cfg.freeze_cnn_epochs if cfg.init_from else 0
 
     def compile_for(first_epoch, last_epoch):
-        model.compile_model(crnn, charset, recipe, total_steps=(last_epoch - first_epoch) * len(train_batches))
+        with in_scope():
+            model.compile_model(crnn, charset, recipe, total_steps=(last_epoch - first_epoch) * len(train_batches))
 
     if not cfg.resume:
         compile_for(0, frozen_until or cfg.epochs)
