@@ -141,7 +141,7 @@ def main(argv=None):
         crnn, meta = model.load_model(run / train.BEST_NAME)
         charset, max_len, _, _, test_set = train.load_dataset(cfg, Path(json.loads(metrics_path.read_text())["data_dir"]))
         options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
-        batches = preprocess.make_batches(test_set, charset, max_len, options, cfg.batch_size, workers=cfg.workers)
+        batches = preprocess.make_batches(test_set, charset, max_len, options, cfg.batch_size or 64, workers=cfg.workers)
         _, predictions = train.evaluate(crnn, batches, charset, [label for _, label in test_set])
         images = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
         written = write_run_plots(run, run / train.LOG_NAME, images, [label for _, label in test_set], predictions)

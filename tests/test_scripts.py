@@ -70,6 +70,24 @@ def test_training_plots_are_real_pictures_of_this_run(trained_run):
     assert sum(n for _, n in plots.confusions(truths, predictions, top=100)) <= sum(len(t) for t in truths)
 
 
+def test_plots_command_redraws_a_finished_run(trained_run, tmp_path):
+    import shutil
+
+    import plots
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["config"]["batch_size"] = 0  # as a run that took the recipe's batch size records it
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for name in ["training_curves.png", "predictions.png", "confusions.png"]:
+        (run / name).unlink()
+    assert plots.main([str(run)]) == 0
+    for name in ["training_curves.png", "predictions.png", "confusions.png"]:
+        assert (run / name).stat().st_size > 1000
+    assert plots.main([str(tmp_path / "nothing")]) == 2
+
+
 def test_confusions_count_substitutions_only():
     import plots
 
