@@ -1,9 +1,10 @@
 """Turn a checkpoint whose height collapse is a `Lambda` layer into one with the registered
 `CollapseHeight` layer, which loads in Keras' safe mode and across Keras versions; or export a
-model for deployment (--format onnx / savedmodel).
+model for deployment (--format onnx / tflite / savedmodel).
 
     python export_safe.py --in_keras saved_model/crnn_ctc_final.keras --out_keras saved_model/crnn_ctc_final_safe.keras
     python export_safe.py --in_keras saved_model/crnn_ctc_best.keras --out_keras saved_model/crnn_ctc_best.onnx --format onnx
+    python export_safe.py --in_keras saved_model/crnn_ctc_best.keras --out_keras saved_model/crnn_ctc_best.tflite --format tflite
 
 No code stored in the input runs: its architecture is read as JSON, the Lambda's entry is
 replaced by CollapseHeight, the model is rebuilt from that in safe mode, and only the weights are
@@ -47,6 +48,7 @@ def parse_args(argv=None):
                              "(the reference's checkpoints: last)")
     parser.add_argument("--format", choices=sorted(WRITERS), default="keras",
                         help="keras: a safe .keras file; onnx: the network for onnxruntime (test.py reads it); "
+                             "tflite: the network for the TFLite interpreter, metadata in OUT.json (test.py reads it); "
                              "savedmodel: a TensorFlow SavedModel folder")
     parser.add_argument("--trust_input", action="store_true",
                         help="also load the input as-is (runs its stored Lambda code) and compare outputs")
@@ -187,7 +189,41 @@ def write_savedmodel(crnn, meta, dst):
     return lambda batch: served.serve(batch).numpy()
 
 
-WRITERS = {"keras": write_keras, "onnx": write_onnx, "savedmodel": write_savedmodel}
+def unrolled_copy(crnn):
+    """The same network with its LSTMs unrolled over the fixed time steps: TFLite then runs them as its
+    own built-in ops (a rolled LSTM converts only to TensorFlow 'select' ops, which the standard
+    interpreter lacks)."""
+
+    def unroll(config):
+        for key, value in config.items():
+            if key == "unroll":
+                config[key] = True
+            elif isinstance(value, dict):
+                unroll(value)
+        return config
+
+    unrolled = keras.models.clone_model(crnn, clone_function=lambda layer: layer.__class__.from_config(
+        unroll(layer.get_config())))  # only recurrent layers have an "unroll" setting
+    unrolled.set_weights(crnn.get_weights())
+    return unrolled
+
+
+def write_tflite(crnn, meta, dst):
+    """A .tflite file of the network (unrolled), with the metadata beside it as DST.json."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        unrolled_copy(crnn).export(tmp, format="tf_saved_model", verbose=False)
+        flatbuffer = tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+    tmp_file = dst.with_name(f".{dst.name}.tmp")
+    tmp_file.write_bytes(flatbuffer)
+    model.tflite_meta_path(dst).write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_file, dst)
+    reader, _ = model.load_model(dst)
+    return reader.predict_on_batch
+
+
+WRITERS = {"keras": write_keras, "onnx": write_onnx, "savedmodel": write_savedmodel, "tflite": write_tflite}
 
 
 def export(args):
@@ -219,6 +255,7 @@ def export(args):
             shutil.rmtree(dst)
         else:
             dst.unlink()
+        model.tflite_meta_path(dst).unlink(missing_ok=True)
         raise CaptchaError(f"{dst}: the {args.format} export differs from the model by {diff:.2e}; removed it")
     charset = Charset.from_dict(meta["charset"])
     print(f"wrote {dst} ({args.format}): max abs difference from the Keras model {diff:.2e} on a batch of "

@@ -329,6 +329,61 @@ def load_onnx(path):
     return network, json.loads(meta)
 
 
+class TFLiteNetwork:
+    """An exported .tflite network run by the TFLite interpreter, with the one method test.py needs."""
+
+    def __init__(self, path):
+        import warnings
+
+        try:
+            from ai_edge_litert.interpreter import Interpreter  # TFLite's new home, where installed
+        except ImportError:
+            import tensorflow as tf
+
+            Interpreter = tf.lite.Interpreter
+        try:
+            with warnings.catch_warnings():  # tf.lite.Interpreter works; it only warns that it will move
+                warnings.simplefilter("ignore", UserWarning)
+                self.interpreter = Interpreter(model_path=str(path))
+        except Exception as e:  # the interpreter raises ValueError/RuntimeError for files it can't read
+            raise CaptchaError(f"{path}: not a readable TFLite model ({str(e).splitlines()[0]})") from None
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.output = self.interpreter.get_output_details()[0]["index"]
+        self.output_shape = tuple(self.interpreter.get_output_details()[0]["shape_signature"])
+        self.batch = None
+
+    def predict_on_batch(self, images):
+        images = np.asarray(images, dtype=np.float32)
+        if self.batch != len(images):  # the network takes any batch size; the interpreter sizes its buffers once per size
+            self.interpreter.resize_tensor_input(self.input, images.shape)
+            self.interpreter.allocate_tensors()
+            self.batch = len(images)
+        self.interpreter.set_tensor(self.input, images)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output).copy()
+
+
+def tflite_meta_path(path):
+    """A .tflite file holds no metadata of ours: it sits beside it, as M.tflite.json."""
+    return Path(path).with_name(Path(path).name + ".json")
+
+
+def load_tflite(path):
+    meta_path = tflite_meta_path(path)
+    if not meta_path.exists():
+        raise CaptchaError(f"{path}: its metadata {meta_path.name} is missing; export it with export_safe.py")
+    try:
+        meta = json.loads(meta_path.read_text())
+        charset = Charset.from_dict(meta["charset"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CaptchaError(f"{meta_path}: not this project's model metadata ({type(e).__name__}: {e})") from None
+    network = TFLiteNetwork(path)
+    if network.output_shape[-1] != charset.num_classes:
+        raise CaptchaError(f"{path}: outputs {network.output_shape[-1]} classes but {meta_path.name} gives "
+                           f"{charset.num_classes} (symbols + blank)")
+    return network, meta
+
+
 def load_model(path, safe_mode=True, compile=False):
     """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked.
 
@@ -339,6 +394,10 @@ def load_model(path, safe_mode=True, compile=False):
         if not path.exists():
             raise CaptchaError(f"{path}: model file does not exist")
         return load_onnx(path)
+    if path.suffix.lower() == ".tflite":
+        if not path.exists():
+            raise CaptchaError(f"{path}: model file does not exist")
+        return load_tflite(path)
     meta = read_meta(path)  # also checks the file exists and is an archive
     lambdas = lambda_layer_names(path)
     if lambdas and safe_mode:

@@ -326,3 +326,24 @@ def test_onnx_and_savedmodel_exports_match_the_keras_model(trained_run, digits_f
     from_onnx = capsys.readouterr().out
     assert read_captchas.main(["--model", str(source), *folder]) == 0
     assert capsys.readouterr().out == from_onnx  # same texts, same scores
+
+
+def test_tflite_export_runs_on_the_builtin_interpreter(trained_run, digits_folder, tmp_path, capsys):
+    source = trained_run / train.BEST_NAME
+    tflite_path = tmp_path / "m.tflite"
+    assert export_safe.main(["--in_keras", str(source), "--out_keras", str(tflite_path), "--format", "tflite"]) == 0
+    assert "m.tflite (tflite): max abs difference" in capsys.readouterr().out
+    network, meta = model.load_model(tflite_path)  # the standard interpreter: no TensorFlow "select" ops needed
+    keras_model, _ = model.load_model(source)
+    for count in (1, 5):  # the interpreter is resized to each batch size
+        batch = export_safe.parity_batch(keras_model, count=count, seed=count)
+        assert np.max(np.abs(network.predict_on_batch(batch) - keras_model.predict_on_batch(batch))) < 1e-4
+    folder = ["--folder", str(digits_folder), "--limit", "6"]
+    assert read_captchas.main(["--model", str(tflite_path), *folder]) == 0
+    from_tflite = capsys.readouterr().out
+    assert read_captchas.main(["--model", str(source), *folder]) == 0
+    assert capsys.readouterr().out == from_tflite
+
+    model.tflite_meta_path(tflite_path).unlink()
+    assert read_captchas.main(["--model", str(tflite_path), *folder]) == 2
+    assert "m.tflite.json is missing" in capsys.readouterr().err
