@@ -170,8 +170,9 @@ def bench(cfg):
         contender = Contender(name, preset, recipe, float(minutes or cfg.minutes), cfg, charset, train_samples)
         contender.start(cfg.seed)
         contenders.append(contender)
-        print(f"{name}: preset {preset}, recipe {recipe}, {contender.crnn.count_params():,} parameters, "
-              f"schedule sized for {contender.total_steps} steps")
+        schedule = (f"one-cycle schedule sized for {contender.total_steps} steps" if contender.recipe.schedule == "onecycle"
+                    else f"constant learning rate {contender.recipe.learning_rate:g} (no plateau watch here)")
+        print(f"{name}: preset {preset}, recipe {recipe}, {contender.crnn.count_params():,} parameters, {schedule}")
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
