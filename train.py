@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,12 +395,23 @@ def train(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    stopped_by = [signal.SIGINT]
+
+    def on_sigterm(signum, frame):  # preemptible machines send SIGTERM first: stop as cleanly as on Ctrl-C
+        stopped_by[0] = signum
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python take signals
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         metrics = train(cfg)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if metrics is not None else 130  # 130: stopped by Ctrl-C, as shells report it
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return 0 if metrics is not None else 128 + stopped_by[0]  # 130 for Ctrl-C, 143 for SIGTERM, as shells report
 
 
 if __name__ == "__main__":

@@ -70,13 +70,14 @@ def test_resume_after_sigkill_mid_epoch(resume_data, tmp_path):
     resume_and_check(out)
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(resume_data, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(resume_data, tmp_path, stop):
     out = tmp_path / "run"
     process = start_training(resume_data, out)
     wait_for_first_epoch(process, out)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output
+    assert process.returncode == 128 + stop, output
     assert "Traceback" not in output
     assert "Continue with: python train.py --resume" in output
     crnn, meta = model.load_model(out / train.RESUME_NAME, compile=True)
