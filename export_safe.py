@@ -255,7 +255,8 @@ def export(args):
             shutil.rmtree(dst)
         else:
             dst.unlink()
-        model.tflite_meta_path(dst).unlink(missing_ok=True)
+        if args.format == "tflite":  # its metadata file beside it goes too
+            model.tflite_meta_path(dst).unlink()
         raise CaptchaError(f"{dst}: the {args.format} export differs from the model by {diff:.2e}; removed it")
     charset = Charset.from_dict(meta["charset"])
     print(f"wrote {dst} ({args.format}): max abs difference from the Keras model {diff:.2e} on a batch of "

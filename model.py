@@ -390,14 +390,11 @@ def load_model(path, safe_mode=True, compile=False):
     compile=True also restores the optimizer and its state (for resuming training).
     """
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
+    exported = {".onnx": load_onnx, ".tflite": load_tflite}.get(path.suffix.lower())
+    if exported:
         if not path.exists():
             raise CaptchaError(f"{path}: model file does not exist")
-        return load_onnx(path)
-    if path.suffix.lower() == ".tflite":
-        if not path.exists():
-            raise CaptchaError(f"{path}: model file does not exist")
-        return load_tflite(path)
+        return exported(path)
     meta = read_meta(path)  # also checks the file exists and is an archive
     lambdas = lambda_layer_names(path)
     if lambdas and safe_mode:

@@ -32,14 +32,15 @@ def peak_memory_mb():
 
 def time_loader(args):
     started = time.perf_counter()
-    scan = preprocess.scan_folder(args.folder, preprocess.charset_from_arg(args.charset))
+    charset = preprocess.charset_from_arg(args.charset)
+    scan = preprocess.scan_folder(args.folder, charset)
     if not scan.samples:
         raise CaptchaError(f"{args.folder}: no usable labelled images ({scan.summary()})")
     max_len = max(len(label) for _, label in scan.samples)
     scanned = time.perf_counter()
     print(f"scan: {scan.summary()} in {scanned - started:.1f} s")
-    batches = preprocess.make_batches(scan.samples, preprocess.charset_from_arg(args.charset), max_len,
-                                      PreprocessOptions(), args.batch_size, shuffle=True, workers=args.workers)
+    batches = preprocess.make_batches(scan.samples, charset, max_len, PreprocessOptions(), args.batch_size,
+                                      shuffle=True, workers=args.workers)
     count = min(len(batches), args.batches) if args.batches else len(batches)
     # The loader's worker threads, as keras.utils.PyDataset runs them for model.fit.
     with ThreadPoolExecutor(args.workers) as pool:
@@ -83,7 +84,7 @@ def main(argv=None):
     loader.add_argument("--workers", type=int, default=2, help="threads, as train.py --workers (default 2)")
     loader.add_argument("--batches", type=int, default=0, help="read only this many batches (0: all)")
     inference = commands.add_parser("inference", help="images/s on a folder and one image's latency")
-    inference.add_argument("model", help="a .keras or .onnx model")
+    inference.add_argument("model", help="a .keras, .onnx or .tflite model")
     inference.add_argument("--folder", required=True)
     inference.add_argument("--limit", type=int, default=1024, help="images of the folder to read (default 1024)")
     inference.add_argument("--batch_size", type=int, default=64)

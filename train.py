@@ -100,7 +100,7 @@ def resolve_charset(cfg, labels):
     return Charset(known + "".join(sorted(seen - set(known))))
 
 
-def make_strategy(name):
+def make_strategy(name, gpu_count):
     """TensorFlow's MirroredStrategy over every GPU (over the logical CPUs when there is no GPU), or None.
 
     Keras splits each global batch across the replicas and sums their gradients. Multi-machine
@@ -109,7 +109,7 @@ def make_strategy(name):
     """
     if name not in ("auto", "mirrored", "none"):
         raise CaptchaError(f"unknown --strategy {name!r}; choose from auto, mirrored, none")
-    if name == "none" or (name == "auto" and len(model.gpu_names()) < 2):
+    if name == "none" or (name == "auto" and gpu_count < 2):
         return None
     if keras.backend.backend() != "tensorflow":
         raise CaptchaError(f"--strategy {name} needs the TensorFlow backend (this is {keras.backend.backend()})")
@@ -296,7 +296,7 @@ def train(cfg):
     keras.utils.set_random_seed(cfg.seed)
     gpus = model.gpu_names()
     print(f"Keras {keras.__version__} ({keras.backend.backend()} backend) on {', '.join(gpus) or 'CPU (no GPU found)'}")
-    strategy = make_strategy(cfg.strategy)
+    strategy = make_strategy(cfg.strategy, len(gpus))
     if strategy is not None:
         print(f"strategy: MirroredStrategy, {strategy.num_replicas_in_sync} replicas; global batch {recipe.batch_size}"
               f" = {recipe.batch_size / strategy.num_replicas_in_sync:g} per replica")
