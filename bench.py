@@ -3,9 +3,12 @@
     python bench.py                                   # reference vs default, 60 minutes each
     python bench.py --minutes 10 --runs default=fast:default
     python bench.py --style gregwar                   # data that looks like the reference's Kaggle set
+    python bench.py --data_dir path/to/images --runs default=fast:default@20,kerasio=kerasio:kerasio@25
+                                                      # a real folder: train.py's split, its test part scores
 
 Each run is NAME=PRESET:RECIPE[@MINUTES] (presets and recipes from model.py; MINUTES overrides --minutes). All runs train on the same
-generated data and are scored on the same held-out test images. They take turns in slices of
+data (generated, or --data_dir split as train.py splits it) with their recipe's augmentation, and are scored on the
+same held-out test images. They take turns in slices of
 --slice_seconds, so a busy machine slows them alike; each run's clock counts only its own training
 (evaluation is not counted). Every --eval_minutes of a run's own time it is scored on the test set.
 Writes bench.json (every curve point), bench_curves.png, each run's final model (NAME.keras) and a
@@ -27,13 +30,16 @@ import keras
 import numpy as np
 from matplotlib.figure import Figure
 
+import metrics
 import preprocess
+import train
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
 
 @dataclass
 class BenchConfig:
     runs: str = "reference=seed:reference,default=fast:default"
+    data_dir: str = ""  # a real folder (file names are labels); empty: generated captchas (--style, --train_count)
     minutes: float = 60.0  # training time of each run
     train_count: int = 40000
     test_count: int = 1000
@@ -69,15 +75,30 @@ def bench_data(cfg, charset):
     return parts["train"], parts["test"]
 
 
+def folder_data(cfg):
+    """A real folder, split as train.py splits it (same fractions and seed): its train part trains, its test part
+    scores. Returns (charset, longest label, train samples, test samples)."""
+    scan = preprocess.scan_folder(cfg.data_dir)
+    if not scan.samples:
+        raise CaptchaError(f"{cfg.data_dir}: no usable labelled images ({scan.summary()})")
+    defaults = train.TrainConfig()
+    train_samples, _, test_samples = preprocess.split_samples(scan.samples, defaults.val_fraction,
+                                                              defaults.test_fraction, defaults.seed)
+    labels = [label for _, label in scan.samples]
+    return preprocess.charset_of_labels(labels), max(map(len, labels)), train_samples, test_samples
+
+
 class Contender:
     """One recipe being trained: its model, its batches, and its own clock."""
 
-    def __init__(self, name, preset, recipe_name, minutes, cfg, charset, train_samples):
+    def __init__(self, name, preset, recipe_name, minutes, cfg, charset, max_len, train_samples):
         self.name, self.preset, self.recipe_name = name, preset, recipe_name
         self.config, self.recipe = model.PRESETS[preset], model.RECIPES[recipe_name]
         self.charset = charset
-        self.batches = preprocess.make_batches(train_samples, charset, cfg.length, PreprocessOptions(),
-                                               self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1)
+        self.options = PreprocessOptions(resize=self.recipe.resize)
+        self.batches = preprocess.make_batches(train_samples, charset, max_len, self.options,
+                                               self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1,
+                                               augment=self.recipe.augment)
         self.budget = minutes * 60
         self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
         self.pool = ThreadPoolExecutor(2)
@@ -86,9 +107,9 @@ class Contender:
     def next_batch(self):
         """Batches load on a thread while the previous one trains."""
         index = self.step % len(self.batches)
-        if index == 0 and self.step:
-            self.batches.on_epoch_end()
         batch = self.pending.result() if self.step else self.batches[index]
+        if index == len(self.batches) - 1:  # the next batch starts a new epoch: new order, new augmentation
+            self.batches.on_epoch_end()
         self.pending = self.pool.submit(self.batches.__getitem__, (index + 1) % len(self.batches))
         self.step += 1
         return batch
@@ -128,11 +149,7 @@ def score(crnn, charset, test_images, test_labels):
     predictions = []
     for i in range(0, len(test_images), 256):
         predictions += model.decode(crnn.predict_on_batch(test_images[i : i + 256]), charset)
-    return {
-        "exact_match": float(np.mean([p == t for p, t in zip(predictions, test_labels)])),
-        "exact_match_ignore_case": float(np.mean([p.lower() == t.lower() for p, t in zip(predictions, test_labels)])),
-        "cer": model.character_error_rate(predictions, test_labels),
-    }
+    return metrics.score(predictions, test_labels)
 
 
 def plot_curves(contenders, path):
@@ -152,11 +169,22 @@ def plot_curves(contenders, path):
 
 
 def bench(cfg):
-    charset = Charset(preprocess.CHARSET_PRESETS.get(cfg.charset, cfg.charset))
-    train_samples, test_samples = bench_data(cfg, charset)
-    test_images = np.stack([preprocess.load_image(p) for p, _ in test_samples])
+    if cfg.data_dir:
+        charset, max_len, train_samples, test_samples = folder_data(cfg)
+        described = f"images of {cfg.data_dir}, up to {max_len}"
+    else:
+        charset, max_len = Charset(preprocess.CHARSET_PRESETS.get(cfg.charset, cfg.charset)), cfg.length
+        train_samples, test_samples = bench_data(cfg, charset)
+        described = f"{cfg.style}-style captchas, {cfg.length}"
+    test_images = {}  # by preprocessing options: the reference recipe reads its own way
+
+    def test_images_for(options):
+        if options not in test_images:
+            test_images[options] = np.stack([preprocess.load_image(p, options) for p, _ in test_samples])
+        return test_images[options]
+
     test_labels = [label for _, label in test_samples]
-    print(f"data: {len(train_samples)} train / {len(test_samples)} test {cfg.style}-style captchas, {cfg.length} of "
+    print(f"data: {len(train_samples)} train / {len(test_samples)} test {described} of "
           f"{len(charset.symbols)} symbols; {cfg.minutes:g} training minutes per run")
 
     contenders = []
@@ -167,12 +195,14 @@ def bench(cfg):
         if preset not in model.PRESETS or recipe not in model.RECIPES:
             raise CaptchaError(f"--runs {spec!r}: expected NAME=PRESET:RECIPE with a preset of {sorted(model.PRESETS)} "
                                f"and a recipe of {sorted(model.RECIPES)}")
-        contender = Contender(name, preset, recipe, float(minutes or cfg.minutes), cfg, charset, train_samples)
+        contender = Contender(name, preset, recipe, float(minutes or cfg.minutes), cfg, charset, max_len, train_samples)
         contender.start(cfg.seed)
         contenders.append(contender)
         schedule = (f"one-cycle schedule sized for {contender.total_steps} steps" if contender.recipe.schedule == "onecycle"
-                    else f"constant learning rate {contender.recipe.learning_rate:g} (no plateau watch here)")
-        print(f"{name}: preset {preset}, recipe {recipe}, {contender.crnn.count_params():,} parameters, {schedule}")
+                    else f"constant learning rate {contender.recipe.learning_rate:g} (no plateau watch or early "
+                         f"stopping here)")
+        print(f"{name}: preset {preset}, recipe {recipe}, {contender.crnn.count_params():,} parameters, {schedule}, "
+              f"augmentation {contender.recipe.augment}")
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +214,7 @@ def bench(cfg):
             c.train_for(min(cfg.slice_seconds, next_eval - c.seconds))
             if c.seconds >= min(next_eval, c.budget) - 1e-6:
                 point = {"minutes": round(c.seconds / 60, 2), "images": c.images, "loss": c.last_loss,
-                         **score(c.crnn, charset, test_images, test_labels)}
+                         **score(c.crnn, charset, test_images_for(c.options), test_labels)}
                 c.curve.append(point)
                 print(f"{c.name:>10} {point['minutes']:6.1f} min  {point['images']:8d} img  loss {point['loss']:7.3f}  "
                       f"exact {point['exact_match']:.4f}  (ignoring case {point['exact_match_ignore_case']:.4f})  "
@@ -193,7 +223,7 @@ def bench(cfg):
     results = []
     for c in contenders:  # the trained models too: a pre-trained start for fine-tuning (train.py --init_from)
         model.save_model(c.crnn, out / f"{c.name}.keras",
-                         model.make_meta(charset, cfg.length, PreprocessOptions(), c.config))
+                         model.make_meta(charset, max_len, c.options, c.config))
         first = next((p["minutes"] for p in c.curve if p["exact_match"] > 0), None)
         results.append({"name": c.name, "preset": c.preset, "recipe": c.recipe_name, **c.curve[-1],
                         "train_images_per_second": round(c.images / c.seconds, 1),

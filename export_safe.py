@@ -15,6 +15,7 @@ original model is loaded too and the two must agree.
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -137,7 +138,9 @@ def rebuild_safely(src, config, args):
             raise CaptchaError(f"{src}: model has {rebuilt.output_shape[-1]} output classes but --charset gives "
                                f"{charset.num_classes} (symbols + blank)")
         height, width = rebuilt.input_shape[1:3]
-        meta = model.make_meta(charset, 5, PreprocessOptions(height=height, width=width), None)
+        # and trained on the reference's pixels: no crop, its resize arithmetic, mean padding
+        options = dataclasses.replace(preprocess.REFERENCE_PREPROCESSING, height=height, width=width)
+        meta = model.make_meta(charset, 5, options, None)
         print(f"{src} has no metadata: assuming {len(charset.symbols)} symbols, blank {args.blank} "
               f"(class {charset.blank_index})")
 
@@ -233,16 +236,11 @@ def export(args):
     config = read_config(src)
     if model.lambda_layer_names(src):
         crnn, meta = rebuild_safely(src, config, args)
-    elif args.format == "keras":
-        model.load_model(src)  # proves it really loads in safe mode
-        if model.read_meta(src) is None:
-            raise CaptchaError(f"{src}: already has no Lambda layer, but no metadata either; nothing to export")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        print(f"{src} has no Lambda layer: it already loads in safe mode; copied it to {dst}")
-        return 0
-    else:
+    elif args.format == "keras" and model.read_meta(src) is None:
+        raise CaptchaError(f"{src}: already has no Lambda layer, but no metadata either; nothing to export")
+    else:  # a safe model already: written again as the network and its metadata, without optimizer state
         crnn, meta = model.load_model(src)
+        print(f"{src} has no Lambda layer: it already loads in safe mode")
 
     batch = parity_batch(crnn)
     expected = crnn.predict_on_batch(batch)

@@ -21,12 +21,11 @@ from pathlib import Path
 import keras
 import numpy as np
 from keras import layers, ops
-from rapidfuzz.distance import Levenshtein
 
-from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaError, Charset, PreprocessOptions
+from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, REFERENCE_PREPROCESSING, CaptchaError, Charset, PreprocessOptions
 
 META_MEMBER = "captcha_meta.json"
-META_VERSION = 1
+META_VERSION = 2  # 2: preprocessing has resize mode and CLAHE settings (files without them mean the defaults)
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,16 @@ class ModelConfig:
     width: int = IMG_WIDTH
     conv_filters: tuple = (64, 128, 256)
     pools: tuple = ((2, 2), (2, 2), (2, 1))  # (height, width) pooling after each convolution block
-    lstm_units: int = 256
-    lstm_layers: int = 2
-    dropout_cnn: float = 0.25  # after the convolutions
-    dropout_rnn: float = 0.15  # between the recurrent layers
+    convs_per_block: int = 1  # 3x3 convolutions before each pooling
+    batch_norm: bool = True  # Conv (no bias) -> BatchNorm -> ReLU; False: Conv (bias, relu)
+    block_dropout: float = 0.0  # dropout after each block's pooling
+    extra_conv: int = 0  # filters of one more Conv2D(3x3, bias, relu) before the collapse; 0: none
     collapse: str = "mean"  # how CollapseHeight turns (H, W, C) into W time steps: "mean" or "flatten"
+    project_units: int = 0  # a Dense(relu) on each time step's features after the collapse; 0: none
+    dropout_cnn: float = 0.25  # after the collapse (and projection)
+    lstm_units: tuple = (256, 256)  # one bidirectional LSTM per entry
+    lstm_dropout: float = 0.0  # dropout on each LSTM's inputs (Keras' LSTM(dropout=...))
+    dropout_rnn: float = 0.15  # between the recurrent layers
     bn_momentum: float = 0.99  # Keras' default; 0.9 lets inference statistics catch up in short runs
 
     def to_dict(self):
@@ -47,21 +51,37 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ or k == "lstm_layers"}
+        if "lstm_layers" in d:  # files written before lstm_units became a tuple: units, layers
+            d["lstm_units"] = (d["lstm_units"],) * d.pop("lstm_layers")
         if "conv_filters" in d:
             d["conv_filters"] = tuple(d["conv_filters"])
         if "pools" in d:
             d["pools"] = tuple(tuple(p) for p in d["pools"])
+        if "lstm_units" in d:
+            d["lstm_units"] = tuple(d["lstm_units"])
         return cls(**d)
 
 
 PRESETS = {
-    # The reference design: 64/128/256 convolutions, 2 x BiLSTM(256), dropout 0.25 / 0.15.
-    "seed": ModelConfig(),
-    # For CPUs: a quarter of the seed's convolution work, and 25 time steps (plenty for 5-8 characters).
-    "fast": ModelConfig(conv_filters=(32, 64, 128), pools=((2, 2), (2, 2), (2, 2)), lstm_units=128, bn_momentum=0.9),
+    # The reference's network, exactly (4,394,879 parameters for 62 symbols): three blocks of two
+    # Conv(no bias)-BatchNorm-ReLU, max-pool and Dropout(0.25); Conv2D(256, bias, relu); the mean over
+    # height; two BiLSTM(256, dropout 0.15); softmax. 50 time steps.
+    "seed": ModelConfig(convs_per_block=2, block_dropout=0.25, extra_conv=256, dropout_cnn=0.0, lstm_dropout=0.15,
+                        dropout_rnn=0.0),
+    # For CPUs, and the one that reads real captchas from a few hundred images: a quarter of the
+    # seed's convolution work, 25 time steps (plenty for 8 characters), and the 6 remaining rows
+    # folded into the features (then projected to 128) instead of averaged, so the LSTMs still see
+    # where in the column the strokes are.
+    "fast": ModelConfig(conv_filters=(32, 64, 128), pools=((2, 2), (2, 2), (2, 2)), collapse="flatten",
+                        project_units=128, lstm_units=(128, 128), bn_momentum=0.9),
+    # The keras-io "OCR model for reading Captchas" example's network, as a benchmark contender:
+    # Conv32-pool-Conv64-pool without BatchNorm, height folded into Dense(64), BiLSTM 128 then 64.
+    "kerasio": ModelConfig(conv_filters=(32, 64), pools=((2, 2), (2, 2)), batch_norm=False, collapse="flatten",
+                           project_units=64, dropout_cnn=0.2, lstm_units=(128, 64), lstm_dropout=0.25,
+                           dropout_rnn=0.0),
     # For tests: trains in seconds.
-    "tiny": ModelConfig(conv_filters=(8, 16, 16), lstm_units=16, lstm_layers=1, dropout_cnn=0.0, dropout_rnn=0.0,
+    "tiny": ModelConfig(conv_filters=(8, 16, 16), lstm_units=(16,), dropout_cnn=0.0, dropout_rnn=0.0,
                         bn_momentum=0.9),
 }
 
@@ -108,14 +128,23 @@ def build_model(config, num_classes, legacy_lambda=False):
     legacy_lambda=True collapses height with a `Lambda` instead of CollapseHeight, as the
     reference's checkpoints do: export_safe.py's tests build those with it.
     """
-    image = keras.Input(shape=(config.height, config.width, 1), name="image")
+    image = keras.Input(shape=(config.height, config.width, 1), name="image")  # (batch, 50, 200, 1)
     x = image
     # The seed pools (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
     for filters, pool in zip(config.conv_filters, config.pools):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization(momentum=config.bn_momentum)(x)
-        x = layers.Activation("relu")(x)
+        for _ in range(config.convs_per_block):
+            if config.batch_norm:
+                x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+                x = layers.BatchNormalization(momentum=config.bn_momentum)(x)
+                x = layers.Activation("relu")(x)
+            else:
+                x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D(pool)(x)
+        if config.block_dropout:
+            x = layers.Dropout(config.block_dropout)(x)
+    if config.extra_conv:
+        x = layers.Conv2D(config.extra_conv, 3, padding="same", activation="relu")(x)
+    # (batch, H, W, C), e.g. (batch, 6, 50, 128) -> (batch, W, C) or (batch, W, H * C)
     if legacy_lambda:  # self-contained lambdas: Keras stores them as bytecode without their module
         if config.collapse == "mean":
             collapse = lambda t: __import__("keras").ops.mean(t, axis=1)  # noqa: E731
@@ -125,13 +154,29 @@ def build_model(config, num_classes, legacy_lambda=False):
         x = layers.Lambda(collapse, name="collapse_height")(x)
     else:
         x = CollapseHeight(config.collapse, name="collapse_height")(x)
-    x = layers.Dropout(config.dropout_cnn)(x)
-    for i in range(config.lstm_layers):
-        x = layers.Bidirectional(layers.LSTM(config.lstm_units, return_sequences=True), name=f"bilstm_{i + 1}")(x)
-        if i < config.lstm_layers - 1:
+    if config.project_units:
+        x = layers.Dense(config.project_units, activation="relu", name="project")(x)
+    if config.dropout_cnn:
+        x = layers.Dropout(config.dropout_cnn)(x)
+    for i, units in enumerate(config.lstm_units):
+        lstm = layers.LSTM(units, return_sequences=True, dropout=config.lstm_dropout)
+        x = layers.Bidirectional(lstm, name=f"bilstm_{i + 1}")(x)  # (batch, W, 2 * units)
+        if i < len(config.lstm_units) - 1 and config.dropout_rnn:
             x = layers.Dropout(config.dropout_rnn)(x)
-    probs = layers.Dense(num_classes, activation="softmax", name="char_probs")(x)
+    # float32 even under mixed precision: CTC needs the probabilities' full range
+    probs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="softmax")(x)  # (batch, W, classes)
     return keras.Model(image, probs, name="crnn_ctc")
+
+
+def with_output_classes(source, num_classes):
+    """A fresh (untrained) model of `source`'s architecture, read from the model itself, with a softmax
+    over `num_classes`: fine-tuning starts from any checkpoint, a converted reference one included."""
+    clone = keras.models.clone_model(source)
+    if clone.output_shape[-1] == num_classes:
+        return clone
+    features = clone.layers[-2].output  # (batch, W, features) before the output layer
+    probs = layers.Dense(num_classes, activation="softmax", dtype="float32", name=clone.layers[-1].name)(features)
+    return keras.Model(clone.inputs, probs, name=source.name)
 
 
 @keras.saving.register_keras_serializable(package="crnn")
@@ -163,22 +208,34 @@ class CTCLoss(keras.losses.Loss):
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train: optimizer, learning-rate schedule, batch size."""
+    """How to train: optimizer, learning-rate schedule, batch size, and what the callbacks watch."""
 
     optimizer: str = "adamw"  # "adam" or "adamw"
     learning_rate: float = 3e-3  # the peak, for "onecycle"
     weight_decay: float = 1e-4  # adamw only
     clipnorm: float = 1.0  # 0: no clipping
     schedule: str = "onecycle"  # "onecycle": linear warm-up, then cosine decay to ~0 over the run;
-    #                             "plateau": constant, halved by train.py when val_loss stalls
+    #                             "plateau": constant, halved when val_loss stalls; "constant"
     warmup_fraction: float = 0.05
     batch_size: int = 32
+    monitor: str = "val_cer"  # what picks the best checkpoint and stops early: val_cer or val_loss
+    stop_patience: int = 0  # epochs without improvement before stopping; 0: train.py's --patience
+    restore_best: bool = False  # EarlyStopping puts the best epoch's weights back
+    plateau_patience: int = 2  # "plateau": epochs of stalled val_loss before the rate is halved (min 1e-5)
+    augment: str = "light"  # on-the-fly augmentation of training images (augment.LEVELS), or "none"
+    resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
 
 
 RECIPES = {
-    # The reference project's: Adam at 1e-3, batch 64, ReduceLROnPlateau.
+    # The reference project's: Adam at 1e-3, batch 128, ReduceLROnPlateau(val_loss, patience 2, factor 0.5,
+    # min 1e-5), EarlyStopping(val_loss, patience 5, best weights restored), best checkpoint on val_loss.
     "reference": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="plateau",
-                        warmup_fraction=0.0, batch_size=64),
+                        warmup_fraction=0.0, batch_size=128, monitor="val_loss", stop_patience=5, restore_best=True,
+                        plateau_patience=2, augment="none", resize="reference"),
+    # The keras-io captcha example's: Adam at 1e-3, batch 16, EarlyStopping(val_loss, patience 10, best weights).
+    "kerasio": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="constant",
+                      warmup_fraction=0.0, batch_size=16, monitor="val_loss", stop_patience=10, restore_best=True,
+                      augment="none"),
     "default": Recipe(),
 }
 
@@ -191,8 +248,8 @@ def make_optimizer(recipe, total_steps):
         learning_rate = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=recipe.learning_rate / 10, warmup_target=recipe.learning_rate,
             warmup_steps=warmup, decay_steps=max(1, total_steps - warmup), alpha=0.01)
-    elif recipe.schedule != "plateau":
-        raise CaptchaError(f"unknown schedule {recipe.schedule!r}: use 'onecycle' or 'plateau'")
+    elif recipe.schedule not in ("plateau", "constant"):
+        raise CaptchaError(f"unknown schedule {recipe.schedule!r}: use 'onecycle', 'plateau' or 'constant'")
     clip = {"clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
     if recipe.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay, **clip)
@@ -217,12 +274,6 @@ def decode(probs, charset, beam_width=0):
     else:
         decoded, _ = ops.ctc_decode(log_probs, lengths, strategy="greedy", mask_index=charset.blank_index)
     return [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
-
-
-def character_error_rate(predictions, truths):
-    """Total edit distance over total characters of the truths."""
-    edits = sum(Levenshtein.distance(p, t) for p, t in zip(predictions, truths))
-    return edits / max(1, sum(len(t) for t in truths))
 
 
 # ----------------------------------------------------------------------------- model files
@@ -276,9 +327,18 @@ def read_archive_member(path, member):
         raise CaptchaError(f"{path}: not a Keras .keras archive ({e})") from None
 
 
+def check_meta_version(meta, path):
+    """Metadata from a newer release may mean preprocessing this one cannot repeat: refuse it."""
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > META_VERSION:
+        raise CaptchaError(f"{path}: metadata format {version!r} is newer than this release reads ({META_VERSION}); "
+                           f"update the project to read this model")
+    return meta
+
+
 def read_meta(path):
     raw = read_archive_member(path, META_MEMBER)
-    return json.loads(raw) if raw is not None else None
+    return check_meta_version(json.loads(raw), path) if raw is not None else None
 
 
 def lambda_layer_names(path):
@@ -299,7 +359,7 @@ def reference_meta(num_classes):
             f"model has {num_classes} output classes and no saved charset; the reference charset needs "
             f"{charset.num_classes}: pass --charset with the {num_classes - 1} symbols it was trained on"
         )
-    return make_meta(charset, 5, PreprocessOptions(), None)
+    return make_meta(charset, 5, REFERENCE_PREPROCESSING, None)
 
 
 class OnnxNetwork:
@@ -326,7 +386,7 @@ def load_onnx(path):
     meta = network.session.get_modelmeta().custom_metadata_map.get(META_MEMBER)
     if meta is None:
         raise CaptchaError(f"{path}: ONNX model without this project's metadata; export it with export_safe.py")
-    return network, json.loads(meta)
+    return network, check_meta_version(json.loads(meta), path)
 
 
 class TFLiteNetwork:
@@ -373,7 +433,7 @@ def load_tflite(path):
     if not meta_path.exists():
         raise CaptchaError(f"{path}: its metadata {meta_path.name} is missing; export it with export_safe.py")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = check_meta_version(json.loads(meta_path.read_text()), meta_path)
         charset = Charset.from_dict(meta["charset"])
     except (ValueError, KeyError, TypeError) as e:
         raise CaptchaError(f"{meta_path}: not this project's model metadata ({type(e).__name__}: {e})") from None

@@ -102,6 +102,42 @@ def style_samples(out_path, count=6, seed=1):
     return out_path
 
 
+def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
+    """Each image as the network sees it in validation (left), then as the training loader alters it in
+    `epochs` epochs of `light` and of `strong` augmentation. Without image_paths: one captcha of each
+    built-in synthetic style."""
+    import tempfile
+
+    import preprocess
+
+    levels = ["light", "strong"]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = list(image_paths) or [preprocess.generate_synthetic(Path(tmp) / style, 1, seed=seed + 3, style=style,
+                                                                    workers=1, progress=False)[0]
+                                      for style in sorted(preprocess.SYNTH_STYLES)]
+        columns = 1 + epochs * len(levels)
+        fig = Figure(figsize=(2.2 * columns, 0.8 * len(paths) + 0.3))
+        axes = fig.subplots(len(paths), columns, squeeze=False)
+        for row, path in zip(axes, paths):
+            label = preprocess.label_from_filename(path)
+            charset = preprocess.charset_of_labels([label])
+            row[0].imshow(preprocess.load_image(path).squeeze(), cmap="gray", vmin=0, vmax=1)
+            row[0].set_title(f"{label}: as read", fontsize=8)
+            for i, level in enumerate(levels):  # the training loader itself, epoch after epoch
+                batches = preprocess.make_batches([(str(path), label)], charset, len(label), batch_size=1,
+                                                  seed=seed, workers=1, augment=level)
+                for epoch in range(epochs):
+                    ax = row[1 + i * epochs + epoch]
+                    ax.imshow(batches[0][0][0].squeeze(), cmap="gray", vmin=0, vmax=1)
+                    ax.set_title(f"{level}, epoch {epoch + 1}", fontsize=8)
+                    batches.on_epoch_end()
+        for ax in axes.flat:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out_path, dpi=80)
+    return out_path
+
+
 def write_run_plots(out_dir, log_path, images, truths, predictions):
     out_dir = Path(out_dir)
     return [
@@ -126,9 +162,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("run", nargs="?", help="a train.py --out folder (metrics.json, train_log.csv, crnn_ctc_best.keras)")
     parser.add_argument("--samples", metavar="PNG", help="instead, draw samples of each synthetic style into PNG")
+    parser.add_argument("--augmentation", metavar="PNG",
+                        help="instead, draw training augmentation of the images given after it (or of synthetic ones)")
+    parser.add_argument("images", nargs="*", help="with --augmentation: image files to show")
     args = parser.parse_args(argv)
     if args.samples:
         print(f"wrote {style_samples(args.samples)}")
+        return 0
+    if args.augmentation:
+        print(f"wrote {augmentation_samples(args.augmentation, ([args.run] if args.run else []) + args.images)}")
         return 0
     if not args.run:
         parser.error("give a run folder, or --samples PNG")

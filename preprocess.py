@@ -24,6 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import augment as augment_module  # `augment` is also the loader's option name
+
 IMG_HEIGHT = 50
 IMG_WIDTH = 200
 DEFAULT_SYMBOLS = string.ascii_uppercase + string.ascii_lowercase + string.digits  # the reference's order
@@ -121,6 +123,13 @@ CHARSET_PRESETS = {
 }
 
 
+def charset_of_labels(labels):
+    """The symbols the labels use, in the reference's order (A-Z a-z 0-9) first, then the others sorted."""
+    seen = set("".join(labels))
+    known = "".join(c for c in DEFAULT_SYMBOLS if c in seen)
+    return Charset(known + "".join(sorted(seen - set(known))))
+
+
 def charset_from_arg(value, blank_index="first"):
     """A preset name from CHARSET_PRESETS, or the literal symbols ("0123456789abcdef")."""
     symbols = CHARSET_PRESETS.get(value, value)
@@ -137,17 +146,33 @@ class PreprocessOptions:
 
     height: int = IMG_HEIGHT
     width: int = IMG_WIDTH
-    auto_crop: bool = True
+    auto_crop: bool = False  # one site's captchas share their layout; a crop that follows noise would not
     force_invert: bool = False
     strong: bool = False
+    # "default": sizes rounded, padding with the border's median (the image's own background);
+    # "reference": the reference's own arithmetic, sizes truncated, padding with the resized image's mean.
+    resize: str = "default"
+    clahe_clip: float = CLAHE_CLIP
+    clahe_tiles: tuple = CLAHE_TILES
 
-    def to_dict(self):
-        return asdict(self)
+    def __post_init__(self):
+        if self.resize not in ("default", "reference"):
+            raise CaptchaError(f"unknown resize mode {self.resize!r}; expected 'default' or 'reference'")
+
+    def to_dict(self):  # as JSON gives it back
+        return {**asdict(self), "clahe_tiles": list(self.clahe_tiles)}
 
     @classmethod
     def from_dict(cls, d):
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if "clahe_tiles" in d:
+            d["clahe_tiles"] = tuple(d["clahe_tiles"])
+        return cls(**d)
+
+
+# The reference's training pipeline: no crop, its resize arithmetic and mean padding, CLAHE 2.0 / 8x8.
+REFERENCE_PREPROCESSING = PreprocessOptions(auto_crop=False, resize="reference")
 
 
 def read_gray(path):
@@ -226,23 +251,29 @@ def auto_crop(gray, margin=3):
     return gray[top:bottom, left:right]
 
 
-def resize_and_pad(gray, height=IMG_HEIGHT, width=IMG_WIDTH):
-    """Fit inside height x width keeping the aspect ratio; pad with the image's own background."""
+def resize_and_pad(gray, height=IMG_HEIGHT, width=IMG_WIDTH, mode="default"):
+    """Fit inside height x width keeping the aspect ratio (cubic when enlarging, area when shrinking),
+    centred. mode "default": sizes rounded, padded with the image's own background (its border's
+    median); "reference": sizes truncated and padded with the resized image's mean, as the
+    reference did."""
     h, w = gray.shape
     scale = min(width / w, height / h)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    size = int if mode == "reference" else round
+    new_w, new_h = max(1, size(w * scale)), max(1, size(h * scale))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     resized = cv2.resize(gray, (new_w, new_h), interpolation=interpolation)
-    canvas = np.full((height, width), _background_level(gray), dtype=np.uint8)
+    fill = int(resized.mean()) if mode == "reference" else _background_level(gray)
+    canvas = np.full((height, width), fill, dtype=np.uint8)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = resized
     return canvas
 
 
-def preprocess_gray(gray, options=PreprocessOptions(), stages=None):
+def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation=None):
     """8-bit grayscale image -> float32 (height, width, 1) in [0, 1].
 
     Pass a dict as `stages` to collect every intermediate 8-bit image (for --save_debug).
+    `augmentation` (training only) alters the resized canvas: a function of one 8-bit image.
     """
     def keep(name, image):
         if stages is not None:
@@ -255,9 +286,12 @@ def preprocess_gray(gray, options=PreprocessOptions(), stages=None):
     if options.force_invert:
         gray = 255 - gray
         keep("2_invert", gray)
-    gray = resize_and_pad(gray, options.height, options.width)
+    gray = resize_and_pad(gray, options.height, options.width, options.resize)
     keep("3_resize_pad", gray)
-    gray = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES).apply(gray)
+    if augmentation is not None:
+        gray = augmentation(gray)
+        keep("3a_augment", gray)
+    gray = cv2.createCLAHE(clipLimit=options.clahe_clip, tileGridSize=tuple(options.clahe_tiles)).apply(gray)
     keep("4_clahe", gray)
     if options.strong:  # thin strokes: grow dark ink by a pixel so the early convolutions see it
         gray = cv2.erode(gray, np.ones((2, 2), np.uint8))
@@ -265,8 +299,8 @@ def preprocess_gray(gray, options=PreprocessOptions(), stages=None):
     return (gray.astype(np.float32) / 255.0)[:, :, np.newaxis]
 
 
-def load_image(path, options=PreprocessOptions()):
-    return preprocess_gray(read_gray(path), options)
+def load_image(path, options=PreprocessOptions(), augmentation=None):
+    return preprocess_gray(read_gray(path), options, augmentation=augmentation)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -339,16 +373,20 @@ def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4):
 
 
 def split_samples(samples, val_fraction=0.1, test_fraction=0.1, seed=42):
-    """Fixed-seed train/val/test split (scikit-learn); each part keeps at least one sample."""
+    """Fixed-seed train/val/test split (scikit-learn) by label: every image of a label (`aB3xQ.png`,
+    `aB3xQ_1.png`) lands on the same side, so the test split never holds a copy of a training image.
+    Each part keeps at least one label."""
     from sklearn.model_selection import train_test_split
 
-    if len(samples) < 3:
-        raise CaptchaError(f"need at least 3 labelled images to split train/val/test, found {len(samples)}")
-    n_test = max(1, round(len(samples) * test_fraction))
-    n_val = max(1, round(len(samples) * val_fraction))
-    rest, test = train_test_split(samples, test_size=n_test, random_state=seed)
+    labels = sorted({label for _, label in samples})
+    if len(labels) < 3:
+        raise CaptchaError(f"need at least 3 different labels to split train/val/test, found {len(labels)}")
+    n_test = max(1, round(len(labels) * test_fraction))
+    n_val = max(1, round(len(labels) * val_fraction))
+    rest, test = train_test_split(labels, test_size=n_test, random_state=seed)
     train, val = train_test_split(rest, test_size=n_val, random_state=seed)
-    return train, val, test
+    part_of = {label: part for part, chosen in enumerate([train, val, test]) for label in chosen}
+    return tuple([s for s in samples if part_of[s[1]] == part] for part in range(3))
 
 
 def encode_labels(labels, charset, max_len):
@@ -364,12 +402,19 @@ class CaptchaBatches:
     """Streams (images, labels) batches from disk: memory stays flat however large the folder.
 
     Built by `make_batches`, which mixes in keras.utils.PyDataset so Keras can prefetch batches on
-    worker threads while the model trains.
+    worker threads while the model trains. With `augment` ("light", "strong"; training only) each
+    image is altered by augment.augment with a generator drawn from (seed, epoch, sample index):
+    different every epoch, the same in every rerun, whichever worker thread loads it.
     """
 
     def __init__(self, samples, charset, max_len, options=PreprocessOptions(), batch_size=64,
-                 shuffle=False, seed=0, **pydataset_kwargs):
+                 shuffle=False, seed=0, augment="none", **pydataset_kwargs):
         super().__init__(**pydataset_kwargs)
+        if augment not in augment_module.CHOICES:
+            raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
         self.paths = [p for p, _ in samples]
         self.labels = encode_labels([label for _, label in samples], charset, max_len)
         self.options = options
@@ -385,20 +430,27 @@ class CaptchaBatches:
 
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([load_image(self.paths[i], self.options) for i in rows])
+        images = np.stack([load_image(self.paths[i], self.options, self._augmentation(i)) for i in rows])
         return images, self.labels[rows]
 
+    def _augmentation(self, sample):
+        if self.augment == "none":
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, sample])
+        return lambda gray: augment_module.augment(gray, self.augment, rng)
+
     def on_epoch_end(self):
+        self.epoch += 1
         if self.shuffle:
             self.rng.shuffle(self.order)
 
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2):
+                 seed=0, workers=2, augment="none"):
     import keras  # here, not at the top: `preprocess.py synth` and its worker processes start without TensorFlow
 
     batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
-    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed,
+    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment,
                          workers=workers, use_multiprocessing=False)
 
 

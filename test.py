@@ -10,6 +10,7 @@ exact match and CER.
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+import metrics
 import preprocess
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
@@ -48,10 +50,9 @@ def parse_args(argv=None):
 
 def inference_options(meta, args):
     """The model's own preprocessing, changed only where the user asked."""
-    options = PreprocessOptions.from_dict(meta["preprocess"])
-    return PreprocessOptions(
-        height=options.height,
-        width=options.width,
+    options = PreprocessOptions.from_dict(meta["preprocess"])  # resize mode and CLAHE settings included
+    return dataclasses.replace(
+        options,
         auto_crop=options.auto_crop and not args.no_auto_crop,
         force_invert=options.force_invert or args.force_invert,
         strong=options.strong or args.strong,
@@ -132,12 +133,22 @@ def main(argv=None):
         print(f"read {len(rows)} images in {seconds:.2f} s ({len(rows) / seconds:.1f} images/s, reading files included)",
               file=sys.stderr)
 
-    # File names count as labels only where they could be: every symbol in the model's charset.
-    labelled = [(text, label) for _, text, label in rows if label and not charset.unknown_symbols(label)]
+    # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
+    labelled, unscored = [], {}
+    for path, text, label in rows:
+        reason = metrics.unscorable_reason(label, charset, meta.get("max_len"))
+        if reason:
+            unscored[reason] = unscored.get(reason, 0) + 1
+        else:
+            labelled.append((text, label))
     if labelled:
-        predictions, labels = zip(*labelled)
-        exact = np.mean([p == t for p, t in labelled])
-        print(f"{len(labelled)} labelled image{'s' if len(labelled) != 1 else ''}: exact match {exact:.4f}, CER {model.character_error_rate(predictions, labels):.4f}")
+        scores = metrics.score(*map(list, zip(*labelled)))
+        print(f"{scores['count']} labelled image{'s' if scores['count'] != 1 else ''}: exact match "
+              f"{scores['exact_match']:.4f} ({scores['exact_match_ignore_case']:.4f} ignoring case), "
+              f"CER {scores['cer']:.4f}")
+    if unscored and len(rows) > 1:
+        print(f"not scored, file name not a label of this model: "
+              + ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items())))
     if failures:
         print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
     if args.output:

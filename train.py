@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import threading
@@ -26,6 +27,8 @@ import model  # first: it quiets TensorFlow's logging before Keras loads it
 import keras
 import numpy as np
 
+import augment
+import metrics
 import plots
 import preprocess
 from preprocess import CaptchaError, Charset, PreprocessOptions
@@ -34,6 +37,9 @@ BEST_NAME = "crnn_ctc_best.keras"
 FINAL_NAME = "crnn_ctc_final.keras"
 RESUME_NAME = "crnn_ctc_resume.keras"  # after every epoch: weights, optimizer state, where training stands
 LOG_NAME = "train_log.csv"
+DEFAULT_EPOCHS = 30  # with --epochs 0; small folders get more (--min_steps)
+BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
+BASE_PRESET = "fast"  # the network of the base model
 
 
 @dataclass
@@ -43,21 +49,24 @@ class TrainConfig:
     synth_style: str = "captcha"  # captcha (the `captcha` package) or gregwar (like the Kaggle set)
     synth_count: int = 20000
     synth_seed: int = 1234
-    init_from: str = ""  # a .keras model to start from (fine-tuning); the output layer is new if charsets differ
+    init_from: str = "base"  # start from: base (the shipped pretrained model, for the fast preset and default
+    #                          recipe), none (from scratch), or a .keras file; output rows are carried by symbol
     freeze_cnn_epochs: int = 0  # with init_from: train only the recurrent part and the output for this many epochs
-    preset: str = "auto"  # model size: seed (the reference), fast (CPU), tiny (tests); auto: seed on a GPU, else fast
+    preset: str = "auto"  # the network (model.PRESETS): seed (the reference's), fast, kerasio, tiny (tests); auto: fast
     charset: str = "auto"  # auto: the symbols the labels use; or a preset (default, digits, ...) or the symbols
     max_len: int = 0  # longest label; 0: the longest in the data
     limit: int = 0  # use at most this many images (0: all)
-    recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle) or reference (Adam 1e-3, plateau)
-    epochs: int = 30
+    recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (model.RECIPES)
+    epochs: int = 0  # 0: 30, or more on a small folder so that training makes at least --min_steps updates
+    min_steps: int = 3000  # with --epochs 0: the fewest optimizer steps (batches) a run makes
+    augment: str = "recipe"  # on-the-fly training augmentation: none, light, strong; recipe: the recipe's
     batch_size: int = 0  # 0: the recipe's
     learning_rate: float = 0.0  # 0: the recipe's (the peak, for one-cycle)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 42  # split, shuffling and weight initialisation
-    patience: int = 8  # epochs without a better validation CER before stopping
-    auto_crop: bool = True
+    patience: int = 8  # epochs without a better validation score before stopping (the recipe's may differ)
+    auto_crop: bool = False
     force_invert: bool = False
     strong: bool = False
     workers: int = 2  # threads that read and preprocess batches
@@ -95,9 +104,7 @@ def resolve_charset(cfg, labels):
     """--charset, or with "auto" the symbols the labels use (in the reference's order where they can)."""
     if cfg.charset != "auto":
         return preprocess.charset_from_arg(cfg.charset)
-    seen = set("".join(labels))
-    known = "".join(c for c in preprocess.DEFAULT_SYMBOLS if c in seen)
-    return Charset(known + "".join(sorted(seen - set(known))))
+    return preprocess.charset_of_labels(labels)
 
 
 def make_strategy(name, gpu_count):
@@ -142,9 +149,51 @@ def load_dataset(cfg, folder):
     return charset, max_len, train, val, test
 
 
-def check_time_steps(config, max_len):
+def resolve_init_from(cfg):
+    """The model file to start from, or None to train from scratch. The shipped base model is a `fast`
+    network trained with the default recipe: it is the start only for runs of that network and recipe."""
+    if cfg.init_from in ("", "none"):
+        return None
+    if cfg.init_from != "base":
+        return Path(cfg.init_from)
+    if cfg.preset != BASE_PRESET or cfg.recipe != "default":
+        print(f"--init_from base: not used, the base model is a '{BASE_PRESET}' network for the default recipe "
+              f"(this run: --preset {cfg.preset} --recipe {cfg.recipe}); training from scratch")
+        return None
+    if not BASE_MODEL.exists():
+        raise CaptchaError(f"{BASE_MODEL}: the base model is missing from this checkout; rebuild it (see "
+                           f"{BASE_MODEL.parent / 'README.md'}) or pass --init_from none")
+    return BASE_MODEL
+
+
+def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation):
+    """Streaming batches of the three splits. Only the training batches are shuffled and augmented:
+    validation and test read the plain pipeline's pixels, the same ones test.py reads."""
+    def batches(samples, training):
+        return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
+                                       cfg.workers, augmentation if training else "none")
+
+    return batches(train_set, True), batches(val_set, False), batches(test_set, False)
+
+
+def plan_epochs(epochs, min_steps, steps_per_epoch):
+    """--epochs when given; else DEFAULT_EPOCHS, or more when that makes fewer than `min_steps`
+    optimizer steps: a few hundred images need many passes before CTC leaves its plateau."""
+    return epochs or max(DEFAULT_EPOCHS, math.ceil(min_steps / steps_per_epoch))
+
+
+def early_stopping(recipe, epochs, patience):
+    """Stops on the recipe's monitor. A one-cycle run is not stopped in its first half: the warm-up
+    and the CTC plateau (the network emitting only blanks) come first, and the low-rate end of the
+    schedule is where it sharpens."""
+    return keras.callbacks.EarlyStopping(
+        monitor=recipe.monitor, mode="min", patience=recipe.stop_patience or patience,
+        restore_best_weights=recipe.restore_best, start_from_epoch=epochs // 2 if recipe.schedule == "onecycle" else 0,
+        verbose=1)
+
+
+def check_time_steps(steps, max_len):
     """CTC needs at least one output step per character (and one more between each repeated pair)."""
-    steps = model.time_steps(config)
     if steps < max_len:
         raise CaptchaError(f"the model emits {steps} time steps but labels have up to {max_len} characters; "
                            f"use a wider --width or shorter labels")
@@ -154,21 +203,23 @@ def check_time_steps(config, max_len):
 
 
 def evaluate(keras_model, batches, charset, labels, beam_width=0):
-    """Exact match (case-sensitive and not) and CER of `keras_model` on every batch of `batches`."""
-    predictions = []
+    """Exact match (case-sensitive and not), CER and CTC loss of `keras_model` on every batch of
+    `batches`, from one pass of predictions."""
+    predictions, loss_sum = [], 0.0
+    ctc = model.CTCLoss(charset.blank_index)
     for i in range(len(batches)):
-        images, _ = batches[i]
-        predictions += model.decode(keras_model.predict_on_batch(images), charset, beam_width)
-    return {
-        "exact_match": float(np.mean([p == t for p, t in zip(predictions, labels)])),
-        "exact_match_ignore_case": float(np.mean([p.lower() == t.lower() for p, t in zip(predictions, labels)])),
-        "cer": model.character_error_rate(predictions, labels),
-        "count": len(labels),
-    }, predictions
+        images, encoded = batches[i]
+        probs = keras_model.predict_on_batch(images)[: len(images)]  # MirroredStrategy may pad a batch for its replicas
+        loss_sum += float(keras.ops.convert_to_numpy(ctc(encoded, probs))) * len(images)
+        predictions += model.decode(probs, charset, beam_width)
+    return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """Adds val_exact_match and val_cer to the epoch logs, for the callbacks after it."""
+    """Adds val_loss, val_exact_match and val_cer to the epoch logs, for the callbacks after it.
+
+    One prediction pass over the validation split gives all three (fit's own validation_data would
+    predict it a second time, for the loss alone)."""
 
     def __init__(self, val_batches, charset, val_labels):
         super().__init__()
@@ -176,23 +227,25 @@ class ValidationMetrics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         scores, _ = evaluate(self.model, self.val_batches, self.charset, self.val_labels)
+        logs["val_loss"] = scores["loss"]
         logs["val_exact_match"] = scores["exact_match"]
         logs["val_cer"] = scores["cer"]
-        print(f" - val_exact_match: {scores['exact_match']:.4f} - val_cer: {scores['cer']:.4f}")
+        print(f" - val_loss: {scores['loss']:.4f} - val_exact_match: {scores['exact_match']:.4f} - "
+              f"val_cer: {scores['cer']:.4f}")
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Saves the model with the lowest val_cer, atomically and with its metadata
-    (keras.callbacks.ModelCheckpoint can do neither)."""
+    """Saves the model with the lowest `monitor` (val_cer or val_loss), atomically and with its
+    metadata (keras.callbacks.ModelCheckpoint can do neither)."""
 
-    def __init__(self, path, meta, best=np.inf):
+    def __init__(self, path, meta, monitor="val_cer", best=np.inf):
         super().__init__()
-        self.path, self.meta, self.best = path, meta, best
+        self.path, self.meta, self.monitor, self.best = path, meta, monitor, best
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs["val_cer"] < self.best:
-            print(f"val_cer improved {self.best:.4f} -> {logs['val_cer']:.4f}; saving {self.path}")
-            self.best = logs["val_cer"]
+        if logs[self.monitor] < self.best:
+            print(f"{self.monitor} improved {self.best:.4f} -> {logs[self.monitor]:.4f}; saving {self.path}")
+            self.best = logs[self.monitor]
             model.save_model(self.model, self.path, self.meta)
 
 
@@ -210,27 +263,44 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         self.save()
 
     def save(self):
-        state = {"epochs_done": self.epochs_done, "best_val_cer": self.best_checkpoint.best,
+        state = {"epochs_done": self.epochs_done, "best_score": self.best_checkpoint.best,
                  "config": dataclasses.asdict(self.cfg)}
         model.save_model(self.model, self.path, {**self.meta, "resume": state})
 
 
-def copy_fitting_weights(source, target):
-    """Copy weights layer by layer, in order, wherever the shapes agree. Returns the names of the
-    target layers left as initialised (the output layer, when the charsets differ)."""
+def output_class_sources(source_charset, target_charset):
+    """For each output class of the target charset, the class of the source charset that reads the
+    same symbol (the blank maps to the blank), or None for a symbol the source never learned."""
+    sources = [None] * target_charset.num_classes
+    sources[target_charset.blank_index] = source_charset.blank_index
+    for symbol in target_charset.symbols:
+        if symbol in source_charset.symbols:
+            sources[target_charset.encode(symbol)[0]] = source_charset.encode(symbol)[0]
+    return sources
+
+
+def copy_weights_by_symbol(source, source_charset, target, target_charset):
+    """Copy every weight of `source` into the same-shaped `target`, layer by layer in order; the
+    output layer's rows are carried over by symbol, so a symbol keeps what it learned whatever its
+    position in the new charset. Returns the symbols that start fresh."""
     source_layers = [layer for layer in source.layers if layer.weights]
     target_layers = [layer for layer in target.layers if layer.weights]
     if len(source_layers) != len(target_layers):
         raise CaptchaError(f"--init_from model has {len(source_layers)} layers with weights, this one "
                            f"{len(target_layers)}: not the same architecture")
-    fresh = []
-    for src, dst in zip(source_layers, target_layers):
+    for src, dst in zip(source_layers[:-1], target_layers[:-1]):
         weights = src.get_weights()
-        if [w.shape for w in weights] == [tuple(w.shape) for w in dst.weights]:
-            dst.set_weights(weights)
-        else:
-            fresh.append(dst.name)
-    return fresh
+        if [w.shape for w in weights] != [tuple(w.shape) for w in dst.weights]:
+            raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
+                               f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
+        dst.set_weights(weights)
+    (src_kernel, src_bias), (kernel, bias) = source_layers[-1].get_weights(), target_layers[-1].get_weights()
+    sources = output_class_sources(source_charset, target_charset)
+    for target_class, source_class in enumerate(sources):
+        if source_class is not None:  # kernel (features, classes), bias (classes,)
+            kernel[:, target_class], bias[target_class] = src_kernel[:, source_class], src_bias[source_class]
+    target_layers[-1].set_weights([kernel, bias])
+    return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
 
 
 def set_cnn_trainable(crnn, trainable):
@@ -268,30 +338,42 @@ def train(cfg):
     if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
     charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
-    if cfg.preset == "auto":
-        cfg = dataclasses.replace(cfg, preset="seed" if model.gpu_names() else "fast")
-        print(f"--preset auto: {cfg.preset} ({'a GPU was found' if cfg.preset == 'seed' else 'no GPU: the CPU-sized model'})")
+    if cfg.preset == "auto":  # on a GPU too: the network whose results on real captchas were measured
+        cfg = dataclasses.replace(cfg, preset="fast")
     if cfg.preset not in model.PRESETS:
         raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
     config = model.PRESETS[cfg.preset]
-    if cfg.init_from:
-        source_model, source_meta = model.load_model(cfg.init_from)
-        if source_meta.get("model_config"):  # fine-tuning keeps the architecture it starts from
-            config = model.ModelConfig.from_dict(source_meta["model_config"])
+    init_from = resolve_init_from(cfg)
+    if init_from:  # fine-tuning keeps the architecture it starts from, read from the file itself
+        source_model, source_meta = model.load_model(init_from)
+        config = model.ModelConfig.from_dict(source_meta["model_config"]) if source_meta.get("model_config") else None
     if cfg.recipe not in model.RECIPES:
         raise CaptchaError(f"unknown --recipe {cfg.recipe!r}; choose from {sorted(model.RECIPES)}")
     recipe = model.RECIPES[cfg.recipe]
     recipe = dataclasses.replace(recipe, batch_size=cfg.batch_size or recipe.batch_size,
-                                 learning_rate=cfg.learning_rate or recipe.learning_rate)
-    check_time_steps(config, max_len)
-    options = PreprocessOptions(config.height, config.width, cfg.auto_crop, cfg.force_invert, cfg.strong)
+                                 learning_rate=cfg.learning_rate or recipe.learning_rate,
+                                 augment=recipe.augment if cfg.augment == "recipe" else cfg.augment)
+    if recipe.augment not in augment.CHOICES:
+        raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from recipe, {', '.join(augment.CHOICES)}")
+    if init_from:  # and the pixels it learned from: its input size, resize arithmetic and CLAHE settings
+        _, height, width, _ = source_model.input_shape
+        options = dataclasses.replace(PreprocessOptions.from_dict(source_meta["preprocess"]), height=height,
+                                      width=width, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
+                                      strong=cfg.strong)
+        steps = source_model.output_shape[1]
+    else:
+        options = PreprocessOptions(config.height, config.width, cfg.auto_crop, cfg.force_invert, cfg.strong,
+                                    resize=recipe.resize)
+        steps = model.time_steps(config)
+    check_time_steps(steps, max_len)
     meta = model.make_meta(charset, max_len, options, config)
 
-    def batches(samples, shuffle):
-        return preprocess.make_batches(samples, charset, max_len, options, recipe.batch_size, shuffle,
-                                       cfg.seed, cfg.workers)
-
-    train_batches, val_batches, test_batches = batches(train_set, True), batches(val_set, False), batches(test_set, False)
+    train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
+                                                                  options, recipe.batch_size, recipe.augment)
+    epochs = plan_epochs(cfg.epochs, cfg.min_steps, len(train_batches))
+    print(f"{epochs} epochs of {len(train_batches)} steps = {epochs * len(train_batches)} optimizer steps"
+          + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} epochs)")
+          + f"; augmentation: {recipe.augment}")
 
     keras.utils.set_random_seed(cfg.seed)
     gpus = model.gpu_names()
@@ -304,45 +386,47 @@ def train(cfg):
     in_scope = strategy.scope if strategy is not None else contextlib.nullcontext
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    epochs_done, best_val_cer = 0, np.inf
+    epochs_done, best_score = 0, np.inf
     if cfg.resume:
         with in_scope():
             crnn, saved = model.load_model(out / RESUME_NAME, compile=True)
-        epochs_done, best_val_cer = saved["resume"]["epochs_done"], saved["resume"]["best_val_cer"]
+        epochs_done, best_score = saved["resume"]["epochs_done"], saved["resume"]["best_score"]
+        train_batches.epoch = epochs_done  # the augmentation of the next epoch, as in an uninterrupted run
         keep_log_rows_before(out / LOG_NAME, epochs_done)
     else:
         with in_scope():
-            crnn = model.build_model(config, charset.num_classes)
-        if cfg.init_from:
-            fresh = copy_fitting_weights(source_model, crnn)
-            print(f"starting from {cfg.init_from}" + (f"; new, untrained: {', '.join(fresh)} (its charset differs)"
-                                                      if fresh else " (all weights)"))
-    frozen_until = cfg.freeze_cnn_epochs if cfg.init_from else 0
+            crnn = (model.with_output_classes(source_model, charset.num_classes) if init_from
+                    else model.build_model(config, charset.num_classes))
+        if init_from:
+            fresh = copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
+            print(f"starting from {init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
+                                                      if fresh else " (every symbol's output row carried over)"))
+    frozen_until = cfg.freeze_cnn_epochs if init_from else 0
 
     def compile_for(first_epoch, last_epoch):
         with in_scope():
             model.compile_model(crnn, charset, recipe, total_steps=(last_epoch - first_epoch) * len(train_batches))
 
     if not cfg.resume:
-        compile_for(0, frozen_until or cfg.epochs)
-    schedule = "one-cycle peak" if recipe.schedule == "onecycle" else "halved on plateau from"
-    architecture = f"as {cfg.init_from}" if cfg.init_from else f"preset {cfg.preset}"
-    print(f"model: {architecture}, {crnn.count_params():,} parameters, {model.time_steps(config)} time steps; "
+        compile_for(0, frozen_until or epochs)
+    schedule = {"onecycle": "one-cycle peak", "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
+    architecture = f"as {init_from}" if init_from else f"preset {cfg.preset}, from scratch"
+    print(f"model: {architecture}, {crnn.count_params():,} parameters, {steps} time steps; "
           f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}")
 
     csv_log = keras.callbacks.CSVLogger(str(out / LOG_NAME), append=cfg.resume)
-    best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, best_val_cer)
+    best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, recipe.monitor, best_score)
     resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
     callbacks = [
         ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # first: the rest read its numbers
         best_checkpoint,
-        keras.callbacks.EarlyStopping(monitor="val_cer", mode="min", patience=cfg.patience, verbose=1),
+        early_stopping(recipe, epochs, cfg.patience),
         csv_log,
         resume_checkpoint,  # last: it records what the others decided
     ]
     if recipe.schedule == "plateau":  # a one-cycle schedule sets the rate itself
-        callbacks.insert(3, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3,
-                                                              min_lr=1e-5, verbose=1))
+        callbacks.insert(3, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                              patience=recipe.plateau_patience, min_lr=1e-5, verbose=1))
     started = time.time()
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
     try:
@@ -351,14 +435,14 @@ def train(cfg):
             set_cnn_trainable(crnn, False)
             compile_for(first_epoch, frozen_until)
             print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
-            histories.append(crnn.fit(train_batches, validation_data=val_batches, epochs=frozen_until,
+            histories.append(crnn.fit(train_batches, epochs=frozen_until,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
             first_epoch += len(histories[-1].history.get("loss", []))
             set_cnn_trainable(crnn, True)
-            compile_for(first_epoch, cfg.epochs)
+            compile_for(first_epoch, epochs)
             csv_log.append = True  # phase 2 adds to phase 1's rows
         if first_epoch >= frozen_until:  # phase 1 (if any) was not stopped early
-            histories.append(crnn.fit(train_batches, validation_data=val_batches, epochs=cfg.epochs,
+            histories.append(crnn.fit(train_batches, epochs=epochs,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
     except KeyboardInterrupt:
         resume_checkpoint.save()  # this epoch's progress too; the epoch itself runs again on resume

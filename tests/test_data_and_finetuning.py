@@ -50,7 +50,7 @@ def test_fine_tuning_with_the_same_charset_and_frozen_convolutions(trained_run, 
                        "--epochs", "1", "--batch_size", "8", "--workers", "1", "--charset", "digits",
                        "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"starting from {source} (all weights)" in printed and "convolutions frozen" in printed
+    assert f"starting from {source} (every symbol's output row carried over)" in printed and "convolutions frozen" in printed
     before, _ = model.load_model(source)
     after, _ = model.load_model(out / train.FINAL_NAME)
     assert all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(after)))  # frozen
@@ -58,14 +58,14 @@ def test_fine_tuning_with_the_same_charset_and_frozen_convolutions(trained_run, 
     assert not np.array_equal(lstm(before), lstm(after))  # but the rest learned
 
 
-def test_fine_tuning_to_another_charset_replaces_only_the_output_layer(trained_run, tmp_path, capsys):
+def test_fine_tuning_to_another_charset_keeps_the_shared_symbols(trained_run, tmp_path, capsys):
     data = tmp_path / "hex"
     preprocess.generate_synthetic(data, 30, seed=4, symbols="0123456789abcdef", length=4, workers=1, progress=False)
     out = tmp_path / "tuned"
     assert train.main(["--data_dir", str(data), "--init_from", str(trained_run / train.BEST_NAME), "--epochs", "1",
                        "--charset", "0123456789abcdef", "--batch_size", "8", "--workers", "1",
                        "--out", str(out)]) == 0
-    assert "new, untrained: char_probs (its charset differs)" in capsys.readouterr().out
+    assert "output rows for new symbols start untrained: abcdef" in capsys.readouterr().out
     tuned, meta = model.load_model(out / train.FINAL_NAME)
     assert tuned.output_shape == (None, 50, 17) and meta["charset"]["symbols"] == "0123456789abcdef"
 
@@ -78,7 +78,8 @@ def test_bench_compares_recipes_and_writes_curves_and_models(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "bench.json").read_text())["results"]
     assert [r["name"] for r in results] == ["plain", "tuned"]
     for r in results:
-        assert len(r["curve"]) == 2 and r["minutes"] == pytest.approx(0.1, abs=0.02)
+        # a busy machine may fit fewer slices, so only what holds under any load: the budget was spent, and scored
+        assert len(r["curve"]) >= 1 and r["minutes"] >= 0.1 and r["curve"][-1]["minutes"] == r["minutes"]
         assert r["train_images_per_second"] > 0 and {"exact_match", "exact_match_ignore_case", "cer"} <= set(r)
         model.load_model(tmp_path / "out" / f"{r['name']}.keras")
     with Image.open(tmp_path / "out" / "bench_curves.png") as picture:

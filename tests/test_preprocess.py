@@ -202,3 +202,13 @@ def test_scan_command_summarises_and_lists_skipped_files(tmp_path, capsys):
     assert out == ["1 usable images; skipped 1 empty file", f"skipped (empty file): {tmp_path / 'zero5.png'}"]
     assert preprocess.main(["scan", str(tmp_path / "missing")]) == 2
     assert "missing: folder does not exist" in capsys.readouterr().err
+
+
+def test_split_keeps_every_image_of_a_label_on_one_side():
+    samples = [(f"{i % 40}_{i // 40}.png", str(i % 40)) for i in range(120)]  # 40 labels, 3 images each
+    parts = preprocess.split_samples(samples, 0.1, 0.1, seed=1)
+    labels = [{label for _, label in part} for part in parts]
+    assert not labels[0] & labels[2] and not labels[1] & labels[2] and not labels[0] & labels[1]
+    assert [len(part) for part in parts] == [96, 12, 12] and sum(parts, []) != [] and set(sum(parts, [])) == set(samples)
+    with pytest.raises(CaptchaError, match="at least 3 different labels"):
+        preprocess.split_samples([("a.png", "a"), ("a_1.png", "a"), ("b.png", "b")])

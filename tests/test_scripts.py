@@ -42,7 +42,7 @@ def test_training_writes_both_checkpoints_log_and_test_metrics(trained_run):
     best, meta = model.load_model(trained_run / train.BEST_NAME)
     final, _ = model.load_model(trained_run / train.FINAL_NAME)
     assert meta["charset"] == {"symbols": "0123456789", "blank_index": 0}
-    assert meta["max_len"] == 4 and meta["preprocess"]["auto_crop"] is True
+    assert meta["max_len"] == 4 and meta["preprocess"]["auto_crop"] is False
     assert best.output_shape == final.output_shape == (None, 50, 11)
     with open(trained_run / "train_log.csv") as f:
         log = list(csv.DictReader(f))
@@ -113,7 +113,7 @@ def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
 
 def test_time_steps_are_checked_against_label_length():
     with pytest.raises(preprocess.CaptchaError, match="time steps"):
-        train.check_time_steps(model.ModelConfig(width=16), 5)
+        train.check_time_steps(model.time_steps(model.ModelConfig(width=16)), 5)
 
 
 def test_built_in_data_is_drawn_once_and_cached(tmp_path, capsys):
@@ -176,7 +176,24 @@ def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digit
         rows = list(csv.DictReader(f))
     assert [row["prediction"] for row in rows] == texts and [row["label"] for row in rows] == truths
     stages = sorted(p.name for p in (tmp_path / "debug").glob(f"{readable[0].stem}_*.png"))
-    assert stages == [f"{readable[0].stem}_{s}.png" for s in ("0_gray", "1_crop", "3_resize_pad", "4_clahe")]
+    assert stages == [f"{readable[0].stem}_{s}.png" for s in ("0_gray", "3_resize_pad", "4_clahe")]  # no crop: as trained
+
+
+def test_only_file_names_that_are_labels_of_the_model_are_scored(trained_run, digits_folder, tmp_path, capsys):
+    """The model reads digits, up to 4: IMG_1234.png and 12345.png are read but not scored against 'IMG' or '12345'."""
+    folder = tmp_path / "named"
+    folder.mkdir()
+    image = preprocess.list_images(digits_folder)[0]
+    for name in ["IMG_1234.png", "12345.png", f"{preprocess.label_from_filename(image)}.png"]:
+        (folder / name).write_bytes(image.read_bytes())
+    model_path = trained_run / train.BEST_NAME
+    assert read_captchas.main(["--model", str(model_path), "--folder", str(folder)]) == 0
+    out = capsys.readouterr().out
+    text = expected_texts(model_path, [image])[0]
+    exact = float(text == preprocess.label_from_filename(image))
+    assert f"1 labelled image: exact match {exact:.4f} ({exact:.4f} ignoring case)" in out
+    assert ("not scored, file name not a label of this model: 1 longer than the model's 4 characters, "
+            "1 symbols outside the model's charset (GIM)") in out
 
 
 def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
@@ -231,7 +248,7 @@ def test_export_rebuilds_a_lambda_model_with_identical_outputs(tmp_path, collaps
 def test_exported_reference_checkpoint_decodes_with_the_blank_last(tmp_path, capsys):
     src, dst = tmp_path / "ref.keras", tmp_path / "ref_safe.keras"
     original = legacy_checkpoint(src)
-    dense = original.get_layer("char_probs")
+    dense = original.get_layer("softmax")
     kernel, bias = dense.get_weights()
     bias[:] = -10.0
     bias[0] = 10.0  # every step says class 0: "A" when the blank is last, nothing if it were first
@@ -275,7 +292,10 @@ def test_export_user_errors(tmp_path, trained_run, capsys):
     safe_copy = tmp_path / "copy.keras"
     assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(safe_copy)]) == 0
     assert "already loads in safe mode" in capsys.readouterr().out
-    assert safe_copy.read_bytes() == (trained_run / train.BEST_NAME).read_bytes()
+    copied, meta = model.load_model(safe_copy)
+    original, original_meta = model.load_model(trained_run / train.BEST_NAME)
+    assert meta == original_meta and all(np.array_equal(a, b) for a, b in zip(copied.get_weights(), original.get_weights()))
+    assert safe_copy.stat().st_size < (trained_run / train.BEST_NAME).stat().st_size  # without the optimizer state
 
 
 # ----------------------------------------------------------------------------- preprocess.py synth

@@ -1,0 +1,41 @@
+"""Scoring readings against labels: one definition for train.py, test.py, bench.py and plots.py.
+
+exact match: the share of images read exactly right (and ignoring letter case, for sites that do);
+CER: total edit distance over total label characters, the reference's definition.
+"""
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+
+
+def character_error_rate(predictions, truths):
+    """Total edit distance over total characters of the truths."""
+    edits = sum(Levenshtein.distance(p, t) for p, t in zip(predictions, truths))
+    return edits / max(1, sum(len(t) for t in truths))
+
+
+def score(predictions, labels):
+    """{exact_match, exact_match_ignore_case, cer, count} of predictions against their labels."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if not labels:
+        return {"exact_match": 0.0, "exact_match_ignore_case": 0.0, "cer": 0.0, "count": 0}
+    return {
+        "exact_match": float(np.mean([p == t for p, t in zip(predictions, labels)])),
+        "exact_match_ignore_case": float(np.mean([p.lower() == t.lower() for p, t in zip(predictions, labels)])),
+        "cer": character_error_rate(predictions, labels),
+        "count": len(labels),
+    }
+
+
+def unscorable_reason(label, charset, max_len):
+    """Why a file-name label cannot be a label of this model (None if it can): such names
+    (`IMG_1234.png`) are not scored."""
+    if not label:
+        return "no label in the file name"
+    unknown = charset.unknown_symbols(label)
+    if unknown:
+        return f"symbols outside the model's charset ({unknown})"
+    if max_len and len(label) > max_len:
+        return f"longer than the model's {max_len} characters"
+    return None

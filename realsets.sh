@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Measures what a user gets on real captcha folders: `python train.py --data_dir FOLDER` with no other
+# flag (plus --out), one folder after another, each timed; then the scores in a table.
+#
+#   bash realsets.sh                      # the three sets in ../shared/realsets
+#   EXTRA="--limit 500" OUT=runs/real500 bash realsets.sh tjsp5   # the 500-image case, one set
+#
+# Resumable in slices: a folder whose run has written metrics.json is skipped, so after a stop the
+# same command carries on with the next folder.
+set -u
+cd "$(dirname "$0")"
+root=${REALSETS:-../shared/realsets}
+out=${OUT:-runs/real}
+python=${PYTHON:-.venv/bin/python}
+mkdir -p "$out"
+for set in ${@:-tjsp5 henan4 captchads4}; do
+  [ -f "$out/$set/metrics.json" ] && continue
+  rm -rf "$out/$set"
+  start=$(date +%s)
+  $python train.py --data_dir "$root/$set" --out "$out/$set" ${EXTRA:-} > "$out/$set.log" 2>&1
+  echo "$(( $(date +%s) - start ))" > "$out/$set/wall_seconds"
+done
+$python - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+print("| folder | test images | exact match | ignoring case | CER | epochs | wall minutes |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for run in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "metrics.json").exists()):
+    m = json.loads((run / "metrics.json").read_text())
+    t = m["test"]
+    wall = (run / "wall_seconds").read_text().strip() if (run / "wall_seconds").exists() else "?"
+    minutes = f"{int(wall) / 60:.1f}" if wall.isdigit() else "?"
+    print(f"| {run.name} | {t['count']} | {t['exact_match']:.4f} | {t['exact_match_ignore_case']:.4f} | {t['cer']:.4f} "
+          f"| {m['epochs_run']} | {minutes} |")
+PY

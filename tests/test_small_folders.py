@@ -1,0 +1,189 @@
+"""Small real folders: on-the-fly augmentation, runs sized by optimizer steps, output rows carried by symbol."""
+
+import keras
+import numpy as np
+import pytest
+
+import augment
+import metrics
+import model
+import preprocess
+import train
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+DIGITS = "0123456789"
+
+
+@pytest.fixture(scope="module")
+def samples(digits_folder):
+    return preprocess.scan_folder(digits_folder, Charset(DIGITS), 4).samples[:8]
+
+
+def batch_pixels(batches, index=0):
+    return batches[index][0]
+
+
+def test_augmentation_changes_training_pixels_every_epoch_and_repeats_with_the_seed(samples):
+    def training_batches():
+        return preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=8, shuffle=False, seed=3,
+                                       workers=1, augment="light")
+
+    batches = training_batches()
+    epoch0 = batch_pixels(batches)
+    assert np.array_equal(epoch0, batch_pixels(batches))  # the same epoch reads the same pixels again
+    batches.on_epoch_end()
+    epoch1 = batch_pixels(batches)
+    plain = np.stack([preprocess.load_image(path) for path, _ in samples])
+    assert epoch0.shape == epoch1.shape == plain.shape and epoch0.dtype == np.float32
+    for image in range(len(samples)):  # every image is altered, and altered differently each epoch
+        assert not np.array_equal(epoch0[image], plain[image])
+        assert not np.array_equal(epoch0[image], epoch1[image])
+    assert np.array_equal(batch_pixels(training_batches()), epoch0)  # a rerun with the seed repeats it
+    assert np.array_equal(batches[0][1], training_batches()[0][1])  # labels are untouched
+
+
+def test_validation_and_test_batches_are_never_augmented(samples):
+    cfg = train.TrainConfig(workers=1)
+    train_batches, val_batches, test_batches = train.make_split_batches(
+        cfg, samples[:4], samples[4:6], samples[6:], Charset(DIGITS), 4, PreprocessOptions(), 2, "strong")
+    assert train_batches.augment == "strong" and train_batches.shuffle
+    for batches, part in [(val_batches, samples[4:6]), (test_batches, samples[6:])]:
+        assert batches.augment == "none" and not batches.shuffle
+        for epoch in range(2):  # the same pixels as the plain pipeline, epoch after epoch
+            assert np.array_equal(batch_pixels(batches), np.stack([preprocess.load_image(p) for p, _ in part]))
+            batches.on_epoch_end()
+
+
+@pytest.mark.parametrize("level", ["light", "strong"])
+def test_augmentation_keeps_the_canvas_and_is_mild(level):
+    gray = np.full((50, 200), 230, np.uint8)
+    gray[18:32, 40:160] = 20  # a dark bar standing for the text
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        out = augment.augment(gray, level, rng)
+        assert out.shape == gray.shape and out.dtype == np.uint8
+        # the text stays inside the canvas: nothing dark within 5 pixels of the left and right edges
+        assert (out[:, :5] > 120).all() and (out[:, -5:] > 120).all()
+        assert (out < 120).sum() > 0.5 * (gray < 120).sum()  # and is still there
+    assert augment.augment(gray, "none", rng) is gray
+
+
+def test_unknown_augmentation_is_refused(samples, digits_folder, capsys):
+    with pytest.raises(CaptchaError, match="unknown augmentation 'heavy'"):
+        preprocess.make_batches(samples, Charset(DIGITS), 4, augment="heavy")
+    assert train.main(["--data_dir", str(digits_folder), "--augment", "heavy", "--preset", "tiny"]) == 2
+    assert "unknown --augment 'heavy'" in capsys.readouterr().err
+
+
+def test_small_folders_get_enough_optimizer_steps():
+    assert train.plan_epochs(0, 3000, 30) == 100  # 936 images at batch 32: 100 epochs, 3,000 steps
+    assert train.plan_epochs(0, 3000, 625) == train.DEFAULT_EPOCHS  # 20,000 images: the usual 30 epochs
+    assert train.plan_epochs(7, 3000, 30) == 7  # --epochs given: exactly that
+
+
+def test_early_stopping_waits_for_the_second_half_of_a_one_cycle_run():
+    stopper = train.early_stopping(model.RECIPES["default"], 100, 8)
+    assert stopper.start_from_epoch == 50 and stopper.patience == 8 and stopper.monitor == "val_cer"
+    reference = train.early_stopping(model.RECIPES["reference"], 30, 8)
+    assert reference.start_from_epoch == 0 and reference.patience == 5 and reference.monitor == "val_loss"
+    assert reference.restore_best_weights
+
+
+def test_a_run_with_epochs_0_plans_its_epochs_from_min_steps(digits_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--charset", DIGITS, "--batch_size", "16",
+                       "--epochs", "0", "--min_steps", "1", "--workers", "1", "--out", str(out)]) == 0
+    assert f"{train.DEFAULT_EPOCHS} epochs of 2 steps = {2 * train.DEFAULT_EPOCHS} optimizer steps" in capsys.readouterr().out
+
+
+def output_rows(crnn):
+    kernel, bias = crnn.get_layer("softmax").get_weights()
+    return kernel, bias
+
+
+@pytest.mark.parametrize("source_blank", ["first", "last"])
+def test_fine_tuning_carries_output_rows_over_by_symbol(source_blank):
+    """Same size, other symbols: 'dcbx' keeps what 'abcd' learned for d, c, b and the blank; x starts fresh."""
+    config = model.PRESETS["tiny"]
+    source_charset = preprocess.charset_from_arg("abcd", source_blank)
+    target_charset = Charset("dcbx")
+    keras.utils.set_random_seed(1)
+    source = model.build_model(config, source_charset.num_classes)
+    target = model.build_model(config, target_charset.num_classes)
+    fresh_kernel, fresh_bias = (w.copy() for w in output_rows(target))
+    source_kernel, source_bias = output_rows(source)
+    source_bias[:] = np.arange(len(source_bias))  # tell the rows apart
+    source.get_layer("softmax").set_weights([source_kernel, source_bias])
+
+    assert train.copy_weights_by_symbol(source, source_charset, target, target_charset) == "x"
+    kernel, bias = output_rows(target)
+    for symbol in "dcb":
+        new, old = target_charset.encode(symbol)[0], source_charset.encode(symbol)[0]
+        assert bias[new] == old and np.array_equal(kernel[:, new], source_kernel[:, old])
+    assert bias[target_charset.blank_index] == source_charset.blank_index
+    x = target_charset.encode("x")[0]
+    assert bias[x] == fresh_bias[x] and np.array_equal(kernel[:, x], fresh_kernel[:, x])
+    lstm = lambda m: m.get_layer("bilstm_1").get_weights()[0]  # noqa: E731
+    assert np.array_equal(lstm(source), lstm(target))  # every other layer is copied whole
+
+
+def test_fine_tuning_refuses_another_architecture():
+    source = model.build_model(model.PRESETS["tiny"], 11)
+    target = model.build_model(model.PRESETS["kerasio"], 11)
+    with pytest.raises(CaptchaError, match="not the same architecture|weights of shapes"):
+        train.copy_weights_by_symbol(source, Charset(DIGITS), target, Charset(DIGITS))
+
+
+# ----------------------------------------------------------------------------- the shipped base model
+
+
+def test_the_base_model_is_shipped_small_and_safe():
+    assert train.BASE_MODEL.exists() and train.BASE_MODEL.stat().st_size <= 10 * 2**20
+    base, meta = model.load_model(train.BASE_MODEL)  # safe mode: nothing in the file runs
+    assert meta["charset"]["symbols"] == preprocess.DEFAULT_SYMBOLS and meta["max_len"] == 8
+    assert model.ModelConfig.from_dict(meta["model_config"]) == model.PRESETS[train.BASE_PRESET]
+    assert base.count_params() == model.build_model(model.PRESETS[train.BASE_PRESET], 63).count_params()
+
+
+def test_the_base_model_reads_captchas_it_never_saw(tmp_path):
+    """Zero-shot, on captchas drawn with a seed the pre-training data did not use: it has learned the symbols."""
+    folder = tmp_path / "unseen"
+    preprocess.generate_synthetic(folder, 24, seed=90210, length=5, style="gregwar", workers=1, progress=False)
+    base, meta = model.load_model(train.BASE_MODEL)
+    paths = preprocess.list_images(folder)
+    images = np.stack([preprocess.load_image(p, PreprocessOptions.from_dict(meta["preprocess"])) for p in paths])
+    predictions = model.decode(base.predict_on_batch(images), Charset.from_dict(meta["charset"]))
+    labels = [preprocess.label_from_filename(p) for p in paths]
+    assert metrics.character_error_rate(predictions, labels) < 0.5  # an untrained network scores about 1.0
+
+
+def test_runs_start_from_the_base_model_only_where_it_fits(capsys):
+    assert train.resolve_init_from(train.TrainConfig(preset="fast")) == train.BASE_MODEL
+    assert train.resolve_init_from(train.TrainConfig(preset="fast", init_from="none")) is None
+    assert train.resolve_init_from(train.TrainConfig(preset="fast", init_from="x.keras")).name == "x.keras"
+    assert train.resolve_init_from(train.TrainConfig(preset="seed")) is None
+    assert train.resolve_init_from(train.TrainConfig(preset="fast", recipe="reference")) is None
+    assert "not used, the base model is a 'fast' network" in capsys.readouterr().out
+
+
+def test_the_default_run_fine_tunes_the_base_model(digits_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data_dir", str(digits_folder), "--epochs", "1", "--batch_size", "16", "--workers", "1",
+                       "--out", str(out)]) == 0
+    assert f"starting from {train.BASE_MODEL} (every symbol's output row carried over)" in capsys.readouterr().out
+    tuned, meta = model.load_model(out / train.FINAL_NAME)
+    assert meta["charset"]["symbols"] == DIGITS and tuned.output_shape == (None, 25, 11)
+
+
+def test_augmentation_picture_shows_the_loaders_own_output(tmp_path):
+    import plots
+
+    image = preprocess.generate_synthetic(tmp_path / "img", 1, seed=2, workers=1, progress=False)[0]
+    plain = tmp_path / "plain.png"
+    assert plots.main(["--augmentation", str(plain), str(image)]) == 0
+    from PIL import Image
+
+    with Image.open(plain) as picture:
+        pixels = np.asarray(picture.convert("L"), dtype=np.float32)
+    columns = np.array_split(pixels, 7, axis=1)  # as read, 3 x light, 3 x strong
+    assert all(np.abs(columns[0] - column).mean() > 1.0 for column in columns[1:])  # every epoch's panel differs
