@@ -181,7 +181,12 @@ def main(argv=None):
             raise preprocess.CaptchaError(f"{metrics_path}: not found; is {run} a finished train.py run?")
         cfg = train.TrainConfig(**json.loads(metrics_path.read_text())["config"])
         crnn, meta = model.load_model(run / train.BEST_NAME)
-        charset, max_len, _, _, test_set = train.load_dataset(cfg, Path(json.loads(metrics_path.read_text())["data_dir"]))
+        folder = Path(json.loads(metrics_path.read_text())["data_dir"])
+        _, _, train_set, val_set, test_set = train.load_dataset(cfg, folder)
+        # the model's own charset and label length, on the run's own test split (or a clear refusal)
+        charset, max_len = preprocess.Charset.from_dict(meta["charset"]), meta["max_len"]
+        train.check_same_run(meta, {**meta, "run": train.run_identity(folder, train_set, val_set, test_set)}, folder,
+                             run / train.BEST_NAME)
         options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
         batches = preprocess.make_batches(test_set, charset, max_len, options, cfg.batch_size or 64, workers=cfg.workers)
         _, predictions = train.evaluate(crnn, batches, charset, [label for _, label in test_set])

@@ -14,8 +14,10 @@ crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash, a 
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -262,9 +264,10 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         self.epochs_done = epoch + 1
         self.save()
 
-    def save(self):
+    def save(self, finished=False):
+        """finished=True: training is over (all epochs, or stopped early); only scoring is left."""
         state = {"epochs_done": self.epochs_done, "best_score": self.best_checkpoint.best,
-                 "config": dataclasses.asdict(self.cfg)}
+                 "config": dataclasses.asdict(self.cfg), "finished": finished}
         model.save_model(self.model, self.path, {**self.meta, "resume": state})
 
 
@@ -320,6 +323,26 @@ def keep_log_rows_before(log_path, epoch):
     log_path.write_text("\n".join(kept) + "\n")
 
 
+def run_identity(folder, train_set, val_set, test_set):
+    """What makes a run's numbers mean what they say: which images are in which split (a hash of the three
+    lists of path, relative to the folder, and label). Stored in every model the run writes, checked
+    before a resume."""
+    split = json.dumps([sorted((os.path.relpath(path, folder), label) for path, label in part)
+                        for part in (train_set, val_set, test_set)]).encode()
+    return {"split_sha256": hashlib.sha256(split).hexdigest(),
+            "split_sizes": [len(train_set), len(val_set), len(test_set)]}
+
+
+def check_same_run(saved, meta, folder, path):
+    """A resume must train and score on the images, charset and label length the run started with."""
+    for key, what in [("charset", "charset"), ("max_len", "label length"), ("run", "split (which images train, "
+                                                                                     "validate and test)")]:
+        if saved.get(key) != meta[key]:
+            raise CaptchaError(f"{folder}: its {what} is not the one {path} was trained with (the folder changed "
+                               f"since the run started); resuming would remap classes or leak test images. "
+                               f"Restore the folder, or start a new run with another --out")
+
+
 def resume_config(cfg):
     """The interrupted run's own settings, read from its resume checkpoint in --out."""
     path = Path(cfg.out) / RESUME_NAME
@@ -366,7 +389,7 @@ def train(cfg):
                                     resize=recipe.resize)
         steps = model.time_steps(config)
     check_time_steps(steps, max_len)
-    meta = model.make_meta(charset, max_len, options, config)
+    meta = {**model.make_meta(charset, max_len, options, config), "run": run_identity(folder, train_set, val_set, test_set)}
 
     train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
                                                                   options, recipe.batch_size, recipe.augment)
@@ -390,6 +413,7 @@ def train(cfg):
     if cfg.resume:
         with in_scope():
             crnn, saved = model.load_model(out / RESUME_NAME, compile=True)
+        check_same_run(saved, meta, folder, out / RESUME_NAME)
         epochs_done, best_score = saved["resume"]["epochs_done"], saved["resume"]["best_score"]
         train_batches.epoch = epochs_done  # the augmentation of the next epoch, as in an uninterrupted run
         keep_log_rows_before(out / LOG_NAME, epochs_done)
@@ -429,9 +453,12 @@ def train(cfg):
                                                               patience=recipe.plateau_patience, min_lr=1e-5, verbose=1))
     started = time.time()
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
+    finished = cfg.resume and saved["resume"].get("finished", False)  # stopped while scoring: only that is left
+    histories, first_epoch = [], epochs_done
     try:
-        histories, first_epoch = [], epochs_done
-        if first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
+        if finished:
+            pass
+        elif first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
             set_cnn_trainable(crnn, False)
             compile_for(first_epoch, frozen_until)
             print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
@@ -441,7 +468,7 @@ def train(cfg):
             set_cnn_trainable(crnn, True)
             compile_for(first_epoch, epochs)
             csv_log.append = True  # phase 2 adds to phase 1's rows
-        if first_epoch >= frozen_until:  # phase 1 (if any) was not stopped early
+        if not finished and first_epoch >= frozen_until:  # phase 1 (if any) was not stopped early
             histories.append(crnn.fit(train_batches, epochs=epochs,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
     except KeyboardInterrupt:
@@ -449,12 +476,26 @@ def train(cfg):
         print(f"\ninterrupted after {resume_checkpoint.epochs_done} complete epochs; saved "
               f"{out / RESUME_NAME}. Continue with: python train.py --resume --out {out}")
         return None
-    train_seconds = time.time() - started
-    model.save_model(crnn, out / FINAL_NAME, meta)
-    (out / RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    train_seconds = max(time.time() - started, 1e-6)
     epochs_run = epochs_done + sum(len(h.history.get("loss", [])) for h in histories)
+    if not finished:
+        model.save_model(crnn, out / FINAL_NAME, meta)
+        resume_checkpoint.save(finished=True)  # from here a stop leaves only the scoring to do again
+    try:
+        metrics = score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run,
+                            epochs_done, train_seconds)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
+              f"python train.py --resume --out {out}")
+        return None
+    (out / RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    return metrics
 
-    # The test split chose nothing (val chose the checkpoint), so this is a clean score.
+
+def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run, epochs_done,
+              train_seconds):
+    """The best checkpoint on the test split, which chose nothing (validation chose the checkpoint), so
+    this is a clean score; metrics.json and the plots."""
     best, _ = model.load_model(out / BEST_NAME)
     test_labels = [label for _, label in test_set]
     scores, predictions = evaluate(best, test_batches, charset, test_labels)
@@ -472,8 +513,8 @@ def train(cfg):
     shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
     pictures = plots.write_run_plots(out, out / LOG_NAME, shown, test_labels, predictions)
     print(f"plots: {', '.join(str(p) for p in pictures)}")
-    print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f}, "
-          f"CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
+    print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f} "
+          f"({scores['exact_match_ignore_case']:.4f} ignoring case), CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
     return metrics
 
 

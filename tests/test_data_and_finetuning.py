@@ -101,3 +101,18 @@ def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
     _, meta = model.load_model(out / train.BEST_NAME)
     assert meta["max_len"] == max(map(len, labels)) == 6
     assert set(meta["charset"]["symbols"]) == set("".join(labels)) and meta["charset"]["blank_index"] == 0
+
+
+def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench.main(["--data_dir", str(digits_folder), "--runs", "kerasio=kerasio:kerasio@0.05,ours=tiny:default@0.05",
+                       "--eval_minutes", "0.05", "--slice_seconds", "2", "--out", str(out)]) == 0
+    samples = preprocess.scan_folder(digits_folder).samples
+    defaults = train.TrainConfig()
+    _, _, test = preprocess.split_samples(samples, defaults.val_fraction, defaults.test_fraction, defaults.seed)
+    assert f"/ {len(test)} test images of {digits_folder}" in capsys.readouterr().out  # train.py's own test split
+    results = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    assert set(results) == {"kerasio", "ours"} and results["kerasio"]["recipe"] == "kerasio"
+    kerasio, meta = model.load_model(out / "kerasio.keras")
+    assert kerasio.count_params() == model.build_model(model.PRESETS["kerasio"], 11).count_params()
+    assert meta["charset"]["symbols"] == preprocess.charset_of_labels([label for _, label in samples]).symbols

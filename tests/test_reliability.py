@@ -127,3 +127,55 @@ def test_bad_images_in_a_training_folder_are_skipped_and_counted(tmp_path, resum
                        f"1 symbols outside the charset, 1 truncated image"]
     assert f"skipped (truncated image): {folder / '1111.jpg'}" in result.stdout
     assert (tmp_path / "out" / train.BEST_NAME).exists()
+
+
+def test_resume_refuses_a_folder_that_changed(digits_folder, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in preprocess.list_images(digits_folder):
+        (data / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data), "--preset", "tiny", "--epochs", "2", "--batch_size", "8", "--workers", "1",
+            "--charset", "digits", "--out", str(out)]
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        self.epochs_done = epoch + 1
+        self.save()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.ResumeCheckpoint, "on_epoch_end", stop_after_first_epoch)
+        assert train.main(args) == 130
+    extra = preprocess.generate_synthetic(tmp_path / "more", 6, seed=99, symbols=DIGITS, length=4, workers=1,
+                                          progress=False)
+    added = [data / f"{preprocess.label_from_filename(path)}_9.png" for path in extra]
+    for path, copy in zip(extra, added):  # the folder grows: the same seed now splits it differently
+        copy.write_bytes(path.read_bytes())
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", str(out)]) == 2
+    assert "the folder changed since the run started" in capsys.readouterr().err
+    for copy in added:
+        copy.unlink()
+    assert train.main(["--resume", "--out", str(out)]) == 0  # the same folder again: it resumes
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+
+
+def test_a_stop_while_scoring_leaves_a_run_that_finishes_with_resume(digits_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        patch.setattr(train, "score_run", interrupted)
+        assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "2", "--batch_size", "8",
+                           "--workers", "1", "--charset", "digits", "--out", str(out)]) == 130
+    printed = capsys.readouterr().out
+    assert "interrupted while scoring" in printed and "Traceback" not in printed
+    assert not (out / "metrics.json").exists() and (out / train.FINAL_NAME).exists()
+    assert model.read_meta(out / train.RESUME_NAME)["resume"]["finished"] is True
+    assert train.main(["--resume", "--out", str(out)]) == 0  # no more training: only the scoring
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["test"]["count"] > 0
+    with open(out / train.LOG_NAME) as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1]
+    assert not (out / train.RESUME_NAME).exists()

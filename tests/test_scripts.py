@@ -88,6 +88,24 @@ def test_plots_command_redraws_a_finished_run(trained_run, tmp_path):
     assert plots.main([str(tmp_path / "nothing")]) == 2
 
 
+def test_plots_command_refuses_a_folder_that_changed(trained_run, digits_folder, tmp_path, capsys):
+    import shutil
+
+    import plots
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(digits_folder, data)
+    shutil.copytree(trained_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["data_dir"] = str(data)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert plots.main([str(run)]) == 0  # the same images: it redraws
+    removed = preprocess.list_images(data)[0]
+    removed.unlink()  # one image fewer: the split is another one
+    assert plots.main([str(run)]) == 2
+    assert "the folder changed since the run started" in capsys.readouterr().err
+
+
 def test_confusions_count_substitutions_only():
     import plots
 
