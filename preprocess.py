@@ -403,12 +403,14 @@ class CaptchaBatches:
 
     Built by `make_batches`, which mixes in keras.utils.PyDataset so Keras can prefetch batches on
     worker threads while the model trains. With `augment` ("light", "strong"; training only) each
-    image is altered by augment.augment with a generator drawn from (seed, epoch, sample index):
-    different every epoch, the same in every rerun, whichever worker thread loads it.
+    image is altered by augment.augment with a generator drawn from (seed, epoch, position in the
+    epoch): different every epoch, the same in every rerun, whichever worker thread loads it.
+    `repeats` > 1 passes over the samples that many times per epoch (each pass altered anew), so a
+    small folder's epoch is long enough that validation and checkpoints stay a small part of it.
     """
 
     def __init__(self, samples, charset, max_len, options=PreprocessOptions(), batch_size=64,
-                 shuffle=False, seed=0, augment="none", **pydataset_kwargs):
+                 shuffle=False, seed=0, augment="none", repeats=1, **pydataset_kwargs):
         super().__init__(**pydataset_kwargs)
         if augment not in augment_module.CHOICES:
             raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
@@ -421,22 +423,24 @@ class CaptchaBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.rng = np.random.default_rng(seed)
-        self.order = np.arange(len(self.paths))
+        self.order = np.tile(np.arange(len(self.paths)), repeats)
         if shuffle:
             self.rng.shuffle(self.order)
 
     def __len__(self):
-        return math.ceil(len(self.paths) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def __getitem__(self, index):
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([load_image(self.paths[i], self.options, self._augmentation(i)) for i in rows])
+        start = index * self.batch_size
+        rows = self.order[start : start + self.batch_size]
+        images = np.stack([load_image(self.paths[i], self.options, self._augmentation(start + k))
+                           for k, i in enumerate(rows)])
         return images, self.labels[rows]
 
-    def _augmentation(self, sample):
+    def _augmentation(self, position):
         if self.augment == "none":
             return None
-        rng = np.random.default_rng([self.seed, self.epoch, sample])
+        rng = np.random.default_rng([self.seed, self.epoch, position])
         return lambda gray: augment_module.augment(gray, self.augment, rng)
 
     def on_epoch_end(self):
@@ -446,11 +450,11 @@ class CaptchaBatches:
 
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2, augment="none"):
+                 seed=0, workers=2, augment="none", repeats=1):
     import keras  # here, not at the top: `preprocess.py synth` and its worker processes start without TensorFlow
 
     batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
-    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment,
+    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment, repeats,
                          workers=workers, use_multiprocessing=False)
 
 

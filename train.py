@@ -39,7 +39,8 @@ BEST_NAME = "crnn_ctc_best.keras"
 FINAL_NAME = "crnn_ctc_final.keras"
 RESUME_NAME = "crnn_ctc_resume.keras"  # after every epoch: weights, optimizer state, where training stands
 LOG_NAME = "train_log.csv"
-DEFAULT_EPOCHS = 30  # with --epochs 0; small folders get more (--min_steps)
+DEFAULT_EPOCHS = 30  # passes over the training images with --epochs 0; small folders get more (--min_steps)
+MIN_EPOCH_STEPS = 50  # with --epochs 0, a small folder's epoch passes over its images more than once
 BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
 BASE_PRESET = "fast"  # the network of the base model
 
@@ -168,20 +169,27 @@ def resolve_init_from(cfg):
     return BASE_MODEL
 
 
-def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation):
-    """Streaming batches of the three splits. Only the training batches are shuffled and augmented:
-    validation and test read the plain pipeline's pixels, the same ones test.py reads."""
+def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation,
+                       repeats=1):
+    """Streaming batches of the three splits. Only the training batches are shuffled, augmented and
+    repeated: validation and test read the plain pipeline's pixels, the same ones test.py reads."""
     def batches(samples, training):
         return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
-                                       cfg.workers, augmentation if training else "none")
+                                       cfg.workers, augmentation if training else "none", repeats if training else 1)
 
     return batches(train_set, True), batches(val_set, False), batches(test_set, False)
 
 
-def plan_epochs(epochs, min_steps, steps_per_epoch):
-    """--epochs when given; else DEFAULT_EPOCHS, or more when that makes fewer than `min_steps`
-    optimizer steps: a few hundred images need many passes before CTC leaves its plateau."""
-    return epochs or max(DEFAULT_EPOCHS, math.ceil(min_steps / steps_per_epoch))
+def plan_epochs(epochs, min_steps, steps_per_pass):
+    """(epochs, passes over the training images per epoch). --epochs when given, one pass each. Else
+    DEFAULT_EPOCHS passes, or more when that makes fewer than `min_steps` optimizer steps: a few hundred
+    images need many passes. A small folder's epoch holds several passes, so that it has at least
+    MIN_EPOCH_STEPS steps and validation and checkpoints stay a small part of it."""
+    if epochs:
+        return epochs, 1
+    repeats = math.ceil(MIN_EPOCH_STEPS / steps_per_pass)
+    steps_per_epoch = math.ceil(steps_per_pass * repeats)
+    return max(math.ceil(DEFAULT_EPOCHS / repeats), math.ceil(min_steps / steps_per_epoch)), repeats
 
 
 def early_stopping(recipe, epochs, patience):
@@ -391,11 +399,12 @@ def train(cfg):
     check_time_steps(steps, max_len)
     meta = {**model.make_meta(charset, max_len, options, config), "run": run_identity(folder, train_set, val_set, test_set)}
 
+    epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, math.ceil(len(train_set) / recipe.batch_size))
     train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
-                                                                  options, recipe.batch_size, recipe.augment)
-    epochs = plan_epochs(cfg.epochs, cfg.min_steps, len(train_batches))
+                                                                  options, recipe.batch_size, recipe.augment, repeats)
     print(f"{epochs} epochs of {len(train_batches)} steps = {epochs * len(train_batches)} optimizer steps"
-          + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} epochs)")
+          + (f" ({repeats} passes over the training images an epoch)" if repeats > 1 else "")
+          + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} passes)")
           + f"; augmentation: {recipe.augment}")
 
     keras.utils.set_random_seed(cfg.seed)

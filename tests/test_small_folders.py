@@ -76,9 +76,22 @@ def test_unknown_augmentation_is_refused(samples, digits_folder, capsys):
 
 
 def test_small_folders_get_enough_optimizer_steps():
-    assert train.plan_epochs(0, 3000, 30) == 100  # 936 images at batch 32: 100 epochs, 3,000 steps
-    assert train.plan_epochs(0, 3000, 625) == train.DEFAULT_EPOCHS  # 20,000 images: the usual 30 epochs
-    assert train.plan_epochs(7, 3000, 30) == 7  # --epochs given: exactly that
+    assert train.plan_epochs(0, 3000, 59) == (51, 1)  # 1,872 images at batch 32: 51 epochs, 3,009 steps
+    assert train.plan_epochs(0, 3000, 30) == (50, 2)  # 936 images: 50 epochs of two passes, 3,000 steps
+    assert train.plan_epochs(0, 3000, 13) == (58, 4)  # 400 images: 58 epochs of four passes (52 steps)
+    assert train.plan_epochs(0, 3000, 625) == (train.DEFAULT_EPOCHS, 1)  # 20,000 images: the usual 30 epochs
+    assert train.plan_epochs(7, 3000, 30) == (7, 1)  # --epochs given: exactly that
+
+
+def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(samples):
+    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
+                                      augment="light", repeats=3)
+    assert len(batches) == 6  # 8 images x 3 passes, 4 a batch
+    order = [int(i) for i in batches.order]
+    assert sorted(order) == sorted(list(range(8)) * 3)
+    images = np.concatenate([batches[i][0] for i in range(len(batches))])
+    first, second = [images[k] for k, i in enumerate(order) if i == 0][:2]
+    assert not np.array_equal(first, second)  # the same image, altered anew in each pass
 
 
 def test_early_stopping_waits_for_the_second_half_of_a_one_cycle_run():
@@ -93,7 +106,9 @@ def test_a_run_with_epochs_0_plans_its_epochs_from_min_steps(digits_folder, tmp_
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--charset", DIGITS, "--batch_size", "16",
                        "--epochs", "0", "--min_steps", "1", "--workers", "1", "--out", str(out)]) == 0
-    assert f"{train.DEFAULT_EPOCHS} epochs of 2 steps = {2 * train.DEFAULT_EPOCHS} optimizer steps" in capsys.readouterr().out
+    # 32 training images at batch 16: 2 steps a pass, so 25 passes an epoch (50 steps) and 30 passes in all
+    assert "2 epochs of 50 steps = 100 optimizer steps (25 passes over the training images an epoch)" in \
+        capsys.readouterr().out
 
 
 def output_rows(crnn):
