@@ -433,7 +433,7 @@ def train(cfg):
         if init_from:
             fresh = copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
             print(f"starting from {init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
-                                                      if fresh else " (every symbol's output row carried over)"))
+                                                  if fresh else " (every symbol's output row carried over)"))
     frozen_until = cfg.freeze_cnn_epochs if init_from else 0
 
     def compile_for(first_epoch, last_epoch):
@@ -465,9 +465,7 @@ def train(cfg):
     finished = cfg.resume and saved["resume"].get("finished", False)  # stopped while scoring: only that is left
     histories, first_epoch = [], epochs_done
     try:
-        if finished:
-            pass
-        elif first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
+        if not finished and first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
             set_cnn_trainable(crnn, False)
             compile_for(first_epoch, frozen_until)
             print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
