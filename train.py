@@ -180,15 +180,15 @@ def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, opti
     return batches(train_set, True), batches(val_set, False), batches(test_set, False)
 
 
-def plan_epochs(epochs, min_steps, steps_per_pass):
+def plan_epochs(epochs, min_steps, train_images, batch_size):
     """(epochs, passes over the training images per epoch). --epochs when given, one pass each. Else
     DEFAULT_EPOCHS passes, or more when that makes fewer than `min_steps` optimizer steps: a few hundred
     images need many passes. A small folder's epoch holds several passes, so that it has at least
     MIN_EPOCH_STEPS steps and validation and checkpoints stay a small part of it."""
     if epochs:
         return epochs, 1
-    repeats = math.ceil(MIN_EPOCH_STEPS / steps_per_pass)
-    steps_per_epoch = math.ceil(steps_per_pass * repeats)
+    repeats = math.ceil(MIN_EPOCH_STEPS / math.ceil(train_images / batch_size))
+    steps_per_epoch = math.ceil(train_images * repeats / batch_size)  # as the loader batches them
     return max(math.ceil(DEFAULT_EPOCHS / repeats), math.ceil(min_steps / steps_per_epoch)), repeats
 
 
@@ -399,7 +399,7 @@ def train(cfg):
     check_time_steps(steps, max_len)
     meta = {**model.make_meta(charset, max_len, options, config), "run": run_identity(folder, train_set, val_set, test_set)}
 
-    epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, math.ceil(len(train_set) / recipe.batch_size))
+    epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, len(train_set), recipe.batch_size)
     train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
                                                                   options, recipe.batch_size, recipe.augment, repeats)
     print(f"{epochs} epochs of {len(train_batches)} steps = {epochs * len(train_batches)} optimizer steps"

@@ -76,11 +76,11 @@ def test_unknown_augmentation_is_refused(samples, digits_folder, capsys):
 
 
 def test_small_folders_get_enough_optimizer_steps():
-    assert train.plan_epochs(0, 3000, 59) == (51, 1)  # 1,872 images at batch 32: 51 epochs, 3,009 steps
-    assert train.plan_epochs(0, 3000, 30) == (50, 2)  # 936 images: 50 epochs of two passes, 3,000 steps
-    assert train.plan_epochs(0, 3000, 13) == (58, 4)  # 400 images: 58 epochs of four passes (52 steps)
-    assert train.plan_epochs(0, 3000, 625) == (train.DEFAULT_EPOCHS, 1)  # 20,000 images: the usual 30 epochs
-    assert train.plan_epochs(7, 3000, 30) == (7, 1)  # --epochs given: exactly that
+    assert train.plan_epochs(0, 3000, 1872, 32) == (51, 1)  # 59 steps a pass: 51 epochs, 3,009 steps
+    assert train.plan_epochs(0, 3000, 936, 32) == (51, 2)  # 30 steps a pass: 51 epochs of 59 steps (two passes)
+    assert train.plan_epochs(0, 3000, 400, 32) == (60, 4)  # 13 steps a pass: 60 epochs of 50 steps, 3,000 steps
+    assert train.plan_epochs(0, 3000, 20000, 32) == (train.DEFAULT_EPOCHS, 1)  # 20,000 images: the usual 30
+    assert train.plan_epochs(7, 3000, 936, 32) == (7, 1)  # --epochs given: exactly that
 
 
 def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(samples):
