@@ -76,16 +76,11 @@ def bench_data(cfg, charset):
 
 
 def folder_data(cfg):
-    """A real folder, split as train.py splits it (same fractions and seed): its train part trains, its test part
-    scores. Returns (charset, longest label, train samples, test samples)."""
-    scan = preprocess.scan_folder(cfg.data_dir)
-    if not scan.samples:
-        raise CaptchaError(f"{cfg.data_dir}: no usable labelled images ({scan.summary()})")
-    defaults = train.TrainConfig()
-    train_samples, _, test_samples = preprocess.split_samples(scan.samples, defaults.val_fraction,
-                                                              defaults.test_fraction, defaults.seed)
-    labels = [label for _, label in scan.samples]
-    return preprocess.charset_of_labels(labels), max(map(len, labels)), train_samples, test_samples
+    """A real folder, scanned and split exactly as train.py does (its defaults): its train part trains, its
+    test part scores. Returns (charset, longest label, train samples, test samples)."""
+    charset, max_len, train_samples, _, test_samples = train.load_dataset(train.TrainConfig(data_dir=cfg.data_dir),
+                                                                          Path(cfg.data_dir))
+    return charset, max_len, train_samples, test_samples
 
 
 class Contender:
