@@ -25,13 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import model  # first: it quiets TensorFlow's logging before Keras loads it
 import keras
 import numpy as np
 from matplotlib.figure import Figure
 
 import metrics
+import model
 import preprocess
+import reader
+import synth
 import train
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
@@ -69,7 +71,7 @@ def bench_data(cfg, charset):
         folder = root / f"{part}_{count}"
         if not folder.is_dir() or len(preprocess.list_images(folder)) != count:
             shutil.rmtree(folder, ignore_errors=True)  # half-written by an interrupted run: start clean
-            preprocess.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length,
+            synth.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length,
                                           style=cfg.style)
         parts[part] = preprocess.scan_folder(folder, charset, cfg.length, verify=False).samples
     return parts["train"], parts["test"]
@@ -143,7 +145,7 @@ class Contender:
 def score(crnn, charset, test_images, test_labels):
     predictions = []
     for i in range(0, len(test_images), 256):
-        predictions += model.decode(crnn.predict_on_batch(test_images[i : i + 256]), charset)
+        predictions += reader.decode(crnn.predict_on_batch(test_images[i : i + 256]), charset)
     return metrics.score(predictions, test_labels)
 
 
@@ -225,7 +227,7 @@ def bench(cfg):
                         "minutes_to_first_nonzero_exact_match": first, "curve": c.curve})
     (out / "bench.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2))
     plot_curves(contenders, out / "bench_curves.png")
-    print(f"\n| run | preset | recipe | minutes | exact match | exact, ignoring case | CER | train img/s | first exact > 0 |")
+    print("\n| run | preset | recipe | minutes | exact match | exact, ignoring case | CER | train img/s | first exact > 0 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         first = f"{r['minutes_to_first_nonzero_exact_match']} min" if r["minutes_to_first_nonzero_exact_match"] else "never"

@@ -39,3 +39,20 @@ def unscorable_reason(label, charset, max_len):
     if max_len and len(label) > max_len:
         return f"longer than the model's {max_len} characters"
     return None
+
+
+def confidence_ranking(predictions, labels, confidences, keep=0.9):
+    """Does confidence rank errors? Exact match of the `keep` share of readings with the highest
+    confidence, and of the rest, plus the confidence that separates them: a caller that retries
+    below that threshold trades the rest's answers for fresh captchas."""
+    order = np.argsort(-np.asarray(confidences, dtype=np.float64), kind="stable")
+    kept = int(round(keep * len(order)))
+    right = np.array([p == t for p, t in zip(predictions, labels)])[order]
+    return {
+        "keep": keep,
+        "threshold": float(np.asarray(confidences)[order[kept - 1]]) if kept else None,
+        "exact_match_confident": float(right[:kept].mean()) if kept else None,
+        "exact_match_rest": float(right[kept:].mean()) if kept < len(order) else None,
+        "count_confident": kept,
+        "count_rest": len(order) - kept,
+    }

@@ -8,24 +8,19 @@ holds the charset, the blank index, the label length and the preprocessing optio
 never needs them typed again.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info lines off the terminal
-
 import json
+import os
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 from keras import layers, ops
 
-from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, REFERENCE_PREPROCESSING, CaptchaError, Charset, PreprocessOptions
+from modelmeta import META_MEMBER, META_VERSION, lambda_layer_names, make_meta, read_meta, reference_meta  # noqa: F401
+from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaError, Charset
 
-META_MEMBER = "captcha_meta.json"
-META_VERSION = 2  # 2: preprocessing has resize mode and CLAHE settings (files without them mean the defaults)
 
 
 @dataclass(frozen=True)
@@ -70,10 +65,11 @@ PRESETS = {
     "seed": ModelConfig(convs_per_block=2, block_dropout=0.25, extra_conv=256, dropout_cnn=0.0, lstm_dropout=0.15,
                         dropout_rnn=0.0),
     # For CPUs, and the one that reads real captchas from a few hundred images: a quarter of the
-    # seed's convolution work, 25 time steps (plenty for 8 characters), and the 6 remaining rows
-    # folded into the features (then projected to 128) instead of averaged, so the LSTMs still see
-    # where in the column the strokes are.
-    "fast": ModelConfig(conv_filters=(32, 64, 128), pools=((2, 2), (2, 2), (2, 2)), collapse="flatten",
+    # seed's convolution work; 50 time steps like the seed's (with 25, real captchas lost one of two
+    # equal letters side by side, "dppyz" read "dpyz": CTC needs a blank step between them); the 6
+    # remaining rows folded into the features (then projected to 128) instead of averaged, so the
+    # LSTMs still see where in the column the strokes are.
+    "fast": ModelConfig(conv_filters=(32, 64, 128), pools=((2, 2), (2, 2), (2, 1)), collapse="flatten",
                         project_units=128, lstm_units=(128, 128), bn_momentum=0.9),
     # The keras-io "OCR model for reading Captchas" example's network, as a benchmark contender:
     # Conv32-pool-Conv64-pool without BatchNorm, height folded into Dense(64), BiLSTM 128 then 64.
@@ -263,30 +259,7 @@ def compile_model(model, charset, recipe=RECIPES["reference"], total_steps=1):
     return model
 
 
-def decode(probs, charset, beam_width=0):
-    """Softmax output (batch, T, classes) -> list of strings. beam_width 0 or 1: greedy."""
-    probs = np.asarray(probs, dtype=np.float32)
-    lengths = np.full((probs.shape[0],), probs.shape[1], dtype=np.int32)
-    log_probs = np.log(np.clip(probs, 1e-8, 1.0))
-    if beam_width and beam_width > 1:
-        decoded, _ = ops.ctc_decode(log_probs, lengths, strategy="beam_search", beam_width=beam_width,
-                                    top_paths=1, mask_index=charset.blank_index)
-    else:
-        decoded, _ = ops.ctc_decode(log_probs, lengths, strategy="greedy", mask_index=charset.blank_index)
-    return [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
-
-
 # ----------------------------------------------------------------------------- model files
-
-
-def make_meta(charset, max_len, preprocess_options, config):
-    return {
-        "format_version": META_VERSION,
-        "charset": charset.to_dict(),
-        "max_len": max_len,
-        "preprocess": preprocess_options.to_dict(),
-        "model_config": config.to_dict() if config is not None else None,
-    }
 
 
 def save_model(model, path, meta):
@@ -305,156 +278,14 @@ def save_model(model, path, meta):
             os.remove(tmp)
 
 
-def read_archive_member(path, member):
-    """Bytes of one member of a .keras archive, or None if it has none by that name.
-
-    Archives with members that could land outside a folder when extracted (`../x`, `/x`) are
-    refused outright: such a file was made to attack, not to be loaded.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CaptchaError(f"{path}: model file does not exist")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            unsafe = [n for n in names if n.startswith(("/", "\\")) or ".." in Path(n.replace("\\", "/")).parts]
-            if unsafe:
-                raise CaptchaError(f"{path}: archive member {unsafe[0]!r} points outside the archive; refusing it")
-            if member not in names:
-                return None
-            return archive.read(member)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CaptchaError(f"{path}: not a Keras .keras archive ({e})") from None
-
-
-def check_meta_version(meta, path):
-    """Metadata from a newer release may mean preprocessing this one cannot repeat: refuse it."""
-    version = meta.get("format_version", 1)
-    if not isinstance(version, int) or version > META_VERSION:
-        raise CaptchaError(f"{path}: metadata format {version!r} is newer than this release reads ({META_VERSION}); "
-                           f"update the project to read this model")
-    return meta
-
-
-def read_meta(path):
-    raw = read_archive_member(path, META_MEMBER)
-    return check_meta_version(json.loads(raw), path) if raw is not None else None
-
-
-def lambda_layer_names(path):
-    """Names of the Lambda layers in a .keras archive's config, read as JSON (no code runs)."""
-    raw = read_archive_member(path, "config.json")
-    if raw is None:
-        raise CaptchaError(f"{path}: not a Keras .keras archive (no config.json)")
-    config = json.loads(raw)
-    return [layer["config"]["name"] for layer in config.get("config", {}).get("layers", [])
-            if layer.get("class_name") == "Lambda"]
-
-
-def reference_meta(num_classes):
-    """What a checkpoint without metadata is assumed to be: the reference's 62 symbols, blank last."""
-    charset = Charset(blank_index=len(Charset().symbols))
-    if num_classes != charset.num_classes:
-        raise CaptchaError(
-            f"model has {num_classes} output classes and no saved charset; the reference charset needs "
-            f"{charset.num_classes}: pass --charset with the {num_classes - 1} symbols it was trained on"
-        )
-    return make_meta(charset, 5, REFERENCE_PREPROCESSING, None)
-
-
-class OnnxNetwork:
-    """An exported .onnx network run by onnxruntime, with the one method test.py needs."""
-
-    def __init__(self, path):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise CaptchaError(f"{path}: reading .onnx models needs onnxruntime (pip install onnxruntime)") from None
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise CaptchaError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_shape = tuple(self.session.get_outputs()[0].shape)
-
-    def predict_on_batch(self, images):
-        return self.session.run(None, {self.input_name: np.asarray(images, dtype=np.float32)})[0]
-
-
-def load_onnx(path):
-    network = OnnxNetwork(path)
-    meta = network.session.get_modelmeta().custom_metadata_map.get(META_MEMBER)
-    if meta is None:
-        raise CaptchaError(f"{path}: ONNX model without this project's metadata; export it with export_safe.py")
-    return network, check_meta_version(json.loads(meta), path)
-
-
-class TFLiteNetwork:
-    """An exported .tflite network run by the TFLite interpreter, with the one method test.py needs."""
-
-    def __init__(self, path):
-        import warnings
-
-        try:
-            from ai_edge_litert.interpreter import Interpreter  # TFLite's new home, where installed
-        except ImportError:
-            import tensorflow as tf
-
-            Interpreter = tf.lite.Interpreter
-        try:
-            with warnings.catch_warnings():  # tf.lite.Interpreter works; it only warns that it will move
-                warnings.simplefilter("ignore", UserWarning)
-                self.interpreter = Interpreter(model_path=str(path))
-        except Exception as e:  # the interpreter raises ValueError/RuntimeError for files it can't read
-            raise CaptchaError(f"{path}: not a readable TFLite model ({str(e).splitlines()[0]})") from None
-        self.input = self.interpreter.get_input_details()[0]["index"]
-        self.output = self.interpreter.get_output_details()[0]["index"]
-        self.output_shape = tuple(self.interpreter.get_output_details()[0]["shape_signature"])
-        self.batch = None
-
-    def predict_on_batch(self, images):
-        images = np.asarray(images, dtype=np.float32)
-        if self.batch != len(images):  # the network takes any batch size; the interpreter sizes its buffers once per size
-            self.interpreter.resize_tensor_input(self.input, images.shape)
-            self.interpreter.allocate_tensors()
-            self.batch = len(images)
-        self.interpreter.set_tensor(self.input, images)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output).copy()
-
-
-def tflite_meta_path(path):
-    """A .tflite file holds no metadata of ours: it sits beside it, as M.tflite.json."""
-    return Path(path).with_name(Path(path).name + ".json")
-
-
-def load_tflite(path):
-    meta_path = tflite_meta_path(path)
-    if not meta_path.exists():
-        raise CaptchaError(f"{path}: its metadata {meta_path.name} is missing; export it with export_safe.py")
-    try:
-        meta = check_meta_version(json.loads(meta_path.read_text()), meta_path)
-        charset = Charset.from_dict(meta["charset"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CaptchaError(f"{meta_path}: not this project's model metadata ({type(e).__name__}: {e})") from None
-    network = TFLiteNetwork(path)
-    if network.output_shape[-1] != charset.num_classes:
-        raise CaptchaError(f"{path}: outputs {network.output_shape[-1]} classes but {meta_path.name} gives "
-                           f"{charset.num_classes} (symbols + blank)")
-    return network, meta
-
-
 def load_model(path, safe_mode=True, compile=False):
     """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked.
 
     compile=True also restores the optimizer and its state (for resuming training).
     """
     path = Path(path)
-    exported = {".onnx": load_onnx, ".tflite": load_tflite}.get(path.suffix.lower())
-    if exported:
-        if not path.exists():
-            raise CaptchaError(f"{path}: model file does not exist")
-        return exported(path)
+    if path.suffix.lower() in (".onnx", ".tflite"):
+        raise CaptchaError(f"{path}: an exported network, not a .keras model; read it with reader.load")
     meta = read_meta(path)  # also checks the file exists and is an archive
     lambdas = lambda_layer_names(path)
     if lambdas and safe_mode:

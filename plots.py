@@ -85,14 +85,15 @@ def style_samples(out_path, count=6, seed=1):
     import tempfile
 
     import preprocess
+    import synth
 
-    styles = sorted(preprocess.SYNTH_STYLES)
+    styles = sorted(synth.SYNTH_STYLES)
     fig = Figure(figsize=(2.6 * count, 1.2 * len(styles)))
     axes = fig.subplots(len(styles), count, squeeze=False)
     with tempfile.TemporaryDirectory() as tmp:
         for row, style in zip(axes, styles):
-            paths = preprocess.generate_synthetic(Path(tmp) / style, count, seed=seed, style=style, workers=1,
-                                                  progress=False)
+            paths = synth.generate_synthetic(Path(tmp) / style, count, seed=seed, style=style, workers=1,
+                                             progress=False)
             for ax, path in zip(row, paths):
                 ax.imshow(preprocess.read_gray(path), cmap="gray", vmin=0, vmax=255)
                 ax.set_title(f"{style}: {preprocess.label_from_filename(path)}", fontsize=9)
@@ -109,12 +110,13 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
     import tempfile
 
     import preprocess
+    import synth
 
     levels = ["light", "strong"]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = list(image_paths) or [preprocess.generate_synthetic(Path(tmp) / style, 1, seed=seed + 3, style=style,
+        paths = list(image_paths) or [synth.generate_synthetic(Path(tmp) / style, 1, seed=seed + 3, style=style,
                                                                     workers=1, progress=False)[0]
-                                      for style in sorted(preprocess.SYNTH_STYLES)]
+                                      for style in sorted(synth.SYNTH_STYLES)]
         columns = 1 + epochs * len(levels)
         fig = Figure(figsize=(2.2 * columns, 0.8 * len(paths) + 0.3))
         axes = fig.subplots(len(paths), columns, squeeze=False)
@@ -189,7 +191,7 @@ def main(argv=None):
                              run / train.BEST_NAME)
         options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
         batches = preprocess.make_batches(test_set, charset, max_len, options, cfg.batch_size or 64, workers=cfg.workers)
-        _, predictions = train.evaluate(crnn, batches, charset, [label for _, label in test_set])
+        _, predictions, _ = train.evaluate(crnn, batches, charset, [label for _, label in test_set])
         images = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
         written = write_run_plots(run, run / train.LOG_NAME, images, [label for _, label in test_set], predictions)
     except preprocess.CaptchaError as e:

@@ -5,14 +5,12 @@ read -> grayscale -> [auto-crop] -> [invert] -> aspect-preserving resize and pad
 -> CLAHE -> [strong stroke enhancement] -> scale to [0, 1].
 
 Also here: the charset (text <-> CTC class indices), scanning a folder whose file names are the
-labels, the train/val/test split, a streaming batch loader, and the built-in synthetic data
-generator (`python preprocess.py synth --out data/synth --count 1000`).
+labels (`python preprocess.py scan DIR`), the train/val/test split and a streaming batch loader.
+The synthetic captcha generators are in synth.py.
 """
 
 import argparse
 import math
-import os
-import random
 import re
 import string
 import sys
@@ -182,18 +180,24 @@ def read_gray(path):
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise ImageReadError(path, "cannot read file", e.strerror or str(e)) from None
+    return decode_gray(data, path)
+
+
+def decode_gray(data, name):
+    """Encoded image bytes (a file's, an upload's) -> 8-bit grayscale; `name` says where they came from."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if data.size == 0:
-        raise ImageReadError(path, "empty file", "0 bytes")
+        raise ImageReadError(name, "empty file", "0 bytes")
     # OpenCV fills a cut-off JPEG with gray and carries on; a label on half an image would be wrong.
     if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:].tobytes():
-        raise ImageReadError(path, "truncated image", "JPEG without its end marker")
+        raise ImageReadError(name, "truncated image", "JPEG without its end marker")
     image = _decode_with_opencv(data)
     if image is None:
-        image = _decode_with_pillow(path)
+        image = _decode_with_pillow(data)
     if image is None:
-        raise ImageReadError(path, "not a readable image", "corrupt, truncated or not an image")
+        raise ImageReadError(name, "not a readable image", "corrupt, truncated or not an image")
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
-        raise ImageReadError(path, "image too large",
+        raise ImageReadError(name, "image too large",
                              f"{image.shape[1]}x{image.shape[0]}; the limit is {MAX_IMAGE_PIXELS // 10**6} megapixels")
     return image
 
@@ -217,12 +221,14 @@ def _decode_with_opencv(data):
     return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
 
 
-def _decode_with_pillow(path):
+def _decode_with_pillow(data):
     """Formats OpenCV cannot read (GIF, some palette PNGs)."""
+    import io
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
             im = im.convert("RGBA")
             white = Image.new("RGBA", im.size, (255, 255, 255, 255))
             return np.asarray(Image.alpha_composite(white, im).convert("L"))
@@ -451,200 +457,16 @@ class CaptchaBatches:
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
                  seed=0, workers=2, augment="none", repeats=1):
-    import keras  # here, not at the top: `preprocess.py synth` and its worker processes start without TensorFlow
+    import keras  # here, not at the top: `synth.py` and `preprocess.py scan` start without TensorFlow
 
     batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
     return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment, repeats,
                          workers=workers, use_multiprocessing=False)
 
 
-# ----------------------------------------------------------------------------- synthetic data
-
-
-class _SeededSecrets:
-    """Stands in for the `secrets` module that captcha.image draws every random choice from.
-
-    ImageCaptcha uses `secrets` (unseedable) on purpose; for reproducible datasets we swap in a
-    seeded generator with the three functions it calls.
-    """
-
-    def __init__(self, seed):
-        self._rng = random.Random(seed)
-
-    def randbelow(self, n):
-        return self._rng.randrange(n)
-
-    def randbits(self, k):
-        return self._rng.getrandbits(k)
-
-    def choice(self, seq):
-        return self._rng.choice(seq)
-
-
-def _draw_captcha_png(args):
-    text, seed, width, height = args
-    import captcha.image
-    from io import BytesIO
-
-    captcha.image.secrets = _SeededSecrets(seed)
-    font_sizes = tuple(round(s * height / 60) for s in (42, 50, 56))  # the package's sizes, scaled
-    image = captcha.image.ImageCaptcha(width=width, height=height, font_sizes=font_sizes).generate_image(text)
-    out = BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def gregwar_fonts():
-    """Six faces, as Gregwar/Captcha has, from installed packages (matplotlib's DejaVu and STIX, the
-    captcha package's DroidSansMono): nothing is downloaded."""
-    import captcha
-    import matplotlib
-
-    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    names = ["DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-BoldOblique.ttf",
-             "STIXGeneralBol.ttf"]
-    return [str(ttf / n) for n in names] + [str(Path(captcha.__file__).parent / "data" / "DroidSansMono.ttf")]
-
-
-def _wave_distort(image, rng):
-    """Gregwar's distortion: a radial ripple around a random centre plus a vertical sine wave."""
-    height, width = image.shape[:2]
-    cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-    phase, scale = rng.uniform(0, 10), 1.1 + rng.uniform(0, 1 / 3)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    vx, vy = xs - cx, ys - cy
-    radius = np.hypot(vx, vy)
-    stretch = np.where(radius > 0, (radius + 4 * np.sin(radius / 30)) / np.maximum(radius, 1e-6), 1.0)
-    map_x = (cx + vx * stretch).astype(np.float32)
-    map_y = (cy + vy * stretch + scale * np.sin(phase + map_x * 0.2)).astype(np.float32)
-    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def _draw_gregwar_jpeg(args):
-    """One captcha in the manner of the PHP library Gregwar/Captcha (the reference's Kaggle set):
-    150x40, a font per image, letters turned up to 8 degrees and shifted up to 5 px, lines behind and
-    in front of the text, a wave distortion, sometimes inverted / edge-filtered / re-contrasted /
-    tinted, saved as JPEG."""
-    text, seed, width, height = args
-    from io import BytesIO
-
-    from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
-
-    rng = random.Random(seed)
-    nrng = np.random.default_rng(seed)
-    background = tuple(rng.randint(200, 255) for _ in range(3))
-    ink = tuple(rng.randint(0, 150) for _ in range(3))
-    image = Image.new("RGB", (width, height), background)
-    draw = ImageDraw.Draw(image)
-
-    def lines(count, color=None):
-        for _ in range(count):
-            start = (rng.randint(0, width), rng.randint(0, height))
-            end = (rng.randint(0, width), rng.randint(0, height))
-            draw.line([start, end], fill=color or tuple(rng.randint(100, 255) for _ in range(3)),
-                      width=rng.choice([1, 1, 2]))
-
-    lines(rng.randint(2, 3))  # behind the text
-    font_path = rng.choice(gregwar_fonts())
-    size = max(12, width // max(len(text), 1) - rng.randint(0, 3) - 1)
-    font = ImageFont.truetype(font_path, size)
-    glyphs = []
-    for char in text:
-        left, top, right, bottom = font.getbbox(char)
-        glyph = Image.new("L", (right - left + 4, bottom - top + 4), 0)
-        ImageDraw.Draw(glyph).text((2 - left, 2 - top), char, font=font, fill=255)
-        glyphs.append(glyph.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR, expand=True))
-    x = max(0, (width - sum(g.width for g in glyphs)) // 2)
-    for glyph in glyphs:
-        y = (height - glyph.height) // 2 + rng.randint(-5, 5)
-        image.paste(Image.new("RGB", glyph.size, ink), (x, y), glyph)
-        x += glyph.width - rng.randint(0, 2)
-    lines(rng.randint(2, 3), ink)  # in front of the text
-    image = Image.fromarray(_wave_distort(np.asarray(image), nrng))
-    if rng.random() < 0.5:
-        image = ImageOps.invert(image)
-    if rng.random() < 0.1:
-        image = image.filter(ImageFilter.FIND_EDGES)
-    if rng.random() < 0.1:
-        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.5, 1.8))
-    if rng.random() < 0.2:
-        tint = Image.new("RGB", image.size, tuple(rng.randint(0, 255) for _ in range(3)))
-        image = Image.blend(image, tint, 0.3)
-    out = BytesIO()
-    image.save(out, format="JPEG", quality=80)
-    return out.getvalue()
-
-
-SYNTH_STYLES = {
-    # style: (drawing function, file extension, default width, default height)
-    "captcha": (_draw_captcha_png, ".png", IMG_WIDTH, IMG_HEIGHT),
-    "gregwar": (_draw_gregwar_jpeg, ".jpg", 150, 40),
-}
-
-
-def random_labels(count, symbols, length, seed):
-    """`length` is an int or a (min, max) range of label lengths."""
-    rng = random.Random(seed)
-    low, high = (length, length) if isinstance(length, int) else length
-    return ["".join(rng.choice(symbols) for _ in range(rng.randint(low, high))) for _ in range(count)]
-
-
-def unique_filename(label, taken, extension=".png"):
-    """`label.png`, or `label_1.png`... when a name is taken (compared case-blind for macOS/Windows)."""
-    name, n = f"{label}{extension}", 0
-    while name.lower() in taken:
-        n += 1
-        name = f"{label}_{n}{extension}"
-    taken.add(name.lower())
-    return name
-
-
-def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, length=5, style="captcha",
-                       width=None, height=None, workers=None, progress=True):
-    """Draw `count` labelled captchas into `out_dir`, each named by its text.
-
-    style "captcha": the `captcha` package's ImageCaptcha, 200x50 PNG; "gregwar": the look of the
-    PHP library Gregwar/Captcha, 150x40 JPEG. Image i depends only on (seed, i): the same call
-    always writes the same files.
-    """
-    from multiprocessing import Pool
-
-    if style not in SYNTH_STYLES:
-        raise CaptchaError(f"unknown synthetic style {style!r}; choose from {sorted(SYNTH_STYLES)}")
-    draw, extension, default_width, default_height = SYNTH_STYLES[style]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = random_labels(count, symbols, length, seed)
-    jobs = [(label, seed * 1_000_003 + i, width or default_width, height or default_height)
-            for i, label in enumerate(labels)]
-    workers = workers or os.cpu_count() or 1
-    taken = {p.name.lower() for p in out_dir.iterdir()}
-    written = []
-    with Pool(workers) as pool:
-        images = pool.imap(draw, jobs, chunksize=64)
-        if progress:
-            from tqdm import tqdm
-
-            images = tqdm(images, total=count, desc=f"drawing {style} captchas into {out_dir}", unit="img")
-        for label, data in zip(labels, images):
-            path = out_dir / unique_filename(label, taken, extension)
-            path.write_bytes(data)
-            written.append(path)
-    return written
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Dataset tools: draw synthetic captchas, or check a folder.")
+    parser = argparse.ArgumentParser(description="Check a folder before training: its usable and skipped images.")
     commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synth", help="draw labelled captchas with the `captcha` package")
-    synth.add_argument("--out", default="data/synth", help="folder to write into (default: data/synth)")
-    synth.add_argument("--count", type=int, default=1000)
-    synth.add_argument("--seed", type=int, default=1234)
-    synth.add_argument("--charset", default="default", help=f"preset {sorted(CHARSET_PRESETS)} or symbols")
-    synth.add_argument("--length", default="5", help="label length, or a range like 4-6")
-    synth.add_argument("--style", default="captcha", choices=sorted(SYNTH_STYLES),
-                       help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha")
-    synth.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     scan = commands.add_parser("scan", help="count the usable and skipped images of a folder")
     scan.add_argument("folder")
     scan.add_argument("--charset", default="default")
@@ -652,23 +474,15 @@ def main(argv=None):
     scan.add_argument("--verbose", action="store_true", help="list every skipped file")
     args = parser.parse_args(argv)
     try:
-        charset = charset_from_arg(args.charset)
-        if args.command == "synth":
-            low, _, high = args.length.partition("-")
-            length = (int(low), int(high)) if high else int(low)
-            written = generate_synthetic(args.out, args.count, args.seed, charset.symbols, length, args.style,
-                                         workers=args.workers or None)
-            print(f"wrote {len(written)} images to {args.out}")
-        else:
-            result = scan_folder(args.folder, charset, args.max_len or None)
-            print(result.summary())
-            if args.verbose:
-                for reason, paths in sorted(result.skipped.items()):
-                    for path in paths:
-                        print(f"skipped ({reason}): {path}")
-    except (CaptchaError, ValueError) as e:
+        result = scan_folder(args.folder, charset_from_arg(args.charset), args.max_len or None)
+    except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(result.summary())
+    if args.verbose:
+        for reason, paths in sorted(result.skipped.items()):
+            for path in paths:
+                print(f"skipped ({reason}): {path}")
     return 0
 
 

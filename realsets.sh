@@ -21,15 +21,20 @@ for set in ${@:-tjsp5 henan4 captchads4}; do
   echo "$(( $(date +%s) - start ))" > "$out/$set/wall_seconds"
 done
 $python - "$out" <<'PY'
-import json, sys
+import csv, json, sys
 from pathlib import Path
-print("| folder | test images | exact match | ignoring case | CER | epochs | wall minutes |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| folder | test images | exact match | ignoring case | CER | epochs | first epoch val exact > 0.5 | wall minutes "
+      "| exact, 90% most confident | exact, other 10% |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for run in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "metrics.json").exists()):
     m = json.loads((run / "metrics.json").read_text())
     t = m["test"]
     wall = (run / "wall_seconds").read_text().strip() if (run / "wall_seconds").exists() else "?"
     minutes = f"{int(wall) / 60:.1f}" if wall.isdigit() else "?"
+    with open(run / "train_log.csv") as f:
+        first = next((int(row["epoch"]) + 1 for row in csv.DictReader(f) if float(row["val_exact_match"]) > 0.5), None)
+    c = m.get("confidence", {})
+    ranked = (f"{c['exact_match_confident']:.4f} | {c['exact_match_rest']:.4f}" if c.get("count_rest") else "? | ?")
     print(f"| {run.name} | {t['count']} | {t['exact_match']:.4f} | {t['exact_match_ignore_case']:.4f} | {t['cer']:.4f} "
-          f"| {m['epochs_run']} | {minutes} |")
+          f"| {m['epochs_run']} | {first or 'never'} | {minutes} | {ranked} |")
 PY

@@ -3,12 +3,15 @@
     python speed.py loader data/synth/captcha                       # loader images/s, peak memory
     python speed.py inference saved_model/crnn_ctc_best.keras --folder data/synth/captcha
     python speed.py inference runs/model.onnx --folder data/synth/captcha
+    python speed.py serve http://127.0.0.1:8000 --folder data/synth/captcha --clients 8   # serve.py running
 
 `loader` scans the folder as train.py does and reads every batch of it through the same streaming
 loader (the same number of worker threads), without a model: if it is faster than training, the
 loader does not hold training back. `inference` times test.py's own reading loop (files read and
 preprocessed on other threads while the model predicts) on a folder, and the latency of one image
-(read, preprocess, predict, decode), the median of --repeats after a warm-up.
+(read, preprocess, predict, decode), the median of --repeats after a warm-up. `serve` posts the
+folder's images to a running serve.py from --clients threads at once (one image per POST /read)
+and reports requests/s and the latency each client saw.
 """
 
 import argparse
@@ -18,12 +21,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import model  # first: it quiets TensorFlow's logging before Keras loads it
-import numpy as np
-
 import preprocess
-import test as reader  # this project's test.py (the script directory comes first on sys.path)
-from preprocess import CaptchaError, Charset, PreprocessOptions
+import reader
+from preprocess import CaptchaError, PreprocessOptions
 
 
 def peak_memory_mb():
@@ -51,15 +51,13 @@ def time_loader(args):
 
 
 def time_inference(args):
-    network, meta = model.load_model(args.model)
-    charset = Charset.from_dict(meta["charset"])
-    options = PreprocessOptions.from_dict(meta["preprocess"])
+    captcha_reader = reader.Reader(args.model)  # an .onnx or .tflite model loads no TensorFlow
     paths = preprocess.list_images(args.folder)[: args.limit]
     if not paths:
         raise CaptchaError(f"{args.folder}: no image files")
-    list(reader.predict_paths(network, charset, paths[: args.batch_size], options, args.batch_size))  # warm-up
+    list(captcha_reader.read_paths(paths[: args.batch_size], args.batch_size))  # warm-up
     started = time.perf_counter()
-    read = list(reader.predict_paths(network, charset, paths, options, args.batch_size))
+    read = list(captcha_reader.read_paths(paths, args.batch_size))
     seconds = time.perf_counter() - started
     print(f"{args.model}: folder of {len(read)} images at batch {args.batch_size}: {len(read) / seconds:.0f} images/s "
           f"(reading files included)")
@@ -67,11 +65,44 @@ def time_inference(args):
     latencies = []
     for i in range(args.repeats + 5):  # the first few build and warm the graph
         started = time.perf_counter()
-        image = preprocess.load_image(paths[i % len(paths)], options)
-        model.decode(network.predict_on_batch(image[np.newaxis]), charset)
+        captcha_reader.read_gray(preprocess.read_gray(paths[i % len(paths)]))
         latencies.append(time.perf_counter() - started)
     print(f"{args.model}: one image (read, preprocess, predict, decode): median "
-          f"{1000 * statistics.median(latencies[5:]):.1f} ms over {args.repeats}; peak memory {peak_memory_mb():.0f} MB")
+          f"{1000 * statistics.median(latencies[5:]):.1f} ms over {args.repeats}; peak memory {peak_memory_mb():.0f} MB"
+          f"; TensorFlow {'loaded' if 'tensorflow' in sys.modules else 'not loaded'}")
+
+
+def time_server(args):
+    import json
+    import urllib.request
+    import uuid
+
+    paths = preprocess.list_images(args.folder)[: args.limit]
+    if not paths:
+        raise CaptchaError(f"{args.folder}: no image files")
+    bodies = []
+    for path in paths:  # multipart bodies made up front: the clients time the server, not this
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes()
+        bodies.append((body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"))
+
+    def post(item):
+        body, content_type = item
+        started = time.perf_counter()
+        request = urllib.request.Request(f"{args.url}/read", data=body, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            json.loads(answer.read())
+        return time.perf_counter() - started
+
+    list(map(post, bodies[: args.clients]))  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        latencies = sorted(pool.map(post, bodies))
+    seconds = time.perf_counter() - started
+    print(f"{args.url}: {len(latencies)} requests from {args.clients} concurrent clients in {seconds:.1f} s = "
+          f"{len(latencies) / seconds:.0f} requests/s; latency median {1000 * statistics.median(latencies):.1f} ms, "
+          f"95th percentile {1000 * latencies[int(0.95 * (len(latencies) - 1))]:.1f} ms")
 
 
 def main(argv=None):
@@ -89,9 +120,14 @@ def main(argv=None):
     inference.add_argument("--limit", type=int, default=1024, help="images of the folder to read (default 1024)")
     inference.add_argument("--batch_size", type=int, default=64)
     inference.add_argument("--repeats", type=int, default=50)
+    serve = commands.add_parser("serve", help="requests/s and latency of a running serve.py under concurrent clients")
+    serve.add_argument("url", help="where serve.py listens, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--folder", required=True)
+    serve.add_argument("--limit", type=int, default=1000, help="images of the folder to post (default 1000)")
+    serve.add_argument("--clients", type=int, default=8)
     args = parser.parse_args(argv)
     try:
-        time_loader(args) if args.command == "loader" else time_inference(args)
+        {"loader": time_loader, "inference": time_inference, "serve": time_server}[args.command](args)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

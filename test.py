@@ -1,46 +1,55 @@
 """Read captchas with a trained model.
 
     python test.py --model saved_model/crnn_ctc_best.keras --image path/to/captcha.png
-    python test.py --model saved_model/crnn_ctc_best.keras --folder path/to/images --limit 50
+    python test.py --model saved_model/crnn_ctc_best.onnx --folder path/to/images --output readings.json
+    python test.py --model M --folder D --min_confidence 0.5 --review_dir to_relabel/
 
-Prints `path -> text` per image. Preprocessing repeats what the model was trained with (saved
-inside the model); the flags below change it. When file names are labels (aB3xQ.png), also prints
-exact match and CER.
+Prints `path -> text (confidence)` per image. Preprocessing repeats what the model was trained with
+(saved inside the model); the flags below change it. When file names are labels (aB3xQ.png), also
+prints exact match and CER. Reading an .onnx or .tflite model never loads TensorFlow.
 """
 
 import argparse
 import csv
-import dataclasses
+import json
+import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import model  # first: it quiets TensorFlow's logging before Keras loads it
-import cv2
-import numpy as np
 from tqdm import tqdm
 
 import metrics
 import preprocess
-from preprocess import CaptchaError, Charset, PreprocessOptions
+import reader
+from preprocess import CaptchaError
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="saved_model/crnn_ctc_best.keras",
-                        help="a .keras file from train.py, or an .onnx file from export_safe.py --format onnx")
+                        help="a .keras file from train.py, or an .onnx/.tflite file from export_safe.py")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one captcha image")
     source.add_argument("--folder", help="a folder of captcha images (sub-folders too)")
     parser.add_argument("--limit", type=int, default=0, help="read at most this many images of --folder (0: all)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--beam_width", type=int, default=0, help="CTC beam search width (0: greedy decoding)")
+    parser.add_argument("--allowed", help="read only these symbols (e.g. 0123456789, or a preset: digits, lower, "
+                                          "upper, lower_digits, upper_digits); the others are masked before decoding")
+    parser.add_argument("--case", choices=reader.CASES, help="fold letter case (for sites that ignore it): "
+                                                              "each letter's two cases count as one")
+    parser.add_argument("--min_confidence", type=float, default=0.0,
+                        help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha")
+    parser.add_argument("--review_dir", metavar="DIR",
+                        help="copy misread images (prediction differs from the file-name label) and low-confidence "
+                             "ones here, named <prediction>__<original name>, for relabelling")
     parser.add_argument("--no_auto_crop", action="store_true", help="do not crop to the text")
     parser.add_argument("--force_invert", action="store_true", help="invert colours (light text on dark)")
     parser.add_argument("--strong", action="store_true", help="thicken thin strokes")
     parser.add_argument("--save_debug", metavar="DIR", help="write every preprocessing stage of each image here")
-    parser.add_argument("--output", metavar="CSV", help="also write path,prediction[,label] rows here")
+    parser.add_argument("--output", metavar="FILE", help="also write the readings here: .json, or CSV "
+                                                         "(path,prediction,confidence,low_confidence,label)")
     parser.add_argument("--charset", help="the symbols you expect the model to read (preset name or symbols): "
                                           "a model trained on others is refused")
     parser.add_argument("--unsafe", action="store_true",
@@ -48,57 +57,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def inference_options(meta, args):
-    """The model's own preprocessing, changed only where the user asked."""
-    options = PreprocessOptions.from_dict(meta["preprocess"])  # resize mode and CLAHE settings included
-    return dataclasses.replace(
-        options,
-        auto_crop=options.auto_crop and not args.no_auto_crop,
-        force_invert=options.force_invert or args.force_invert,
-        strong=options.strong or args.strong,
-    )
-
-
-def prepare(path, options, debug_dir):
-    """-> (model input, None) or (None, error message). Writes the stages when debugging."""
-    try:
-        stages = {} if debug_dir else None
-        image = preprocess.preprocess_gray(preprocess.read_gray(path), options, stages)
-    except CaptchaError as e:
-        return None, str(e)
-    if debug_dir:
-        for name, stage in stages.items():
-            cv2.imwrite(str(Path(debug_dir) / f"{Path(path).stem}_{name}.png"), stage)
-    return image, None
-
-
-def predict_paths(crnn, charset, paths, options, batch_size=64, beam_width=0, debug_dir=None):
-    """Yield (path, text or None, error or None) in order; reads the next batch while predicting this one."""
-    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    # One thread prepares the next batch, spreading its images over two more (OpenCV frees the GIL).
-    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(2) as pool:
-        def load(batch):
-            return list(pool.map(lambda p: prepare(p, options, debug_dir), batch))
-
-        pending = prefetch.submit(load, batches[0]) if batches else None
-        for i, batch in enumerate(batches):
-            prepared = pending.result()
-            pending = prefetch.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
-            good = [image for image, error in prepared if error is None]
-            texts = iter(model.decode(crnn.predict_on_batch(np.stack(good)), charset, beam_width) if good else [])
-            for path, (image, error) in zip(batch, prepared):
-                yield (path, None, error) if error else (path, next(texts), None)
+def review_name(prediction, path):
+    """<prediction>__<original name>; a prediction's path separators would make folders, so they go."""
+    return f"{prediction.replace('/', '_').replace(chr(92), '_')}__{Path(path).name}"
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        crnn, meta = model.load_model(args.model, safe_mode=not args.unsafe)
-        charset = Charset.from_dict(meta["charset"])
+        if not 0.0 <= args.min_confidence <= 1.0:
+            raise CaptchaError(f"--min_confidence {args.min_confidence}: a confidence lies between 0 and 1")
+        captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
+                                       args.no_auto_crop, args.force_invert, args.strong)
+        charset, max_len = captcha_reader.charset, captcha_reader.meta.get("max_len")
         if args.charset and preprocess.charset_from_arg(args.charset).symbols != charset.symbols:
             expected = preprocess.charset_from_arg(args.charset).symbols
             raise CaptchaError(f"{args.model}: reads {charset.symbols!r}, not the --charset you gave ({expected!r})")
-        options = inference_options(meta, args)
         if args.image:
             if not Path(args.image).is_file():
                 raise CaptchaError(f"{args.image}: image file does not exist")
@@ -109,54 +83,74 @@ def main(argv=None):
                 raise CaptchaError(f"{args.folder}: no image files (png, jpg, bmp, webp, gif, tif)")
             if args.limit:
                 paths = paths[: args.limit]
-        if args.save_debug:
-            Path(args.save_debug).mkdir(parents=True, exist_ok=True)
-    except CaptchaError as e:
+        for folder in (args.save_debug, args.review_dir):
+            if folder:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+    except (CaptchaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    rows, failures, started = [], 0, time.perf_counter()
+    rows, failures, reviewed, started = [], 0, 0, time.perf_counter()
     # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
     progress = tqdm(total=len(paths), unit="img", desc="reading", disable=len(paths) < 2 or not sys.stderr.isatty())
-    for path, text, error in predict_paths(crnn, charset, paths, options, args.batch_size, args.beam_width,
-                                           args.save_debug):
+    for reading in captcha_reader.read_paths(paths, args.batch_size, args.save_debug):
         progress.update()
-        if error:
+        if reading.error:
             failures += 1
-            tqdm.write(f"skipped: {error}", file=sys.stderr)
+            tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
             continue
-        tqdm.write(f"{path} -> {text}")
-        rows.append((str(path), text, preprocess.label_from_filename(path)))
+        low = reading.confidence < args.min_confidence
+        tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
+        label = preprocess.label_from_filename(reading.path)
+        # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
+        unscorable = metrics.unscorable_reason(label, charset, max_len)
+        rows.append({"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),
+                     "low_confidence": low, "label": None if unscorable else label, "unscorable": unscorable})
+        if args.review_dir and (low or (not unscorable and reading.text != label)):
+            shutil.copy2(reading.path, Path(args.review_dir) / review_name(reading.text, reading.path))
+            reviewed += 1
     progress.close()
     seconds = time.perf_counter() - started
     if len(paths) > 1:
         print(f"read {len(rows)} images in {seconds:.2f} s ({len(rows) / seconds:.1f} images/s, reading files included)",
               file=sys.stderr)
 
-    # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
-    labelled, unscored = [], {}
-    for path, text, label in rows:
-        reason = metrics.unscorable_reason(label, charset, meta.get("max_len"))
-        if reason:
-            unscored[reason] = unscored.get(reason, 0) + 1
-        else:
-            labelled.append((text, label))
-    if labelled:
-        scores = metrics.score(*map(list, zip(*labelled)))
+    labelled = [(row["prediction"], row["label"]) for row in rows if row["label"] is not None]
+    scores = metrics.score(*map(list, zip(*labelled))) if labelled else None
+    if scores:
         print(f"{scores['count']} labelled image{'s' if scores['count'] != 1 else ''}: exact match "
               f"{scores['exact_match']:.4f} ({scores['exact_match_ignore_case']:.4f} ignoring case), "
               f"CER {scores['cer']:.4f}")
+    unscored = {}
+    for row in rows:
+        if row["unscorable"]:
+            unscored[row["unscorable"]] = unscored.get(row["unscorable"], 0) + 1
     if unscored and len(rows) > 1:
-        print(f"not scored, file name not a label of this model: "
+        print("not scored, file name not a label of this model: "
               + ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items())))
+    if args.min_confidence:
+        print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings below confidence "
+              f"{args.min_confidence:g}")
+    if args.review_dir:
+        print(f"copied {reviewed} images to review into {args.review_dir} (named <prediction>__<file name>)")
     if failures:
         print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
     if args.output:
-        with open(args.output, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "prediction", "label"])
-            writer.writerows(rows)
+        write_output(Path(args.output), rows, scores, args)
     return 0
+
+
+def write_output(path, rows, scores, args):
+    if path.suffix.lower() == ".json":
+        settings = {"model": args.model, "allowed": args.allowed, "case": args.case, "beam_width": args.beam_width,
+                    "min_confidence": args.min_confidence}
+        path.write_text(json.dumps({"settings": settings, "scores": scores, "readings": rows}, indent=2))
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "prediction", "confidence", "low_confidence", "label"])
+        writer.writerows([row["path"], row["prediction"], row["confidence"], int(row["low_confidence"]),
+                          row["label"] or ""] for row in rows)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import model  # first: it quiets TensorFlow's logging before Keras loads it
 import keras
 import numpy as np
 
 import augment
 import metrics
+import model
 import plots
 import preprocess
+import reader
+import synth
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
 BEST_NAME = "crnn_ctc_best.keras"
@@ -98,7 +100,7 @@ def resolve_data(cfg):
     have = len(preprocess.list_images(folder)) if folder.is_dir() else 0
     if have < cfg.synth_count:
         print(f"drawing {cfg.synth_count - have} synthetic captchas into {folder} (cached for later runs)")
-        preprocess.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have,
+        synth.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have,
                                       style=cfg.synth_style)
     return folder
 
@@ -212,17 +214,19 @@ def check_time_steps(steps, max_len):
               f"characters may be unlearnable")
 
 
-def evaluate(keras_model, batches, charset, labels, beam_width=0):
+def evaluate(keras_model, batches, charset, labels):
     """Exact match (case-sensitive and not), CER and CTC loss of `keras_model` on every batch of
-    `batches`, from one pass of predictions."""
-    predictions, loss_sum = [], 0.0
+    `batches`, from one pass of predictions. Returns (scores, predictions, confidences)."""
+    predictions, confidences, loss_sum = [], [], 0.0
     ctc = model.CTCLoss(charset.blank_index)
     for i in range(len(batches)):
         images, encoded = batches[i]
         probs = keras_model.predict_on_batch(images)[: len(images)]  # MirroredStrategy may pad a batch for its replicas
         loss_sum += float(keras.ops.convert_to_numpy(ctc(encoded, probs))) * len(images)
-        predictions += model.decode(probs, charset, beam_width)
-    return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions
+        texts, confidence = reader.decode_with_confidence(probs, charset)
+        predictions += texts
+        confidences += confidence
+    return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
 
 
 class ValidationMetrics(keras.callbacks.Callback):
@@ -236,7 +240,7 @@ class ValidationMetrics(keras.callbacks.Callback):
         self.val_batches, self.charset, self.val_labels = val_batches, charset, val_labels
 
     def on_epoch_end(self, epoch, logs=None):
-        scores, _ = evaluate(self.model, self.val_batches, self.charset, self.val_labels)
+        scores, _, _ = evaluate(self.model, self.val_batches, self.charset, self.val_labels)
         logs["val_loss"] = scores["loss"]
         logs["val_exact_match"] = scores["exact_match"]
         logs["val_cer"] = scores["cer"]
@@ -314,6 +318,10 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
     return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
 
 
+def cnn_frozen(crnn):
+    return any(not layer.trainable for layer in crnn.layers if isinstance(layer, keras.layers.Conv2D))
+
+
 def set_cnn_trainable(crnn, trainable):
     """Freeze or thaw the convolution blocks (frozen BatchNorm also keeps its statistics)."""
     for layer in crnn.layers:
@@ -363,12 +371,14 @@ def resume_config(cfg):
 
 
 def train(cfg):
+    # ---- phase 1, the data: the folder (or the interrupted run's own settings), charset, label length, split
     if cfg.resume:
         cfg = resume_config(cfg)
     folder = resolve_data(cfg)
     if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
     charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
+    # ---- phase 2, the network, the recipe and the pixels: a preset's, or those of the model it starts from
     if cfg.preset == "auto":  # on a GPU too: the network whose results on real captchas were measured
         cfg = dataclasses.replace(cfg, preset="fast")
     if cfg.preset not in model.PRESETS:
@@ -399,6 +409,7 @@ def train(cfg):
     check_time_steps(steps, max_len)
     meta = {**model.make_meta(charset, max_len, options, config), "run": run_identity(folder, train_set, val_set, test_set)}
 
+    # ---- phase 3, the batches and how many updates
     epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, len(train_set), recipe.batch_size)
     train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
                                                                   options, recipe.batch_size, recipe.augment, repeats)
@@ -407,6 +418,7 @@ def train(cfg):
           + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} passes)")
           + f"; augmentation: {recipe.augment}")
 
+    # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
     gpus = model.gpu_names()
     print(f"Keras {keras.__version__} ({keras.backend.backend()} backend) on {', '.join(gpus) or 'CPU (no GPU found)'}")
@@ -434,13 +446,15 @@ def train(cfg):
             fresh = copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
             print(f"starting from {init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
                                                   if fresh else " (every symbol's output row carried over)"))
+    # ---- phase 5, training: convolutions frozen for --freeze_cnn_epochs (fine-tuning only), then every weight
     frozen_until = cfg.freeze_cnn_epochs if init_from else 0
 
     def compile_for(first_epoch, last_epoch):
         with in_scope():
             model.compile_model(crnn, charset, recipe, total_steps=(last_epoch - first_epoch) * len(train_batches))
 
-    if not cfg.resume:
+    if not cfg.resume:  # (a resumed model comes compiled, with its optimizer state and frozen layers as saved)
+        set_cnn_trainable(crnn, not frozen_until)  # phase 1, if any: the convolutions keep their pre-trained weights
         compile_for(0, frozen_until or epochs)
     schedule = {"onecycle": "one-cycle peak", "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
     architecture = f"as {init_from}" if init_from else f"preset {cfg.preset}, from scratch"
@@ -466,15 +480,14 @@ def train(cfg):
     histories, first_epoch = [], epochs_done
     try:
         if not finished and first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
-            set_cnn_trainable(crnn, False)
-            compile_for(first_epoch, frozen_until)
             print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
             histories.append(crnn.fit(train_batches, epochs=frozen_until,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
             first_epoch += len(histories[-1].history.get("loss", []))
-            set_cnn_trainable(crnn, True)
-            compile_for(first_epoch, epochs)
             csv_log.append = True  # phase 2 adds to phase 1's rows
+        if not finished and first_epoch == frozen_until and cnn_frozen(crnn):  # phase 1 is over: thaw, and a
+            set_cnn_trainable(crnn, True)  # fresh optimizer and schedule for every weight (made at the boundary only,
+            compile_for(first_epoch, epochs)  # so a resume later in phase 2 keeps phase 2's optimizer state)
         if not finished and first_epoch >= frozen_until:  # phase 1 (if any) was not stopped early
             histories.append(crnn.fit(train_batches, epochs=epochs,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
@@ -483,20 +496,21 @@ def train(cfg):
         print(f"\ninterrupted after {resume_checkpoint.epochs_done} complete epochs; saved "
               f"{out / RESUME_NAME}. Continue with: python train.py --resume --out {out}")
         return None
+    # ---- phase 6, the final model, then the best checkpoint scored on the test split
     train_seconds = max(time.time() - started, 1e-6)
     epochs_run = epochs_done + sum(len(h.history.get("loss", [])) for h in histories)
     if not finished:
         model.save_model(crnn, out / FINAL_NAME, meta)
         resume_checkpoint.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
-        metrics = score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run,
+        results = score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run,
                             epochs_done, train_seconds)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
               f"python train.py --resume --out {out}")
         return None
     (out / RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    return metrics
+    return results
 
 
 def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run, epochs_done,
@@ -505,9 +519,10 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     this is a clean score; metrics.json and the plots."""
     best, _ = model.load_model(out / BEST_NAME)
     test_labels = [label for _, label in test_set]
-    scores, predictions = evaluate(best, test_batches, charset, test_labels)
-    metrics = {
+    scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
+    results = {
         "test": scores,
+        "confidence": metrics.confidence_ranking(predictions, test_labels, confidences),
         "checkpoint": str(out / BEST_NAME),
         "epochs_run": epochs_run,
         "train_seconds_this_session": round(train_seconds, 1),
@@ -515,14 +530,21 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
         "data_dir": str(folder),
         "config": dataclasses.asdict(cfg),
         "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
+        "misread": [{"path": str(path), "truth": t, "prediction": p, "confidence": c}
+                    for (path, t), p, c in zip(test_set, predictions, confidences) if p != t],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
     shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
     pictures = plots.write_run_plots(out, out / LOG_NAME, shown, test_labels, predictions)
     print(f"plots: {', '.join(str(p) for p in pictures)}")
     print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f} "
           f"({scores['exact_match_ignore_case']:.4f} ignoring case), CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
-    return metrics
+    ranked = results["confidence"]
+    if ranked["count_rest"] and ranked["count_confident"]:
+        print(f"confidence ranks errors: exact match {ranked['exact_match_confident']:.4f} on the "
+              f"{ranked['count_confident']} most confident readings (confidence >= {ranked['threshold']:.3f}), "
+              f"{ranked['exact_match_rest']:.4f} on the other {ranked['count_rest']}")
+    return results
 
 
 def main(argv=None):
@@ -536,14 +558,14 @@ def main(argv=None):
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python take signals
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        metrics = train(cfg)
+        results = train(cfg)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    return 0 if metrics is not None else 128 + stopped_by[0]  # 130 for Ctrl-C, 143 for SIGTERM, as shells report
+    return 0 if results is not None else 128 + stopped_by[0]  # 130 for Ctrl-C, 143 for SIGTERM, as shells report
 
 
 if __name__ == "__main__":

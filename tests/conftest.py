@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import preprocess  # noqa: E402
+import synth  # noqa: E402
 
 DIGITS = "0123456789"
 
@@ -19,7 +19,7 @@ DIGITS = "0123456789"
 def digits_folder(tmp_path_factory):
     """40 captcha-package images, digits, labels of 3 or 4 characters (so lengths vary)."""
     folder = tmp_path_factory.mktemp("digits")
-    preprocess.generate_synthetic(folder, 40, seed=7, symbols=DIGITS, length=(3, 4), workers=1, progress=False)
+    synth.generate_synthetic(folder, 40, seed=7, symbols=DIGITS, length=(3, 4), workers=1, progress=False)
     return folder
 
 
@@ -33,3 +33,15 @@ def trained_run(tmp_path_factory, digits_folder):
                        "--charset", "digits", "--learning_rate", "0.01", "--workers", "1", "--out", str(out)])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory, trained_run):
+    """trained_run's best model exported to ONNX (export_safe.py --format onnx)."""
+    import export_safe
+    import train
+
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(path),
+                             "--format", "onnx"]) == 0
+    return path

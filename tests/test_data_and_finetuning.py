@@ -10,15 +10,16 @@ from PIL import Image
 import bench
 import model
 import preprocess
+import synth
 import train
 from conftest import DIGITS
 
 
 @pytest.mark.parametrize("style, size, extension", [("captcha", (200, 50), ".png"), ("gregwar", (150, 40), ".jpg")])
 def test_both_synthetic_styles_are_deterministic_labelled_and_sized(tmp_path, style, size, extension):
-    a = preprocess.generate_synthetic(tmp_path / "a", 10, seed=11, style=style, workers=1, progress=False)
-    b = preprocess.generate_synthetic(tmp_path / "b", 10, seed=11, style=style, workers=2, progress=False)
-    c = preprocess.generate_synthetic(tmp_path / "c", 10, seed=12, style=style, workers=1, progress=False)
+    a = synth.generate_synthetic(tmp_path / "a", 10, seed=11, style=style, workers=1, progress=False)
+    b = synth.generate_synthetic(tmp_path / "b", 10, seed=11, style=style, workers=2, progress=False)
+    c = synth.generate_synthetic(tmp_path / "c", 10, seed=12, style=style, workers=1, progress=False)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
     for path in a:
@@ -30,12 +31,12 @@ def test_both_synthetic_styles_are_deterministic_labelled_and_sized(tmp_path, st
 
 
 def test_gregwar_style_varies_like_the_library(tmp_path):
-    paths = preprocess.generate_synthetic(tmp_path, 40, seed=3, style="gregwar", workers=1, progress=False)
+    paths = synth.generate_synthetic(tmp_path, 40, seed=3, style="gregwar", workers=1, progress=False)
     borders = [np.median(np.concatenate([g[0], g[-1]])) for g in map(preprocess.read_gray, paths)]
     inverted = sum(level < 128 for level in borders)
     assert 8 <= inverted <= 32  # about half the images are colour-inverted
-    assert len(preprocess.gregwar_fonts()) == 6 and all(map(lambda f: __import__("os").path.exists(f),
-                                                            preprocess.gregwar_fonts()))
+    assert len(synth.gregwar_fonts()) == 6 and all(map(lambda f: __import__("os").path.exists(f),
+                                                            synth.gregwar_fonts()))
 
 
 def cnn_weights(crnn):
@@ -43,24 +44,54 @@ def cnn_weights(crnn):
             for w in layer.weights]
 
 
-def test_fine_tuning_with_the_same_charset_and_frozen_convolutions(trained_run, digits_folder, tmp_path, capsys):
+def stop_after_epoch(monkeypatch, epoch):
+    """Ctrl-C as epoch `epoch` (counted from 1) ends, right after its resume checkpoint is written."""
+    save = train.ResumeCheckpoint.on_epoch_end
+
+    def on_epoch_end(self, index, logs=None):
+        save(self, index, logs)
+        if index + 1 == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", on_epoch_end)
+
+
+def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run, digits_folder, tmp_path,
+                                                                    monkeypatch, capsys):
+    """--freeze_cnn_epochs 2 --epochs 3, stopped after epochs 1 and 2 and resumed each time: the convolutions
+    (BatchNorm statistics included) keep the source's weights for two epochs, the optimizer state
+    survives the resume inside the frozen phase, and the convolutions learn in epoch 3."""
     source = trained_run / train.BEST_NAME
     out = tmp_path / "tuned"
-    assert train.main(["--data_dir", str(digits_folder), "--init_from", str(source), "--freeze_cnn_epochs", "1",
-                       "--epochs", "1", "--batch_size", "8", "--workers", "1", "--charset", "digits",
-                       "--out", str(out)]) == 0
+    stop_after_epoch(monkeypatch, 1)
+    code = train.main(["--data_dir", str(digits_folder), "--init_from", str(source), "--freeze_cnn_epochs", "2",
+                       "--epochs", "3", "--batch_size", "8", "--workers", "1", "--charset", "digits",
+                       "--out", str(out)])
+    assert code == 130
     printed = capsys.readouterr().out
     assert f"starting from {source} (every symbol's output row carried over)" in printed and "convolutions frozen" in printed
+    steps_per_epoch = 4  # 32 training images, batch 8
     before, _ = model.load_model(source)
-    after, _ = model.load_model(out / train.FINAL_NAME)
-    assert all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(after)))  # frozen
+    after_1, _ = model.load_model(out / train.RESUME_NAME, compile=True)
+    assert int(after_1.optimizer.iterations.numpy()) == steps_per_epoch
+
+    stop_after_epoch(monkeypatch, 2)
+    assert train.main(["--resume", "--out", str(out)]) == 130
+    after_2, _ = model.load_model(out / train.RESUME_NAME, compile=True)
+    assert int(after_2.optimizer.iterations.numpy()) == 2 * steps_per_epoch  # went on counting: state kept
+    assert all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(after_2)))  # frozen
     lstm = lambda m: m.get_layer("bilstm_1").get_weights()[0]  # noqa: E731
-    assert not np.array_equal(lstm(before), lstm(after))  # but the rest learned
+    assert not np.array_equal(lstm(after_1), lstm(after_2))  # while the rest learned
+
+    monkeypatch.undo()
+    assert train.main(["--resume", "--out", str(out)]) == 0
+    final, _ = model.load_model(out / train.FINAL_NAME)
+    assert not all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(final)))  # thawed
 
 
 def test_fine_tuning_to_another_charset_keeps_the_shared_symbols(trained_run, tmp_path, capsys):
     data = tmp_path / "hex"
-    preprocess.generate_synthetic(data, 30, seed=4, symbols="0123456789abcdef", length=4, workers=1, progress=False)
+    synth.generate_synthetic(data, 30, seed=4, symbols="0123456789abcdef", length=4, workers=1, progress=False)
     out = tmp_path / "tuned"
     assert train.main(["--data_dir", str(data), "--init_from", str(trained_run / train.BEST_NAME), "--epochs", "1",
                        "--charset", "0123456789abcdef", "--batch_size", "8", "--workers", "1",
@@ -92,7 +123,7 @@ def test_bench_compares_recipes_and_writes_curves_and_models(tmp_path, capsys):
 def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
     """Lower-case letters and digits, 4 to 6 characters, 150x40 JPEGs: charset and length come from the data."""
     data = tmp_path / "other"
-    preprocess.generate_synthetic(data, 40, seed=9, symbols="abcdefghijklmnopqrstuvwxyz0123456789", length=(4, 6),
+    synth.generate_synthetic(data, 40, seed=9, symbols="abcdefghijklmnopqrstuvwxyz0123456789", length=(4, 6),
                                   style="gregwar", workers=1, progress=False)
     labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(data)]
     out = tmp_path / "out"

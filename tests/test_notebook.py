@@ -23,7 +23,17 @@ def test_notebook_runs_end_to_end_on_tiny_settings(tmp_path):
     for name in ["training_curves.png", "predictions.png", "confusions.png"]:
         with Image.open(out / name) as picture:
             assert picture.format == "PNG"
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["epochs_run"] == 2
     assert (out / "crnn_ctc_best_safe.keras").exists()
+
+    def printed(cell):
+        return "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+
+    evaluation = next(cell for cell in notebook.cells if cell.cell_type == "code" and "metrics.json" in cell.source)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in saved["test"].items()}
+    assert f"test split: {shown}" in printed(evaluation)  # the notebook shows this run's own scores
     last = notebook.cells[-1]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in last.outputs)
+    readings = [line for line in printed(last).splitlines() if " with confidence " in line]
+    assert len(readings) == 8 and all(0.0 <= float(line.rsplit(" ", 1)[1]) <= 1.0 for line in readings)

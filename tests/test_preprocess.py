@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 import preprocess
+import synth
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
 
@@ -157,9 +158,9 @@ def test_split_is_fixed_by_seed_and_disjoint():
 
 
 def test_synthetic_generator_is_deterministic_and_labels_files(tmp_path):
-    a = preprocess.generate_synthetic(tmp_path / "a", 12, seed=5, workers=1, progress=False)
-    b = preprocess.generate_synthetic(tmp_path / "b", 12, seed=5, workers=2, progress=False)
-    c = preprocess.generate_synthetic(tmp_path / "c", 12, seed=6, workers=1, progress=False)
+    a = synth.generate_synthetic(tmp_path / "a", 12, seed=5, workers=1, progress=False)
+    b = synth.generate_synthetic(tmp_path / "b", 12, seed=5, workers=2, progress=False)
+    c = synth.generate_synthetic(tmp_path / "c", 12, seed=6, workers=1, progress=False)
     assert [p.name for p in a] == [p.name for p in b]
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     assert [p.name for p in a] != [p.name for p in c]
@@ -171,10 +172,10 @@ def test_synthetic_generator_is_deterministic_and_labels_files(tmp_path):
 
 def test_unique_filename_avoids_case_blind_collisions():
     taken = set()
-    assert preprocess.unique_filename("aB3xQ", taken) == "aB3xQ.png"
-    assert preprocess.unique_filename("Ab3xq", taken) == "Ab3xq_1.png"  # one file with aB3xQ.png on macOS
-    assert preprocess.unique_filename("AB3XQ", taken) == "AB3XQ_2.png"
-    assert preprocess.unique_filename("zZ9", taken) == "zZ9.png"
+    assert synth.unique_filename("aB3xQ", taken) == "aB3xQ.png"
+    assert synth.unique_filename("Ab3xq", taken) == "Ab3xq_1.png"  # one file with aB3xQ.png on macOS
+    assert synth.unique_filename("AB3XQ", taken) == "AB3XQ_2.png"
+    assert synth.unique_filename("zZ9", taken) == "zZ9.png"
     assert preprocess.label_from_filename("AB3XQ_2.png") == "AB3XQ"
 
 

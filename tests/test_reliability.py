@@ -14,6 +14,7 @@ import pytest
 
 import model
 import preprocess
+import synth
 import train
 from conftest import DIGITS, ROOT
 
@@ -23,7 +24,7 @@ EPOCHS = 5
 @pytest.fixture(scope="module")
 def resume_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume_data")
-    preprocess.generate_synthetic(folder, 160, seed=2, symbols=DIGITS, length=4, workers=1, progress=False)
+    synth.generate_synthetic(folder, 160, seed=2, symbols=DIGITS, length=4, workers=1, progress=False)
     return folder
 
 
@@ -146,7 +147,7 @@ def test_resume_refuses_a_folder_that_changed(digits_folder, tmp_path, monkeypat
     with monkeypatch.context() as patch:
         patch.setattr(train.ResumeCheckpoint, "on_epoch_end", stop_after_first_epoch)
         assert train.main(args) == 130
-    extra = preprocess.generate_synthetic(tmp_path / "more", 6, seed=99, symbols=DIGITS, length=4, workers=1,
+    extra = synth.generate_synthetic(tmp_path / "more", 6, seed=99, symbols=DIGITS, length=4, workers=1,
                                           progress=False)
     added = [data / f"{preprocess.label_from_filename(path)}_9.png" for path in extra]
     for path, copy in zip(extra, added):  # the folder grows: the same seed now splits it differently

@@ -1,4 +1,4 @@
-"""The four scripts end to end: train.py, test.py, export_safe.py, `preprocess.py synth`."""
+"""The four scripts end to end: train.py, test.py, export_safe.py, `synth.py`."""
 
 import csv
 import json
@@ -11,7 +11,10 @@ import pytest
 
 import export_safe
 import model
+import modelmeta
 import preprocess
+import reader
+import synth
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
 from preprocess import Charset
@@ -113,19 +116,18 @@ def test_confusions_count_substitutions_only():
 
 
 def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
-    _, meta = model.load_model(trained_run / train.BEST_NAME)
+    model_path = trained_run / train.BEST_NAME
+    _, meta = model.load_model(model_path)
     samples = preprocess.scan_folder(digits_folder).samples[:4]
     charset = Charset.from_dict(meta["charset"])
     training_options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
     train_images, _ = preprocess.make_batches(samples, charset, 4, training_options, batch_size=4, workers=1)[0]
-    args = read_captchas.parse_args(["--image", samples[0][0]])
-    inference_options = read_captchas.inference_options(meta, args)
+    as_read = reader.Reader(model_path)  # what test.py and serve.py read with, without flags
     for (path, _), train_image in zip(samples, train_images):
-        test_image, error = read_captchas.prepare(path, inference_options, None)
+        test_image, error = as_read.prepare(path)
         assert error is None and np.array_equal(test_image, train_image)
     # and the flags do change them
-    args = read_captchas.parse_args(["--image", samples[0][0], "--no_auto_crop", "--strong"])
-    changed, _ = read_captchas.prepare(samples[0][0], read_captchas.inference_options(meta, args), None)
+    changed, _ = reader.Reader(model_path, strong=True).prepare(samples[0][0])
     assert not np.array_equal(changed, train_images[0])
 
 
@@ -159,14 +161,14 @@ def expected_texts(model_path, paths):
     crnn, meta = model.load_model(model_path)
     options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
     images = np.stack([preprocess.load_image(p, options) for p in paths])
-    return model.decode(crnn.predict_on_batch(images), Charset.from_dict(meta["charset"]))
+    return reader.decode(crnn.predict_on_batch(images), Charset.from_dict(meta["charset"]))
 
 
 def test_read_one_image(trained_run, digits_folder, capsys):
     image = preprocess.list_images(digits_folder)[0]
     assert read_captchas.main(["--model", str(trained_run / train.BEST_NAME), "--image", str(image)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"{image} -> {expected_texts(trained_run / train.BEST_NAME, [image])[0]}"
+    assert lines[0].startswith(f"{image} -> {expected_texts(trained_run / train.BEST_NAME, [image])[0]} (")
     assert lines[1].startswith("1 labelled image: exact match")
 
 
@@ -183,7 +185,7 @@ def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digit
     assert code == 0
     captured = capsys.readouterr()
     assert "00000.png: not a readable image" in captured.err
-    predicted = [line for line in captured.out.splitlines() if " -> " in line]
+    predicted = [line.rsplit(" (", 1)[0] for line in captured.out.splitlines() if " -> " in line]  # less confidence
     readable = sorted(folder / image.name for image in images)[:4]
     texts = expected_texts(model_path, readable)
     assert predicted == [f"{path} -> {text}" for path, text in zip(readable, texts)]
@@ -277,7 +279,7 @@ def test_exported_reference_checkpoint_decodes_with_the_blank_last(tmp_path, cap
     _, meta = model.load_model(dst)
     assert meta["charset"]["blank_index"] == 62
     image = tmp_path / "Q.png"
-    image.write_bytes(preprocess.generate_synthetic(tmp_path / "img", 1, workers=1, progress=False)[0].read_bytes())
+    image.write_bytes(synth.generate_synthetic(tmp_path / "img", 1, workers=1, progress=False)[0].read_bytes())
     assert read_captchas.main(["--model", str(dst), "--image", str(image)]) == 0
     assert f"{image} -> A" in capsys.readouterr().out
 
@@ -316,11 +318,11 @@ def test_export_user_errors(tmp_path, trained_run, capsys):
     assert safe_copy.stat().st_size < (trained_run / train.BEST_NAME).stat().st_size  # without the optimizer state
 
 
-# ----------------------------------------------------------------------------- preprocess.py synth
+# ----------------------------------------------------------------------------- synth.py
 
 
 def test_synth_command_writes_a_labelled_folder(tmp_path):
-    result = run_script("preprocess.py", "synth", "--out", tmp_path / "s", "--count", "6", "--seed", "3",
+    result = run_script("synth.py", "--out", tmp_path / "s", "--count", "6", "--seed", "3",
                         "--charset", "lower_digits", "--length", "4-6", "--workers", "1")
     assert result.returncode == 0, result.stderr
     labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(tmp_path / "s")]
@@ -328,7 +330,8 @@ def test_synth_command_writes_a_labelled_folder(tmp_path):
     assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
 
 
-@pytest.mark.parametrize("script", ["train", "test", "export_safe", "preprocess", "bench", "plots"])
+@pytest.mark.parametrize("script", ["train", "test", "export_safe", "preprocess", "synth", "bench", "plots", "serve",
+                                    "speed"])
 def test_every_script_has_help(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as exit_:
@@ -355,7 +358,7 @@ def test_onnx_and_savedmodel_exports_match_the_keras_model(trained_run, digits_f
     assert "m.onnx (onnx): max abs difference" in printed and "m_savedmodel (savedmodel)" in printed
     assert json.loads((saved_path / model.META_MEMBER).read_text())["charset"]["symbols"] == "0123456789"
 
-    network, meta = model.load_model(onnx_path)
+    network, meta = reader.load(onnx_path)
     keras_model, _ = model.load_model(source)
     batch = export_safe.parity_batch(keras_model, count=3, seed=5)
     assert np.max(np.abs(network.predict_on_batch(batch) - keras_model.predict_on_batch(batch))) < 1e-4
@@ -371,7 +374,7 @@ def test_tflite_export_runs_on_the_builtin_interpreter(trained_run, digits_folde
     tflite_path = tmp_path / "m.tflite"
     assert export_safe.main(["--in_keras", str(source), "--out_keras", str(tflite_path), "--format", "tflite"]) == 0
     assert "m.tflite (tflite): max abs difference" in capsys.readouterr().out
-    network, meta = model.load_model(tflite_path)  # the standard interpreter: no TensorFlow "select" ops needed
+    network, meta = reader.load(tflite_path)  # the standard interpreter: no TensorFlow "select" ops needed
     keras_model, _ = model.load_model(source)
     for count in (1, 5):  # the interpreter is resized to each batch size
         batch = export_safe.parity_batch(keras_model, count=count, seed=count)
@@ -382,6 +385,6 @@ def test_tflite_export_runs_on_the_builtin_interpreter(trained_run, digits_folde
     assert read_captchas.main(["--model", str(source), *folder]) == 0
     assert capsys.readouterr().out == from_tflite
 
-    model.tflite_meta_path(tflite_path).unlink()
+    modelmeta.tflite_meta_path(tflite_path).unlink()
     assert read_captchas.main(["--model", str(tflite_path), *folder]) == 2
     assert "m.tflite.json is missing" in capsys.readouterr().err

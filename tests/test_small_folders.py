@@ -8,6 +8,8 @@ import augment
 import metrics
 import model
 import preprocess
+import reader
+import synth
 import train
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
@@ -163,11 +165,11 @@ def test_the_base_model_is_shipped_small_and_safe():
 def test_the_base_model_reads_captchas_it_never_saw(tmp_path):
     """Zero-shot, on captchas drawn with a seed the pre-training data did not use: it has learned the symbols."""
     folder = tmp_path / "unseen"
-    preprocess.generate_synthetic(folder, 24, seed=90210, length=5, style="gregwar", workers=1, progress=False)
+    synth.generate_synthetic(folder, 24, seed=90210, length=5, style="gregwar", workers=1, progress=False)
     base, meta = model.load_model(train.BASE_MODEL)
     paths = preprocess.list_images(folder)
     images = np.stack([preprocess.load_image(p, PreprocessOptions.from_dict(meta["preprocess"])) for p in paths])
-    predictions = model.decode(base.predict_on_batch(images), Charset.from_dict(meta["charset"]))
+    predictions = reader.decode(base.predict_on_batch(images), Charset.from_dict(meta["charset"]))
     labels = [preprocess.label_from_filename(p) for p in paths]
     assert metrics.character_error_rate(predictions, labels) < 0.5  # an untrained network scores about 1.0
 
@@ -187,13 +189,13 @@ def test_the_default_run_fine_tunes_the_base_model(digits_folder, tmp_path, caps
                        "--out", str(out)]) == 0
     assert f"starting from {train.BASE_MODEL} (every symbol's output row carried over)" in capsys.readouterr().out
     tuned, meta = model.load_model(out / train.FINAL_NAME)
-    assert meta["charset"]["symbols"] == DIGITS and tuned.output_shape == (None, 25, 11)
+    assert meta["charset"]["symbols"] == DIGITS and tuned.output_shape == (None, 50, 11)
 
 
 def test_augmentation_picture_shows_the_loaders_own_output(tmp_path):
     import plots
 
-    image = preprocess.generate_synthetic(tmp_path / "img", 1, seed=2, workers=1, progress=False)[0]
+    image = synth.generate_synthetic(tmp_path / "img", 1, seed=2, workers=1, progress=False)[0]
     plain = tmp_path / "plain.png"
     assert plots.main(["--augmentation", str(plain), str(image)]) == 0
     from PIL import Image

@@ -1,0 +1,282 @@
+"""Read captchas with any model this project writes: .keras (Keras), .onnx (onnxruntime), .tflite (LiteRT).
+
+    reader = Reader("saved_model/crnn_ctc_best.onnx", allowed="digits")
+    text, confidence = reader.read_gray(preprocess.read_gray("captcha.png"))
+
+One reading path for test.py, serve.py and speed.py: the model's own preprocessing (from its
+metadata), the network, then greedy CTC decoding (or beam search) with a confidence per text.
+Exported models (.onnx, .tflite) are read without importing Keras or TensorFlow, so a reader or a
+server that uses one starts in a second and stays small; only a .keras file loads Keras.
+
+Confidence: with greedy decoding, the probability of the decoded path, i.e. the product over the
+time steps of the highest class probability at each (blanks included). With beam search, the
+beam's probability of its text. Both lie in (0, 1]; a wrong reading usually has a low one.
+"""
+
+import dataclasses
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import preprocess
+from modelmeta import META_MEMBER, check_meta_version, tflite_meta_path
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+CASES = ("lower", "upper")
+
+
+# ----------------------------------------------------------------------------- exported networks
+
+
+class OnnxNetwork:
+    """An exported .onnx network run by onnxruntime (thread-safe: concurrent calls need no lock)."""
+
+    thread_safe = True
+
+    def __init__(self, path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CaptchaError(f"{path}: reading .onnx models needs onnxruntime (pip install onnxruntime)") from None
+        options = onnxruntime.SessionOptions()
+        options.enable_cpu_mem_arena = False  # the arena keeps a batch's peak for good: 58 MB more at batch 64
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise CaptchaError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_shape = tuple(self.session.get_outputs()[0].shape)
+
+    def predict_on_batch(self, images):
+        return self.session.run(None, {self.input_name: np.asarray(images, dtype=np.float32)})[0]
+
+
+def load_onnx(path):
+    network = OnnxNetwork(path)
+    meta = network.session.get_modelmeta().custom_metadata_map.get(META_MEMBER)
+    if meta is None:
+        raise CaptchaError(f"{path}: ONNX model without this project's metadata; export it with export_safe.py")
+    return network, check_meta_version(json.loads(meta), path)
+
+
+class TFLiteNetwork:
+    """An exported .tflite network run by the LiteRT interpreter (one call at a time)."""
+
+    thread_safe = False
+
+    def __init__(self, path):
+        import warnings
+
+        try:
+            from ai_edge_litert.interpreter import Interpreter  # TFLite's own package: no TensorFlow
+        except ImportError:
+            import tensorflow as tf
+
+            Interpreter = tf.lite.Interpreter
+        try:
+            with warnings.catch_warnings():  # tf.lite.Interpreter works; it only warns that it will move
+                warnings.simplefilter("ignore", UserWarning)
+                self.interpreter = Interpreter(model_path=str(path))
+        except Exception as e:  # the interpreter raises ValueError/RuntimeError for files it can't read
+            raise CaptchaError(f"{path}: not a readable TFLite model ({str(e).splitlines()[0]})") from None
+        self.input = self.interpreter.get_input_details()[0]["index"]
+        self.output = self.interpreter.get_output_details()[0]["index"]
+        self.output_shape = tuple(self.interpreter.get_output_details()[0]["shape_signature"])
+        self.batch = None
+
+    def predict_on_batch(self, images):
+        images = np.asarray(images, dtype=np.float32)
+        if self.batch != len(images):  # the network takes any batch size; the interpreter sizes its buffers once per size
+            self.interpreter.resize_tensor_input(self.input, images.shape)
+            self.interpreter.allocate_tensors()
+            self.batch = len(images)
+        self.interpreter.set_tensor(self.input, images)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output).copy()
+
+
+def load_tflite(path):
+    meta_path = tflite_meta_path(path)
+    if not meta_path.exists():
+        raise CaptchaError(f"{path}: its metadata {meta_path.name} is missing; export it with export_safe.py")
+    try:
+        meta = check_meta_version(json.loads(meta_path.read_text()), meta_path)
+        charset = Charset.from_dict(meta["charset"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CaptchaError(f"{meta_path}: not this project's model metadata ({type(e).__name__}: {e})") from None
+    network = TFLiteNetwork(path)
+    if network.output_shape[-1] != charset.num_classes:
+        raise CaptchaError(f"{path}: outputs {network.output_shape[-1]} classes but {meta_path.name} gives "
+                           f"{charset.num_classes} (symbols + blank)")
+    return network, meta
+
+
+def load(path, safe_mode=True):
+    """(network with predict_on_batch, metadata) from a .keras, .onnx or .tflite file."""
+    path = Path(path)
+    exported = {".onnx": load_onnx, ".tflite": load_tflite}.get(path.suffix.lower())
+    if exported:
+        if not path.exists():
+            raise CaptchaError(f"{path}: model file does not exist")
+        return exported(path)
+    import model  # Keras, and with it TensorFlow, load only for .keras files
+
+    return model.load_model(path, safe_mode=safe_mode)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def symbols_arg(value, charset, flag="--allowed"):
+    """The symbols of --allowed (a charset preset name such as digits, or the symbols themselves), checked
+    against what the model reads."""
+    symbols = preprocess.CHARSET_PRESETS.get(value, value)
+    missing = "".join(sorted(set(symbols) - set(charset.symbols)))
+    if missing:
+        raise CaptchaError(f"{flag} {value!r}: the model cannot read {missing!r} (it reads {charset.symbols!r})")
+    return symbols
+
+
+def restrict(probs, charset, allowed=None, case=None):
+    """Class probabilities (batch, T, classes) with the choice narrowed before decoding.
+
+    case "lower"/"upper": each letter's probability is added to its other case's where the model
+    reads both, so a site that ignores case gets the letter whichever case the model leans to.
+    allowed: the symbols that may be read; the others' probabilities are removed. Each time step is
+    renormalised, so confidences stay probabilities."""
+    if case is None and allowed is None:
+        return probs
+    probs = np.array(probs, dtype=np.float32)  # a copy: the caller's array stays as the network gave it
+    index = {symbol: charset.encode(symbol)[0] for symbol in charset.symbols}
+    if case is not None:
+        for symbol, i in index.items():
+            folded = symbol.lower() if case == "lower" else symbol.upper()
+            if folded != symbol and folded in index:
+                probs[:, :, index[folded]] += probs[:, :, i]
+                probs[:, :, i] = 0.0
+    if allowed is not None:
+        for symbol, i in index.items():
+            if symbol not in allowed:
+                probs[:, :, i] = 0.0
+    return probs / np.maximum(probs.sum(axis=-1, keepdims=True), 1e-12)
+
+
+def decode_with_confidence(probs, charset, beam_width=0, case=None):
+    """Softmax output (batch, T, classes) -> (texts, confidences). beam_width 0 or 1: greedy."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if beam_width and beam_width > 1:
+        texts, confidences = _beam_search(probs, charset, beam_width)
+    else:
+        best = probs.argmax(axis=-1)  # (batch, T)
+        confidences = np.exp(np.log(np.clip(probs.max(axis=-1).astype(np.float64), 1e-30, 1.0)).sum(axis=-1))
+        texts = []
+        for path in best:
+            kept = path[np.insert(path[1:] != path[:-1], 0, True)]  # repeats merge; then blanks go
+            texts.append(charset.decode(kept[kept != charset.blank_index]))
+    if case is not None:  # symbols the model reads in one case only
+        texts = [text.lower() if case == "lower" else text.upper() for text in texts]
+    return texts, [float(c) for c in confidences]
+
+
+def decode(probs, charset, beam_width=0):
+    """Softmax output (batch, T, classes) -> list of strings. beam_width 0 or 1: greedy."""
+    return decode_with_confidence(probs, charset, beam_width)[0]
+
+
+def _beam_search(probs, charset, beam_width):
+    from keras import ops  # beam search is Keras' own (TensorFlow's CTC beam decoder)
+
+    lengths = np.full((probs.shape[0],), probs.shape[1], dtype=np.int32)
+    log_probs = np.log(np.clip(probs, 1e-8, 1.0))
+    decoded, scores = ops.ctc_decode(log_probs, lengths, strategy="beam_search", beam_width=beam_width,
+                                     top_paths=1, mask_index=charset.blank_index)
+    texts = [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
+    return texts, np.exp(np.minimum(ops.convert_to_numpy(scores)[:, 0], 0.0))
+
+
+# ----------------------------------------------------------------------------- the reader
+
+
+@dataclasses.dataclass
+class Reading:
+    """One image's result: text and confidence, or the reason it could not be read."""
+
+    path: str
+    text: str | None = None
+    confidence: float | None = None
+    error: str | None = None
+
+
+class Reader:
+    """A model file with its preprocessing and decoding settings; reads images, files or folders."""
+
+    def __init__(self, model_path, allowed=None, case=None, beam_width=0, safe_mode=True, no_auto_crop=False,
+                 force_invert=False, strong=False):
+        if case is not None and case not in CASES:
+            raise CaptchaError(f"unknown --case {case!r}; choose from {', '.join(CASES)}")
+        self.path = Path(model_path)
+        self.network, self.meta = load(model_path, safe_mode)
+        self.charset = Charset.from_dict(self.meta["charset"])
+        self.allowed = symbols_arg(allowed, self.charset) if allowed else None
+        self.case, self.beam_width = case, beam_width
+        options = PreprocessOptions.from_dict(self.meta["preprocess"])  # resize mode and CLAHE settings included
+        self.options = dataclasses.replace(options, auto_crop=options.auto_crop and not no_auto_crop,
+                                           force_invert=options.force_invert or force_invert,
+                                           strong=options.strong or strong)
+        # Keras models and the TFLite interpreter keep state between calls: one call at a time.
+        self.lock = threading.Lock() if not getattr(self.network, "thread_safe", False) else None
+
+    def predict(self, images):
+        """Preprocessed images (batch, H, W, 1) -> (texts, confidences)."""
+        if self.lock is None:
+            probs = self.network.predict_on_batch(images)
+        else:
+            with self.lock:
+                probs = self.network.predict_on_batch(images)
+        probs = restrict(probs, self.charset, self.allowed, self.case)
+        return decode_with_confidence(probs, self.charset, self.beam_width, self.case)
+
+    def read_gray(self, gray):
+        """One decoded grayscale image -> (text, confidence)."""
+        texts, confidences = self.predict(preprocess.preprocess_gray(gray, self.options)[np.newaxis])
+        return texts[0], confidences[0]
+
+    def read_paths(self, paths, batch_size=64, debug_dir=None):
+        """Yield a Reading per path, in order; reads the next batch's files while predicting this one."""
+        batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        # One thread prepares the next batch, spreading its images over two more (OpenCV frees the GIL).
+        with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(2) as pool:
+            def load_batch(batch):
+                return list(pool.map(lambda p: self.prepare(p, debug_dir), batch))
+
+            pending = prefetch.submit(load_batch, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                prepared = pending.result()
+                pending = prefetch.submit(load_batch, batches[i + 1]) if i + 1 < len(batches) else None
+                good = [image for image, error in prepared if error is None]
+                texts, confidences = self.predict(np.stack(good)) if good else ([], [])
+                results = iter(zip(texts, confidences))
+                for path, (image, error) in zip(batch, prepared):
+                    if error:
+                        yield Reading(str(path), error=error)
+                    else:
+                        text, confidence = next(results)
+                        yield Reading(str(path), text, confidence)
+
+    def prepare(self, path, debug_dir=None):
+        """-> (model input, None) or (None, error message). Writes the stages when debugging."""
+        import cv2
+
+        try:
+            stages = {} if debug_dir else None
+            image = preprocess.preprocess_gray(preprocess.read_gray(path), self.options, stages)
+        except CaptchaError as e:
+            return None, str(e)
+        if debug_dir:
+            for name, stage in stages.items():
+                cv2.imwrite(os.path.join(debug_dir, f"{Path(path).stem}_{name}.png"), stage)
+        return image, None

@@ -1,0 +1,220 @@
+"""The built-in synthetic captchas: labelled images drawn by two generators, for the built-in data set,
+the base model's pre-training and the tests.
+
+    python synth.py --out data/synth/captcha --count 1000 --seed 1234
+    python synth.py --style gregwar --out data/base/gregwar --count 20000 --seed 502 --length 3-8
+
+captcha: the `captcha` package (PyPI), warped glyphs over noise dots and a curve; gregwar: like the
+PHP Gregwar/Captcha (the reference's Kaggle set), JPEG, lines over a coloured background. Both are
+seeded: the same seed draws the same files.
+"""
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from preprocess import CHARSET_PRESETS, DEFAULT_SYMBOLS, IMG_HEIGHT, IMG_WIDTH, CaptchaError, charset_from_arg
+
+
+class _SeededSecrets:
+    """Stands in for the `secrets` module that captcha.image draws every random choice from.
+
+    ImageCaptcha uses `secrets` (unseedable) on purpose; for reproducible datasets we swap in a
+    seeded generator with the three functions it calls.
+    """
+
+    def __init__(self, seed):
+        self._rng = random.Random(seed)
+
+    def randbelow(self, n):
+        return self._rng.randrange(n)
+
+    def randbits(self, k):
+        return self._rng.getrandbits(k)
+
+    def choice(self, seq):
+        return self._rng.choice(seq)
+
+
+def _draw_captcha_png(args):
+    text, seed, width, height = args
+    import captcha.image
+    from io import BytesIO
+
+    captcha.image.secrets = _SeededSecrets(seed)
+    font_sizes = tuple(round(s * height / 60) for s in (42, 50, 56))  # the package's sizes, scaled
+    image = captcha.image.ImageCaptcha(width=width, height=height, font_sizes=font_sizes).generate_image(text)
+    out = BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def gregwar_fonts():
+    """Six faces, as Gregwar/Captcha has, from installed packages (matplotlib's DejaVu and STIX, the
+    captcha package's DroidSansMono): nothing is downloaded."""
+    import captcha
+    import matplotlib
+
+    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    names = ["DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-BoldOblique.ttf",
+             "STIXGeneralBol.ttf"]
+    return [str(ttf / n) for n in names] + [str(Path(captcha.__file__).parent / "data" / "DroidSansMono.ttf")]
+
+
+def _wave_distort(image, rng):
+    """Gregwar's distortion: a radial ripple around a random centre plus a vertical sine wave."""
+    height, width = image.shape[:2]
+    cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+    phase, scale = rng.uniform(0, 10), 1.1 + rng.uniform(0, 1 / 3)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    vx, vy = xs - cx, ys - cy
+    radius = np.hypot(vx, vy)
+    stretch = np.where(radius > 0, (radius + 4 * np.sin(radius / 30)) / np.maximum(radius, 1e-6), 1.0)
+    map_x = (cx + vx * stretch).astype(np.float32)
+    map_y = (cy + vy * stretch + scale * np.sin(phase + map_x * 0.2)).astype(np.float32)
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _draw_gregwar_jpeg(args):
+    """One captcha in the manner of the PHP library Gregwar/Captcha (the reference's Kaggle set):
+    150x40, a font per image, letters turned up to 8 degrees and shifted up to 5 px, lines behind and
+    in front of the text, a wave distortion, sometimes inverted / edge-filtered / re-contrasted /
+    tinted, saved as JPEG."""
+    text, seed, width, height = args
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    background = tuple(rng.randint(200, 255) for _ in range(3))
+    ink = tuple(rng.randint(0, 150) for _ in range(3))
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+
+    def lines(count, color=None):
+        for _ in range(count):
+            start = (rng.randint(0, width), rng.randint(0, height))
+            end = (rng.randint(0, width), rng.randint(0, height))
+            draw.line([start, end], fill=color or tuple(rng.randint(100, 255) for _ in range(3)),
+                      width=rng.choice([1, 1, 2]))
+
+    lines(rng.randint(2, 3))  # behind the text
+    font_path = rng.choice(gregwar_fonts())
+    size = max(12, width // max(len(text), 1) - rng.randint(0, 3) - 1)
+    font = ImageFont.truetype(font_path, size)
+    glyphs = []
+    for char in text:
+        left, top, right, bottom = font.getbbox(char)
+        glyph = Image.new("L", (right - left + 4, bottom - top + 4), 0)
+        ImageDraw.Draw(glyph).text((2 - left, 2 - top), char, font=font, fill=255)
+        glyphs.append(glyph.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR, expand=True))
+    x = max(0, (width - sum(g.width for g in glyphs)) // 2)
+    for glyph in glyphs:
+        y = (height - glyph.height) // 2 + rng.randint(-5, 5)
+        image.paste(Image.new("RGB", glyph.size, ink), (x, y), glyph)
+        x += glyph.width - rng.randint(0, 2)
+    lines(rng.randint(2, 3), ink)  # in front of the text
+    image = Image.fromarray(_wave_distort(np.asarray(image), nrng))
+    if rng.random() < 0.5:
+        image = ImageOps.invert(image)
+    if rng.random() < 0.1:
+        image = image.filter(ImageFilter.FIND_EDGES)
+    if rng.random() < 0.1:
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.5, 1.8))
+    if rng.random() < 0.2:
+        tint = Image.new("RGB", image.size, tuple(rng.randint(0, 255) for _ in range(3)))
+        image = Image.blend(image, tint, 0.3)
+    out = BytesIO()
+    image.save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+SYNTH_STYLES = {
+    # style: (drawing function, file extension, default width, default height)
+    "captcha": (_draw_captcha_png, ".png", IMG_WIDTH, IMG_HEIGHT),
+    "gregwar": (_draw_gregwar_jpeg, ".jpg", 150, 40),
+}
+
+
+def random_labels(count, symbols, length, seed):
+    """`length` is an int or a (min, max) range of label lengths."""
+    rng = random.Random(seed)
+    low, high = (length, length) if isinstance(length, int) else length
+    return ["".join(rng.choice(symbols) for _ in range(rng.randint(low, high))) for _ in range(count)]
+
+
+def unique_filename(label, taken, extension=".png"):
+    """`label.png`, or `label_1.png`... when a name is taken (compared case-blind for macOS/Windows)."""
+    name, n = f"{label}{extension}", 0
+    while name.lower() in taken:
+        n += 1
+        name = f"{label}_{n}{extension}"
+    taken.add(name.lower())
+    return name
+
+
+def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, length=5, style="captcha",
+                       width=None, height=None, workers=None, progress=True):
+    """Draw `count` labelled captchas into `out_dir`, each named by its text.
+
+    style "captcha": the `captcha` package's ImageCaptcha, 200x50 PNG; "gregwar": the look of the
+    PHP library Gregwar/Captcha, 150x40 JPEG. Image i depends only on (seed, i): the same call
+    always writes the same files.
+    """
+    from multiprocessing import Pool
+
+    if style not in SYNTH_STYLES:
+        raise CaptchaError(f"unknown synthetic style {style!r}; choose from {sorted(SYNTH_STYLES)}")
+    draw, extension, default_width, default_height = SYNTH_STYLES[style]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = random_labels(count, symbols, length, seed)
+    jobs = [(label, seed * 1_000_003 + i, width or default_width, height or default_height)
+            for i, label in enumerate(labels)]
+    workers = workers or os.cpu_count() or 1
+    taken = {p.name.lower() for p in out_dir.iterdir()}
+    written = []
+    with Pool(workers) as pool:
+        images = pool.imap(draw, jobs, chunksize=64)
+        if progress:
+            from tqdm import tqdm
+
+            images = tqdm(images, total=count, desc=f"drawing {style} captchas into {out_dir}", unit="img")
+        for label, data in zip(labels, images):
+            path = out_dir / unique_filename(label, taken, extension)
+            path.write_bytes(data)
+            written.append(path)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/synth", help="folder to write into (default: data/synth)")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--charset", default="default", help=f"preset {sorted(CHARSET_PRESETS)} or symbols")
+    parser.add_argument("--length", default="5", help="label length, or a range like 4-6")
+    parser.add_argument("--style", default="captcha", choices=sorted(SYNTH_STYLES),
+                        help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha")
+    parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    try:
+        low, _, high = args.length.partition("-")
+        length = (int(low), int(high)) if high else int(low)
+        written = generate_synthetic(args.out, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
+                                     args.style, workers=args.workers or None)
+    except (CaptchaError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Reading in production: confidence, restricted symbols, case folding, misreads for relabelling,
+int8 ONNX, exported models read without TensorFlow, and the HTTP server (started for real)."""
+
+import base64
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+import export_safe
+import metrics
+import preprocess
+import reader
+import test as read_captchas  # the project's test.py (reads captchas), not a test module
+import train
+from preprocess import Charset
+
+from conftest import ROOT
+
+
+def probs_of(rows, symbols="aAbB", blank=0):
+    """(1, T, classes) from per-step {symbol or "-" (blank): probability}; the rest share what is left."""
+    charset = Charset(symbols, blank)
+    probs = np.zeros((1, len(rows), charset.num_classes), np.float32)
+    for t, row in enumerate(rows):
+        for symbol, p in row.items():
+            probs[0, t, blank if symbol == "-" else charset.encode(symbol)[0]] = p
+        rest = probs[0, t] == 0
+        probs[0, t, rest] = (1 - probs[0, t].sum()) / max(1, rest.sum())
+    return probs, charset
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_confidence_is_the_probability_of_the_decoded_path():
+    probs, charset = probs_of([{"a": 0.9}, {"-": 0.8}, {"b": 0.6}])
+    texts, confidences = reader.decode_with_confidence(probs, charset)
+    assert texts == ["ab"] and confidences[0] == pytest.approx(0.9 * 0.8 * 0.6, rel=1e-5)
+    unsure, _ = probs_of([{"a": 0.9}, {"-": 0.8}, {"b": 0.3}])
+    assert reader.decode_with_confidence(unsure, charset)[1][0] < confidences[0]
+
+
+def test_beam_search_confidence_is_a_probability():
+    probs, charset = probs_of([{"a": 0.9}, {"-": 0.8}, {"b": 0.6}])
+    texts, confidences = reader.decode_with_confidence(probs, charset, beam_width=4)
+    # the beam sums every path that reads "ab", so at least the greedy path's probability
+    assert texts == ["ab"] and 0.9 * 0.8 * 0.6 <= confidences[0] <= 1.0
+
+
+def test_allowed_symbols_are_masked_before_decoding():
+    probs, charset = probs_of([{"a": 0.5, "b": 0.4}, {"-": 0.9}])
+    assert reader.decode(probs, charset) == ["a"]
+    masked = reader.restrict(probs, charset, allowed="bB")
+    texts, confidences = reader.decode_with_confidence(masked, charset)
+    assert texts == ["b"] and np.allclose(masked.sum(axis=-1), 1.0)  # still probabilities
+    assert confidences[0] == pytest.approx(0.4 / (0.4 + probs[0, 0, charset.encode("B")[0]] + probs[0, 0, 0])
+                                           * masked[0, 1].max(), rel=1e-5)
+    with pytest.raises(preprocess.CaptchaError, match="cannot read 'z'"):
+        reader.symbols_arg("abz", charset)
+    assert reader.symbols_arg("lower", Charset("abcdefghijklmnopqrstuvwxyz")) == "abcdefghijklmnopqrstuvwxyz"
+
+
+def test_case_folding_adds_each_letters_two_cases():
+    # b alone is the most likely class, but a and A together are more likely still
+    probs, charset = probs_of([{"a": 0.3, "A": 0.3, "b": 0.35}, {"-": 0.9}])
+    assert reader.decode(probs, charset) == ["b"]
+    for case, expected in [("lower", "a"), ("upper", "A")]:
+        folded = reader.restrict(probs, charset, case=case)
+        assert reader.decode_with_confidence(folded, charset, case=case)[0] == [expected]
+    only_upper = Charset("AB")  # a model that reads one case: its answers are folded all the same
+    probs, _ = probs_of([{"A": 0.9}, {"-": 0.9}], "AB")
+    assert reader.decode_with_confidence(probs, only_upper, case="lower")[0] == ["a"]
+
+
+def test_confidence_ranking_splits_the_most_confident_readings():
+    ranked = metrics.confidence_ranking(["a", "b", "c", "x"], ["a", "b", "c", "d"], [0.9, 0.8, 0.7, 0.1], keep=0.75)
+    assert ranked["exact_match_confident"] == 1.0 and ranked["exact_match_rest"] == 0.0
+    assert ranked["threshold"] == pytest.approx(0.7) and (ranked["count_confident"], ranked["count_rest"]) == (3, 1)
+
+
+# ----------------------------------------------------------------------------- test.py
+
+
+def test_json_output_confidence_threshold_and_review_folder(trained_run, digits_folder, tmp_path, capsys):
+    model_path = trained_run / train.BEST_NAME
+    review = tmp_path / "review"
+    args = ["--model", str(model_path), "--folder", str(digits_folder), "--limit", "12"]
+    assert read_captchas.main([*args, "--output", str(tmp_path / "all.json")]) == 0
+    readings = json.loads((tmp_path / "all.json").read_text())["readings"]
+    confidences = sorted(r["confidence"] for r in readings)
+    middle = len(confidences) // 2
+    assert confidences[middle - 1] < confidences[middle]
+    threshold = (confidences[middle - 1] + confidences[middle]) / 2  # half fall below it, none on it
+    capsys.readouterr()
+    assert read_captchas.main([*args, "--min_confidence", str(threshold), "--review_dir", str(review),
+                               "--output", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    rows = saved["readings"]
+    assert [r["confidence"] for r in rows] == [r["confidence"] for r in readings]
+    assert all(0.0 < r["confidence"] <= 1.0 for r in rows)
+    assert [r["low_confidence"] for r in rows] == [r["confidence"] < threshold for r in rows]
+    low = sum(r["low_confidence"] for r in rows)
+    assert 0 < low < len(rows) and f"{low} of 12 readings below confidence" in out
+    assert saved["scores"]["count"] == 12 and saved["settings"]["min_confidence"] == threshold
+    expected = sorted(f"{r['prediction']}__{r['path'].split('/')[-1]}" for r in rows
+                      if r["low_confidence"] or r["prediction"] != r["label"])
+    assert expected and sorted(p.name for p in review.iterdir()) == expected
+    copied = review / expected[0]
+    assert copied.read_bytes() == (digits_folder / expected[0].split("__", 1)[1]).read_bytes()
+
+
+def test_csv_output_has_confidence_and_allowed_symbols_restrict_test_py(trained_run, digits_folder, tmp_path, capsys):
+    model_path = trained_run / train.BEST_NAME
+    args = ["--model", str(model_path), "--folder", str(digits_folder), "--limit", "12"]
+    assert read_captchas.main([*args, "--allowed", "12", "--output", str(tmp_path / "out.csv")]) == 0
+    with open(tmp_path / "out.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "prediction", "confidence", "low_confidence", "label"]
+    assert len(rows) == 12 and all(set(r["prediction"]) <= set("12") for r in rows)
+    assert all(0.0 < float(r["confidence"]) <= 1.0 for r in rows)
+    capsys.readouterr()
+    assert read_captchas.main([*args, "--allowed", "12a"]) == 2
+    assert "--allowed '12a': the model cannot read 'a'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- exported models
+
+
+def test_reading_onnx_loads_neither_keras_nor_tensorflow(onnx_model, digits_folder):
+    image = preprocess.list_images(digits_folder)[0]
+    code = ("import sys, test; code = test.main(['--model', sys.argv[1], '--image', sys.argv[2]]); "
+            "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
+            "print('LOADED', loaded); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, str(onnx_model), str(image)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{image} -> " in result.stdout and "LOADED []" in result.stdout
+
+
+def test_int8_onnx_export_is_smaller_and_reads_like_the_float_one(trained_run, onnx_model, digits_folder, tmp_path):
+    int8 = tmp_path / "model_int8.onnx"
+    assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(int8),
+                             "--format", "onnx_int8"]) == 0
+    import onnx
+
+    operators = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    # int8 LSTMs and dense layers; float convolutions (onnxruntime's int8 ones read slower)
+    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= operators and "ConvInteger" not in operators
+    paths = preprocess.list_images(digits_folder)
+    float_reader, int8_reader = reader.Reader(onnx_model), reader.Reader(int8)
+    float_texts = [r.text for r in float_reader.read_paths(paths)]
+    int8_texts = [r.text for r in int8_reader.read_paths(paths)]
+    labels = [preprocess.label_from_filename(p) for p in paths]
+    float_cer, int8_cer = (metrics.character_error_rate(t, labels) for t in (float_texts, int8_texts))
+    assert abs(int8_cer - float_cer) <= 0.05  # on this fixed set of 40 images
+    assert np.mean([a == b for a, b in zip(float_texts, int8_texts)]) >= 0.8
+
+
+# ----------------------------------------------------------------------------- serve.py
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url, body=None, content_type=None):
+    """(status, JSON answer) of a GET (no body) or POST."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(field, files):
+    boundary = uuid.uuid4().hex
+    body = b""
+    for name, data in files:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    """serve.py on a free port, as a user starts it: python serve.py --model M.onnx."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", "--model", str(onnx_model), "--port", str(port),
+                                "--min_confidence", "0.5", "--max_image_bytes", "100000"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # until it answers (start-up speed is the machine's, so no deadline but the loop)
+        if process.poll() is not None:
+            pytest.fail(f"serve.py exited: {process.stdout.read()}")
+        try:
+            if call(f"{url}/health") == (200, {"status": "ok"}):
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_server_reads_files_and_base64_like_test_py(server, onnx_model, digits_folder):
+    paths = preprocess.list_images(digits_folder)[:3]
+    expected = list(reader.Reader(onnx_model).read_paths(paths))
+    status, answer = call(f"{server}/read", *multipart("image", [(paths[0].name, paths[0].read_bytes())]))
+    assert status == 200 and answer["text"] == expected[0].text
+    assert answer["confidence"] == pytest.approx(expected[0].confidence, abs=1e-5)
+    assert answer["low_confidence"] == (expected[0].confidence < 0.5) and answer["milliseconds"] > 0
+    as_json = json.dumps({"image": base64.b64encode(paths[1].read_bytes()).decode()}).encode()
+    status, answer = call(f"{server}/read", as_json, "application/json")
+    assert status == 200 and answer["text"] == expected[1].text
+    status, answer = call(f"{server}/read_batch", *multipart("images", [(p.name, p.read_bytes()) for p in paths]))
+    assert status == 200 and [r["text"] for r in answer["results"]] == [r.text for r in expected]
+    batch_json = json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]}).encode()
+    status, answer = call(f"{server}/read_batch", batch_json, "application/json")
+    assert status == 200 and [r["text"] for r in answer["results"]] == [r.text for r in expected]
+
+
+def test_server_describes_its_model(server):
+    status, answer = call(f"{server}/model")
+    assert status == 200 and answer["charset"]["symbols"] == "0123456789" and answer["format"] == "onnx"
+    assert answer["max_len"] == 4 and answer["preprocess"]["height"] == 50 and answer["min_confidence"] == 0.5
+
+
+def test_server_answers_bad_requests_with_json_errors(server, digits_folder):
+    image = preprocess.list_images(digits_folder)[0].read_bytes()
+    cases = [
+        (multipart("image", [("notes.txt", b"not an image")]), 400, "notes.txt: not a readable image"),
+        (multipart("image", [("big.png", image + bytes(200_000))]), 413, "limit"),
+        (multipart("other", [("x.png", image)]), 400, "form field 'image'"),
+        ((b'{"image": "@@@"}', "application/json"), 400, "not valid base64"),
+        ((b"{not json", "application/json"), 400, "base64 image in 'image'"),
+        ((image, "image/png"), 415, "multipart/form-data or application/json"),
+        (multipart("image", [("a.png", image), ("b.png", image)]), 400, "use /read_batch"),
+    ]
+    for (body, content_type), status, message in cases:
+        got_status, answer = call(f"{server}/read", body, content_type)
+        assert (got_status, message in answer["error"]) == (status, True), answer
+    assert call(f"{server}/health") == (200, {"status": "ok"})  # still serving
