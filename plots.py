@@ -150,16 +150,18 @@ def write_run_plots(out_dir, log_path, images, truths, predictions):
 
 
 def main(argv=None):
-    """Redraw the plots of a finished train.py run from its --out folder (or draw style samples)."""
+    """Redraw the plots of a finished train.py run from its --out folder (or draw style samples).
+
+    From what the run wrote, never from a rescan of the data folder: its log, its test split's readings
+    in metrics.json, and the preprocessing stored in its best checkpoint."""
     import argparse
     import json
     import sys
 
     import numpy as np
 
-    import model
+    import modelmeta
     import preprocess
-    import train
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("run", nargs="?", help="a train.py --out folder (metrics.json, train_log.csv, crnn_ctc_best.keras)")
@@ -181,19 +183,20 @@ def main(argv=None):
         metrics_path = run / "metrics.json"
         if not metrics_path.exists():
             raise preprocess.CaptchaError(f"{metrics_path}: not found; is {run} a finished train.py run?")
-        cfg = train.TrainConfig(**json.loads(metrics_path.read_text())["config"])
-        crnn, meta = model.load_model(run / train.BEST_NAME)
-        folder = Path(json.loads(metrics_path.read_text())["data_dir"])
-        _, _, train_set, val_set, test_set = train.load_dataset(cfg, folder)
-        # the model's own charset and label length, on the run's own test split (or a clear refusal)
-        charset, max_len = preprocess.Charset.from_dict(meta["charset"]), meta["max_len"]
-        train.check_same_run(meta, {**meta, "run": train.run_identity(folder, train_set, val_set, test_set)}, folder,
-                             run / train.BEST_NAME)
+        results = json.loads(metrics_path.read_text())
+        if "readings" not in results:
+            raise preprocess.CaptchaError(f"{metrics_path}: written by an older release, without the test split's "
+                                          f"readings to draw")
+        readings = results["readings"]
+        checkpoint = run / Path(results["checkpoint"]).name
+        meta = modelmeta.read_meta(checkpoint)
+        if meta is None:
+            raise preprocess.CaptchaError(f"{checkpoint}: no metadata; not a checkpoint of this run")
         options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
-        batches = preprocess.make_batches(test_set, charset, max_len, options, cfg.batch_size or 64, workers=cfg.workers)
-        _, predictions, _ = train.evaluate(crnn, batches, charset, [label for _, label in test_set])
-        images = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
-        written = write_run_plots(run, run / train.LOG_NAME, images, [label for _, label in test_set], predictions)
+        shown = readings[:24]  # the test images themselves: one gone or unreadable is named and refused
+        images = np.stack([preprocess.load_image(r["path"], options) for r in shown]) if shown else np.zeros((0,))
+        written = write_run_plots(run, run / Path(results["log"]).name, images, [r["truth"] for r in readings],
+                                  [r["prediction"] for r in readings])
     except preprocess.CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

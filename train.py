@@ -529,9 +529,11 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
         "images_per_second_with_validation": round(len(train_set) * (epochs_run - epochs_done) / train_seconds, 1),
         "data_dir": str(folder),
         "config": dataclasses.asdict(cfg),
+        "log": str(out / LOG_NAME),
         "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
-        "misread": [{"path": str(path), "truth": t, "prediction": p, "confidence": c}
-                    for (path, t), p, c in zip(test_set, predictions, confidences) if p != t],
+        # every test image's reading: plots.py redraws a run from these, and the misread ones are there to look at
+        "readings": [{"path": str(path), "truth": t, "prediction": p, "confidence": float(f"{c:.6g}")}
+                     for (path, t), p, c in zip(test_set, predictions, confidences)],
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])

@@ -253,3 +253,10 @@ def test_server_answers_bad_requests_with_json_errors(server, digits_folder):
         got_status, answer = call(f"{server}/read", body, content_type)
         assert (got_status, message in answer["error"]) == (status, True), answer
     assert call(f"{server}/health") == (200, {"status": "ok"})  # still serving
+
+
+def test_speed_measures_the_server_under_concurrent_clients(server, digits_folder, capsys):
+    import speed
+
+    assert speed.main(["serve", server, "--folder", str(digits_folder), "--limit", "6", "--clients", "3"]) == 0
+    assert "6 requests from 3 concurrent clients" in capsys.readouterr().out

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -91,7 +92,8 @@ def test_plots_command_redraws_a_finished_run(trained_run, tmp_path):
     assert plots.main([str(tmp_path / "nothing")]) == 2
 
 
-def test_plots_command_refuses_a_folder_that_changed(trained_run, digits_folder, tmp_path, capsys):
+def test_plots_command_draws_the_runs_own_readings(trained_run, digits_folder, tmp_path, capsys):
+    """plots.py RUN draws what the run wrote (its test readings, its checkpoint's preprocessing), not a rescan."""
     import shutil
 
     import plots
@@ -99,14 +101,20 @@ def test_plots_command_refuses_a_folder_that_changed(trained_run, digits_folder,
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(digits_folder, data)
     shutil.copytree(trained_run, run)
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["data_dir"] = str(data)
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    assert plots.main([str(run)]) == 0  # the same images: it redraws
-    removed = preprocess.list_images(data)[0]
-    removed.unlink()  # one image fewer: the split is another one
+    results = json.loads((run / "metrics.json").read_text())
+    for reading in results["readings"]:
+        reading["path"] = str(data / Path(reading["path"]).name)
+    (run / "metrics.json").write_text(json.dumps(results))
+    assert plots.main([str(run)]) == 0
+    drawn = (run / "predictions.png").read_bytes()
+    results["readings"][0]["prediction"] += "9"  # another reading of the first test image
+    (run / "metrics.json").write_text(json.dumps(results))
+    assert plots.main([str(run)]) == 0
+    assert (run / "predictions.png").read_bytes() != drawn  # the picture follows the run's readings
+    gone = Path(results["readings"][0]["path"])
+    gone.unlink()
     assert plots.main([str(run)]) == 2
-    assert "the folder changed since the run started" in capsys.readouterr().err
+    assert f"{gone}: cannot read file" in capsys.readouterr().err
 
 
 def test_confusions_count_substitutions_only():
