@@ -165,8 +165,8 @@ def write_keras(crnn, meta, dst):
     return reloaded.predict_on_batch
 
 
-def write_onnx(crnn, meta, dst):
-    """The network alone (the CTC decoding stays outside: reader.decode), with the metadata inside."""
+def save_onnx(crnn, meta, dst):
+    """The network alone as an .onnx file (the CTC decoding stays outside: reader.decode), metadata inside."""
     import onnx
 
     tmp = dst.with_name(f".{dst.name}.tmp")
@@ -178,33 +178,32 @@ def write_onnx(crnn, meta, dst):
     entry.key, entry.value = modelmeta.META_MEMBER, json.dumps(meta)
     onnx.save(proto, str(tmp))
     os.replace(tmp, dst)
+
+
+def write_onnx(crnn, meta, dst):
+    save_onnx(crnn, meta, dst)
     network, _ = reader.load(dst)
     return network.predict_on_batch
 
 
 def quantize_onnx(crnn, meta, dst):
     """The ONNX network with int8 weights in its LSTMs and dense layers, which hold 9 in 10 of the weights
-    (dynamic quantization: activations are quantized as it runs, so no calibration images are needed).
-    The convolutions stay float: onnxruntime's int8 convolution (ConvInteger) read 6 times slower here."""
-    import onnx
+    (dynamic quantization: activations are quantized as it runs, so no calibration images are needed;
+    the float model's metadata comes along). The convolutions stay float: onnxruntime's int8 convolution
+    (ConvInteger) read 6 times slower here."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     float_path = dst.with_name(f".{dst.stem}.float.onnx")
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
-        write_onnx(crnn, meta, float_path)
+        save_onnx(crnn, meta, float_path)
         quantize_dynamic(str(float_path), str(tmp), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm", "LSTM"])
-        proto = onnx.load(str(tmp))
-        if not any(entry.key == modelmeta.META_MEMBER for entry in proto.metadata_props):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = modelmeta.META_MEMBER, json.dumps(meta)
-            onnx.save(proto, str(tmp))
         os.replace(tmp, dst)
     finally:
         float_path.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-    network, _ = reader.load(dst)
+    network, _ = reader.load(dst)  # refuses a file without the metadata
     return network.predict_on_batch
 
 

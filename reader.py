@@ -20,6 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 import preprocess
@@ -245,6 +246,10 @@ class Reader:
         texts, confidences = self.predict(preprocess.preprocess_gray(gray, self.options)[np.newaxis])
         return texts[0], confidences[0]
 
+    def prepare_encoded(self, data, name):
+        """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable."""
+        return preprocess.preprocess_gray(preprocess.decode_gray(data, name), self.options)
+
     def read_paths(self, paths, batch_size=64, debug_dir=None):
         """Yield a Reading per path, in order; reads the next batch's files while predicting this one."""
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -269,8 +274,6 @@ class Reader:
 
     def prepare(self, path, debug_dir=None):
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""
-        import cv2
-
         try:
             stages = {} if debug_dir else None
             image = preprocess.preprocess_gray(preprocess.read_gray(path), self.options, stages)

@@ -20,6 +20,7 @@ first request is not the slow one.
 import argparse
 import base64
 import binascii
+import json
 import sys
 import time
 
@@ -29,7 +30,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-import preprocess
 import reader
 from preprocess import CaptchaError
 
@@ -73,8 +73,6 @@ async def images_from(request, field, limit):
             raise RequestError(400, f"send the image as a file in the form field {field!r}")
         return [(u.filename or f"{field}[{i}]", await u.read()) for i, u in enumerate(uploads)]
     if content_type.startswith("application/json"):
-        import json
-
         try:
             value = json.loads(body)[field]
         except (ValueError, KeyError, TypeError):
@@ -97,7 +95,7 @@ def create_app(captcha_reader, min_confidence=0.0, max_image_bytes=MAX_IMAGE_BYT
             if len(data) > max_image_bytes:
                 raise RequestError(413, f"{name}: {len(data)} bytes; the limit is {max_image_bytes} per image")
             try:
-                arrays.append(preprocess.preprocess_gray(preprocess.decode_gray(data, name), captcha_reader.options))
+                arrays.append(captcha_reader.prepare_encoded(data, name))
             except CaptchaError as e:
                 raise RequestError(400, str(e)) from None
         return np.stack(arrays)
@@ -152,8 +150,7 @@ def warm_up(captcha_reader):
     import python_multipart  # noqa: F401  (Starlette imports it on the first form it parses)
 
     blank = cv2.imencode(".png", np.full((50, 200), 255, np.uint8))[1].tobytes()
-    image = preprocess.preprocess_gray(preprocess.decode_gray(blank, "warm-up"), captcha_reader.options)
-    captcha_reader.predict(image[np.newaxis])
+    captcha_reader.predict(captcha_reader.prepare_encoded(blank, "warm-up")[np.newaxis])
 
 
 def main(argv=None):

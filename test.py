@@ -137,7 +137,7 @@ def main(argv=None):
         print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
     if args.output:
         write_output(Path(args.output), rows, scores, args)
-    return 0
+    return 2 if failures and not rows else 0  # nothing could be read: the caller must not take it for a result
 
 
 def write_output(path, rows, scores, args):

@@ -119,6 +119,14 @@ def test_json_output_confidence_threshold_and_review_folder(trained_run, digits_
     assert copied.read_bytes() == (digits_folder / expected[0].split("__", 1)[1]).read_bytes()
 
 
+def test_an_image_that_cannot_be_read_is_one_line_and_a_failure(onnx_model, tmp_path, capsys):
+    broken = tmp_path / "1234.png"
+    broken.write_bytes(b"not an image")
+    assert read_captchas.main(["--model", str(onnx_model), "--image", str(broken)]) == 2
+    captured = capsys.readouterr()
+    assert f"skipped: {broken}: not a readable image" in captured.err and " -> " not in captured.out
+
+
 def test_csv_output_has_confidence_and_allowed_symbols_restrict_test_py(trained_run, digits_folder, tmp_path, capsys):
     model_path = trained_run / train.BEST_NAME
     args = ["--model", str(model_path), "--folder", str(digits_folder), "--limit", "12"]
