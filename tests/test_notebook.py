@@ -16,7 +16,7 @@ def test_notebook_runs_end_to_end_on_tiny_settings(tmp_path):
         'REPO_URL = ""', "INSTALL = False", 'DATA_SOURCE = "synthetic"', "SYNTH_COUNT = 40", "EPOCHS = 2",
         'PRESET = "tiny"', "BATCH_SIZE = 8", f'DATA_DIR = "{tmp_path / "data"}"', f'OUT = "{tmp_path / "out"}"',
     ])
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
+    NotebookClient(notebook, timeout=1200, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on any cell error
 
     out = tmp_path / "out"

@@ -23,7 +23,7 @@ def test_mirrored_strategy_trains_on_two_replicas(tmp_path, digits_folder):
     result = subprocess.run(
         [sys.executable, "-c", TWO_CPU_REPLICAS, "--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "2",
          "--batch_size", "8", "--charset", "digits", "--workers", "1", "--strategy", "mirrored", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "strategy: MirroredStrategy, 2 replicas; global batch 8 = 4 per replica" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())

@@ -27,7 +27,7 @@ TINY = model.PRESETS["tiny"]
 
 def run_script(*args):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def assert_one_line_error(result, *fragments):
