@@ -1,12 +1,13 @@
-"""The built-in synthetic captchas: labelled images drawn by two generators, for the built-in data set,
-the base model's pre-training and the tests.
+"""The built-in synthetic captchas: labelled images drawn by three generators, for the built-in data set,
+the base model's pre-training, the tests, and a style the base model never saw.
 
     python synth.py --out data/synth/captcha --count 1000 --seed 1234
     python synth.py --style gregwar --out data/base/gregwar --count 20000 --seed 502 --length 3-8
 
 captcha: the `captcha` package (PyPI), warped glyphs over noise dots and a curve; gregwar: like the
-PHP Gregwar/Captcha (the reference's Kaggle set), JPEG, lines over a coloured background. Both are
-seeded: the same seed draws the same files.
+PHP Gregwar/Captcha (the reference's Kaggle set), JPEG, lines over a coloured background; hershey:
+OpenCV's stroke fonts, arcs and dots, kept out of the base model's pre-training so that fine-tuning
+on a look it never saw can be measured. All are seeded: the same seed draws the same files.
 """
 
 import argparse
@@ -135,10 +136,53 @@ def _draw_gregwar_jpeg(args):
     return out.getvalue()
 
 
+HERSHEY_FONTS = [cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
+                 cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_PLAIN]
+
+
+def _draw_hershey_png(args):
+    """A look the base model never saw (it is kept out of pre-training, to measure fine-tuning on a new
+    style): OpenCV's stroke (Hershey) fonts instead of TrueType, each symbol in its own ink, thickness
+    and angle on a mottled background, crossed by arcs and speckled with dots, slightly blurred."""
+    text, seed, width, height = args
+    rng = np.random.default_rng(seed)
+    background = rng.integers(170, 256, size=3)
+    mottle = cv2.resize(rng.integers(-30, 30, size=(4, 8, 3)).astype(np.float32), (width, height))
+    image = np.clip(background + mottle, 0, 255).astype(np.uint8)
+    font = HERSHEY_FONTS[rng.integers(len(HERSHEY_FONTS))]
+    x = int(rng.integers(2, 7))
+    fit = min(1.0, 6 / max(len(text), 1))  # long texts in smaller letters, so that they fit the width
+    for char in text:
+        scale = rng.uniform(0.75, 1.05) * fit * height / 40 * (1.6 if font == cv2.FONT_HERSHEY_PLAIN else 1.0)
+        thickness = int(rng.integers(1, 4))
+        (w, h), base = cv2.getTextSize(char, font, scale, thickness)
+        glyph = np.zeros((h + base + 8, w + 8), np.uint8)
+        cv2.putText(glyph, char, (4, h + 4), font, scale, 255, thickness, cv2.LINE_AA)
+        turn = cv2.getRotationMatrix2D((glyph.shape[1] / 2, glyph.shape[0] / 2), rng.uniform(-25, 25), 1.0)
+        glyph = cv2.warpAffine(glyph, turn, (glyph.shape[1], glyph.shape[0]))
+        top = int(np.clip((height - glyph.shape[0]) / 2 + rng.integers(-6, 7), 0, max(0, height - glyph.shape[0])))
+        left = int(min(x, width - glyph.shape[1]))
+        region = image[top : top + glyph.shape[0], left : left + glyph.shape[1]]
+        alpha = (glyph[: region.shape[0], : region.shape[1], None] / 255.0)
+        ink = rng.integers(0, 120, size=3)
+        region[:] = (region * (1 - alpha) + ink * alpha).astype(np.uint8)
+        x += int(w * rng.uniform(0.8, 1.0))  # letters touch or overlap a little, as in many captchas
+    for _ in range(int(rng.integers(2, 5))):  # arcs across the text
+        centre = (int(rng.integers(0, width)), int(rng.integers(-height, 2 * height)))
+        axes = (int(rng.integers(width // 3, width)), int(rng.integers(height // 2, 2 * height)))
+        cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360,
+                    tuple(int(c) for c in rng.integers(0, 200, size=3)), int(rng.integers(1, 3)), cv2.LINE_AA)
+    dots = rng.integers(0, [width, height], size=(int(rng.integers(100, 400)), 2))
+    image[dots[:, 1], dots[:, 0]] = rng.integers(0, 256, size=(len(dots), 3))
+    image = cv2.GaussianBlur(image, (3, 3), rng.uniform(0.3, 0.9))
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
 SYNTH_STYLES = {
     # style: (drawing function, file extension, default width, default height)
     "captcha": (_draw_captcha_png, ".png", IMG_WIDTH, IMG_HEIGHT),
     "gregwar": (_draw_gregwar_jpeg, ".jpg", 150, 40),
+    "hershey": (_draw_hershey_png, ".png", 160, 60),  # never in the base model's pre-training
 }
 
 
@@ -201,7 +245,8 @@ def main(argv=None):
     parser.add_argument("--charset", default="default", help=f"preset {sorted(CHARSET_PRESETS)} or symbols")
     parser.add_argument("--length", default="5", help="label length, or a range like 4-6")
     parser.add_argument("--style", default="captcha", choices=sorted(SYNTH_STYLES),
-                        help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha")
+                        help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha; "
+                             "hershey: stroke fonts, never in the base model's pre-training")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     try:

@@ -51,7 +51,7 @@ BASE_PRESET = "fast"  # the network of the base model
 class TrainConfig:
     data_dir: str = ""  # folder of labelled images; empty: the built-in synthetic set
     synth_dir: str = "data/synth"  # the built-in set is drawn (once) into synth_dir/synth_style
-    synth_style: str = "captcha"  # captcha (the `captcha` package) or gregwar (like the Kaggle set)
+    synth_style: str = "captcha"  # captcha (the `captcha` package), gregwar (like the Kaggle set) or hershey
     synth_count: int = 20000
     synth_seed: int = 1234
     init_from: str = "base"  # start from: base (the shipped pretrained model, for the fast preset and default

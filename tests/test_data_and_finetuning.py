@@ -15,8 +15,9 @@ import train
 from conftest import DIGITS
 
 
-@pytest.mark.parametrize("style, size, extension", [("captcha", (200, 50), ".png"), ("gregwar", (150, 40), ".jpg")])
-def test_both_synthetic_styles_are_deterministic_labelled_and_sized(tmp_path, style, size, extension):
+@pytest.mark.parametrize("style, size, extension", [("captcha", (200, 50), ".png"), ("gregwar", (150, 40), ".jpg"),
+                                                    ("hershey", (160, 60), ".png")])
+def test_every_synthetic_style_is_deterministic_labelled_and_sized(tmp_path, style, size, extension):
     a = synth.generate_synthetic(tmp_path / "a", 10, seed=11, style=style, workers=1, progress=False)
     b = synth.generate_synthetic(tmp_path / "b", 10, seed=11, style=style, workers=2, progress=False)
     c = synth.generate_synthetic(tmp_path / "c", 10, seed=12, style=style, workers=1, progress=False)
