@@ -11,6 +11,8 @@ on a look it never saw can be measured. All are seeded: the same seed draws the 
 """
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import random
 import sys
@@ -208,11 +210,9 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     """Draw `count` labelled captchas into `out_dir`, each named by its text.
 
     style "captcha": the `captcha` package's ImageCaptcha, 200x50 PNG; "gregwar": the look of the
-    PHP library Gregwar/Captcha, 150x40 JPEG. Image i depends only on (seed, i): the same call
-    always writes the same files.
+    PHP library Gregwar/Captcha, 150x40 JPEG; "hershey": stroke fonts, 160x60 PNG. Image i depends
+    only on (seed, i): the same call always writes the same files, with any number of workers.
     """
-    from multiprocessing import Pool
-
     if style not in SYNTH_STYLES:
         raise CaptchaError(f"unknown synthetic style {style!r}; choose from {sorted(SYNTH_STYLES)}")
     draw, extension, default_width, default_height = SYNTH_STYLES[style]
@@ -224,8 +224,13 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     workers = workers or os.cpu_count() or 1
     taken = {p.name.lower() for p in out_dir.iterdir()}
     written = []
-    with Pool(workers) as pool:
-        images = pool.imap(draw, jobs, chunksize=64)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # "spawn", not fork: a forked child of a process whose threads (TensorFlow's, a
+            #              loader's) held a lock at the fork waits for it forever (seen in the test suite)
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            images = pool.imap(draw, jobs, chunksize=64)
+        else:
+            images = map(draw, jobs)
         if progress:
             from tqdm import tqdm
 
