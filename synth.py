@@ -165,7 +165,7 @@ def _draw_hershey_png(args):
         top = int(np.clip((height - glyph.shape[0]) / 2 + rng.integers(-6, 7), 0, max(0, height - glyph.shape[0])))
         left = int(min(x, width - glyph.shape[1]))
         region = image[top : top + glyph.shape[0], left : left + glyph.shape[1]]
-        alpha = (glyph[: region.shape[0], : region.shape[1], None] / 255.0)
+        alpha = glyph[: region.shape[0], : region.shape[1], None] / 255.0
         ink = rng.integers(0, 120, size=3)
         region[:] = (region * (1 - alpha) + ink * alpha).astype(np.uint8)
         x += int(w * rng.uniform(0.8, 1.0))  # letters touch or overlap a little, as in many captchas

@@ -31,8 +31,8 @@ def resume_data(tmp_path_factory):
 def start_training(data, out):
     """train.py that waits in the middle of epoch 2 (tests/paused_train.py) until it is interrupted."""
     return subprocess.Popen(
-        [sys.executable, "tests/paused_train.py", str(out / "paused"), "--data_dir", str(data), "--preset", "tiny", "--epochs", str(EPOCHS),
-         "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)],
+        [sys.executable, "tests/paused_train.py", str(out / "paused"), "--data_dir", str(data), "--preset", "tiny",
+         "--epochs", str(EPOCHS), "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
