@@ -229,6 +229,44 @@ def evaluate(keras_model, batches, charset, labels):
     return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
 
 
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """At each epoch's end, before validation and checkpoints: every BatchNormalization layer's inference
+    statistics are measured afresh on `batches` training batches at the epoch's final weights ("precise
+    BN"). The running averages kept by training mix statistics of weights from earlier steps; at a
+    one-cycle peak the weights move so fast that these no longer fit them, and a model that trains well
+    reads almost nothing right at inference (tjsp5, 500 images, epoch 4: validation exact match 0.06 with
+    the running averages, 0.68 with them recomputed). Layer by layer, in inference mode (each layer's
+    inputs as they will be at inference: earlier layers already recomputed, no dropout), with compiled
+    predictions. Frozen layers keep theirs."""
+
+    def __init__(self, train_batches, batches):
+        super().__init__()
+        self.train_batches, self.batches = train_batches, batches
+        self.probes = None  # (layer, model from the input to that layer's input), made once per model
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.probes is None:
+            self.probes = [(layer, self.moments_probe(layer)) for layer in self.model.layers
+                           if isinstance(layer, keras.layers.BatchNormalization)]
+        images = [self.train_batches[k][0] for k in range(min(self.batches, len(self.train_batches)))]
+        for layer, probe in self.probes:
+            if not layer.trainable or not images:
+                continue
+            means, mean_squares = zip(*(probe.predict_on_batch(batch) for batch in images))
+            mean = np.concatenate(means).mean(0, dtype=np.float64)  # every image has as many positions
+            variance = np.maximum(np.concatenate(mean_squares).mean(0, dtype=np.float64) - mean * mean, 0.0)
+            layer.moving_mean.assign(mean.astype("float32"))
+            layer.moving_variance.assign(variance.astype("float32"))
+
+    def moments_probe(self, layer):
+        """The model up to `layer`'s input, giving each image's per-channel mean of it and of its square:
+        (batch, C) twice."""
+        x = layer.input
+        positions = [axis for axis in range(1, len(x.shape)) if axis != layer.axis % len(x.shape)]
+        return keras.Model(self.model.inputs, [keras.ops.mean(x, axis=positions),
+                                               keras.ops.mean(keras.ops.square(x), axis=positions)])
+
+
 class ValidationMetrics(keras.callbacks.Callback):
     """Adds val_loss, val_exact_match and val_cer to the epoch logs, for the callbacks after it.
 
@@ -465,14 +503,15 @@ def train(cfg):
     best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, recipe.monitor, best_score)
     resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
     callbacks = [
-        ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # first: the rest read its numbers
+        PreciseBatchNorm(train_batches, recipe.precise_bn_batches),  # first: validation and checkpoints see it
+        ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # the rest read its numbers
         best_checkpoint,
         early_stopping(recipe, epochs, cfg.patience),
         csv_log,
         resume_checkpoint,  # last: it records what the others decided
     ]
     if recipe.schedule == "plateau":  # a one-cycle schedule sets the rate itself
-        callbacks.insert(3, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+        callbacks.insert(4, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                               patience=recipe.plateau_patience, min_lr=1e-5, verbose=1))
     started = time.time()
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only

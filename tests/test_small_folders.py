@@ -104,6 +104,28 @@ def test_early_stopping_waits_for_the_second_half_of_a_one_cycle_run():
     assert reference.restore_best_weights
 
 
+def test_batchnorm_statistics_are_measured_afresh_on_training_batches(samples):
+    crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
+    norms = [layer for layer in crnn.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:  # stale running averages, far from anything the images give
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, "float32"))
+        layer.moving_variance.assign(np.full(layer.moving_variance.shape, 100.0, "float32"))
+    norms[-1].trainable = False  # a frozen layer keeps its statistics
+    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=3, workers=1, augment="light")
+    callback = train.PreciseBatchNorm(batches, batches=2)
+    callback.set_model(crnn)
+    callback.on_epoch_end(0)
+    images = np.concatenate([batches[0][0], batches[1][0]])  # the first two batches: 6 of the 8 images
+    for layer in norms[:-1]:  # each layer's inputs at inference, after the layers before it were recomputed
+        inputs = np.asarray(keras.Model(crnn.inputs, layer.input).predict_on_batch(images), np.float64)
+        inputs = inputs.reshape(-1, inputs.shape[-1])
+        np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(0), rtol=1e-3, atol=1e-6)
+    assert np.all(norms[-1].moving_mean.numpy() == 5.0) and np.all(norms[-1].moving_variance.numpy() == 100.0)
+    # the default recipe measures them every epoch; the reference's recipe, as the reference, does not
+    assert model.RECIPES["default"].precise_bn_batches > 0 and model.RECIPES["reference"].precise_bn_batches == 0
+
+
 def test_a_run_with_epochs_0_plans_its_epochs_from_min_steps(digits_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--charset", DIGITS, "--batch_size", "16",
