@@ -96,12 +96,26 @@ def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(sample
     assert not np.array_equal(first, second)  # the same image, altered anew in each pass
 
 
-def test_early_stopping_waits_for_the_second_half_of_a_one_cycle_run():
-    stopper = train.early_stopping(model.RECIPES["default"], 100, 8)
-    assert stopper.start_from_epoch == 50 and stopper.patience == 8 and stopper.monitor == "val_cer"
-    reference = train.early_stopping(model.RECIPES["reference"], 30, 8)
+def test_a_one_cycle_run_is_never_stopped_early_and_the_reference_recipe_is():
+    assert train.early_stopping(model.RECIPES["default"], 8) is None  # it runs its whole schedule
+    reference = train.early_stopping(model.RECIPES["reference"], 8)
     assert reference.start_from_epoch == 0 and reference.patience == 5 and reference.monitor == "val_loss"
     assert reference.restore_best_weights
+
+
+def test_the_best_checkpoint_goes_to_the_later_epoch_on_a_tied_cer(tmp_path):
+    path, meta = tmp_path / "best.keras", {"charset": Charset(DIGITS).to_dict()}
+    crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
+    for monitor, scores, expected in [("val_cer", [0.5, 0.2, 0.3, 0.2, 0.2], [0, 1, 3, 4]),
+                                      ("val_loss", [0.5, 0.2, 0.3, 0.2, 0.1], [0, 1, 4])]:
+        checkpoint = train.BestCheckpoint(path, meta, monitor)
+        checkpoint.set_model(crnn)
+        written = []
+        for epoch, score in enumerate(scores):
+            path.unlink(missing_ok=True)
+            checkpoint.on_epoch_end(epoch, {monitor: score})
+            written += [epoch] if path.exists() else []
+        assert written == expected and checkpoint.best == min(scores)
 
 
 def test_batchnorm_statistics_are_measured_afresh_on_training_batches(samples):
