@@ -252,7 +252,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
                            if isinstance(layer, keras.layers.BatchNormalization)]
         images = [self.train_batches[k][0] for k in range(min(self.batches, len(self.train_batches)))]
         for layer, probe in self.probes:
-            if not layer.trainable or not images:
+            if not layer.trainable:
                 continue
             means, mean_squares = zip(*(probe.predict_on_batch(batch) for batch in images))
             mean = np.concatenate(means).mean(0, dtype=np.float64)  # every image has as many positions
@@ -506,17 +506,18 @@ def train(cfg):
     best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, recipe.monitor, best_score)
     resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
     callbacks = [
-        PreciseBatchNorm(train_batches, recipe.precise_bn_batches),  # first: validation and checkpoints see it
+        # first: validation and checkpoints see the recomputed statistics
+        PreciseBatchNorm(train_batches, recipe.precise_bn_batches) if recipe.precise_bn_batches else None,
         ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # the rest read its numbers
         best_checkpoint,
         early_stopping(recipe, cfg.patience),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=recipe.plateau_patience,
+                                          min_lr=1e-5, verbose=1)
+        if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         csv_log,
         resume_checkpoint,  # last: it records what the others decided
     ]
     callbacks = [callback for callback in callbacks if callback is not None]
-    if recipe.schedule == "plateau":  # a one-cycle schedule sets the rate itself
-        callbacks.insert(4, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                              patience=recipe.plateau_patience, min_lr=1e-5, verbose=1))
     started = time.time()
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
     finished = cfg.resume and saved["resume"].get("finished", False)  # stopped while scoring: only that is left
