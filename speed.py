@@ -21,6 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import augment
 import preprocess
 import reader
 from preprocess import CaptchaError, PreprocessOptions
@@ -40,14 +41,15 @@ def time_loader(args):
     scanned = time.perf_counter()
     print(f"scan: {scan.summary()} in {scanned - started:.1f} s")
     batches = preprocess.make_batches(scan.samples, charset, max_len, PreprocessOptions(), args.batch_size,
-                                      shuffle=True, workers=args.workers)
+                                      shuffle=True, workers=args.workers, augment=args.augment)
     count = min(len(batches), args.batches) if args.batches else len(batches)
     # The loader's worker threads, as keras.utils.PyDataset runs them for model.fit.
     with ThreadPoolExecutor(args.workers) as pool:
         images = sum(len(x) for x, _ in pool.map(batches.__getitem__, range(count)))
     seconds = time.perf_counter() - scanned
     print(f"loader: {images} images in {seconds:.1f} s = {images / seconds:.0f} images/s "
-          f"({args.workers} worker threads, batch {args.batch_size}); peak memory {peak_memory_mb():.0f} MB")
+          f"({args.workers} worker threads, batch {args.batch_size}, augmentation {args.augment}); "
+          f"peak memory {peak_memory_mb():.0f} MB")
 
 
 def time_inference(args):
@@ -114,6 +116,8 @@ def main(argv=None):
     loader.add_argument("--batch_size", type=int, default=32)
     loader.add_argument("--workers", type=int, default=2, help="threads, as train.py --workers (default 2)")
     loader.add_argument("--batches", type=int, default=0, help="read only this many batches (0: all)")
+    loader.add_argument("--augment", default="none", choices=augment.CHOICES,
+                        help="training-time augmentation, as train.py applies it (default none)")
     inference = commands.add_parser("inference", help="images/s on a folder and one image's latency")
     inference.add_argument("model", help="a .keras, .onnx or .tflite model")
     inference.add_argument("--folder", required=True)

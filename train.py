@@ -75,7 +75,8 @@ class TrainConfig:
     auto_crop: bool = False
     force_invert: bool = False
     strong: bool = False
-    workers: int = 2  # threads that read and preprocess batches
+    workers: int = 0  # threads that read and preprocess batches; 0: one per CPU core, at most 8 (OpenCV works outside
+    #                   the GIL; a GPU machine needs them all to be fed)
     strategy: str = "auto"  # mirrored: tf.distribute.MirroredStrategy over all GPUs (batch_size is the global batch);
     #                         auto: mirrored when there are 2+ GPUs; none: one device
     out: str = "saved_model"
@@ -172,13 +173,19 @@ def resolve_init_from(cfg):
     return BASE_MODEL
 
 
+def loader_threads(workers):
+    """--workers, or with 0 one thread per CPU core (at most 8: beyond that the threads wait on Python itself)."""
+    return workers or min(8, os.cpu_count() or 1)
+
+
 def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation,
                        repeats=1):
     """Streaming batches of the three splits. Only the training batches are shuffled, augmented and
     repeated: validation and test read the plain pipeline's pixels, the same ones test.py reads."""
     def batches(samples, training):
         return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
-                                       cfg.workers, augmentation if training else "none", repeats if training else 1)
+                                       loader_threads(cfg.workers), augmentation if training else "none",
+                                       repeats if training else 1)
 
     return batches(train_set, True), batches(val_set, False), batches(test_set, False)
 
@@ -302,6 +309,41 @@ class BestCheckpoint(keras.callbacks.Callback):
             print(f"{self.monitor} {self.best:.4f} -> {logs[self.monitor]:.4f}; saving {self.path}")
             self.best = logs[self.monitor]
             model.save_model(self.model, self.path, self.meta)
+
+
+class StopBetweenSteps(keras.callbacks.Callback):
+    """Ctrl-C or SIGTERM while fit() runs ends the step in flight first, then stops training (a KeyboardInterrupt
+    raised here, between steps). Under JAX a step owns the weights while it runs (fit() hands their buffers over to
+    it), so an interrupt that landed inside one left nothing to save. Outside fit(), and on a second signal, the
+    stop is at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.reset()
+
+    def reset(self):
+        self.signal = None  # the signal that asked to stop
+        self.in_fit = False
+
+    def request(self, signum):
+        """From the signal handler: a first signal during fit() is noted, any other stops now."""
+        first = self.signal is None
+        self.signal = signum
+        if not (self.in_fit and first):
+            raise KeyboardInterrupt
+
+    def stop_if_asked(self):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.stop_if_asked()
+
+    def on_epoch_end(self, epoch, logs=None):  # last callback: the epoch's checkpoints are written by now
+        self.stop_if_asked()
+
+
+STOP = StopBetweenSteps()  # signals reach the one process-wide handler in main(), which hands them to this
 
 
 class ResumeCheckpoint(keras.callbacks.Callback):
@@ -515,13 +557,15 @@ def train(cfg):
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         csv_log,
-        resume_checkpoint,  # last: it records what the others decided
+        resume_checkpoint,  # it records what the others decided
+        STOP,  # last: a stop asked for during the epoch's end waits until its checkpoints are written
     ]
     callbacks = [callback for callback in callbacks if callback is not None]
     started = time.time()
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
     finished = cfg.resume and saved["resume"].get("finished", False)  # stopped while scoring: only that is left
     histories, first_epoch = [], epochs_done
+    STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps
     try:
         if not finished and first_epoch < frozen_until:  # phase 1: the convolutions keep their pre-trained weights
             print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
@@ -536,10 +580,12 @@ def train(cfg):
             histories.append(crnn.fit(train_batches, epochs=epochs,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
     except KeyboardInterrupt:
+        STOP.in_fit = False
         resume_checkpoint.save()  # this epoch's progress too; the epoch itself runs again on resume
         print(f"\ninterrupted after {resume_checkpoint.epochs_done} complete epochs; saved "
               f"{out / RESUME_NAME}. Continue with: python train.py --resume --out {out}")
         return None
+    STOP.in_fit = False
     # ---- phase 6, the final model, then the best checkpoint scored on the test split
     train_seconds = max(time.time() - started, 1e-6)
     epochs_run = epochs_done + sum(len(h.history.get("loss", [])) for h in histories)
@@ -595,23 +641,23 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
 
 def main(argv=None):
     cfg = parse_config(argv)
-    stopped_by = [signal.SIGINT]
+    STOP.reset()  # (main() may run more than once in a process: the tests call it)
 
-    def on_sigterm(signum, frame):  # preemptible machines send SIGTERM first: stop as cleanly as on Ctrl-C
-        stopped_by[0] = signum
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):  # preemptible machines send SIGTERM first: stop as cleanly as on Ctrl-C
+        STOP.request(signum)
 
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python take signals
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, on_signal) for s in stop_signals] if in_main_thread else []
     try:
         results = train(cfg)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    return 0 if results is not None else 128 + stopped_by[0]  # 130 for Ctrl-C, 143 for SIGTERM, as shells report
+        for s, handler in zip(stop_signals, previous):
+            signal.signal(s, handler)
+    return 0 if results is not None else 128 + (STOP.signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

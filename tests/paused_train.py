@@ -1,9 +1,11 @@
-"""train.py that stops to wait in the middle of its second epoch, so a test can interrupt it there.
+"""train.py that stops to wait inside a training step of its second epoch, so a test can interrupt it there.
 
     python tests/paused_train.py MARKER [train.py flags]
 
-After the second batch of epoch 2 it creates MARKER and sleeps until a signal arrives (or SIGKILL):
-the test knows exactly where training stands, however busy the machine is.
+The second step of epoch 2 runs, then, before it hands its result back to fit(), creates MARKER and
+waits: for train.py to note a stop signal, or for SIGKILL. A signal then lands inside a step, the hard
+case (under JAX the step holds the weights' buffers), and the test knows exactly where training
+stands however busy the machine is.
 """
 
 import sys
@@ -15,11 +17,20 @@ import train  # noqa: E402
 
 
 class PauseInEpochTwo(train.ResumeCheckpoint):
-    def on_train_batch_end(self, batch, logs=None):
-        if self.epochs_done == 1 and batch == 1:
-            Path(MARKER).touch()
-            while True:  # a signal's KeyboardInterrupt ends this, as it would end a training step
-                time.sleep(0.05)
+    def on_train_begin(self, logs=None):
+        step = self.model.train_function  # compiled by fit() just before this callback
+        calls = [0]
+
+        def paused_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            calls[0] += 1
+            if self.epochs_done == 1 and calls[0] == self.params["steps"] + 2:
+                Path(MARKER).touch()
+                while train.STOP.signal is None:  # a first stop signal is only noted while a step runs
+                    time.sleep(0.05)
+            return result
+
+        self.model.train_function = paused_step
 
 
 if __name__ == "__main__":

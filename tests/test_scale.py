@@ -1,6 +1,7 @@
 """Issue: scale — training under tf.distribute's MirroredStrategy."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,11 @@ def test_unknown_strategy_is_a_one_line_error(digits_folder, tmp_path, capsys):
     assert "unknown --strategy 'horovod'" in capsys.readouterr().err
 
 
+def test_loader_threads_default_to_the_cores_and_follow_workers():
+    assert train.loader_threads(0) == min(8, os.cpu_count())  # --workers 0, the default
+    assert train.loader_threads(3) == 3
+
+
 def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder, capsys):
     import re
 
@@ -48,6 +54,9 @@ def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder,
     out = capsys.readouterr().out
     loaded = re.search(r"loader: (\d+) images in [\d.]+ s = (\d+) images/s .* peak memory (\d+) MB", out)
     assert loaded and int(loaded[1]) == 40 and int(loaded[2]) > 0 and int(loaded[3]) > 0, out
+    assert speed.main(["loader", str(digits_folder), "--charset", "digits", "--batch_size", "8", "--augment",
+                       "light"]) == 0  # the training loader, as train.py runs it
+    assert re.search(r"loader: 40 images in .* augmentation light\)", capsys.readouterr().out)
 
     best = trained_run / train.BEST_NAME
     assert speed.main(["inference", str(best), "--folder", str(digits_folder), "--batch_size", "16",
