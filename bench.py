@@ -35,7 +35,7 @@ import preprocess
 import reader
 import synth
 import train
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from preprocess import CaptchaError, Charset
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Contender:
         self.name, self.preset, self.recipe_name = name, preset, recipe_name
         self.config, self.recipe = model.PRESETS[preset], model.RECIPES[recipe_name]
         self.charset = charset
-        self.options = PreprocessOptions(resize=self.recipe.resize)
+        self.options = self.recipe.preprocess_options(self.config)
         self.batches = preprocess.make_batches(train_samples, charset, max_len, self.options,
                                                self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1,
                                                augment=self.recipe.augment)

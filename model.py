@@ -19,7 +19,7 @@ import keras
 from keras import layers, ops
 
 from modelmeta import META_MEMBER, META_VERSION, lambda_layer_names, make_meta, read_meta, reference_meta  # noqa: F401
-from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaError, Charset
+from preprocess import CLAHE_CLIP, IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaError, Charset, PreprocessOptions
 
 
 
@@ -221,6 +221,12 @@ class Recipe:
     augment: str = "light"  # on-the-fly augmentation of training images (augment.LEVELS), or "none"
     precise_bn_batches: int = 8  # BatchNorm statistics measured afresh on this many training batches each epoch; 0: off
     resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
+    clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
+
+    def preprocess_options(self, config, **switches):
+        """The pixels this recipe trains a `config` network on, with train.py's switches (auto_crop, ...)."""
+        return PreprocessOptions(config.height, config.width, resize=self.resize, clahe_clip=self.clahe_clip,
+                                 **switches)
 
 
 RECIPES = {
@@ -229,10 +235,11 @@ RECIPES = {
     "reference": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="plateau",
                         warmup_fraction=0.0, batch_size=128, monitor="val_loss", stop_patience=5, restore_best=True,
                         plateau_patience=2, augment="none", resize="reference", precise_bn_batches=0),
-    # The keras-io captcha example's: Adam at 1e-3, batch 16, EarlyStopping(val_loss, patience 10, best weights).
+    # The keras-io captcha example's: Adam at 1e-3, batch 16, EarlyStopping(val_loss, patience 10, best weights);
+    # its pixels: the image stretched to 200x50, no contrast equalisation.
     "kerasio": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="constant",
                       warmup_fraction=0.0, batch_size=16, monitor="val_loss", stop_patience=10, restore_best=True,
-                      augment="none", precise_bn_batches=0),
+                      augment="none", precise_bn_batches=0, resize="stretch", clahe_clip=0.0),
     "default": Recipe(),
 }
 

@@ -138,6 +138,9 @@ def charset_from_arg(value, blank_index="first"):
 # ----------------------------------------------------------------------------- image pipeline
 
 
+RESIZE_MODES = ("default", "reference", "stretch")
+
+
 @dataclass(frozen=True)
 class PreprocessOptions:
     """Pipeline switches. Saved inside every trained model, so inference repeats training's pixels."""
@@ -148,14 +151,15 @@ class PreprocessOptions:
     force_invert: bool = False
     strong: bool = False
     # "default": sizes rounded, padding with the border's median (the image's own background);
-    # "reference": the reference's own arithmetic, sizes truncated, padding with the resized image's mean.
+    # "reference": the reference's own arithmetic, sizes truncated, padding with the resized image's mean;
+    # "stretch": stretched to height x width, bilinear, as the keras-io captcha example reads images.
     resize: str = "default"
-    clahe_clip: float = CLAHE_CLIP
+    clahe_clip: float = CLAHE_CLIP  # 0: no CLAHE
     clahe_tiles: tuple = CLAHE_TILES
 
     def __post_init__(self):
-        if self.resize not in ("default", "reference"):
-            raise CaptchaError(f"unknown resize mode {self.resize!r}; expected 'default' or 'reference'")
+        if self.resize not in RESIZE_MODES:
+            raise CaptchaError(f"unknown resize mode {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
 
     def to_dict(self):  # as JSON gives it back
         return {**asdict(self), "clahe_tiles": list(self.clahe_tiles)}
@@ -261,7 +265,9 @@ def resize_and_pad(gray, height=IMG_HEIGHT, width=IMG_WIDTH, mode="default"):
     """Fit inside height x width keeping the aspect ratio (cubic when enlarging, area when shrinking),
     centred. mode "default": sizes rounded, padded with the image's own background (its border's
     median); "reference": sizes truncated and padded with the resized image's mean, as the
-    reference did."""
+    reference did; "stretch": the whole image stretched to height x width (bilinear), no padding."""
+    if mode == "stretch":
+        return cv2.resize(gray, (width, height), interpolation=cv2.INTER_LINEAR)
     h, w = gray.shape
     scale = min(width / w, height / h)
     size = int if mode == "reference" else round
@@ -297,8 +303,9 @@ def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation
     if augmentation is not None:
         gray = augmentation(gray)
         keep("3a_augment", gray)
-    gray = cv2.createCLAHE(clipLimit=options.clahe_clip, tileGridSize=tuple(options.clahe_tiles)).apply(gray)
-    keep("4_clahe", gray)
+    if options.clahe_clip:
+        gray = cv2.createCLAHE(clipLimit=options.clahe_clip, tileGridSize=tuple(options.clahe_tiles)).apply(gray)
+        keep("4_clahe", gray)
     if options.strong:  # thin strokes: grow dark ink by a pixel so the early convolutions see it
         gray = cv2.erode(gray, np.ones((2, 2), np.uint8))
         keep("5_strong", gray)

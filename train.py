@@ -486,8 +486,8 @@ def train(cfg):
                                       strong=cfg.strong)
         steps = source_model.output_shape[1]
     else:
-        options = PreprocessOptions(config.height, config.width, cfg.auto_crop, cfg.force_invert, cfg.strong,
-                                    resize=recipe.resize)
+        options = recipe.preprocess_options(config, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
+                                            strong=cfg.strong)
         steps = model.time_steps(config)
     check_time_steps(steps, max_len)
     meta = {**model.make_meta(charset, max_len, options, config), "run": run_identity(folder, train_set, val_set, test_set)}

@@ -148,3 +148,4 @@ def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, 
     kerasio, meta = model.load_model(out / "kerasio.keras")
     assert kerasio.count_params() == model.build_model(model.PRESETS["kerasio"], 11).count_params()
     assert meta["charset"]["symbols"] == preprocess.charset_of_labels([label for _, label in samples]).symbols
+    assert (meta["preprocess"]["resize"], meta["preprocess"]["clahe_clip"]) == ("stretch", 0)  # keras-io's pixels

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import model
 import preprocess
 import synth
 from preprocess import CaptchaError, Charset, PreprocessOptions
@@ -32,6 +33,19 @@ def test_resize_keeps_aspect_ratio_and_pads_with_background():
     height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
     assert abs(height - width) <= 1 and 23 <= height <= 27
     assert out[:, :70].min() == 255 and out[:, 130:].min() == 255  # padding is the background
+
+
+def test_the_keras_io_contender_reads_stretched_pixels_without_clahe():
+    gray = captcha_like(60, 160)
+    options = model.RECIPES["kerasio"].preprocess_options(model.PRESETS["kerasio"])
+    assert (options.resize, options.clahe_clip, options.height, options.width) == ("stretch", 0.0, 50, 200)
+    stages = {}
+    x = preprocess.preprocess_gray(gray, options, stages)
+    stretched = cv2.resize(gray, (200, 50), interpolation=cv2.INTER_LINEAR)  # the whole image, no padding
+    assert np.array_equal(x[:, :, 0], stretched.astype(np.float32) / 255.0)
+    assert "4_clahe" not in stages
+    default = preprocess.preprocess_gray(gray, model.RECIPES["default"].preprocess_options(model.PRESETS["fast"]))
+    assert not np.array_equal(default, x)  # the default recipe pads to the aspect ratio and equalises
 
 
 def test_options_change_pixels_as_documented():
