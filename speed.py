@@ -1,13 +1,15 @@
 """Measure speed and memory on this machine: the training loader alone, and reading captchas.
 
-    python speed.py loader data/synth/captcha                       # loader images/s, peak memory
+    python speed.py loader data/synth/captcha --augment light       # loader images/s, peak memory
+    python speed.py step --preset fast --batch_size 32               # the training step alone, images/s
     python speed.py inference saved_model/crnn_ctc_best.keras --folder data/synth/captcha
     python speed.py inference runs/model.onnx --folder data/synth/captcha
     python speed.py serve http://127.0.0.1:8000 --folder data/synth/captcha --clients 8   # serve.py running
 
 `loader` scans the folder as train.py does and reads every batch of it through the same streaming
 loader (the same number of worker threads), without a model: if it is faster than training, the
-loader does not hold training back. `inference` times test.py's own reading loop (files read and
+loader does not hold training back; `step` times the optimizer step alone on images already in
+memory, the other side of that comparison. `inference` times test.py's own reading loop (files read and
 preprocessed on other threads while the model predicts) on a folder, and the latency of one image
 (read, preprocess, predict, decode), the median of --repeats after a warm-up. `serve` posts the
 folder's images to a running serve.py from --clients threads at once (one image per POST /read)
@@ -20,6 +22,8 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 import augment
 import preprocess
@@ -50,6 +54,32 @@ def time_loader(args):
     print(f"loader: {images} images in {seconds:.1f} s = {images / seconds:.0f} images/s "
           f"({args.workers} worker threads, batch {args.batch_size}, augmentation {args.augment}); "
           f"peak memory {peak_memory_mb():.0f} MB")
+
+
+def time_training_step(args):
+    """The optimizer step alone, on random images already in memory: what the network costs on this
+    machine's device, to set against the loader's images/s."""
+    import keras  # (the other commands read .onnx models without Keras)
+
+    import model
+
+    charset = preprocess.charset_from_arg(args.charset)
+    config = model.PRESETS[args.preset]
+    crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, model.RECIPES[args.recipe],
+                               total_steps=args.steps + args.warmup)
+    rng = np.random.default_rng(0)
+    images = rng.random((args.batch_size, config.height, config.width, 1), dtype=np.float32)
+    labels = rng.integers(0, len(charset.symbols), (args.batch_size, args.length))
+    for _ in range(args.warmup):  # compilation
+        crnn.train_on_batch(images, labels)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = crnn.train_on_batch(images, labels)
+    float(np.asarray(loss))  # the last step has finished (JAX and TensorFlow may run ahead of Python)
+    seconds = time.perf_counter() - started
+    devices = ", ".join(model.gpu_names()) or "CPU"
+    print(f"training step: preset {args.preset}, batch {args.batch_size}: {1000 * seconds / args.steps:.1f} ms a step "
+          f"= {args.steps * args.batch_size / seconds:.0f} images/s (Keras {keras.backend.backend()} on {devices})")
 
 
 def time_inference(args):
@@ -118,6 +148,14 @@ def main(argv=None):
     loader.add_argument("--batches", type=int, default=0, help="read only this many batches (0: all)")
     loader.add_argument("--augment", default="none", choices=augment.CHOICES,
                         help="training-time augmentation, as train.py applies it (default none)")
+    step = commands.add_parser("step", help="images/s of the training step alone (no loader)")
+    step.add_argument("--preset", default="fast")
+    step.add_argument("--recipe", default="default")
+    step.add_argument("--charset", default="default")
+    step.add_argument("--length", type=int, default=5, help="label length (default 5)")
+    step.add_argument("--batch_size", type=int, default=32)
+    step.add_argument("--steps", type=int, default=50)
+    step.add_argument("--warmup", type=int, default=5)
     inference = commands.add_parser("inference", help="images/s on a folder and one image's latency")
     inference.add_argument("model", help="a .keras, .onnx or .tflite model")
     inference.add_argument("--folder", required=True)
@@ -131,7 +169,8 @@ def main(argv=None):
     serve.add_argument("--clients", type=int, default=8)
     args = parser.parse_args(argv)
     try:
-        {"loader": time_loader, "inference": time_inference, "serve": time_server}[args.command](args)
+        {"loader": time_loader, "step": time_training_step, "inference": time_inference,
+         "serve": time_server}[args.command](args)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,10 @@ def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder,
                        "light"]) == 0  # the training loader, as train.py runs it
     assert re.search(r"loader: 40 images in .* augmentation light\)", capsys.readouterr().out)
 
+    assert speed.main(["step", "--preset", "tiny", "--batch_size", "4", "--steps", "2", "--warmup", "1"]) == 0
+    stepped = re.search(r"training step: preset tiny, batch 4: [\d.]+ ms a step = (\d+) images/s", capsys.readouterr().out)
+    assert stepped and int(stepped[1]) > 0
+
     best = trained_run / train.BEST_NAME
     assert speed.main(["inference", str(best), "--folder", str(digits_folder), "--batch_size", "16",
                        "--repeats", "3"]) == 0
