@@ -75,8 +75,8 @@ class TrainConfig:
     auto_crop: bool = False
     force_invert: bool = False
     strong: bool = False
-    workers: int = 0  # threads that read and preprocess batches; 0: one per CPU core, at most 8 (OpenCV works outside
-    #                   the GIL; a GPU machine needs them all to be fed)
+    workers: int = 2  # threads that read and preprocess batches (on a 16-core GPU machine 8 or 16 read no faster
+    #                   than 2: `speed.py loader`, README "Scale and speed")
     strategy: str = "auto"  # mirrored: tf.distribute.MirroredStrategy over all GPUs (batch_size is the global batch);
     #                         auto: mirrored when there are 2+ GPUs; none: one device
     out: str = "saved_model"
@@ -173,19 +173,13 @@ def resolve_init_from(cfg):
     return BASE_MODEL
 
 
-def loader_threads(workers):
-    """--workers, or with 0 one thread per CPU core (at most 8: beyond that the threads wait on Python itself)."""
-    return workers or min(8, os.cpu_count() or 1)
-
-
 def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation,
                        repeats=1):
     """Streaming batches of the three splits. Only the training batches are shuffled, augmented and
     repeated: validation and test read the plain pipeline's pixels, the same ones test.py reads."""
     def batches(samples, training):
         return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
-                                       loader_threads(cfg.workers), augmentation if training else "none",
-                                       repeats if training else 1)
+                                       cfg.workers, augmentation if training else "none", repeats if training else 1)
 
     return batches(train_set, True), batches(val_set, False), batches(test_set, False)
 

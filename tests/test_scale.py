@@ -1,7 +1,6 @@
 """Issue: scale — training under tf.distribute's MirroredStrategy."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -38,11 +37,6 @@ def test_unknown_strategy_is_a_one_line_error(digits_folder, tmp_path, capsys):
                        "--workers", "1", "--strategy", "horovod", "--out", str(tmp_path)])
     assert code == 2
     assert "unknown --strategy 'horovod'" in capsys.readouterr().err
-
-
-def test_loader_threads_default_to_the_cores_and_follow_workers():
-    assert train.loader_threads(0) == min(8, os.cpu_count())  # --workers 0, the default
-    assert train.loader_threads(3) == 3
 
 
 def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder, capsys):
