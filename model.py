@@ -31,6 +31,7 @@ class ModelConfig:
     pools: tuple = ((2, 2), (2, 2), (2, 1))  # (height, width) pooling after each convolution block
     convs_per_block: int = 1  # 3x3 convolutions before each pooling
     batch_norm: bool = True  # Conv (no bias) -> BatchNorm -> ReLU; False: Conv (bias, relu)
+    conv_init: str = "glorot_uniform"  # the convolutions' kernel initializer (Keras' default)
     block_dropout: float = 0.0  # dropout after each block's pooling
     extra_conv: int = 0  # filters of one more Conv2D(3x3, bias, relu) before the collapse; 0: none
     collapse: str = "mean"  # how CollapseHeight turns (H, W, C) into W time steps: "mean" or "flatten"
@@ -72,8 +73,9 @@ PRESETS = {
     "fast": ModelConfig(conv_filters=(32, 64, 128), pools=((2, 2), (2, 2), (2, 1)), collapse="flatten",
                         project_units=128, lstm_units=(128, 128), bn_momentum=0.9),
     # The keras-io "OCR model for reading Captchas" example's network, as a benchmark contender:
-    # Conv32-pool-Conv64-pool without BatchNorm, height folded into Dense(64), BiLSTM 128 then 64.
-    "kerasio": ModelConfig(conv_filters=(32, 64), pools=((2, 2), (2, 2)), batch_norm=False, collapse="flatten",
+    # Conv32-pool-Conv64-pool without BatchNorm (He-normal kernels), height folded into Dense(64), BiLSTM 128 then 64.
+    "kerasio": ModelConfig(conv_filters=(32, 64), pools=((2, 2), (2, 2)), batch_norm=False, conv_init="he_normal",
+                           collapse="flatten",
                            project_units=64, dropout_cnn=0.2, lstm_units=(128, 64), lstm_dropout=0.25,
                            dropout_rnn=0.0),
     # For tests: trains in seconds.
@@ -130,11 +132,11 @@ def build_model(config, num_classes, legacy_lambda=False):
     for filters, pool in zip(config.conv_filters, config.pools):
         for _ in range(config.convs_per_block):
             if config.batch_norm:
-                x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+                x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=config.conv_init)(x)
                 x = layers.BatchNormalization(momentum=config.bn_momentum)(x)
                 x = layers.Activation("relu")(x)
             else:
-                x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+                x = layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_initializer=config.conv_init)(x)
         x = layers.MaxPooling2D(pool)(x)
         if config.block_dropout:
             x = layers.Dropout(config.block_dropout)(x)

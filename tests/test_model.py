@@ -47,6 +47,15 @@ def test_presets_build_with_one_softmax_row_per_time_step(preset):
         assert convs == [64, 64, 128, 128, 256, 256, 256] and lstms == [256, 256]
 
 
+def test_kerasio_preset_is_the_keras_io_examples_network():
+    crnn = model.build_model(model.PRESETS["kerasio"], 63)
+    convs = [layer for layer in crnn.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [32, 64]
+    assert all(isinstance(c.kernel_initializer, keras.initializers.HeNormal) for c in convs)  # as keras-io has them
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in crnn.layers)
+    assert crnn.count_params() == 438_143  # README's table, 62 symbols
+
+
 def test_legacy_variant_uses_a_lambda():
     crnn = model.build_model(TINY, 63, legacy_lambda=True)
     assert any(isinstance(layer, keras.layers.Lambda) for layer in crnn.layers)
