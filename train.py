@@ -574,12 +574,12 @@ def train(cfg):
             histories.append(crnn.fit(train_batches, epochs=epochs,
                                       initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose))
     except KeyboardInterrupt:
-        STOP.in_fit = False
         resume_checkpoint.save()  # this epoch's progress too; the epoch itself runs again on resume
         print(f"\ninterrupted after {resume_checkpoint.epochs_done} complete epochs; saved "
               f"{out / RESUME_NAME}. Continue with: python train.py --resume --out {out}")
         return None
-    STOP.in_fit = False
+    finally:  # (whatever ended fit(): a signal from here on stops at once)
+        STOP.in_fit = False
     # ---- phase 6, the final model, then the best checkpoint scored on the test split
     train_seconds = max(time.time() - started, 1e-6)
     epochs_run = epochs_done + sum(len(h.history.get("loss", [])) for h in histories)
