@@ -3,12 +3,14 @@
     python bench.py                                   # reference vs default, 60 minutes each
     python bench.py --minutes 10 --runs default=fast:default
     python bench.py --style gregwar                   # data that looks like the reference's Kaggle set
-    python bench.py --data_dir path/to/images --runs default=fast:default@20,kerasio=kerasio:kerasio@25
+    python bench.py --data_dir path/to/images --runs default=fast:default+base@30,kerasio=kerasio:kerasio@30
                                                       # a real folder: train.py's split, its test part scores
 
-Each run is NAME=PRESET:RECIPE[@MINUTES] (presets and recipes from model.py; MINUTES overrides --minutes). All runs train on the same
-data (generated, or --data_dir split as train.py splits it) with their recipe's augmentation, and are scored on the
-same held-out test images. They take turns in slices of
+Each run is NAME=PRESET:RECIPE[+START][@MINUTES] (presets and recipes from model.py; START: `base`, the shipped base
+model, or a .keras path to fine-tune, whose network and pixels are then used instead of the preset's, as train.py
+--init_from does; MINUTES overrides --minutes). `fast:default+base` is what `train.py` does by default. All runs
+train on the same data (generated, or --data_dir split as train.py splits it) with their recipe's augmentation, and
+are scored on the same held-out test images (after recomputing the BatchNorm statistics when the recipe does). They take turns in slices of
 --slice_seconds, so a busy machine slows them alike; each run's clock counts only its own training
 (evaluation is not counted). Every --eval_minutes of a run's own time it is scored on the test set.
 Writes bench.json (every curve point), bench_curves.png, each run's final model (NAME.keras) and a
@@ -88,11 +90,16 @@ def folder_data(cfg):
 class Contender:
     """One recipe being trained: its model, its batches, and its own clock."""
 
-    def __init__(self, name, preset, recipe_name, minutes, cfg, charset, max_len, train_samples):
-        self.name, self.preset, self.recipe_name = name, preset, recipe_name
-        self.config, self.recipe = model.PRESETS[preset], model.RECIPES[recipe_name]
-        self.charset = charset
-        self.options = self.recipe.preprocess_options(self.config)
+    def __init__(self, name, preset, recipe_name, start_from, minutes, cfg, charset, max_len, train_samples):
+        self.name, self.preset, self.recipe_name, self.start_from = name, preset, recipe_name, start_from
+        self.recipe, self.charset = model.RECIPES[recipe_name], charset
+        if start_from:  # fine-tuning, as train.py --init_from: the network and pixels of the file
+            source_model, source_meta, self.model_config, self.options = train.load_start(
+                train.BASE_MODEL if start_from == "base" else Path(start_from))
+            self.source = source_model, source_meta
+        else:
+            self.source, self.model_config = None, model.PRESETS[preset]
+            self.options = self.recipe.preprocess_options(self.model_config)
         self.batches = preprocess.make_batches(train_samples, charset, max_len, self.options,
                                                self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1,
                                                augment=self.recipe.augment)
@@ -100,6 +107,12 @@ class Contender:
         self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
         self.pool = ThreadPoolExecutor(2)
         self.crnn = None
+        self.precise_bn = None  # the recipe's BatchNorm statistics recomputed before each score, as train.py does
+
+    def new_model(self):
+        if self.source is None:
+            return model.build_model(self.model_config, self.charset.num_classes)
+        return train.start_from(*self.source, self.charset)[0]
 
     def next_batch(self):
         """Batches load on a thread while the previous one trains."""
@@ -114,8 +127,7 @@ class Contender:
     def start(self, seed):
         """Measures steps per second on a scratch copy, to size the one-cycle schedule to the budget."""
         keras.utils.set_random_seed(seed)
-        scratch = model.compile_model(model.build_model(self.config, self.charset.num_classes), self.charset,
-                                      self.recipe, total_steps=100)
+        scratch = model.compile_model(self.new_model(), self.charset, self.recipe, total_steps=100)
         images, labels = self.batches[0]
         scratch.train_on_batch(images, labels)  # traces the step function
         started = time.time()
@@ -124,8 +136,10 @@ class Contender:
         steps_per_second = 5 / (time.time() - started)
         self.total_steps = max(10, int(self.budget * steps_per_second * 0.9))  # loading costs some time too
         keras.utils.set_random_seed(seed)
-        self.crnn = model.compile_model(model.build_model(self.config, self.charset.num_classes), self.charset,
-                                        self.recipe, total_steps=self.total_steps)
+        self.crnn = model.compile_model(self.new_model(), self.charset, self.recipe, total_steps=self.total_steps)
+        if self.recipe.precise_bn_batches:
+            self.precise_bn = train.PreciseBatchNorm(self.batches, self.recipe.precise_bn_batches)
+            self.precise_bn.set_model(self.crnn)
         self.crnn.train_on_batch(images, labels)  # trace before the clock starts; counts as a step
         self.images += len(images)
 
@@ -140,6 +154,11 @@ class Contender:
 
     def done(self):
         return self.seconds >= self.budget - 1e-6
+
+    def score(self, test_images, test_labels):
+        if self.precise_bn is not None:
+            self.precise_bn.on_epoch_end(len(self.curve))
+        return score(self.crnn, self.charset, test_images, test_labels)
 
 
 def score(crnn, charset, test_images, test_labels):
@@ -188,17 +207,22 @@ def bench(cfg):
     for spec in cfg.runs.split(","):
         name, _, rest = spec.partition("=")
         rest, _, minutes = rest.partition("@")
+        rest, _, start_from = rest.partition("+")
         preset, _, recipe = rest.partition(":")
         if preset not in model.PRESETS or recipe not in model.RECIPES:
-            raise CaptchaError(f"--runs {spec!r}: expected NAME=PRESET:RECIPE with a preset of {sorted(model.PRESETS)} "
-                               f"and a recipe of {sorted(model.RECIPES)}")
-        contender = Contender(name, preset, recipe, float(minutes or cfg.minutes), cfg, charset, max_len, train_samples)
+            raise CaptchaError(f"--runs {spec!r}: expected NAME=PRESET:RECIPE[+START][@MINUTES] with a preset of "
+                               f"{sorted(model.PRESETS)} and a recipe of {sorted(model.RECIPES)}")
+        if start_from and start_from != "base" and not Path(start_from).is_file():
+            raise CaptchaError(f"--runs {spec!r}: {start_from}: no such model file to start from (or use +base)")
+        contender = Contender(name, preset, recipe, start_from, float(minutes or cfg.minutes), cfg, charset, max_len,
+                              train_samples)
         contender.start(cfg.seed)
         contenders.append(contender)
         schedule = (f"one-cycle schedule sized for {contender.total_steps} steps" if contender.recipe.schedule == "onecycle"
                     else f"constant learning rate {contender.recipe.learning_rate:g} (no plateau watch or early "
                          f"stopping here)")
-        print(f"{name}: preset {preset}, recipe {recipe}, {contender.crnn.count_params():,} parameters, {schedule}, "
+        network = f"as {start_from}, from its weights" if start_from else f"preset {preset}, from scratch"
+        print(f"{name}: {network}, recipe {recipe}, {contender.crnn.count_params():,} parameters, {schedule}, "
               f"augmentation {contender.recipe.augment}")
 
     out = Path(cfg.out)
@@ -211,7 +235,7 @@ def bench(cfg):
             c.train_for(min(cfg.slice_seconds, next_eval - c.seconds))
             if c.seconds >= min(next_eval, c.budget) - 1e-6:
                 point = {"minutes": round(c.seconds / 60, 2), "images": c.images, "loss": c.last_loss,
-                         **score(c.crnn, charset, test_images_for(c.options), test_labels)}
+                         **c.score(test_images_for(c.options), test_labels)}
                 c.curve.append(point)
                 print(f"{c.name:>10} {point['minutes']:6.1f} min  {point['images']:8d} img  loss {point['loss']:7.3f}  "
                       f"exact {point['exact_match']:.4f}  (ignoring case {point['exact_match_ignore_case']:.4f})  "
@@ -219,10 +243,10 @@ def bench(cfg):
 
     results = []
     for c in contenders:  # the trained models too: a pre-trained start for fine-tuning (train.py --init_from)
-        model.save_model(c.crnn, out / f"{c.name}.keras",
-                         model.make_meta(charset, max_len, c.options, c.config))
+        model.save_model(c.crnn, out / f"{c.name}.keras", model.make_meta(charset, max_len, c.options, c.model_config))
         first = next((p["minutes"] for p in c.curve if p["exact_match"] > 0), None)
-        results.append({"name": c.name, "preset": c.preset, "recipe": c.recipe_name, **c.curve[-1],
+        results.append({"name": c.name, "preset": c.preset, "recipe": c.recipe_name, "start_from": c.start_from or "none",
+                        **c.curve[-1],
                         "train_images_per_second": round(c.images / c.seconds, 1),
                         "minutes_to_first_nonzero_exact_match": first, "curve": c.curve})
     (out / "bench.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2))

@@ -395,6 +395,23 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
     return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
 
 
+def load_start(init_from):
+    """The model to start from (a .keras path), its metadata, its network (a ModelConfig, or None for a file
+    without one) and the pixels it learned from: its input size, resize arithmetic and CLAHE settings."""
+    source_model, source_meta = model.load_model(init_from)
+    config = model.ModelConfig.from_dict(source_meta["model_config"]) if source_meta.get("model_config") else None
+    _, height, width, _ = source_model.input_shape
+    options = dataclasses.replace(PreprocessOptions.from_dict(source_meta["preprocess"]), height=height, width=width)
+    return source_model, source_meta, config, options
+
+
+def start_from(source_model, source_meta, charset):
+    """A copy of `source_model` with `charset`'s output classes and every weight carried over (the output
+    rows by symbol). Returns (model, the symbols that start fresh)."""
+    crnn = model.with_output_classes(source_model, charset.num_classes)
+    return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
+
+
 def cnn_frozen(crnn):
     return any(not layer.trainable for layer in crnn.layers if isinstance(layer, keras.layers.Conv2D))
 
@@ -462,9 +479,8 @@ def train(cfg):
         raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
     config = model.PRESETS[cfg.preset]
     init_from = resolve_init_from(cfg)
-    if init_from:  # fine-tuning keeps the architecture it starts from, read from the file itself
-        source_model, source_meta = model.load_model(init_from)
-        config = model.ModelConfig.from_dict(source_meta["model_config"]) if source_meta.get("model_config") else None
+    if init_from:  # fine-tuning keeps the architecture and the pixels it starts from, read from the file itself
+        source_model, source_meta, config, source_options = load_start(init_from)
     if cfg.recipe not in model.RECIPES:
         raise CaptchaError(f"unknown --recipe {cfg.recipe!r}; choose from {sorted(model.RECIPES)}")
     recipe = model.RECIPES[cfg.recipe]
@@ -473,10 +489,8 @@ def train(cfg):
                                  augment=recipe.augment if cfg.augment == "recipe" else cfg.augment)
     if recipe.augment not in augment.CHOICES:
         raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from recipe, {', '.join(augment.CHOICES)}")
-    if init_from:  # and the pixels it learned from: its input size, resize arithmetic and CLAHE settings
-        _, height, width, _ = source_model.input_shape
-        options = dataclasses.replace(PreprocessOptions.from_dict(source_meta["preprocess"]), height=height,
-                                      width=width, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
+    if init_from:
+        options = dataclasses.replace(source_options, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
                                       strong=cfg.strong)
         steps = source_model.output_shape[1]
     else:
@@ -517,10 +531,9 @@ def train(cfg):
         keep_log_rows_before(out / LOG_NAME, epochs_done)
     else:
         with in_scope():
-            crnn = (model.with_output_classes(source_model, charset.num_classes) if init_from
-                    else model.build_model(config, charset.num_classes))
+            crnn, fresh = (start_from(source_model, source_meta, charset) if init_from
+                           else (model.build_model(config, charset.num_classes), ""))
         if init_from:
-            fresh = copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
             print(f"starting from {init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
                                                   if fresh else " (every symbol's output row carried over)"))
     # ---- phase 5, training: convolutions frozen for --freeze_cnn_epochs (fine-tuning only), then every weight

@@ -135,17 +135,38 @@ def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
     assert set(meta["charset"]["symbols"]) == set("".join(labels)) and meta["charset"]["blank_index"] == 0
 
 
-def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert bench.main(["--data_dir", str(digits_folder), "--runs", "kerasio=kerasio:kerasio@0.05,ours=tiny:default@0.05",
+def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, trained_run, tmp_path, capsys):
+    """The keras-io recipe from scratch against a default-recipe run that starts from a model (as train.py's
+    default starts from the base model: `+base`; here a small trained model, `+PATH`)."""
+    out, start = tmp_path / "out", trained_run / train.BEST_NAME
+    assert bench.main(["--data_dir", str(digits_folder), "--runs", f"kerasio=kerasio:kerasio@0.05,ours=tiny:default+{start}@0.05",
                        "--eval_minutes", "0.05", "--slice_seconds", "2", "--out", str(out)]) == 0
     samples = preprocess.scan_folder(digits_folder).samples
     defaults = train.TrainConfig()
     _, _, test = preprocess.split_samples(samples, defaults.val_fraction, defaults.test_fraction, defaults.seed)
-    assert f"/ {len(test)} test images of {digits_folder}" in capsys.readouterr().out  # train.py's own test split
+    printed = capsys.readouterr().out
+    assert f"/ {len(test)} test images of {digits_folder}" in printed  # train.py's own test split
+    assert f"ours: as {start}, from its weights" in printed and "kerasio: preset kerasio, from scratch" in printed
     results = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
     assert set(results) == {"kerasio", "ours"} and results["kerasio"]["recipe"] == "kerasio"
+    assert (results["ours"]["start_from"], results["kerasio"]["start_from"]) == (str(start), "none")
+    # the fine-tuned contender kept the start's pixels and began from its weights, not from a fresh network
+    source, source_meta = model.load_model(start)
+    ours, ours_meta = model.load_model(out / "ours.keras")
+    assert ours_meta["preprocess"] == source_meta["preprocess"]
+    fresh = model.build_model(model.ModelConfig.from_dict(source_meta["model_config"]), 11)
+    first_kernel = [next(w for w in m.weights if len(w.shape) == 4).numpy() for m in (source, ours, fresh)]
+    moved, unrelated = (np.abs(first_kernel[0] - k).mean() for k in first_kernel[1:])
+    assert moved < 0.5 * unrelated, (moved, unrelated)
     kerasio, meta = model.load_model(out / "kerasio.keras")
     assert kerasio.count_params() == model.build_model(model.PRESETS["kerasio"], 11).count_params()
     assert meta["charset"]["symbols"] == preprocess.charset_of_labels([label for _, label in samples]).symbols
     assert (meta["preprocess"]["resize"], meta["preprocess"]["clahe_clip"]) == ("stretch", 0)  # keras-io's pixels
+
+
+def test_bench_names_a_missing_start_model_in_one_line(digits_folder, tmp_path, capsys):
+    missing = tmp_path / "nope.keras"
+    assert bench.main(["--data_dir", str(digits_folder), "--runs", f"x=tiny:default+{missing}", "--out",
+                       str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{missing}: no such model file to start from" in error
