@@ -5,8 +5,9 @@
 #   bash realsets.sh                      # the three sets in ../shared/realsets
 #   EXTRA="--limit 500" OUT=runs/real500 bash realsets.sh tjsp5   # the 500-image case, one set
 #
-# Resumable in slices: a folder whose run has written metrics.json is skipped, so after a stop the
-# same command carries on with the next folder.
+# Resumable in slices: a folder whose run has written metrics.json is skipped, and one whose run was
+# interrupted (Ctrl-C, or `pkill -INT -f train.py`: train.py saves crnn_ctc_resume.keras) carries on
+# with `train.py --resume`, so after a stop the same command goes on where it was. Its wall seconds add up.
 set -u
 cd "$(dirname "$0")"
 root=${REALSETS:-../shared/realsets}
@@ -15,10 +16,17 @@ python=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
 for set in ${@:-tjsp5 henan4 captchads4}; do
   [ -f "$out/$set/metrics.json" ] && continue
-  rm -rf "$out/$set"
+  if [ -f "$out/$set/crnn_ctc_resume.keras" ]; then
+    args=(--resume --out "$out/$set")  # the interrupted run, with its own saved settings
+  else
+    rm -rf "$out/$set" "$out/$set.log"
+    args=(--data_dir "$root/$set" --out "$out/$set" ${EXTRA:-})
+  fi
+  before=$(cat "$out/$set/wall_seconds" 2>/dev/null || echo 0)
   start=$(date +%s)
-  $python train.py --data_dir "$root/$set" --out "$out/$set" ${EXTRA:-} > "$out/$set.log" 2>&1
-  echo "$(( $(date +%s) - start ))" > "$out/$set/wall_seconds"
+  $python train.py "${args[@]}" >> "$out/$set.log" 2>&1
+  mkdir -p "$out/$set"
+  echo "$(( before + $(date +%s) - start ))" > "$out/$set/wall_seconds"
 done
 $python - "$out" <<'PY'
 import csv, json, sys
