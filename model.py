@@ -221,6 +221,7 @@ class Recipe:
     restore_best: bool = False  # EarlyStopping puts the best epoch's weights back
     plateau_patience: int = 2  # "plateau": epochs of stalled val_loss before the rate is halved (min 1e-5)
     augment: str = "light"  # on-the-fly augmentation of training images (augment.LEVELS), or "none"
+    settle_epochs: int = 10  # stop once the validation CER has not changed for this many epochs; 0: never
     precise_bn_batches: int = 8  # BatchNorm statistics measured afresh on this many training batches each epoch; 0: off
     resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
     clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
@@ -236,12 +237,13 @@ RECIPES = {
     # min 1e-5), EarlyStopping(val_loss, patience 5, best weights restored), best checkpoint on val_loss.
     "reference": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="plateau",
                         warmup_fraction=0.0, batch_size=128, monitor="val_loss", stop_patience=5, restore_best=True,
-                        plateau_patience=2, augment="none", resize="reference", precise_bn_batches=0),
+                        plateau_patience=2, augment="none", resize="reference", precise_bn_batches=0,
+                        settle_epochs=0),
     # The keras-io captcha example's: Adam at 1e-3, batch 16, EarlyStopping(val_loss, patience 10, best weights);
     # its pixels: the image stretched to 200x50, no contrast equalisation.
     "kerasio": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="constant",
                       warmup_fraction=0.0, batch_size=16, monitor="val_loss", stop_patience=10, restore_best=True,
-                      augment="none", precise_bn_batches=0, resize="stretch", clahe_clip=0.0),
+                      augment="none", precise_bn_batches=0, resize="stretch", clahe_clip=0.0, settle_epochs=0),
     "default": Recipe(),
 }
 

@@ -13,6 +13,7 @@ crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash, a 
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import hashlib
 import json
@@ -70,6 +71,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 42  # split, shuffling and weight initialisation
+    settle_epochs: int = -1  # end once the validation CER has held this many epochs (0: never; -1: the recipe's,
+    #                          10 for default, never for reference and kerasio)
     patience: int = 8  # epochs without a better validation score before stopping (not one-cycle runs; the recipe's
     #                    may differ)
     auto_crop: bool = False
@@ -197,9 +200,9 @@ def plan_epochs(epochs, min_steps, train_images, batch_size):
 
 
 def early_stopping(recipe, patience):
-    """Stops on the recipe's monitor; None for a one-cycle run, which runs its whole schedule: its
-    low-rate end is where it sharpens, and validation that has stalled at the rate's peak says nothing
-    about it (tjsp5, stopped at epoch 36 of 54 while the rate was still high: test exact match 0.9462
+    """Stops on the recipe's monitor; None for a one-cycle run, which runs its whole schedule unless its
+    validation settles (StopWhenSettled): its low-rate end is where it sharpens, and validation that has
+    stalled at the rate's peak says nothing about it (tjsp5, stopped at epoch 36 of 54 while the rate was still high: test exact match 0.9462
     with the best checkpoint, 0.9686 with the model at the stop; the whole schedule read 0.9731)."""
     if recipe.schedule == "onecycle":
         return None
@@ -303,6 +306,32 @@ class BestCheckpoint(keras.callbacks.Callback):
             print(f"{self.monitor} {self.best:.4f} -> {logs[self.monitor]:.4f}; saving {self.path}")
             self.best = logs[self.monitor]
             model.save_model(self.model, self.path, self.meta)
+
+
+class StopWhenSettled(keras.callbacks.Callback):
+    """Ends a run whose validation has settled: the same validation CER `epochs` epochs in a row while
+    it reads most images (exact match above 0.5). From there the best checkpoint only moves to a later,
+    equally good epoch, so the rest of the schedule costs time and buys nothing. (henan4: the same 7 of
+    296 validation images wrong from epoch 1 to epoch 40, 26 minutes; no run on tjsp5, captchads4 or
+    hershey held the same CER for more than 7 epochs.) A CER stuck at the CTC plateau, where nothing
+    reads yet, is not settled: that run may still leave it. `history`: (val_cer, val_exact_match) of
+    the epochs before a resume."""
+
+    def __init__(self, epochs, history=()):
+        super().__init__()
+        self.epochs, self.history = epochs, list(history)
+
+    def settled(self):
+        last = self.history[-self.epochs:]
+        return (len(last) == self.epochs and all(exact > 0.5 for _, exact in last)
+                and all(cer == last[0][0] for cer, _ in last))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append((round(logs["val_cer"], 9), logs["val_exact_match"]))
+        if self.settled():
+            print(f"validation settled: CER {logs['val_cer']:.4f} for {self.epochs} epochs; stopping after epoch "
+                  f"{epoch + 1}")
+            self.model.stop_training = True
 
 
 class StopBetweenSteps(keras.callbacks.Callback):
@@ -433,6 +462,14 @@ def keep_log_rows_before(log_path, epoch):
     log_path.write_text("\n".join(kept) + "\n")
 
 
+def validation_history(log_path):
+    """(val_cer, val_exact_match) of each epoch in a run's log, for callbacks that look back after a resume."""
+    if not log_path.exists():
+        return []
+    with open(log_path) as f:
+        return [(round(float(row["val_cer"]), 9), float(row["val_exact_match"])) for row in csv.DictReader(f)]
+
+
 def run_identity(folder, train_set, val_set, test_set):
     """What makes a run's numbers mean what they say: which images are in which split (a hash of the three
     lists of path, relative to the folder, and label). Stored in every model the run writes, checked
@@ -486,7 +523,8 @@ def train(cfg):
     recipe = model.RECIPES[cfg.recipe]
     recipe = dataclasses.replace(recipe, batch_size=cfg.batch_size or recipe.batch_size,
                                  learning_rate=cfg.learning_rate or recipe.learning_rate,
-                                 augment=recipe.augment if cfg.augment == "recipe" else cfg.augment)
+                                 augment=recipe.augment if cfg.augment == "recipe" else cfg.augment,
+                                 settle_epochs=recipe.settle_epochs if cfg.settle_epochs < 0 else cfg.settle_epochs)
     if recipe.augment not in augment.CHOICES:
         raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from recipe, {', '.join(augment.CHOICES)}")
     if init_from:
@@ -507,7 +545,8 @@ def train(cfg):
     print(f"{epochs} epochs of {len(train_batches)} steps = {epochs * len(train_batches)} optimizer steps"
           + (f" ({repeats} passes over the training images an epoch)" if repeats > 1 else "")
           + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} passes)")
-          + f"; augmentation: {recipe.augment}")
+          + f"; augmentation: {recipe.augment}"
+          + (f"; ends once the validation CER holds {recipe.settle_epochs} epochs" if recipe.settle_epochs else ""))
 
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
@@ -560,6 +599,8 @@ def train(cfg):
         ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # the rest read its numbers
         best_checkpoint,
         early_stopping(recipe, cfg.patience),
+        StopWhenSettled(recipe.settle_epochs, validation_history(out / LOG_NAME) if cfg.resume else ())
+        if recipe.settle_epochs else None,
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=recipe.plateau_patience,
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself

@@ -1,5 +1,7 @@
 """Small real folders: on-the-fly augmentation, runs sized by optimizer steps, output rows carried by symbol."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -96,11 +98,51 @@ def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(sample
     assert not np.array_equal(first, second)  # the same image, altered anew in each pass
 
 
-def test_a_one_cycle_run_is_never_stopped_early_and_the_reference_recipe_is():
+def test_a_one_cycle_run_is_never_stopped_on_patience_and_the_reference_recipe_is():
     assert train.early_stopping(model.RECIPES["default"], 8) is None  # it runs its whole schedule
     reference = train.early_stopping(model.RECIPES["reference"], 8)
     assert reference.start_from_epoch == 0 and reference.patience == 5 and reference.monitor == "val_loss"
     assert reference.restore_best_weights
+    assert model.RECIPES["default"].settle_epochs == 10  # it ends once validation has settled; the peers' never do
+    assert model.RECIPES["reference"].settle_epochs == model.RECIPES["kerasio"].settle_epochs == 0
+
+
+def test_a_run_ends_once_its_validation_cer_holds_while_it_reads_and_not_on_the_ctc_plateau():
+    crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
+
+    def stopped_after(scores, history=()):
+        """The epoch (1-based) after which StopWhenSettled(3) stops a run with these (val_cer, val_exact_match)."""
+        callback = train.StopWhenSettled(3, history)
+        callback.set_model(crnn)
+        crnn.stop_training = False
+        for epoch, (cer, exact) in enumerate(scores):
+            callback.on_epoch_end(epoch, {"val_cer": cer, "val_exact_match": exact})
+            if crnn.stop_training:
+                return epoch + 1
+        return None
+
+    reading = (0.0068, 0.97)
+    assert stopped_after([(0.2, 0.6), reading, reading, reading, reading]) == 4  # held 3 epochs: 2, 3 and 4
+    assert stopped_after([reading, (0.0061, 0.97), reading, (0.0061, 0.97), reading]) is None  # still moving
+    assert stopped_after([(1.0, 0.0)] * 6) is None  # nothing read yet: the CTC plateau, which a run may leave
+    assert stopped_after([(0.3, 0.5)] * 6) is None  # half read: not settled either
+    assert stopped_after([reading], history=[reading, reading]) == 1  # epochs before a resume count
+
+
+def test_a_run_whose_validation_settles_ends_early_and_is_scored(digits_folder, tmp_path, monkeypatch, capsys):
+    def settled_evaluate(*args):  # every pass reads 3 of 4 images right, with the same CER
+        scores, predictions, confidences = evaluate(*args)
+        return {**scores, "cer": 0.25, "exact_match": 0.75}, predictions, confidences
+
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", settled_evaluate)
+    out = tmp_path / "run"
+    assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "6", "--settle_epochs", "2",
+                       "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)]) == 0
+    assert "validation settled: CER 0.2500 for 2 epochs; stopping after epoch 2" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2  # of 6
+    assert train.validation_history(out / train.LOG_NAME) == [(0.25, 0.75), (0.25, 0.75)]  # what a resume reads
+    assert (out / train.BEST_NAME).exists() and (out / train.FINAL_NAME).exists()
 
 
 def test_the_best_checkpoint_goes_to_the_later_epoch_on_a_tied_cer(tmp_path):
