@@ -202,8 +202,8 @@ def plan_epochs(epochs, min_steps, train_images, batch_size):
 def early_stopping(recipe, patience):
     """Stops on the recipe's monitor; None for a one-cycle run, which runs its whole schedule unless its
     validation settles (StopWhenSettled): its low-rate end is where it sharpens, and validation that has
-    stalled at the rate's peak says nothing about it (tjsp5, stopped at epoch 36 of 54 while the rate was still high: test exact match 0.9462
-    with the best checkpoint, 0.9686 with the model at the stop; the whole schedule read 0.9731)."""
+    stalled at the rate's peak says nothing about it (tjsp5, stopped at epoch 36 of 54 while the rate
+    was still high: test exact match 0.9462 with the best checkpoint, 0.9686 with the model at the stop; the whole schedule read 0.9731)."""
     if recipe.schedule == "onecycle":
         return None
     return keras.callbacks.EarlyStopping(monitor=recipe.monitor, mode="min", patience=recipe.stop_patience or patience,
@@ -311,8 +311,8 @@ class BestCheckpoint(keras.callbacks.Callback):
 class StopWhenSettled(keras.callbacks.Callback):
     """Ends a run whose validation has settled: the same validation CER `epochs` epochs in a row while
     it reads most images (exact match above 0.5). From there the best checkpoint only moves to a later,
-    equally good epoch, so the rest of the schedule costs time and buys nothing. (henan4: the same 7 of
-    296 validation images wrong from epoch 1 to epoch 40, 26 minutes; no run on tjsp5, captchads4 or
+    equally good epoch, so the rest of the schedule costs time and buys nothing. (henan4: 7 of 296
+    validation images wrong at nearly every epoch from 1 to 40, 26 minutes; no run on tjsp5, captchads4 or
     hershey held the same CER for more than 7 epochs.) A CER stuck at the CTC plateau, where nothing
     reads yet, is not settled: that run may still leave it. `history`: (val_cer, val_exact_match) of
     the epochs before a resume."""
