@@ -203,7 +203,8 @@ def early_stopping(recipe, patience):
     """Stops on the recipe's monitor; None for a one-cycle run, which runs its whole schedule unless its
     validation settles (StopWhenSettled): its low-rate end is where it sharpens, and validation that has
     stalled at the rate's peak says nothing about it (tjsp5, stopped at epoch 36 of 54 while the rate
-    was still high: test exact match 0.9462 with the best checkpoint, 0.9686 with the model at the stop; the whole schedule read 0.9731)."""
+    was still high: test exact match 0.9462 with the best checkpoint, 0.9686 with the model at the stop;
+    the whole schedule read 0.9731)."""
     if recipe.schedule == "onecycle":
         return None
     return keras.callbacks.EarlyStopping(monitor=recipe.monitor, mode="min", patience=recipe.stop_patience or patience,
