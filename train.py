@@ -313,9 +313,9 @@ class StopWhenSettled(keras.callbacks.Callback):
     """Ends a run whose validation has settled: the same validation CER `epochs` epochs in a row while
     it reads most images (exact match above 0.5). From there the best checkpoint only moves to a later,
     equally good epoch, so the rest of the schedule costs time and buys nothing. (henan4: 7 of 296
-    validation images wrong at nearly every epoch from 1 to 40, 26 minutes; no run on tjsp5, captchads4 or
-    hershey held the same CER for more than 7 epochs.) A CER stuck at the CTC plateau, where nothing
-    reads yet, is not settled: that run may still leave it. `history`: (val_cer, val_exact_match) of
+    validation images wrong at nearly every epoch from 1 to 40, 26 minutes; this release's default runs on
+    tjsp5, captchads4 and hershey never held it for more than 4 epochs.) A CER stuck at the CTC plateau,
+    where nothing reads yet, is not settled: that run may still leave it. `history`: (val_cer, val_exact_match) of
     the epochs before a resume."""
 
     def __init__(self, epochs, history=()):
