@@ -315,8 +315,8 @@ class StopWhenSettled(keras.callbacks.Callback):
     equally good epoch, so the rest of the schedule costs time and buys nothing. (henan4: 7 of 296
     validation images wrong at nearly every epoch from 1 to 40, 26 minutes; this release's default runs on
     tjsp5, captchads4 and hershey never held it for more than 4 epochs.) A CER stuck at the CTC plateau,
-    where nothing reads yet, is not settled: that run may still leave it. `history`: (val_cer, val_exact_match) of
-    the epochs before a resume."""
+    where nothing reads yet, is not settled: that run may still leave it. `history`: (val_cer,
+    val_exact_match) of the epochs before a resume."""
 
     def __init__(self, epochs, history=()):
         super().__init__()
@@ -324,11 +324,11 @@ class StopWhenSettled(keras.callbacks.Callback):
 
     def settled(self):
         last = self.history[-self.epochs:]
-        return (len(last) == self.epochs and all(exact > 0.5 for _, exact in last)
-                and all(cer == last[0][0] for cer, _ in last))
+        return (len(last) == self.epochs and all(exact > 0.5 for _, exact in last)  # (a CER read back from the log
+                and all(round(cer, 9) == round(last[0][0], 9) for cer, _ in last))  # may differ in its last bits)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.history.append((round(logs["val_cer"], 9), logs["val_exact_match"]))
+        self.history.append((logs["val_cer"], logs["val_exact_match"]))
         if self.settled():
             print(f"validation settled: CER {logs['val_cer']:.4f} for {self.epochs} epochs; stopping after epoch "
                   f"{epoch + 1}")
@@ -468,7 +468,7 @@ def validation_history(log_path):
     if not log_path.exists():
         return []
     with open(log_path) as f:
-        return [(round(float(row["val_cer"]), 9), float(row["val_exact_match"])) for row in csv.DictReader(f)]
+        return [(float(row["val_cer"]), float(row["val_exact_match"])) for row in csv.DictReader(f)]
 
 
 def run_identity(folder, train_set, val_set, test_set):
