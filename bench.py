@@ -20,6 +20,7 @@ table to stdout.
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -135,6 +136,8 @@ class Contender:
             scratch.train_on_batch(images, labels)
         steps_per_second = 5 / (time.time() - started)
         self.total_steps = max(10, int(self.budget * steps_per_second * 0.9))  # loading costs some time too
+        # the recipe's clean finish, as in train.py: the end of the schedule reads the images as they are
+        self.batches.augment_epochs = math.ceil(self.total_steps * (1 - self.recipe.clean_finish) / len(self.batches))
         keras.utils.set_random_seed(seed)
         self.crnn = model.compile_model(self.new_model(), self.charset, self.recipe, total_steps=self.total_steps)
         if self.recipe.precise_bn_batches:

@@ -221,6 +221,8 @@ class Recipe:
     restore_best: bool = False  # EarlyStopping puts the best epoch's weights back
     plateau_patience: int = 2  # "plateau": epochs of stalled val_loss before the rate is halved (min 1e-5)
     augment: str = "light"  # on-the-fly augmentation of training images (augment.LEVELS), or "none"
+    clean_finish: float = 0.25  # the last fraction of the planned epochs trains on the images as they are (at the
+    #                             low end of the rate, the network fits the site's own pixels, not altered ones)
     settle_epochs: int = 10  # stop once the validation CER has not changed for this many epochs; 0: never
     precise_bn_batches: int = 8  # BatchNorm statistics measured afresh on this many training batches each epoch; 0: off
     resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)

@@ -420,14 +420,17 @@ class CaptchaBatches:
     epoch): different every epoch, the same in every rerun, whichever worker thread loads it.
     `repeats` > 1 passes over the samples that many times per epoch (each pass altered anew), so a
     small folder's epoch is long enough that validation and checkpoints stay a small part of it.
+    `augment_epochs`: only the epochs before this one are altered (None: every epoch); the epoch is
+    the loader's own count, so prefetching workers and a resumed run agree on it.
     """
 
     def __init__(self, samples, charset, max_len, options=PreprocessOptions(), batch_size=64,
-                 shuffle=False, seed=0, augment="none", repeats=1, **pydataset_kwargs):
+                 shuffle=False, seed=0, augment="none", repeats=1, augment_epochs=None, **pydataset_kwargs):
         super().__init__(**pydataset_kwargs)
         if augment not in augment_module.CHOICES:
             raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
         self.augment = augment
+        self.augment_epochs = augment_epochs
         self.seed = seed
         self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
         self.paths = [p for p, _ in samples]
@@ -451,7 +454,7 @@ class CaptchaBatches:
         return images, self.labels[rows]
 
     def _augmentation(self, position):
-        if self.augment == "none":
+        if self.augment == "none" or (self.augment_epochs is not None and self.epoch >= self.augment_epochs):
             return None
         rng = np.random.default_rng([self.seed, self.epoch, position])
         return lambda gray: augment_module.augment(gray, self.augment, rng)
@@ -463,12 +466,12 @@ class CaptchaBatches:
 
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2, augment="none", repeats=1):
+                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None):
     import keras  # here, not at the top: `synth.py` and `preprocess.py scan` start without TensorFlow
 
     batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
     return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment, repeats,
-                         workers=workers, use_multiprocessing=False)
+                         augment_epochs, workers=workers, use_multiprocessing=False)
 
 
 def main(argv=None):

@@ -66,6 +66,7 @@ class TrainConfig:
     epochs: int = 0  # 0: 30, or more on a small folder so that training makes at least --min_steps updates
     min_steps: int = 3000  # with --epochs 0: the fewest optimizer steps (batches) a run makes
     augment: str = "recipe"  # on-the-fly training augmentation: none, light, strong; recipe: the recipe's
+    clean_finish: float = -1.0  # the last fraction of the epochs without augmentation; -1: the recipe's (0.25)
     batch_size: int = 0  # 0: the recipe's
     learning_rate: float = 0.0  # 0: the recipe's (the peak, for one-cycle)
     val_fraction: float = 0.1
@@ -177,12 +178,16 @@ def resolve_init_from(cfg):
 
 
 def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation,
-                       repeats=1):
-    """Streaming batches of the three splits. Only the training batches are shuffled, augmented and
-    repeated: validation and test read the plain pipeline's pixels, the same ones test.py reads."""
+                       repeats=1, augment_epochs=None):
+    """Streaming batches of the three splits. Only the training batches are shuffled, augmented (the epochs
+    before `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's
+    pixels, the same ones test.py reads."""
     def batches(samples, training):
-        return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
-                                       cfg.workers, augmentation if training else "none", repeats if training else 1)
+        if not training:
+            return preprocess.make_batches(samples, charset, max_len, options, batch_size, False, cfg.seed,
+                                           cfg.workers)
+        return preprocess.make_batches(samples, charset, max_len, options, batch_size, True, cfg.seed, cfg.workers,
+                                       augmentation, repeats, augment_epochs)
 
     return batches(train_set, True), batches(val_set, False), batches(test_set, False)
 
@@ -525,9 +530,13 @@ def train(cfg):
     recipe = dataclasses.replace(recipe, batch_size=cfg.batch_size or recipe.batch_size,
                                  learning_rate=cfg.learning_rate or recipe.learning_rate,
                                  augment=recipe.augment if cfg.augment == "recipe" else cfg.augment,
-                                 settle_epochs=recipe.settle_epochs if cfg.settle_epochs < 0 else cfg.settle_epochs)
+                                 settle_epochs=recipe.settle_epochs if cfg.settle_epochs < 0 else cfg.settle_epochs,
+                                 clean_finish=recipe.clean_finish if cfg.clean_finish < 0 else cfg.clean_finish)
     if recipe.augment not in augment.CHOICES:
         raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from recipe, {', '.join(augment.CHOICES)}")
+    if not 0 <= recipe.clean_finish <= 1:
+        raise CaptchaError(f"--clean_finish {recipe.clean_finish:g}: a fraction of the epochs, from 0 to 1 "
+                           f"(-1: the recipe's)")
     if init_from:
         options = dataclasses.replace(source_options, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
                                       strong=cfg.strong)
@@ -541,12 +550,17 @@ def train(cfg):
 
     # ---- phase 3, the batches and how many updates
     epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, len(train_set), recipe.batch_size)
+    augment_epochs = epochs - round(epochs * recipe.clean_finish)  # the epochs before the clean finish
     train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
-                                                                  options, recipe.batch_size, recipe.augment, repeats)
+                                                                  options, recipe.batch_size, recipe.augment, repeats,
+                                                                  augment_epochs)
     print(f"{epochs} epochs of {len(train_batches)} steps = {epochs * len(train_batches)} optimizer steps"
           + (f" ({repeats} passes over the training images an epoch)" if repeats > 1 else "")
           + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} passes)")
           + f"; augmentation: {recipe.augment}"
+          + ("" if recipe.augment == "none" or augment_epochs >= epochs
+             else f" for epochs 1-{augment_epochs}, then the images as they are" if augment_epochs
+             else " (no epoch: --clean_finish 1)")
           + (f"; ends once the validation CER holds {recipe.settle_epochs} epochs" if recipe.settle_epochs else ""))
 
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer

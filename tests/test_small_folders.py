@@ -58,6 +58,38 @@ def test_validation_and_test_batches_are_never_augmented(samples):
             batches.on_epoch_end()
 
 
+def test_the_clean_finish_reads_the_images_as_they_are(samples):
+    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=8, seed=3, workers=1, augment="light",
+                                      augment_epochs=2)
+    plain = np.stack([preprocess.load_image(path) for path, _ in samples])
+    for epoch in range(4):  # epochs 0 and 1 altered, 2 and 3 (the clean finish) as they are
+        pixels = batch_pixels(batches)
+        assert np.array_equal(pixels, plain) == (epoch >= 2)
+        batches.on_epoch_end()
+    batches.epoch = 1  # a resumed run sets the loader's epoch: what it reads follows it
+    assert not np.array_equal(batch_pixels(batches), plain)
+
+
+def test_a_run_plans_its_clean_finish_from_the_recipe_or_the_flag(digits_folder, tmp_path, monkeypatch, capsys):
+    loaders = []
+
+    def keep_loaders(*args, **kwargs):
+        loaders.append(make_split_batches(*args, **kwargs))
+        return loaders[-1]
+
+    make_split_batches = train.make_split_batches
+    monkeypatch.setattr(train, "make_split_batches", keep_loaders)
+    common = ["--data_dir", str(digits_folder), "--preset", "tiny", "--charset", "digits", "--batch_size", "16",
+              "--workers", "1", "--epochs", "4"]
+    assert train.main(common + ["--clean_finish", "0.5", "--out", str(tmp_path / "half")]) == 0
+    assert "augmentation: light for epochs 1-2, then the images as they are" in capsys.readouterr().out
+    assert loaders[-1][0].augment_epochs == 2 and loaders[-1][1].augment == loaders[-1][2].augment == "none"
+    assert train.main(common + ["--out", str(tmp_path / "recipe")]) == 0  # the default recipe's quarter: 1 of 4
+    assert loaders[-1][0].augment_epochs == 3 and model.RECIPES["default"].clean_finish == 0.25
+    assert train.main(common + ["--clean_finish", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--clean_finish 1.5: a fraction of the epochs, from 0 to 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("level", ["light", "strong"])
 def test_augmentation_keeps_the_canvas_and_is_mild(level):
     gray = np.full((50, 200), 230, np.uint8)
