@@ -183,11 +183,9 @@ def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, opti
     before `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's
     pixels, the same ones test.py reads."""
     def batches(samples, training):
-        if not training:
-            return preprocess.make_batches(samples, charset, max_len, options, batch_size, False, cfg.seed,
-                                           cfg.workers)
-        return preprocess.make_batches(samples, charset, max_len, options, batch_size, True, cfg.seed, cfg.workers,
-                                       augmentation, repeats, augment_epochs)
+        return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
+                                       cfg.workers, augmentation if training else "none", repeats if training else 1,
+                                       augment_epochs if training else None)
 
     return batches(train_set, True), batches(val_set, False), batches(test_set, False)
 
