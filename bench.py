@@ -109,6 +109,7 @@ class Contender:
         self.pool = ThreadPoolExecutor(2)
         self.crnn = None
         self.precise_bn = None  # the recipe's BatchNorm statistics recomputed before each score, as train.py does
+        self.averaged = None  # the recipe's moving average of the weights, scored instead of them, as train.py does
 
     def new_model(self):
         if self.source is None:
@@ -143,6 +144,10 @@ class Contender:
         if self.recipe.precise_bn_batches:
             self.precise_bn = train.PreciseBatchNorm(self.batches, self.recipe.precise_bn_batches)
             self.precise_bn.set_model(self.crnn)
+        if self.recipe.ema_momentum:
+            self.averaged = train.AveragedWeights()
+            self.averaged.set_model(self.crnn)
+            self.averaged.restore.set_model(self.crnn)
         self.crnn.train_on_batch(images, labels)  # trace before the clock starts; counts as a step
         self.images += len(images)
 
@@ -159,9 +164,14 @@ class Contender:
         return self.seconds >= self.budget - 1e-6
 
     def score(self, test_images, test_labels):
+        if self.averaged is not None:  # the order of train.py's epoch end: average in, statistics, read, weights back
+            self.averaged.on_epoch_end(len(self.curve))
         if self.precise_bn is not None:
             self.precise_bn.on_epoch_end(len(self.curve))
-        return score(self.crnn, self.charset, test_images, test_labels)
+        scores = score(self.crnn, self.charset, test_images, test_labels)
+        if self.averaged is not None:
+            self.averaged.restore.on_epoch_end(len(self.curve))
+        return scores
 
 
 def score(crnn, charset, test_images, test_labels):

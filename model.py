@@ -225,6 +225,8 @@ class Recipe:
     #                             low end of the rate, the network fits the site's own pixels, not altered ones)
     settle_epochs: int = 10  # stop once the validation CER has not changed for this many epochs; 0: never
     precise_bn_batches: int = 8  # BatchNorm statistics measured afresh on this many training batches each epoch; 0: off
+    ema_momentum: float = 0.995  # validation, checkpoints and the final model use an exponential moving average of
+    #                              the weights (Keras' use_ema) with this momentum; 0: the weights as trained
     resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
     clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
 
@@ -240,12 +242,13 @@ RECIPES = {
     "reference": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="plateau",
                         warmup_fraction=0.0, batch_size=128, monitor="val_loss", stop_patience=5, restore_best=True,
                         plateau_patience=2, augment="none", resize="reference", precise_bn_batches=0,
-                        settle_epochs=0),
+                        settle_epochs=0, ema_momentum=0.0),
     # The keras-io captcha example's: Adam at 1e-3, batch 16, EarlyStopping(val_loss, patience 10, best weights);
     # its pixels: the image stretched to 200x50, no contrast equalisation.
     "kerasio": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="constant",
                       warmup_fraction=0.0, batch_size=16, monitor="val_loss", stop_patience=10, restore_best=True,
-                      augment="none", precise_bn_batches=0, resize="stretch", clahe_clip=0.0, settle_epochs=0),
+                      augment="none", precise_bn_batches=0, resize="stretch", clahe_clip=0.0, settle_epochs=0,
+                      ema_momentum=0.0),
     "default": Recipe(),
 }
 
@@ -260,11 +263,13 @@ def make_optimizer(recipe, total_steps):
             warmup_steps=warmup, decay_steps=max(1, total_steps - warmup), alpha=0.01)
     elif recipe.schedule not in ("plateau", "constant"):
         raise CaptchaError(f"unknown schedule {recipe.schedule!r}: use 'onecycle', 'plateau' or 'constant'")
-    clip = {"clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
+    options = {"clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
+    if recipe.ema_momentum:  # the average lives in the optimizer; train.AveragedWeights swaps it in to evaluate
+        options.update(use_ema=True, ema_momentum=recipe.ema_momentum)
     if recipe.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay, **clip)
+        return keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay, **options)
     if recipe.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate, **clip)
+        return keras.optimizers.Adam(learning_rate, **options)
     raise CaptchaError(f"unknown optimizer {recipe.optimizer!r}: use 'adam' or 'adamw'")
 
 

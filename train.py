@@ -67,6 +67,8 @@ class TrainConfig:
     min_steps: int = 3000  # with --epochs 0: the fewest optimizer steps (batches) a run makes
     augment: str = "recipe"  # on-the-fly training augmentation: none, light, strong; recipe: the recipe's
     clean_finish: float = -1.0  # the last fraction of the epochs without augmentation; -1: the recipe's (0.25)
+    ema_momentum: float = -1.0  # evaluate and save a moving average of the weights (0: off; -1: the recipe's,
+    #                             0.995 for default, off for reference and kerasio)
     batch_size: int = 0  # 0: the recipe's
     learning_rate: float = 0.0  # 0: the recipe's (the peak, for one-cycle)
     val_fraction: float = 0.1
@@ -237,6 +239,39 @@ def evaluate(keras_model, batches, charset, labels):
         predictions += texts
         confidences += confidence
     return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
+
+
+class AveragedWeights(keras.callbacks.Callback):
+    """The epoch-end callbacks between this one and its partner `self.restore` see the moving average of
+    the weights that the optimizer keeps (`use_ema`, recipe field `ema_momentum`) instead of the weights
+    as trained: BatchNorm statistics are measured for it, validation reads it and checkpoints save it.
+    Then the trained weights are put back, so training goes on from them and a resume checkpoint holds
+    them. After the last epoch Keras itself writes the average into the model (fit() finalizes it), so
+    the final model is the average too. Averaging smooths the last steps' noise out of the model that is
+    read (a few hundred validation images otherwise pick among noisy epochs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trained = None  # the trained weights while the average is in the model
+        self.restore = RestoreTrainedWeights(self)
+
+    def on_epoch_end(self, epoch, logs=None):
+        weights = self.model.trainable_variables  # the optimizer's average was built in this order
+        self.trained = [keras.ops.convert_to_numpy(weight) for weight in weights]
+        self.model.optimizer.finalize_variable_values(weights)
+
+
+class RestoreTrainedWeights(keras.callbacks.Callback):
+    """AveragedWeights' partner: puts the trained weights back at the epoch's end."""
+
+    def __init__(self, averaged):
+        super().__init__()
+        self.averaged = averaged
+
+    def on_epoch_end(self, epoch, logs=None):
+        for weight, value in zip(self.model.trainable_variables, self.averaged.trained):
+            weight.assign(value)
+        self.averaged.trained = None
 
 
 class PreciseBatchNorm(keras.callbacks.Callback):
@@ -529,11 +564,15 @@ def train(cfg):
                                  learning_rate=cfg.learning_rate or recipe.learning_rate,
                                  augment=recipe.augment if cfg.augment == "recipe" else cfg.augment,
                                  settle_epochs=recipe.settle_epochs if cfg.settle_epochs < 0 else cfg.settle_epochs,
-                                 clean_finish=recipe.clean_finish if cfg.clean_finish < 0 else cfg.clean_finish)
+                                 clean_finish=recipe.clean_finish if cfg.clean_finish < 0 else cfg.clean_finish,
+                                 ema_momentum=recipe.ema_momentum if cfg.ema_momentum < 0 else cfg.ema_momentum)
     if recipe.augment not in augment.CHOICES:
         raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from recipe, {', '.join(augment.CHOICES)}")
     if not 0 <= recipe.clean_finish <= 1:
         raise CaptchaError(f"--clean_finish {recipe.clean_finish:g}: a fraction of the epochs, from 0 to 1 "
+                           f"(-1: the recipe's)")
+    if not 0 <= recipe.ema_momentum < 1:
+        raise CaptchaError(f"--ema_momentum {recipe.ema_momentum:g}: from 0 (off) to below 1, e.g. 0.995 "
                            f"(-1: the recipe's)")
     if init_from:
         options = dataclasses.replace(source_options, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
@@ -601,13 +640,17 @@ def train(cfg):
     schedule = {"onecycle": "one-cycle peak", "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
     architecture = f"as {init_from}" if init_from else f"preset {cfg.preset}, from scratch"
     print(f"model: {architecture}, {crnn.count_params():,} parameters, {steps} time steps; "
-          f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}")
+          f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}"
+          + (f"; read and saved: the weights' moving average (momentum {recipe.ema_momentum:g})"
+             if recipe.ema_momentum else ""))
 
     csv_log = keras.callbacks.CSVLogger(str(out / LOG_NAME), append=cfg.resume)
     best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, recipe.monitor, best_score)
     resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
+    averaged = AveragedWeights() if recipe.ema_momentum else None
     callbacks = [
-        # first: validation and checkpoints see the recomputed statistics
+        averaged,  # first: everything up to averaged.restore sees the averaged weights
+        # next: validation and checkpoints see the recomputed statistics
         PreciseBatchNorm(train_batches, recipe.precise_bn_batches) if recipe.precise_bn_batches else None,
         ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # the rest read its numbers
         best_checkpoint,
@@ -618,6 +661,7 @@ def train(cfg):
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         csv_log,
+        averaged.restore if averaged else None,  # training goes on from the trained weights, and resumes from them
         resume_checkpoint,  # it records what the others decided
         STOP,  # last: a stop asked for during the epoch's end waits until its checkpoints are written
     ]

@@ -1,5 +1,6 @@
 """Small real folders: on-the-fly augmentation, runs sized by optimizer steps, output rows carried by symbol."""
 
+import dataclasses
 import json
 
 import keras
@@ -314,3 +315,73 @@ def test_augmentation_picture_shows_the_loaders_own_output(tmp_path):
         pixels = np.asarray(picture.convert("L"), dtype=np.float32)
     columns = np.array_split(pixels, 7, axis=1)  # as read, 3 x light, 3 x strong
     assert all(np.abs(columns[0] - column).mean() > 1.0 for column in columns[1:])  # every epoch's panel differs
+
+
+def weights_of(crnn):
+    return [keras.ops.convert_to_numpy(weight) for weight in crnn.trainable_variables]
+
+
+def same_weights(first, second):
+    return all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_averaged_weights_are_swapped_in_for_the_epoch_end_and_the_trained_ones_put_back(samples):
+    crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
+    recipe = dataclasses.replace(model.RECIPES["default"], ema_momentum=0.9)
+    model.compile_model(crnn, Charset(DIGITS), recipe, total_steps=10)
+    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=4, workers=1)
+    for _ in range(3):
+        crnn.train_on_batch(*batches[0])
+    average = [keras.ops.convert_to_numpy(v) for v in crnn.optimizer._model_variables_moving_average]
+    trained = weights_of(crnn)
+    assert not same_weights(trained, average)  # three steps apart: the average lags the weights
+    averaged = train.AveragedWeights()
+    for callback in (averaged, averaged.restore):
+        callback.set_model(crnn)
+    averaged.on_epoch_end(0)
+    assert same_weights(weights_of(crnn), average)  # what validation and checkpoints see
+    averaged.restore.on_epoch_end(0)
+    assert same_weights(weights_of(crnn), trained)  # what training goes on from
+    # off for the reference's recipe and the keras-io one, as they had it
+    assert model.RECIPES["reference"].ema_momentum == 0 and model.RECIPES["kerasio"].ema_momentum == 0
+    assert not model.make_optimizer(model.RECIPES["reference"], 10).use_ema
+
+
+def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(digits_folder, tmp_path, monkeypatch,
+                                                                             capsys):
+    seen = []  # at each validation: the model's weights, and the optimizer's average of the trained ones
+
+    def recording_evaluate(keras_model, *args):
+        if getattr(keras_model, "optimizer", None) is not None:  # validation (the test split: a loaded model)
+            average = [keras.ops.convert_to_numpy(v) for v in keras_model.optimizer._model_variables_moving_average]
+            seen.append((weights_of(keras_model), average))
+        return evaluate(keras_model, *args)
+
+    trained, resumable = [], []  # each epoch's trained weights, and what its resume checkpoint saved
+
+    def recording_swap(self, epoch, logs=None):
+        swap_in(self, epoch, logs)
+        trained.append(self.trained)
+
+    def recording_save(self, finished=False):
+        resumable.append(weights_of(self.model))
+        save(self, finished)
+
+    evaluate, swap_in, save = train.evaluate, train.AveragedWeights.on_epoch_end, train.ResumeCheckpoint.save
+    monkeypatch.setattr(train, "evaluate", recording_evaluate)
+    monkeypatch.setattr(train.AveragedWeights, "on_epoch_end", recording_swap)
+    monkeypatch.setattr(train.ResumeCheckpoint, "save", recording_save)
+    out = tmp_path / "run"
+    assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "3", "--batch_size", "8",
+                       "--charset", DIGITS, "--ema_momentum", "0.9", "--workers", "1", "--out", str(out)]) == 0
+    assert "the weights' moving average (momentum 0.9)" in capsys.readouterr().out
+    assert len(seen) == 3 and all(same_weights(weights, average) for weights, average in seen)
+    # a resume goes on from the weights as trained, not from their average
+    assert all(same_weights(saved, weights) for saved, weights in zip(resumable[:3], trained, strict=True))
+    assert not any(same_weights(saved, weights) for saved, (weights, _) in zip(resumable[:3], seen))
+    final, _ = model.load_model(out / train.FINAL_NAME)
+    assert same_weights(weights_of(final), seen[-1][0])  # no step after the last validation
+    best, _ = model.load_model(out / train.BEST_NAME)
+    assert any(same_weights(weights_of(best), weights) for weights, _ in seen)
+    assert train.main(["--data_dir", str(digits_folder), "--ema_momentum", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--ema_momentum 1: from 0 (off) to below 1" in capsys.readouterr().err
