@@ -225,8 +225,8 @@ class Recipe:
     #                             low end of the rate, the network fits the site's own pixels, not altered ones)
     settle_epochs: int = 10  # stop once the validation CER has not changed for this many epochs; 0: never
     precise_bn_batches: int = 8  # BatchNorm statistics measured afresh on this many training batches each epoch; 0: off
-    ema_momentum: float = 0.0  # > 0 (e.g. 0.995): validation, checkpoints and the final model use an exponential moving average of
-    #                              the weights (Keras' use_ema) with this momentum; 0: the weights as trained
+    ema_momentum: float = 0.0  # > 0 (e.g. 0.995): validation, checkpoints and the final model use an exponential
+    #                            moving average of the weights (Keras' use_ema); 0: the weights as trained
     resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
     clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
 
