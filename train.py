@@ -247,8 +247,9 @@ class AveragedWeights(keras.callbacks.Callback):
     as trained: BatchNorm statistics are measured for it, validation reads it and checkpoints save it.
     Then the trained weights are put back, so training goes on from them and a resume checkpoint holds
     them. After the last epoch Keras itself writes the average into the model (fit() finalizes it), so
-    the final model is the average too. Averaging smooths the last steps' noise out of the model that is
-    read (a few hundred validation images otherwise pick among noisy epochs)."""
+    the final model is the average too; so does fit() when a run is stopped inside an epoch, so that run
+    resumes from the average. Averaging smooths the last steps' noise out of the model that is read (a
+    few hundred validation images otherwise pick among noisy epochs)."""
 
     def __init__(self):
         super().__init__()
@@ -259,6 +260,19 @@ class AveragedWeights(keras.callbacks.Callback):
         weights = self.model.trainable_variables  # the optimizer's average was built in this order
         self.trained = [keras.ops.convert_to_numpy(weight) for weight in weights]
         self.model.optimizer.finalize_variable_values(weights)
+        unshare(weights)
+
+    def on_train_end(self, logs=None):  # fit() has just put the average in as it is
+        unshare(self.model.trainable_variables)
+
+
+def unshare(weights):
+    """Gives each weight a buffer of its own after `finalize_variable_values`, which assigns the optimizer's
+    average variables to the weights as they are. Under JAX a weight and its average then hold one array,
+    and the next compiled call, which donates the weights' buffers, deletes the optimizer's copy too (the
+    next save of the optimizer failed: "Array has been deleted")."""
+    for weight in weights:
+        weight.assign(keras.ops.convert_to_numpy(weight))
 
 
 class RestoreTrainedWeights(keras.callbacks.Callback):

@@ -1,7 +1,11 @@
 """Small real folders: on-the-fly augmentation, runs sized by optimizer steps, output rows carried by symbol."""
 
 import dataclasses
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -14,6 +18,7 @@ import preprocess
 import reader
 import synth
 import train
+from conftest import ROOT
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
 DIGITS = "0123456789"
@@ -385,3 +390,19 @@ def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(di
     assert any(same_weights(weights_of(best), weights) for weights, _ in seen)
     assert train.main(["--data_dir", str(digits_folder), "--ema_momentum", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--ema_momentum 1: from 0 (off) to below 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_the_weights_moving_average_trains_and_saves_under_jax(digits_folder, tmp_path):
+    # Under JAX a compiled call deletes the weights' buffers it was given: the average must be copied in, not
+    # shared with the optimizer's, or saving the optimizer after the next validation fails.
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "2",
+         "--batch_size", "8", "--charset", DIGITS, "--ema_momentum", "0.9", "--workers", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "(jax backend)" in result.stdout and "the weights' moving average (momentum 0.9)" in result.stdout
+    for name in (train.BEST_NAME, train.FINAL_NAME):
+        crnn, _ = model.load_model(out / name, compile=True)
+        assert crnn.optimizer.use_ema  # saved with the optimizer's average, which is readable
