@@ -68,7 +68,7 @@ class TrainConfig:
     augment: str = "recipe"  # on-the-fly training augmentation: none, light, strong; recipe: the recipe's
     clean_finish: float = -1.0  # the last fraction of the epochs without augmentation; -1: the recipe's (0.25)
     ema_momentum: float = -1.0  # evaluate and save a moving average of the weights, e.g. 0.995 (0: off; -1: the
-    #                             recipe's, off for all three; not yet under the JAX backend, see README)
+    #                             recipe's, off for all three)
     batch_size: int = 0  # 0: the recipe's
     learning_rate: float = 0.0  # 0: the recipe's (the peak, for one-cycle)
     val_fraction: float = 0.1
