@@ -142,15 +142,16 @@ HERSHEY_FONTS = [cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HER
                  cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_PLAIN]
 
 
-def _draw_hershey_png(args):
-    """A look the base model never saw (it is kept out of pre-training, to measure fine-tuning on a new
-    style): OpenCV's stroke (Hershey) fonts instead of TrueType, each symbol in its own ink, thickness
-    and angle on a mottled background, crossed by arcs and speckled with dots, slightly blurred."""
-    text, seed, width, height = args
-    rng = np.random.default_rng(seed)
+def _hershey_background(rng, width, height):
+    """A light colour, mottled."""
     background = rng.integers(170, 256, size=3)
     mottle = cv2.resize(rng.integers(-30, 30, size=(4, 8, 3)).astype(np.float32), (width, height))
-    image = np.clip(background + mottle, 0, 255).astype(np.uint8)
+    return np.clip(background + mottle, 0, 255).astype(np.uint8)
+
+
+def _hershey_symbols(text, rng, width, height):
+    """Places the symbols left to right: yields (alpha, top, left, ink) for each, alpha a float mask (1 where
+    the stroke is) already cut to the image. Drawing and `hershey_visibility` share it, so they agree."""
     font = HERSHEY_FONTS[rng.integers(len(HERSHEY_FONTS))]
     x = int(rng.integers(2, 7))
     fit = min(1.0, 6 / max(len(text), 1))  # long texts in smaller letters, so that they fit the width
@@ -164,11 +165,22 @@ def _draw_hershey_png(args):
         glyph = cv2.warpAffine(glyph, turn, (glyph.shape[1], glyph.shape[0]))
         top = int(np.clip((height - glyph.shape[0]) / 2 + rng.integers(-6, 7), 0, max(0, height - glyph.shape[0])))
         left = int(min(x, width - glyph.shape[1]))
-        region = image[top : top + glyph.shape[0], left : left + glyph.shape[1]]
-        alpha = glyph[: region.shape[0], : region.shape[1], None] / 255.0
+        alpha = glyph[: height - top, : width - left] / 255.0
         ink = rng.integers(0, 120, size=3)
-        region[:] = (region * (1 - alpha) + ink * alpha).astype(np.uint8)
+        yield alpha, top, left, ink
         x += int(w * rng.uniform(0.8, 1.0))  # letters touch or overlap a little, as in many captchas
+
+
+def _draw_hershey_png(args):
+    """A look the base model never saw (it is kept out of pre-training, to measure fine-tuning on a new
+    style): OpenCV's stroke (Hershey) fonts instead of TrueType, each symbol in its own ink, thickness
+    and angle on a mottled background, crossed by arcs and speckled with dots, slightly blurred."""
+    text, seed, width, height = args
+    rng = np.random.default_rng(seed)
+    image = _hershey_background(rng, width, height)
+    for alpha, top, left, ink in _hershey_symbols(text, rng, width, height):
+        region = image[top : top + alpha.shape[0], left : left + alpha.shape[1]]
+        region[:] = (region * (1 - alpha[..., None]) + ink * alpha[..., None]).astype(np.uint8)
     for _ in range(int(rng.integers(2, 5))):  # arcs across the text
         centre = (int(rng.integers(0, width)), int(rng.integers(-height, 2 * height)))
         axes = (int(rng.integers(width // 3, width)), int(rng.integers(height // 2, 2 * height)))
@@ -178,6 +190,35 @@ def _draw_hershey_png(args):
     image[dots[:, 1], dots[:, 0]] = rng.integers(0, 256, size=(len(dots), 3))
     image = cv2.GaussianBlur(image, (3, 3), rng.uniform(0.3, 0.9))
     return cv2.imencode(".png", image)[1].tobytes()
+
+
+def visible_fractions(symbols, width, height):
+    """For symbols drawn in order over one another, each one's ink (alpha > 0.5) that the symbols drawn
+    after it leave uncovered, as a fraction: 1.0 untouched, 0.0 hidden. `symbols`: (alpha, top, left)."""
+    masks = []
+    for alpha, top, left in symbols:
+        mask = np.zeros((height, width), bool)
+        mask[top : top + alpha.shape[0], left : left + alpha.shape[1]] = alpha > 0.5
+        masks.append(mask)
+    fractions, covered = [], np.zeros((height, width), bool)
+    for mask in reversed(masks):  # the last drawn is covered by nothing
+        ink = mask.sum()
+        fractions.append(float((mask & ~covered).sum() / ink) if ink else 1.0)
+        covered |= mask
+    return fractions[::-1]
+
+
+def hershey_placements(text, seed, width=160, height=60):
+    """Where the `hershey` captcha (text, seed) puts each symbol: [(alpha, top, left)], as it is drawn."""
+    rng = np.random.default_rng(seed)
+    _hershey_background(rng, width, height)  # the same draws as the picture, so the same placements follow
+    return [(alpha, top, left) for alpha, top, left, _ in _hershey_symbols(text, rng, width, height)]
+
+
+def hershey_visibility(text, seed, width=160, height=60):
+    """How much of each symbol of the `hershey` captcha (text, seed) its neighbours leave visible: the
+    generator lets letters overlap, each drawn over the one before (the arcs are not counted)."""
+    return visible_fractions(hershey_placements(text, seed, width, height), width, height)
 
 
 SYNTH_STYLES = {
@@ -205,6 +246,12 @@ def unique_filename(label, taken, extension=".png"):
     return name
 
 
+def plan_synthetic(count, seed, symbols, length, width, height):
+    """The labels and the drawing jobs (label, image seed, width, height) of a synthetic set."""
+    labels = random_labels(count, symbols, length, seed)
+    return labels, [(label, seed * 1_000_003 + i, width, height) for i, label in enumerate(labels)]
+
+
 def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, length=5, style="captcha",
                        width=None, height=None, workers=None, progress=True):
     """Draw `count` labelled captchas into `out_dir`, each named by its text.
@@ -218,9 +265,7 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     draw, extension, default_width, default_height = SYNTH_STYLES[style]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = random_labels(count, symbols, length, seed)
-    jobs = [(label, seed * 1_000_003 + i, width or default_width, height or default_height)
-            for i, label in enumerate(labels)]
+    labels, jobs = plan_synthetic(count, seed, symbols, length, width or default_width, height or default_height)
     workers = workers or os.cpu_count() or 1
     taken = {p.name.lower() for p in out_dir.iterdir()}
     written = []
@@ -242,6 +287,22 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     return written
 
 
+def write_visibility(csv_path, count, seed, symbols, length, style):
+    """`synth.py --visibility`: one row per image (file name, label, least visible symbol's fraction)."""
+    if style != "hershey":
+        raise CaptchaError(f"--visibility is measured for --style hershey only, not {style!r}")
+    _, extension, width, height = SYNTH_STYLES[style]
+    labels, jobs = plan_synthetic(count, seed, symbols, length, width, height)
+    taken, rows = set(), ["file,label,least_visible"]
+    for label, (text, image_seed, _, _) in zip(labels, jobs):
+        rows.append(f"{unique_filename(label, taken, extension)},{label},"
+                    f"{min(hershey_visibility(text, image_seed, width, height)):.3f}")
+    Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(csv_path).write_text("\n".join(rows) + "\n")
+    print(f"wrote the visibility of {count} {style} captchas to {csv_path}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synth", help="folder to write into (default: data/synth)")
@@ -253,13 +314,19 @@ def main(argv=None):
                         help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha; "
                              "hershey: stroke fonts, never in the base model's pre-training")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    parser.add_argument("--visibility", metavar="CSV",
+                        help="hershey only: draw nothing; write, for each image this command would draw into an "
+                             "empty --out, how much of its least visible symbol the others leave uncovered")
     args = parser.parse_args(argv)
     try:
         low, _, high = args.length.partition("-")
         length = (int(low), int(high)) if high else int(low)
+        if args.visibility:
+            return write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols,
+                                    length, args.style)
         written = generate_synthetic(args.out, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
                                      args.style, workers=args.workers or None)
-    except (CaptchaError, ValueError) as e:
+    except (CaptchaError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} images to {args.out}")

@@ -31,6 +31,34 @@ def test_every_synthetic_style_is_deterministic_labelled_and_sized(tmp_path, sty
         assert len(label) == 5 and not preprocess.Charset().unknown_symbols(label)
 
 
+def test_visible_fractions_count_the_ink_that_later_symbols_cover():
+    square = np.ones((10, 10))
+    # drawn in order: a, then b over a's right half, then c exactly over b
+    assert synth.visible_fractions([(square, 0, 0), (square, 0, 5), (square, 0, 5)], 30, 10) == [0.5, 0.0, 1.0]
+    assert synth.visible_fractions([(square, 0, 0), (square * 0.2, 0, 0)], 30, 10) == [1.0, 1.0]  # faint: not ink
+
+
+def test_synth_visibility_lists_the_files_it_would_draw(tmp_path, capsys):
+    drawn = synth.generate_synthetic(tmp_path / "set", 8, seed=21, style="hershey", workers=1, progress=False)
+    csv_path = tmp_path / "visibility.csv"
+    assert synth.main(["--style", "hershey", "--count", "8", "--seed", "21", "--visibility", str(csv_path)]) == 0
+    rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
+    assert [name for name, _, _ in rows] == [p.name for p in drawn]
+    labels, jobs = synth.plan_synthetic(8, 21, preprocess.DEFAULT_SYMBOLS, 5, 160, 60)
+    for (_, label, least), (text, image_seed, width, height) in zip(rows, jobs):
+        fractions = synth.hershey_visibility(text, image_seed, width, height)
+        assert label == text and len(fractions) == 5 and float(least) == pytest.approx(min(fractions), abs=1e-3)
+        assert all(0.0 <= f <= 1.0 for f in fractions) and fractions[-1] == 1.0  # nothing is drawn over the last
+    # the placements are where the picture has its ink (dark, 0-120, on a light background)
+    gray = np.asarray(Image.open(drawn[0]).convert("L"), np.float32)
+    ink = np.zeros(gray.shape, bool)
+    for alpha, top, left in synth.hershey_placements(*jobs[0]):
+        ink[top : top + alpha.shape[0], left : left + alpha.shape[1]] |= alpha > 0.9
+    assert gray[ink].mean() < gray[~ink].mean() - 90  # 110 here; 38 with placements drawn from a misaligned rng
+    assert synth.main(["--style", "captcha", "--visibility", str(csv_path)]) == 2
+    assert "hershey only" in capsys.readouterr().err
+
+
 def test_gregwar_style_varies_like_the_library(tmp_path):
     paths = synth.generate_synthetic(tmp_path, 40, seed=3, style="gregwar", workers=1, progress=False)
     borders = [np.median(np.concatenate([g[0], g[-1]])) for g in map(preprocess.read_gray, paths)]
