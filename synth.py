@@ -208,14 +208,14 @@ def visible_fractions(symbols, width, height):
     return fractions[::-1]
 
 
-def hershey_placements(text, seed, width=160, height=60):
+def hershey_placements(text, seed, width, height):
     """Where the `hershey` captcha (text, seed) puts each symbol: [(alpha, top, left)], as it is drawn."""
     rng = np.random.default_rng(seed)
     _hershey_background(rng, width, height)  # the same draws as the picture, so the same placements follow
     return [(alpha, top, left) for alpha, top, left, _ in _hershey_symbols(text, rng, width, height)]
 
 
-def hershey_visibility(text, seed, width=160, height=60):
+def hershey_visibility(text, seed, width, height):
     """How much of each symbol of the `hershey` captcha (text, seed) its neighbours leave visible: the
     generator lets letters overlap, each drawn over the one before (the arcs are not counted)."""
     return visible_fractions(hershey_placements(text, seed, width, height), width, height)
@@ -247,9 +247,9 @@ def unique_filename(label, taken, extension=".png"):
 
 
 def plan_synthetic(count, seed, symbols, length, width, height):
-    """The labels and the drawing jobs (label, image seed, width, height) of a synthetic set."""
+    """The drawing jobs of a synthetic set: (label, image seed, width, height) for each image, in order."""
     labels = random_labels(count, symbols, length, seed)
-    return labels, [(label, seed * 1_000_003 + i, width, height) for i, label in enumerate(labels)]
+    return [(label, seed * 1_000_003 + i, width, height) for i, label in enumerate(labels)]
 
 
 def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, length=5, style="captcha",
@@ -265,7 +265,7 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     draw, extension, default_width, default_height = SYNTH_STYLES[style]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels, jobs = plan_synthetic(count, seed, symbols, length, width or default_width, height or default_height)
+    jobs = plan_synthetic(count, seed, symbols, length, width or default_width, height or default_height)
     workers = workers or os.cpu_count() or 1
     taken = {p.name.lower() for p in out_dir.iterdir()}
     written = []
@@ -280,7 +280,7 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
             from tqdm import tqdm
 
             images = tqdm(images, total=count, desc=f"drawing {style} captchas into {out_dir}", unit="img")
-        for label, data in zip(labels, images):
+        for (label, *_), data in zip(jobs, images):
             path = out_dir / unique_filename(label, taken, extension)
             path.write_bytes(data)
             written.append(path)
@@ -292,11 +292,10 @@ def write_visibility(csv_path, count, seed, symbols, length, style):
     if style != "hershey":
         raise CaptchaError(f"--visibility is measured for --style hershey only, not {style!r}")
     _, extension, width, height = SYNTH_STYLES[style]
-    labels, jobs = plan_synthetic(count, seed, symbols, length, width, height)
     taken, rows = set(), ["file,label,least_visible"]
-    for label, (text, image_seed, _, _) in zip(labels, jobs):
+    for label, image_seed, _, _ in plan_synthetic(count, seed, symbols, length, width, height):
         rows.append(f"{unique_filename(label, taken, extension)},{label},"
-                    f"{min(hershey_visibility(text, image_seed, width, height)):.3f}")
+                    f"{min(hershey_visibility(label, image_seed, width, height)):.3f}")
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
     Path(csv_path).write_text("\n".join(rows) + "\n")
     print(f"wrote the visibility of {count} {style} captchas to {csv_path}")

@@ -44,7 +44,7 @@ def test_synth_visibility_lists_the_files_it_would_draw(tmp_path, capsys):
     assert synth.main(["--style", "hershey", "--count", "8", "--seed", "21", "--visibility", str(csv_path)]) == 0
     rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
     assert [name for name, _, _ in rows] == [p.name for p in drawn]
-    labels, jobs = synth.plan_synthetic(8, 21, preprocess.DEFAULT_SYMBOLS, 5, 160, 60)
+    jobs = synth.plan_synthetic(8, 21, preprocess.DEFAULT_SYMBOLS, 5, 160, 60)
     for (_, label, least), (text, image_seed, width, height) in zip(rows, jobs):
         fractions = synth.hershey_visibility(text, image_seed, width, height)
         assert label == text and len(fractions) == 5 and float(least) == pytest.approx(min(fractions), abs=1e-3)
