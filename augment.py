@@ -5,7 +5,7 @@ images; small random changes that a site's own captchas also show (the text a li
 sheared, moved or scaled, the strokes thinner or bolder, blur, noise, other contrast) make each
 epoch's images new. Every change is mild enough that the label still reads the same.
 
-Works on the 8-bit grayscale canvas after resize-and-pad (preprocess.preprocess_gray calls it),
+Works on the 8-bit canvas (gray, or colour with --channels 3) after resize-and-pad (preprocess.preprocess_gray calls it),
 so it is the same for every input size. Seeded: `augment(gray, level, rng)` with the same rng state
 gives the same image; the loader draws rng from (seed, epoch, sample), so each epoch differs and a
 rerun repeats it.
@@ -44,7 +44,7 @@ CHOICES = ("none", *LEVELS)
 
 def _geometry(gray, level, rng):
     """One perspective transform that rotates, shears, scales, shifts and jitters the corners."""
-    h, w = gray.shape
+    h, w = gray.shape[:2]
     centre = np.array([w / 2, h / 2])
     angle = np.deg2rad(rng.uniform(-level.rotate, level.rotate))
     scale = 1 + rng.uniform(-level.scale, level.scale)
@@ -62,7 +62,7 @@ def _geometry(gray, level, rng):
 
 def _elastic(gray, amount, rng):
     """A smooth random displacement field: strokes wobble the way hand-made distortions do."""
-    h, w = gray.shape
+    h, w = gray.shape[:2]
     field = rng.uniform(-1, 1, size=(2, h // 8 + 2, w // 8 + 2)).astype(np.float32)
     dx = cv2.resize(field[0], (w, h), interpolation=cv2.INTER_CUBIC) * amount
     dy = cv2.resize(field[1], (w, h), interpolation=cv2.INTER_CUBIC) * amount
@@ -71,7 +71,7 @@ def _elastic(gray, amount, rng):
 
 
 def augment(gray, level_name, rng):
-    """8-bit grayscale (H, W) -> an altered copy of the same size. level_name "none" returns it as is."""
+    """8-bit gray (H, W) or colour (H, W, 3) -> an altered copy of the same size. level_name "none" returns it as is."""
     if level_name == "none":
         return gray
     level = LEVELS[level_name]

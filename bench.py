@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 
 import metrics
 import model
+import dataset
 import preprocess
 import reader
 import synth
@@ -44,7 +45,9 @@ from preprocess import CaptchaError, Charset
 @dataclass
 class BenchConfig:
     runs: str = "reference=seed:reference,default=fast:default"
-    data_dir: str = ""  # a real folder (file names are labels); empty: generated captchas (--style, --train_count)
+    data_dir: str = ""  # a real folder, labels read as train.py reads them; empty: generated captchas (--style, ...)
+    labels_from: str = "auto"  # as train.py: the file-name rule (auto, name, prefix, suffix, regex:PATTERN)
+    labels: str = ""  # as train.py: a labels file
     minutes: float = 60.0  # training time of each run
     train_count: int = 40000
     test_count: int = 1000
@@ -76,15 +79,15 @@ def bench_data(cfg, charset):
             shutil.rmtree(folder, ignore_errors=True)  # half-written by an interrupted run: start clean
             synth.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length,
                                           style=cfg.style)
-        parts[part] = preprocess.scan_folder(folder, charset, cfg.length, verify=False).samples
+        parts[part] = dataset.scan_folder(folder, charset, cfg.length, verify=False).samples
     return parts["train"], parts["test"]
 
 
 def folder_data(cfg):
     """A real folder, scanned and split exactly as train.py does (its defaults): its train part trains, its
     test part scores. Returns (charset, longest label, train samples, test samples)."""
-    charset, max_len, train_samples, _, test_samples = train.load_dataset(train.TrainConfig(data_dir=cfg.data_dir),
-                                                                          Path(cfg.data_dir))
+    run = train.TrainConfig(data_dir=cfg.data_dir, labels_from=cfg.labels_from, labels=cfg.labels)
+    charset, max_len, train_samples, _, test_samples, _ = train.load_dataset(run, Path(cfg.data_dir))
     return charset, max_len, train_samples, test_samples
 
 
@@ -101,7 +104,7 @@ class Contender:
         else:
             self.source, self.model_config = None, model.PRESETS[preset]
             self.options = self.recipe.preprocess_options(self.model_config)
-        self.batches = preprocess.make_batches(train_samples, charset, max_len, self.options,
+        self.batches = dataset.make_batches(train_samples, charset, max_len, self.options,
                                                self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1,
                                                augment=self.recipe.augment)
         self.budget = minutes * 60

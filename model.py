@@ -27,6 +27,7 @@ from preprocess import CLAHE_CLIP, IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaErro
 class ModelConfig:
     height: int = IMG_HEIGHT
     width: int = IMG_WIDTH
+    channels: int = 1  # 1: gray input; 3: colour
     conv_filters: tuple = (64, 128, 256)
     pools: tuple = ((2, 2), (2, 2), (2, 1))  # (height, width) pooling after each convolution block
     convs_per_block: int = 1  # 3x3 convolutions before each pooling
@@ -86,10 +87,15 @@ PRESETS = {
 
 def time_steps(config):
     """Output sequence length: the input width after the poolings."""
-    steps = config.width
+    return config.width // width_stride(config)
+
+
+def width_stride(config):
+    """Input columns per output time step (the product of the poolings' widths)."""
+    stride = 1
     for _, pool_width in config.pools:
-        steps //= pool_width
-    return steps
+        stride *= pool_width
+    return stride
 
 
 @keras.saving.register_keras_serializable(package="crnn")
@@ -126,7 +132,7 @@ def build_model(config, num_classes, legacy_lambda=False):
     legacy_lambda=True collapses height with a `Lambda` instead of CollapseHeight, as the
     reference's checkpoints do: export_safe.py's tests build those with it.
     """
-    image = keras.Input(shape=(config.height, config.width, 1), name="image")  # (batch, 50, 200, 1)
+    image = keras.Input(shape=(config.height, config.width, config.channels), name="image")  # (batch, 50, 200, 1)
     x = image
     # The seed pools (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
     for filters, pool in zip(config.conv_filters, config.pools):
@@ -233,7 +239,7 @@ class Recipe:
     def preprocess_options(self, config, **switches):
         """The pixels this recipe trains a `config` network on, with train.py's switches (auto_crop, ...)."""
         return PreprocessOptions(config.height, config.width, resize=self.resize, clahe_clip=self.clahe_clip,
-                                 **switches)
+                                 channels=config.channels, **switches)
 
 
 RECIPES = {

@@ -46,7 +46,8 @@ def prediction_grid(images, truths, predictions, out_path, columns=4, limit=24):
         ax.axis("off")
         if i >= count:
             continue
-        ax.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
+        image = images[i][..., ::-1] if images[i].shape[-1] == 3 else images[i].squeeze()  # colour: BGR -> RGB
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
         right = predictions[i] == truths[i]
         ax.set_title(predictions[i] if right else f"{predictions[i] or '(empty)'} ({truths[i]})",
                      color="black" if right else "red", fontsize=10)
@@ -84,6 +85,7 @@ def style_samples(out_path, count=6, seed=1):
     """Raw captchas of every built-in synthetic style, a row each, labelled with their text."""
     import tempfile
 
+    import labels as label_sources
     import preprocess
     import synth
 
@@ -96,7 +98,7 @@ def style_samples(out_path, count=6, seed=1):
                                              progress=False)
             for ax, path in zip(row, paths):
                 ax.imshow(preprocess.read_gray(path), cmap="gray", vmin=0, vmax=255)
-                ax.set_title(f"{style}: {preprocess.label_from_filename(path)}", fontsize=9)
+                ax.set_title(f"{style}: {label_sources.label_from_filename(path)}", fontsize=9)
                 ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
@@ -109,6 +111,8 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
     built-in synthetic style."""
     import tempfile
 
+    import dataset
+    import labels as label_sources
     import preprocess
     import synth
 
@@ -121,12 +125,12 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
         fig = Figure(figsize=(2.2 * columns, 0.8 * len(paths) + 0.3))
         axes = fig.subplots(len(paths), columns, squeeze=False)
         for row, path in zip(axes, paths):
-            label = preprocess.label_from_filename(path)
+            label = label_sources.label_from_filename(path)
             charset = preprocess.charset_of_labels([label])
             row[0].imshow(preprocess.load_image(path).squeeze(), cmap="gray", vmin=0, vmax=1)
             row[0].set_title(f"{label}: as read", fontsize=8)
             for i, level in enumerate(levels):  # the training loader itself, epoch after epoch
-                batches = preprocess.make_batches([(str(path), label)], charset, len(label), batch_size=1,
+                batches = dataset.make_batches([(str(path), label)], charset, len(label), batch_size=1,
                                                   seed=seed, workers=1, augment=level)
                 for epoch in range(epochs):
                     ax = row[1 + i * epochs + epoch]

@@ -1,7 +1,7 @@
 """Read captchas with any model this project writes: .keras (Keras), .onnx (onnxruntime), .tflite (LiteRT).
 
     reader = Reader("saved_model/crnn_ctc_best.onnx", allowed="digits")
-    text, confidence = reader.read_gray(preprocess.read_gray("captcha.png"))
+    text, confidence = reader.read_file("captcha.png")
 
 One reading path for test.py, serve.py and speed.py: the model's own preprocessing (from its
 metadata), the network, then greedy CTC decoding (or beam search) with a confidence per text.
@@ -27,7 +27,7 @@ import preprocess
 from modelmeta import META_MEMBER, check_meta_version, tflite_meta_path
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
-CASES = ("lower", "upper")
+CASES = ("lower", "upper")  # folds; "keep" (no fold) overrides a model's stored one
 
 
 # ----------------------------------------------------------------------------- exported networks
@@ -217,10 +217,15 @@ class Reader:
 
     def __init__(self, model_path, allowed=None, case=None, beam_width=0, safe_mode=True, no_auto_crop=False,
                  force_invert=False, strong=False):
-        if case is not None and case not in CASES:
-            raise CaptchaError(f"unknown --case {case!r}; choose from {', '.join(CASES)}")
+        """case: None reads with the letter-case fold the model was trained with (stored in it, if any);
+        "lower"/"upper" fold; "keep" reads both cases as the model gives them."""
+        if case is not None and case not in (*CASES, "keep"):
+            raise CaptchaError(f"unknown --case {case!r}; choose from {', '.join(CASES)}, keep")
         self.path = Path(model_path)
         self.network, self.meta = load(model_path, safe_mode)
+        if case is None:
+            case = self.meta.get("case")
+        case = case if case in CASES else None
         self.charset = Charset.from_dict(self.meta["charset"])
         self.allowed = symbols_arg(allowed, self.charset) if allowed else None
         self.case, self.beam_width = case, beam_width
@@ -241,14 +246,17 @@ class Reader:
         probs = restrict(probs, self.charset, self.allowed, self.case)
         return decode_with_confidence(probs, self.charset, self.beam_width, self.case)
 
-    def read_gray(self, gray):
-        """One decoded grayscale image -> (text, confidence)."""
-        texts, confidences = self.predict(preprocess.preprocess_gray(gray, self.options)[np.newaxis])
+    def read_image(self, image):
+        """One decoded image (gray, or colour for a colour model: preprocess.read_image) -> (text, confidence)."""
+        texts, confidences = self.predict(preprocess.preprocess_image(image, self.options)[np.newaxis])
         return texts[0], confidences[0]
+
+    def read_file(self, path):
+        return self.read_image(preprocess.read_image(path, self.options.channels))
 
     def prepare_encoded(self, data, name):
         """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable."""
-        return preprocess.preprocess_gray(preprocess.decode_gray(data, name), self.options)
+        return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.channels), self.options)
 
     def read_paths(self, paths, batch_size=64, debug_dir=None):
         """Yield a Reading per path, in order; reads the next batch's files while predicting this one."""
@@ -276,7 +284,7 @@ class Reader:
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""
         try:
             stages = {} if debug_dir else None
-            image = preprocess.preprocess_gray(preprocess.read_gray(path), self.options, stages)
+            image = preprocess.preprocess_image(preprocess.read_image(path, self.options.channels), self.options, stages)
         except CaptchaError as e:
             return None, str(e)
         if debug_dir:

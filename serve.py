@@ -159,7 +159,8 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (as in Docker)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--allowed", help="read only these symbols (or a preset: digits, lower, upper, ...)")
-    parser.add_argument("--case", choices=reader.CASES, help="fold letter case, for sites that ignore it")
+    parser.add_argument("--case", choices=(*reader.CASES, "keep"),
+                        help="fold letter case, for sites that ignore it (default: the model's own fold; keep: none)")
     parser.add_argument("--min_confidence", type=float, default=0.0, help="answers below it say low_confidence")
     parser.add_argument("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES)
     parser.add_argument("--max_batch", type=int, default=MAX_BATCH, help="images per /read_batch request")

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import augment
+import dataset
 import preprocess
 import reader
 from preprocess import CaptchaError, PreprocessOptions
@@ -38,13 +39,13 @@ def peak_memory_mb():
 def time_loader(args):
     started = time.perf_counter()
     charset = preprocess.charset_from_arg(args.charset)
-    scan = preprocess.scan_folder(args.folder, charset)
+    scan = dataset.scan_folder(args.folder, charset)
     if not scan.samples:
         raise CaptchaError(f"{args.folder}: no usable labelled images ({scan.summary()})")
     max_len = max(len(label) for _, label in scan.samples)
     scanned = time.perf_counter()
     print(f"scan: {scan.summary()} in {scanned - started:.1f} s")
-    batches = preprocess.make_batches(scan.samples, charset, max_len, PreprocessOptions(), args.batch_size,
+    batches = dataset.make_batches(scan.samples, charset, max_len, PreprocessOptions(), args.batch_size,
                                       shuffle=True, workers=args.workers, augment=args.augment)
     count = min(len(batches), args.batches) if args.batches else len(batches)
     # The loader's worker threads, as keras.utils.PyDataset runs them for model.fit.
@@ -97,7 +98,7 @@ def time_inference(args):
     latencies = []
     for i in range(args.repeats + 5):  # the first few build and warm the graph
         started = time.perf_counter()
-        captcha_reader.read_gray(preprocess.read_gray(paths[i % len(paths)]))
+        captcha_reader.read_file(paths[i % len(paths)])
         latencies.append(time.perf_counter() - started)
     print(f"{args.model}: one image (read, preprocess, predict, decode): median "
           f"{1000 * statistics.median(latencies[5:]):.1f} ms over {args.repeats}; peak memory {peak_memory_mb():.0f} MB"

@@ -4,9 +4,11 @@
     python test.py --model saved_model/crnn_ctc_best.onnx --folder path/to/images --output readings.json
     python test.py --model M --folder D --min_confidence 0.5 --review_dir to_relabel/
 
-Prints `path -> text (confidence)` per image. Preprocessing repeats what the model was trained with
-(saved inside the model); the flags below change it. When file names are labels (aB3xQ.png), also
-prints exact match and CER. Reading an .onnx or .tflite model never loads TensorFlow.
+Prints `path -> text (confidence)` per image. Preprocessing and the letter-case fold repeat what the
+model was trained with (saved inside the model); the flags below change them. Where the images have
+labels (read from the file names by the rule the model was trained with, or --labels_from / --labels),
+also prints exact match and CER, labels and readings folded alike. Reading an .onnx or .tflite model
+never loads TensorFlow.
 """
 
 import argparse
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import labels as label_sources
 import metrics
 import preprocess
 import reader
@@ -37,8 +40,13 @@ def parse_args(argv=None):
     parser.add_argument("--beam_width", type=int, default=0, help="CTC beam search width (0: greedy decoding)")
     parser.add_argument("--allowed", help="read only these symbols (e.g. 0123456789, or a preset: digits, lower, "
                                           "upper, lower_digits, upper_digits); the others are masked before decoding")
-    parser.add_argument("--case", choices=reader.CASES, help="fold letter case (for sites that ignore it): "
-                                                              "each letter's two cases count as one")
+    parser.add_argument("--case", choices=(*reader.CASES, "keep"),
+                        help="fold letter case (for sites that ignore it): each letter's two cases count as one, in "
+                             "readings and labels alike; keep: no fold (default: the model's own, stored in it)")
+    parser.add_argument("--labels_from", help="how file names give the labels to score against: auto, name, prefix, "
+                                              "suffix or regex:PATTERN (default: the rule the model was trained with)")
+    parser.add_argument("--labels", metavar="FILE", help="a labels file to score against (CSV/TSV, JSON, Python "
+                                                         "dict, one label per line: as train.py --labels)")
     parser.add_argument("--min_confidence", type=float, default=0.0,
                         help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha")
     parser.add_argument("--review_dir", metavar="DIR",
@@ -55,6 +63,32 @@ def parse_args(argv=None):
     parser.add_argument("--unsafe", action="store_true",
                         help="load models with Lambda layers, running code stored in the file: only for files you trust")
     return parser.parse_args(argv)
+
+
+def known_labels(args, meta):
+    """{path: label} for the images to read, from --labels, --labels_from or the model's own rule, and why
+    there are none (None if there are). A folder whose names auto cannot read as labels is read, not scored."""
+    stored = meta.get("labels", {}).get("rule", "name")
+    folder = Path(args.folder) if args.folder else Path(args.image).parent
+    if args.labels:
+        found = label_sources.find_labels(folder, labels_file=args.labels)
+    else:
+        rule = args.labels_from or (stored if stored != "file" else "auto")
+        if args.image and rule == "auto":  # one name is too few to decide from
+            rule = "name"
+        if args.image:
+            label_sources.check_rule(rule)
+            label = label_sources.label_from_filename(args.image, rule)
+            return ({str(Path(args.image)): label} if label else {}), None
+        try:
+            found = label_sources.find_labels(folder, rule)
+        except CaptchaError as e:
+            if args.labels_from:
+                raise
+            return {}, str(e)
+    if found.decision:
+        print(found.decision, file=sys.stderr)
+    return dict(found.samples), None
 
 
 def review_name(prediction, path):
@@ -86,9 +120,12 @@ def main(argv=None):
         for folder in (args.save_debug, args.review_dir):
             if folder:
                 Path(folder).mkdir(parents=True, exist_ok=True)
+        label_of, unlabelled_why = known_labels(args, captcha_reader.meta)
     except (CaptchaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if unlabelled_why:
+        print(f"not scored: {unlabelled_why}", file=sys.stderr)
 
     rows, failures, reviewed, started = [], 0, 0, time.perf_counter()
     # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
@@ -101,7 +138,9 @@ def main(argv=None):
             continue
         low = reading.confidence < args.min_confidence
         tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
-        label = preprocess.label_from_filename(reading.path)
+        label = label_of.get(reading.path)
+        if label is not None and captcha_reader.case:  # labels folded as the readings are
+            label = label.lower() if captcha_reader.case == "lower" else label.upper()
         # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
         unscorable = metrics.unscorable_reason(label, charset, max_len)
         rows.append({"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),

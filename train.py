@@ -1,7 +1,8 @@
 """Train the CRNN + CTC captcha reader.
 
     python train.py                         # built-in synthetic data (drawn once into data/synth)
-    python train.py --data_dir path/to/imgs # your folder: file names are the labels (aB3xQ.png)
+    python train.py --data_dir path/to/imgs # your folder: labels from the file names (4721.png, 4721_md5.png, ...)
+    python train.py --data_dir imgs --labels labels.csv   # numbered files and a labels file
     python train.py --preset fast --epochs 10 --batch_size 32
 
 Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
@@ -30,6 +31,8 @@ import keras
 import numpy as np
 
 import augment
+import dataset
+import labels as label_sources
 import metrics
 import model
 import plots
@@ -46,6 +49,7 @@ DEFAULT_EPOCHS = 30  # passes over the training images with --epochs 0; small fo
 MIN_EPOCH_STEPS = 50  # with --epochs 0, a small folder's epoch passes over its images more than once
 BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
 BASE_PRESET = "fast"  # the network of the base model
+MAX_AUTO_WIDTH = 800  # --width 0 widens the canvas for wide captchas up to this
 
 
 @dataclass
@@ -59,8 +63,17 @@ class TrainConfig:
     #                          recipe), none (from scratch), or a .keras file; output rows are carried by symbol
     freeze_cnn_epochs: int = 0  # with init_from: train only the recurrent part and the output for this many epochs
     preset: str = "auto"  # the network (model.PRESETS): seed (the reference's), fast, kerasio, tiny (tests); auto: fast
+    labels_from: str = "auto"  # where file names hold the label: auto (decided from all the names, refused when
+    #                            unclear), name, prefix (LABEL_md5.png), suffix (ID_LABEL.png) or regex:PATTERN
+    labels: str = ""  # a labels file instead: CSV/TSV file,label rows, a JSON or Python dict, or one label per line
+    case: str = "auto"  # letter case of the labels: keep, lower, upper (folded), auto (labels typed in one case
+    #                     are folded to it, for sites that ignore case; mixed-case labels kept)
     charset: str = "auto"  # auto: the symbols the labels use; or a preset (default, digits, ...) or the symbols
     max_len: int = 0  # longest label; 0: the longest in the data
+    channels: int = 1  # 1: gray; 3: colour (text and clutter of different colours); the base model's first
+    #                    convolution is widened to colour
+    height: int = 0  # the canvas images are resized and padded to; 0: the network's (50, or the start model's)
+    width: int = 0  # 0: the network's (200), or wider for a folder whose median image is wider than the canvas
     limit: int = 0  # use at most this many images (0: all)
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (model.RECIPES)
     epochs: int = 0  # 0: 30, or more on a small folder so that training makes at least --min_steps updates
@@ -113,13 +126,6 @@ def resolve_data(cfg):
     return folder
 
 
-def resolve_charset(cfg, labels):
-    """--charset, or with "auto" the symbols the labels use (in the reference's order where they can)."""
-    if cfg.charset != "auto":
-        return preprocess.charset_from_arg(cfg.charset)
-    return preprocess.charset_of_labels(labels)
-
-
 def make_strategy(name, gpu_count):
     """TensorFlow's MirroredStrategy over every GPU (over the logical CPUs when there is no GPU), or None.
 
@@ -139,27 +145,32 @@ def make_strategy(name, gpu_count):
     return tf.distribute.MirroredStrategy(devices)
 
 
-def load_dataset(cfg, folder):
-    """Scan, pick charset and label length, split. Returns (charset, max_len, train, val, test)."""
+def load_dataset(cfg, folder, source=None):
+    """Scan (labels read by --labels_from / --labels, or by a resumed run's stored `source`), pick charset
+    and label length, split. Returns (charset, max_len, train, val, test, scan)."""
     fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
-    scan = preprocess.scan_folder(folder, fixed_charset, cfg.max_len or None)
+    if cfg.channels not in preprocess.CHANNELS:
+        raise CaptchaError(f"--channels {cfg.channels}: 1 (gray) or 3 (colour)")
+    scan = dataset.scan_folder(folder, fixed_charset, cfg.max_len or None, labels_from=cfg.labels_from,
+                               labels_file=cfg.labels or None, case=cfg.case, source=source, channels=cfg.channels)
+    if scan.decision:
+        print(scan.decision)
     print(f"{folder}: {scan.summary()}")
-    if cfg.verbose:
-        for reason, paths in sorted(scan.skipped.items()):
-            for path in paths:
-                print(f"skipped ({reason}): {path}")
+    if cfg.verbose and scan.skipped:
+        print("\n".join(scan.skipped_lines()))
     if not scan.samples:
         raise CaptchaError(f"{folder}: no usable labelled images ({scan.summary()})")
     samples = scan.samples
     if cfg.limit:
         samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
     labels = [label for _, label in samples]
-    charset = resolve_charset(cfg, labels)
+    charset = preprocess.charset_for_labels(cfg.charset, labels)
     max_len = cfg.max_len or max(len(label) for label in labels)
-    train, val, test = preprocess.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    print(f"charset: {len(charset.symbols)} symbols + blank; labels up to {max_len} characters; "
-          f"split {len(train)} train / {len(val)} val / {len(test)} test")
-    return charset, max_len, train, val, test
+    train, val, test = dataset.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    print(f"charset: {len(charset.symbols)} symbols + blank; labels up to {max_len} characters; letter case: "
+          f"{scan.case}" + (" (folded)" if scan.case != "keep" else "")
+          + f"; split {len(train)} train / {len(val)} val / {len(test)} test")
+    return charset, max_len, train, val, test, scan
 
 
 def resolve_init_from(cfg):
@@ -185,7 +196,7 @@ def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, opti
     before `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's
     pixels, the same ones test.py reads."""
     def batches(samples, training):
-        return preprocess.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
+        return dataset.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
                                        cfg.workers, augmentation if training else "none", repeats if training else 1,
                                        augment_epochs if training else None)
 
@@ -216,14 +227,38 @@ def early_stopping(recipe, patience):
                                          restore_best_weights=recipe.restore_best, verbose=1)
 
 
-def check_time_steps(steps, max_len):
-    """CTC needs at least one output step per character (and one more between each repeated pair)."""
-    if steps < max_len:
-        raise CaptchaError(f"the model emits {steps} time steps but labels have up to {max_len} characters; "
-                           f"use a wider --width or shorter labels")
-    if steps < 2 * max_len - 1:
-        print(f"warning: {steps} time steps for labels of {max_len}: labels with many repeated "
-              f"characters may be unlearnable")
+def resolve_canvas(cfg, config, median_aspect, start_model=None):
+    """The network's settings with this run's canvas (--height, --width) and --channels. With --width 0 the
+    canvas widens for a folder whose median image is wider than it, so that the text keeps every row."""
+    stride = model.width_stride(config)
+    height, width = cfg.height or config.height, cfg.width or config.width
+    if not cfg.width and median_aspect and height * median_aspect > width:
+        width = min(MAX_AUTO_WIDTH, math.ceil(height * median_aspect / stride) * stride)
+        print(f"canvas: {width}x{height}, widened for the folder's median image ({median_aspect:.2f}:1, wider than "
+              f"{config.width}x{config.height}); set it with --width")
+    if width % stride or height < 8:
+        raise CaptchaError(f"--width {width} --height {height}: the width must be a multiple of {stride} (input "
+                           f"columns per time step) and the height at least 8")
+    if start_model and config.collapse == "flatten" and height != config.height:
+        raise CaptchaError(f"--height {height}: the start model {start_model} reads {config.height}-row images (its "
+                           f"layers after the convolutions depend on the height); use --height {config.height}, "
+                           f"or --init_from none")
+    return dataclasses.replace(config, height=height, width=width, channels=cfg.channels)
+
+
+def check_time_steps(steps, max_len, height=None, width=None, median_aspect=None):
+    """CTC needs at least one output step per character (and one more between each repeated pair). The
+    steps counted are those the text spans: an image narrower than the canvas is padded at its sides."""
+    spanned = steps
+    if median_aspect and height and width:
+        spanned = math.floor(steps * min(1.0, height * median_aspect / width))
+    where = f" (the folder's median image fills {spanned} of the {steps} time steps)" if spanned < steps else ""
+    if spanned < max_len:
+        raise CaptchaError(f"the text spans {spanned} time steps{where} but labels have up to {max_len} characters; "
+                           f"use a larger canvas (--width, and --height with --init_from none) or shorter labels")
+    if spanned < 2 * max_len - 1:
+        print(f"warning: the text spans {spanned} time steps{where} for labels of {max_len}: labels with many "
+              f"repeated characters may be unlearnable; a wider --width gives more")
 
 
 def evaluate(keras_model, batches, charset, labels):
@@ -464,6 +499,8 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
                            f"{len(target_layers)}: not the same architecture")
     for src, dst in zip(source_layers[:-1], target_layers[:-1]):
         weights = src.get_weights()
+        if src is source_layers[0]:  # a gray start model for a colour run: its first kernel widened
+            weights = widened_to_colour(weights, [tuple(w.shape) for w in dst.weights])
         if [w.shape for w in weights] != [tuple(w.shape) for w in dst.weights]:
             raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
                                f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
@@ -487,11 +524,22 @@ def load_start(init_from):
     return source_model, source_meta, config, options
 
 
-def start_from(source_model, source_meta, charset):
-    """A copy of `source_model` with `charset`'s output classes and every weight carried over (the output
-    rows by symbol). Returns (model, the symbols that start fresh)."""
-    crnn = model.with_output_classes(source_model, charset.num_classes)
+def start_from(source_model, source_meta, charset, config=None):
+    """`source_model`'s network with `charset`'s output classes and every weight carried over (the output
+    rows by symbol). `config`: its settings with this run's canvas and channels (None: as the source is).
+    Returns (model, the symbols that start fresh)."""
+    crnn = (model.build_model(config, charset.num_classes) if config is not None
+            else model.with_output_classes(source_model, charset.num_classes))
     return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
+
+
+def widened_to_colour(weights, target_shapes):
+    """A gray model's first convolution kernel (3, 3, 1, F) spread over three colour channels, a third on each:
+    on a gray image given as three equal channels the widened model computes exactly what the gray one did."""
+    kernel, *rest = weights
+    if kernel.ndim == 4 and kernel.shape[2] == 1 and tuple(target_shapes[0])[2] == 3:
+        kernel = np.repeat(kernel / 3.0, 3, axis=2)
+    return [kernel, *rest]
 
 
 def cnn_frozen(crnn):
@@ -535,8 +583,10 @@ def run_identity(folder, train_set, val_set, test_set):
 
 def check_same_run(saved, meta, folder, path):
     """A resume must train and score on the images, charset and label length the run started with."""
-    for key, what in [("charset", "charset"), ("max_len", "label length"), ("run", "split (which images train, "
-                                                                                     "validate and test)")]:
+    for key, what in [("charset", "charset"), ("max_len", "label length"), ("labels", "labels' source"),
+                      ("case", "letter case"), ("run", "split (which images train, validate and test)")]:
+        if key in ("labels", "case") and key not in saved:  # written before labels had sources: read by name
+            continue
         if saved.get(key) != meta[key]:
             raise CaptchaError(f"{folder}: its {what} is not the one {path} was trained with (the folder changed "
                                f"since the run started); resuming would remap classes or leak test images. "
@@ -551,17 +601,20 @@ def resume_config(cfg):
         raise CaptchaError(f"{path}: no interrupted run to resume in {cfg.out}")
     saved = meta["resume"]["config"]
     print(f"resuming the run in {cfg.out} after epoch {meta['resume']['epochs_done']} with its saved settings")
-    return TrainConfig(**{**saved, "out": cfg.out, "resume": True})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    source = label_sources.LabelSource.from_dict(meta["labels"]) if "labels" in meta else None
+    return TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, "out": cfg.out, "resume": True}), source
 
 
 def train(cfg):
     # ---- phase 1, the data: the folder (or the interrupted run's own settings), charset, label length, split
-    if cfg.resume:
-        cfg = resume_config(cfg)
+    source = None
+    if cfg.resume:  # the run's own settings, and its labels read as they were (the same labels file, unchanged)
+        cfg, source = resume_config(cfg)
     folder = resolve_data(cfg)
     if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
-    charset, max_len, train_set, val_set, test_set = load_dataset(cfg, folder)
+    charset, max_len, train_set, val_set, test_set, scan = load_dataset(cfg, folder, source)
     # ---- phase 2, the network, the recipe and the pixels: a preset's, or those of the model it starts from
     if cfg.preset == "auto":  # on a GPU too: the network whose results on real captchas were measured
         cfg = dataclasses.replace(cfg, preset="fast")
@@ -588,16 +641,23 @@ def train(cfg):
     if not 0 <= recipe.ema_momentum < 1:
         raise CaptchaError(f"--ema_momentum {recipe.ema_momentum:g}: from 0 (off) to below 1, e.g. 0.995 "
                            f"(-1: the recipe's)")
-    if init_from:
+    if init_from and config is None:  # a start model without its settings (a converted reference checkpoint)
+        if cfg.height or cfg.width or cfg.channels != source_options.channels:
+            raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
+                               f"and channels cannot change; drop --height, --width and --channels")
         options = dataclasses.replace(source_options, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
                                       strong=cfg.strong)
         steps = source_model.output_shape[1]
     else:
-        options = recipe.preprocess_options(config, auto_crop=cfg.auto_crop, force_invert=cfg.force_invert,
-                                            strong=cfg.strong)
+        config = resolve_canvas(cfg, config, scan.median_aspect(), init_from)
+        switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
+        options = (dataclasses.replace(source_options, height=config.height, width=config.width,
+                                       channels=config.channels, **switches) if init_from
+                   else recipe.preprocess_options(config, **switches))
         steps = model.time_steps(config)
-    check_time_steps(steps, max_len)
-    meta = {**model.make_meta(charset, max_len, options, config), "run": run_identity(folder, train_set, val_set, test_set)}
+    check_time_steps(steps, max_len, options.height, options.width, scan.median_aspect())
+    meta = {**model.make_meta(charset, max_len, options, config), "labels": scan.source.to_dict(), "case": scan.case,
+            "run": run_identity(folder, train_set, val_set, test_set)}
 
     # ---- phase 3, the batches and how many updates
     epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, len(train_set), recipe.batch_size)
@@ -636,7 +696,7 @@ def train(cfg):
         keep_log_rows_before(out / LOG_NAME, epochs_done)
     else:
         with in_scope():
-            crnn, fresh = (start_from(source_model, source_meta, charset) if init_from
+            crnn, fresh = (start_from(source_model, source_meta, charset, config) if init_from
                            else (model.build_model(config, charset.num_classes), ""))
         if init_from:
             print(f"starting from {init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
@@ -653,7 +713,8 @@ def train(cfg):
         compile_for(0, frozen_until or epochs)
     schedule = {"onecycle": "one-cycle peak", "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
     architecture = f"as {init_from}" if init_from else f"preset {cfg.preset}, from scratch"
-    print(f"model: {architecture}, {crnn.count_params():,} parameters, {steps} time steps; "
+    print(f"model: {architecture}, {crnn.count_params():,} parameters, input {options.width}x{options.height} "
+          f"{'colour' if options.channels == 3 else 'gray'}, {steps} time steps; "
           f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}"
           + (f"; read and saved: the weights' moving average (momentum {recipe.ema_momentum:g})"
              if recipe.ema_momentum else ""))

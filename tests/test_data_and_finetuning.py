@@ -9,6 +9,8 @@ from PIL import Image
 
 import bench
 import model
+import dataset
+import labels as label_sources
 import preprocess
 import synth
 import train
@@ -27,7 +29,7 @@ def test_every_synthetic_style_is_deterministic_labelled_and_sized(tmp_path, sty
         assert path.suffix == extension
         with Image.open(path) as image:
             assert image.size == size
-        label = preprocess.label_from_filename(path)
+        label = label_sources.label_from_filename(path)
         assert len(label) == 5 and not preprocess.Charset().unknown_symbols(label)
 
 
@@ -154,7 +156,7 @@ def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
     data = tmp_path / "other"
     synth.generate_synthetic(data, 40, seed=9, symbols="abcdefghijklmnopqrstuvwxyz0123456789", length=(4, 6),
                                   style="gregwar", workers=1, progress=False)
-    labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(data)]
+    labels = [label_sources.label_from_filename(p) for p in preprocess.list_images(data)]
     out = tmp_path / "out"
     assert train.main(["--data_dir", str(data), "--preset", "tiny", "--epochs", "1", "--workers", "1",
                        "--out", str(out)]) == 0
@@ -169,9 +171,9 @@ def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, 
     out, start = tmp_path / "out", trained_run / train.BEST_NAME
     assert bench.main(["--data_dir", str(digits_folder), "--runs", f"kerasio=kerasio:kerasio@0.05,ours=tiny:default+{start}@0.05",
                        "--eval_minutes", "0.05", "--slice_seconds", "2", "--out", str(out)]) == 0
-    samples = preprocess.scan_folder(digits_folder).samples
+    samples = dataset.scan_folder(digits_folder).samples
     defaults = train.TrainConfig()
-    _, _, test = preprocess.split_samples(samples, defaults.val_fraction, defaults.test_fraction, defaults.seed)
+    _, _, test = dataset.split_samples(samples, defaults.val_fraction, defaults.test_fraction, defaults.seed)
     printed = capsys.readouterr().out
     assert f"/ {len(test)} test images of {digits_folder}" in printed  # train.py's own test split
     assert f"ours: as {start}, from its weights" in printed and "kerasio: preset kerasio, from scratch" in printed

@@ -4,6 +4,8 @@ import pytest
 from PIL import Image
 
 import model
+import dataset
+import labels as label_sources
 import preprocess
 import synth
 from preprocess import CaptchaError, Charset, PreprocessOptions
@@ -128,10 +130,10 @@ def test_charset_rejects_bad_definitions_and_text():
 
 
 def test_label_from_filename():
-    assert preprocess.label_from_filename("data/aB3xQ.png") == "aB3xQ"
-    assert preprocess.label_from_filename("aB3xQ_12.jpg") == "aB3xQ"
-    assert preprocess.label_from_filename("aB3xQ-1.png") == "aB3xQ"
-    assert preprocess.label_from_filename("12345.png") == "12345"
+    assert label_sources.label_from_filename("data/aB3xQ.png") == "aB3xQ"
+    assert label_sources.label_from_filename("aB3xQ_12.jpg") == "aB3xQ"
+    assert label_sources.label_from_filename("aB3xQ-1.png") == "aB3xQ"
+    assert label_sources.label_from_filename("12345.png") == "12345"
 
 
 def test_scan_counts_bad_files_by_reason_and_keeps_good_ones(tmp_path):
@@ -148,7 +150,7 @@ def test_scan_counts_bad_files_by_reason_and_keeps_good_ones(tmp_path):
     (tmp_path / "trunc.png").write_bytes(png[: len(png) // 3])
     (tmp_path / "notes.txt").write_text("ignored: not an image extension")
 
-    result = preprocess.scan_folder(tmp_path, Charset(), max_len=5)
+    result = dataset.scan_folder(tmp_path, Charset(), max_len=5)
     assert sorted(label for _, label in result.samples) == ["Zz9Yy", "aB3xQ", "aB3xQ"]
     counts = {reason: len(paths) for reason, paths in result.skipped.items()}
     assert counts == {"symbols outside the charset": 1, "labels longer than 5": 1, "empty file": 1,
@@ -158,17 +160,17 @@ def test_scan_counts_bad_files_by_reason_and_keeps_good_ones(tmp_path):
 
 def test_scan_of_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CaptchaError, match="does not exist"):
-        preprocess.scan_folder(tmp_path / "nope")
+        dataset.scan_folder(tmp_path / "nope")
 
 
 def test_split_is_fixed_by_seed_and_disjoint():
     samples = [(f"{i}.png", str(i)) for i in range(100)]
-    train, val, test = preprocess.split_samples(samples, 0.1, 0.1, seed=3)
+    train, val, test = dataset.split_samples(samples, 0.1, 0.1, seed=3)
     assert (len(train), len(val), len(test)) == (80, 10, 10)
     assert set(train) | set(val) | set(test) == set(samples)
     assert not set(train) & set(test) and not set(val) & set(test)
-    assert preprocess.split_samples(samples, 0.1, 0.1, seed=3) == (train, val, test)
-    assert preprocess.split_samples(samples, 0.1, 0.1, seed=4)[2] != test
+    assert dataset.split_samples(samples, 0.1, 0.1, seed=3) == (train, val, test)
+    assert dataset.split_samples(samples, 0.1, 0.1, seed=4)[2] != test
 
 
 def test_synthetic_generator_is_deterministic_and_labels_files(tmp_path):
@@ -179,7 +181,7 @@ def test_synthetic_generator_is_deterministic_and_labels_files(tmp_path):
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     assert [p.name for p in a] != [p.name for p in c]
     for path in a:
-        label = preprocess.label_from_filename(path)
+        label = label_sources.label_from_filename(path)
         assert len(label) == 5 and not Charset().unknown_symbols(label)
         assert preprocess.read_gray(path).shape == (50, 200)
 
@@ -190,13 +192,13 @@ def test_unique_filename_avoids_case_blind_collisions():
     assert synth.unique_filename("Ab3xq", taken) == "Ab3xq_1.png"  # one file with aB3xQ.png on macOS
     assert synth.unique_filename("AB3XQ", taken) == "AB3XQ_2.png"
     assert synth.unique_filename("zZ9", taken) == "zZ9.png"
-    assert preprocess.label_from_filename("AB3XQ_2.png") == "AB3XQ"
+    assert label_sources.label_from_filename("AB3XQ_2.png") == "AB3XQ"
 
 
 def test_batches_stream_padded_labels(digits_folder):
-    samples = preprocess.scan_folder(digits_folder).samples
+    samples = dataset.scan_folder(digits_folder).samples
     charset = preprocess.charset_from_arg("digits")
-    batches = preprocess.make_batches(samples, charset, 4, batch_size=16, shuffle=True, seed=1, workers=1)
+    batches = dataset.make_batches(samples, charset, 4, batch_size=16, shuffle=True, seed=1, workers=1)
     assert len(batches) == 3
     images, labels = batches[0]
     assert images.shape == (16, 50, 200, 1) and labels.shape == (16, 4) and labels.dtype == np.int32
@@ -212,18 +214,21 @@ def test_batches_stream_padded_labels(digits_folder):
 def test_scan_command_summarises_and_lists_skipped_files(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "aB3xQ.png"), captcha_like())
     (tmp_path / "zero5.png").write_bytes(b"")
-    assert preprocess.main(["scan", str(tmp_path), "--verbose"]) == 0
+    assert dataset.main(["scan", str(tmp_path), "--verbose"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["1 usable images; skipped 1 empty file", f"skipped (empty file): {tmp_path / 'zero5.png'}"]
-    assert preprocess.main(["scan", str(tmp_path / "missing")]) == 2
+    assert out == ["labels: file names, rule 'name' (auto, from all 2 names: aB3xQ.png -> 'aB3xQ', zero5.png -> "
+                   "'zero5')", "1 usable images; skipped 1 empty file",
+                   "charset: 5 symbols 'BQax3'; labels up to 5 characters; letter case: keep",
+                   f"skipped (empty file): {tmp_path / 'zero5.png'}"]
+    assert dataset.main(["scan", str(tmp_path / "missing")]) == 2
     assert "missing: folder does not exist" in capsys.readouterr().err
 
 
 def test_split_keeps_every_image_of_a_label_on_one_side():
     samples = [(f"{i % 40}_{i // 40}.png", str(i % 40)) for i in range(120)]  # 40 labels, 3 images each
-    parts = preprocess.split_samples(samples, 0.1, 0.1, seed=1)
+    parts = dataset.split_samples(samples, 0.1, 0.1, seed=1)
     labels = [{label for _, label in part} for part in parts]
     assert not labels[0] & labels[2] and not labels[1] & labels[2] and not labels[0] & labels[1]
     assert [len(part) for part in parts] == [96, 12, 12] and sum(parts, []) != [] and set(sum(parts, [])) == set(samples)
     with pytest.raises(CaptchaError, match="at least 3 different labels"):
-        preprocess.split_samples([("a.png", "a"), ("a_1.png", "a"), ("b.png", "b")])
+        dataset.split_samples([("a.png", "a"), ("a_1.png", "a"), ("b.png", "b")])

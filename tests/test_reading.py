@@ -17,6 +17,8 @@ import pytest
 
 import export_safe
 import metrics
+import dataset
+import labels as label_sources
 import preprocess
 import reader
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
@@ -168,7 +170,7 @@ def test_int8_onnx_export_is_smaller_and_reads_like_the_float_one(trained_run, o
     float_reader, int8_reader = reader.Reader(onnx_model), reader.Reader(int8)
     float_texts = [r.text for r in float_reader.read_paths(paths)]
     int8_texts = [r.text for r in int8_reader.read_paths(paths)]
-    labels = [preprocess.label_from_filename(p) for p in paths]
+    labels = [label_sources.label_from_filename(p) for p in paths]
     float_cer, int8_cer = (metrics.character_error_rate(t, labels) for t in (float_texts, int8_texts))
     assert abs(int8_cer - float_cer) <= 0.05  # on this fixed set of 40 images
     assert np.mean([a == b for a, b in zip(float_texts, int8_texts)]) >= 0.8

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 import model
+import dataset
+import labels as label_sources
 import preprocess
 import synth
 import train
@@ -164,7 +166,7 @@ def test_resume_refuses_a_folder_that_changed(digits_folder, tmp_path, monkeypat
         assert train.main(args) == 130
     extra = synth.generate_synthetic(tmp_path / "more", 6, seed=99, symbols=DIGITS, length=4, workers=1,
                                           progress=False)
-    added = [data / f"{preprocess.label_from_filename(path)}_9.png" for path in extra]
+    added = [data / f"{label_sources.label_from_filename(path)}_9.png" for path in extra]
     for path, copy in zip(extra, added):  # the folder grows: the same seed now splits it differently
         copy.write_bytes(path.read_bytes())
     capsys.readouterr()

@@ -13,6 +13,8 @@ import pytest
 import export_safe
 import model
 import modelmeta
+import dataset
+import labels as label_sources
 import preprocess
 import reader
 import synth
@@ -126,10 +128,10 @@ def test_confusions_count_substitutions_only():
 def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
     model_path = trained_run / train.BEST_NAME
     _, meta = model.load_model(model_path)
-    samples = preprocess.scan_folder(digits_folder).samples[:4]
+    samples = dataset.scan_folder(digits_folder).samples[:4]
     charset = Charset.from_dict(meta["charset"])
     training_options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
-    train_images, _ = preprocess.make_batches(samples, charset, 4, training_options, batch_size=4, workers=1)[0]
+    train_images, _ = dataset.make_batches(samples, charset, 4, training_options, batch_size=4, workers=1)[0]
     as_read = reader.Reader(model_path)  # what test.py and serve.py read with, without flags
     for (path, _), train_image in zip(samples, train_images):
         test_image, error = as_read.prepare(path)
@@ -197,7 +199,7 @@ def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digit
     readable = sorted(folder / image.name for image in images)[:4]
     texts = expected_texts(model_path, readable)
     assert predicted == [f"{path} -> {text}" for path, text in zip(readable, texts)]
-    truths = [preprocess.label_from_filename(p) for p in readable]
+    truths = [label_sources.label_from_filename(p) for p in readable]
     exact = np.mean([t == p for t, p in zip(truths, texts)])
     assert f"4 labelled images: exact match {exact:.4f}" in captured.out
     with open(tmp_path / "out.csv") as f:
@@ -212,16 +214,16 @@ def test_only_file_names_that_are_labels_of_the_model_are_scored(trained_run, di
     folder = tmp_path / "named"
     folder.mkdir()
     image = preprocess.list_images(digits_folder)[0]
-    for name in ["IMG_1234.png", "12345.png", f"{preprocess.label_from_filename(image)}.png"]:
+    for name in ["IMG_1234.png", "12345.png", f"{label_sources.label_from_filename(image)}.png"]:
         (folder / name).write_bytes(image.read_bytes())
     model_path = trained_run / train.BEST_NAME
     assert read_captchas.main(["--model", str(model_path), "--folder", str(folder)]) == 0
     out = capsys.readouterr().out
     text = expected_texts(model_path, [image])[0]
-    exact = float(text == preprocess.label_from_filename(image))
+    exact = float(text == label_sources.label_from_filename(image))
     assert f"1 labelled image: exact match {exact:.4f} ({exact:.4f} ignoring case)" in out
     assert ("not scored, file name not a label of this model: 1 longer than the model's 4 characters, "
-            "1 symbols outside the model's charset (GIM)") in out
+            "1 symbols outside the model's charset (GIM_)") in out
 
 
 def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
@@ -333,7 +335,7 @@ def test_synth_command_writes_a_labelled_folder(tmp_path):
     result = run_script("synth.py", "--out", tmp_path / "s", "--count", "6", "--seed", "3",
                         "--charset", "lower_digits", "--length", "4-6", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    labels = [preprocess.label_from_filename(p) for p in preprocess.list_images(tmp_path / "s")]
+    labels = [label_sources.label_from_filename(p) for p in preprocess.list_images(tmp_path / "s")]
     assert len(labels) == 6 and all(4 <= len(label) <= 6 for label in labels)
     assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
 

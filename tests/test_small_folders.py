@@ -14,6 +14,8 @@ import pytest
 import augment
 import metrics
 import model
+import dataset
+import labels as label_sources
 import preprocess
 import reader
 import synth
@@ -26,7 +28,7 @@ DIGITS = "0123456789"
 
 @pytest.fixture(scope="module")
 def samples(digits_folder):
-    return preprocess.scan_folder(digits_folder, Charset(DIGITS), 4).samples[:8]
+    return dataset.scan_folder(digits_folder, Charset(DIGITS), 4).samples[:8]
 
 
 def batch_pixels(batches, index=0):
@@ -35,7 +37,7 @@ def batch_pixels(batches, index=0):
 
 def test_augmentation_changes_training_pixels_every_epoch_and_repeats_with_the_seed(samples):
     def training_batches():
-        return preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=8, shuffle=False, seed=3,
+        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=8, shuffle=False, seed=3,
                                        workers=1, augment="light")
 
     batches = training_batches()
@@ -65,7 +67,7 @@ def test_validation_and_test_batches_are_never_augmented(samples):
 
 
 def test_the_clean_finish_reads_the_images_as_they_are(samples):
-    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=8, seed=3, workers=1, augment="light",
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=8, seed=3, workers=1, augment="light",
                                       augment_epochs=2)
     plain = np.stack([preprocess.load_image(path) for path, _ in samples])
     for epoch in range(4):  # epochs 0 and 1 altered, 2 and 3 (the clean finish) as they are
@@ -112,7 +114,7 @@ def test_augmentation_keeps_the_canvas_and_is_mild(level):
 
 def test_unknown_augmentation_is_refused(samples, digits_folder, capsys):
     with pytest.raises(CaptchaError, match="unknown augmentation 'heavy'"):
-        preprocess.make_batches(samples, Charset(DIGITS), 4, augment="heavy")
+        dataset.make_batches(samples, Charset(DIGITS), 4, augment="heavy")
     assert train.main(["--data_dir", str(digits_folder), "--augment", "heavy", "--preset", "tiny"]) == 2
     assert "unknown --augment 'heavy'" in capsys.readouterr().err
 
@@ -126,7 +128,7 @@ def test_small_folders_get_enough_optimizer_steps():
 
 
 def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(samples):
-    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
                                       augment="light", repeats=3)
     assert len(batches) == 6  # 8 images x 3 passes, 4 a batch
     order = [int(i) for i in batches.order]
@@ -205,7 +207,7 @@ def test_batchnorm_statistics_are_measured_afresh_on_training_batches(samples):
         layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, "float32"))
         layer.moving_variance.assign(np.full(layer.moving_variance.shape, 100.0, "float32"))
     norms[-1].trainable = False  # a frozen layer keeps its statistics
-    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=3, workers=1, augment="light")
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, workers=1, augment="light")
     callback = train.PreciseBatchNorm(batches, batches=2)
     callback.set_model(crnn)
     callback.on_epoch_end(0)
@@ -286,7 +288,7 @@ def test_the_base_model_reads_captchas_it_never_saw(tmp_path):
     paths = preprocess.list_images(folder)
     images = np.stack([preprocess.load_image(p, PreprocessOptions.from_dict(meta["preprocess"])) for p in paths])
     predictions = reader.decode(base.predict_on_batch(images), Charset.from_dict(meta["charset"]))
-    labels = [preprocess.label_from_filename(p) for p in paths]
+    labels = [label_sources.label_from_filename(p) for p in paths]
     assert metrics.character_error_rate(predictions, labels) < 0.5  # an untrained network scores about 1.0
 
 
@@ -334,7 +336,7 @@ def test_averaged_weights_are_swapped_in_for_the_epoch_end_and_the_trained_ones_
     crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
     recipe = dataclasses.replace(model.RECIPES["default"], ema_momentum=0.9)
     model.compile_model(crnn, Charset(DIGITS), recipe, total_steps=10)
-    batches = preprocess.make_batches(samples, Charset(DIGITS), 4, batch_size=4, workers=1)
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, workers=1)
     for _ in range(3):
         crnn.train_on_batch(*batches[0])
     average = [keras.ops.convert_to_numpy(v) for v in crnn.optimizer._model_variables_moving_average]

@@ -1,0 +1,239 @@
+"""The data side of a run: a folder scanned into labelled images, the split, and the batch loader.
+
+    python dataset.py scan DIR [--labels_from RULE | --labels FILE] [--verbose]
+
+The scan reads labels the way labels.py says (file names or a labels file), folds their letter case
+when asked, checks every image decodes and counts what it skips by reason; train.py, bench.py and the
+scan command share it, so the pre-flight check and training agree on the same folder.
+"""
+
+import argparse
+import math
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import augment as augment_module  # `augment` is also the loader's option name
+import labels as label_sources
+from preprocess import PAD_LABEL, CaptchaError, ImageReadError, PreprocessOptions, charset_for_labels, load_image, \
+    read_image
+
+CASES = ("auto", "keep", "lower", "upper")
+
+
+def decide_case(labels, case="auto"):
+    """--case as a run applies it: auto folds to the one case that every label's letters are typed in
+    (a site that ignores case, labelled in one), and keeps mixed-case labels as they are."""
+    if case not in CASES:
+        raise CaptchaError(f"unknown --case {case!r}; choose from {', '.join(CASES)}")
+    if case != "auto":
+        return case
+    letters = "".join(c for label in labels for c in label if c.isalpha())
+    if letters and letters == letters.lower() and letters != letters.upper():
+        return "lower"
+    if letters and letters == letters.upper() and letters != letters.lower():
+        return "upper"
+    return "keep"
+
+
+def fold_case(text, case):
+    return text.lower() if case == "lower" else text.upper() if case == "upper" else text
+
+
+@dataclass
+class ScanResult:
+    samples: list  # (path, label) pairs that passed every check, labels case-folded
+    skipped: dict = field(default_factory=dict)  # reason -> [paths]
+    source: label_sources.LabelSource = label_sources.LabelSource("name")
+    decision: str = ""  # how the labels were read (printed)
+    case: str = "keep"  # the fold applied to the labels
+    sizes: list = field(default_factory=list)  # (width, height) of each usable image, when verified
+
+    def summary(self):
+        counts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(self.skipped.items()))
+        return f"{len(self.samples)} usable images" + (f"; skipped {counts}" if counts else "")
+
+    def median_aspect(self):
+        """The images' median width / height (None when the scan did not decode them)."""
+        return statistics.median(w / h for w, h in self.sizes) if self.sizes else None
+
+    def skipped_lines(self):
+        return [f"skipped ({reason}): {path}" for reason, paths in sorted(self.skipped.items()) for path in paths]
+
+
+def _size_or_problem(path, channels):
+    try:
+        image = read_image(path, channels)
+    except ImageReadError as e:
+        return e.reason, None
+    return None, (image.shape[1], image.shape[0])
+
+
+def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4, labels_from="auto", labels_file=None,
+                case="keep", source=None, channels=1):
+    """Find labelled captchas in `folder`, skipping (and counting by reason) those that can't train.
+
+    Labels come from labels.find_labels (`labels_from`, `labels_file`), or from a stored `source` (a
+    resumed run's). case: keep, lower, upper, or auto (labels.decide_case). charset=None accepts any
+    symbols; max_len=None accepts any length. verify=True decodes every image once, so a corrupt file is
+    reported here rather than crashing a training epoch, and records its size.
+    """
+    found = (label_sources.find_labels_as(folder, source) if source is not None
+             else label_sources.find_labels(folder, labels_from, labels_file))
+    case = decide_case([label for _, label in found.samples], case)
+    skipped = {reason: list(paths) for reason, paths in found.skipped.items()}
+    candidates = []
+    for path, label in found.samples:
+        label = fold_case(label, case)
+        if charset is not None and charset.unknown_symbols(label):
+            reason = "symbols outside the charset"
+        elif max_len is not None and len(label) > max_len:
+            reason = f"labels longer than {max_len}"
+        else:
+            candidates.append((path, label))
+            continue
+        skipped.setdefault(reason, []).append(path)
+    if verify and candidates:
+        with ThreadPoolExecutor(workers) as pool:  # OpenCV decodes outside the GIL
+            checked = list(pool.map(lambda p: _size_or_problem(p, channels), [p for p, _ in candidates]))
+    else:
+        checked = [(None, None)] * len(candidates)
+    samples, sizes = [], []
+    for (path, label), (problem, size) in zip(candidates, checked):
+        if problem:
+            skipped.setdefault(problem, []).append(path)
+        else:
+            samples.append((path, label))
+            if size:
+                sizes.append(size)
+    return ScanResult(samples, skipped, found.source, found.decision, case, sizes)
+
+
+def split_samples(samples, val_fraction=0.1, test_fraction=0.1, seed=42):
+    """Fixed-seed train/val/test split (scikit-learn) by label: every image of a label (`aB3xQ.png`,
+    `aB3xQ_1.png`) lands on the same side, so the test split never holds a copy of a training image.
+    Each part keeps at least one label."""
+    from sklearn.model_selection import train_test_split
+
+    labels = sorted({label for _, label in samples})
+    if len(labels) < 3:
+        raise CaptchaError(f"need at least 3 different labels to split train/val/test, found {len(labels)}")
+    n_test = max(1, round(len(labels) * test_fraction))
+    n_val = max(1, round(len(labels) * val_fraction))
+    rest, test = train_test_split(labels, test_size=n_test, random_state=seed)
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed)
+    part_of = {label: part for part, chosen in enumerate([train, val, test]) for label in chosen}
+    return tuple([s for s in samples if part_of[s[1]] == part] for part in range(3))
+
+
+def encode_labels(labels, charset, max_len):
+    """Labels -> int32 (batch, max_len), padded with PAD_LABEL."""
+    rows = np.full((len(labels), max_len), PAD_LABEL, dtype=np.int32)
+    for i, label in enumerate(labels):
+        indices = charset.encode(label)
+        rows[i, : len(indices)] = indices
+    return rows
+
+
+class CaptchaBatches:
+    """Streams (images, labels) batches from disk: memory stays flat however large the folder.
+
+    Built by `make_batches`, which mixes in keras.utils.PyDataset so Keras can prefetch batches on
+    worker threads while the model trains. With `augment` ("light", "strong"; training only) each
+    image is altered by augment.augment with a generator drawn from (seed, epoch, position in the
+    epoch): different every epoch, the same in every rerun, whichever worker thread loads it.
+    `repeats` > 1 passes over the samples that many times per epoch (each pass altered anew), so a
+    small folder's epoch is long enough that validation and checkpoints stay a small part of it.
+    `augment_epochs`: only the epochs before this one are altered (None: every epoch); the epoch is
+    the loader's own count, so prefetching workers and a resumed run agree on it.
+    """
+
+    def __init__(self, samples, charset, max_len, options=PreprocessOptions(), batch_size=64,
+                 shuffle=False, seed=0, augment="none", repeats=1, augment_epochs=None, **pydataset_kwargs):
+        super().__init__(**pydataset_kwargs)
+        if augment not in augment_module.CHOICES:
+            raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
+        self.augment = augment
+        self.augment_epochs = augment_epochs
+        self.seed = seed
+        self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
+        self.paths = [p for p, _ in samples]
+        self.labels = encode_labels([label for _, label in samples], charset, max_len)
+        self.options = options
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = np.tile(np.arange(len(self.paths)), repeats)
+        if shuffle:
+            self.rng.shuffle(self.order)
+
+    def __len__(self):
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, index):
+        start = index * self.batch_size
+        rows = self.order[start : start + self.batch_size]
+        images = np.stack([load_image(self.paths[i], self.options, self._augmentation(start + k))
+                           for k, i in enumerate(rows)])
+        return images, self.labels[rows]
+
+    def _augmentation(self, position):
+        if self.augment == "none" or (self.augment_epochs is not None and self.epoch >= self.augment_epochs):
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, position])
+        return lambda gray: augment_module.augment(gray, self.augment, rng)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+
+def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
+                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None):
+    import keras  # here, not at the top: `synth.py` and `dataset.py scan` start without TensorFlow
+
+    batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
+    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment, repeats,
+                         augment_epochs, workers=workers, use_multiprocessing=False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check a folder before training: how its labels are read, "
+                                                 "its usable and skipped images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    scan = commands.add_parser("scan", help="count the usable and skipped images of a folder")
+    scan.add_argument("folder")
+    scan.add_argument("--labels_from", default="auto", help="file-name rule: auto, name, prefix, suffix or "
+                                                            "regex:PATTERN (labels.py)")
+    scan.add_argument("--labels", default="", help="a labels file (CSV/TSV, JSON, Python dict, one per line)")
+    scan.add_argument("--case", default="auto", choices=CASES, help="fold the labels' letter case")
+    scan.add_argument("--charset", default="auto", help="auto (the symbols the labels use, as train.py), a "
+                                                        "preset (default, digits, ...) or the symbols")
+    scan.add_argument("--max_len", type=int, default=0, help="longest label accepted (0: any)")
+    scan.add_argument("--verbose", action="store_true", help="list every skipped file")
+    args = parser.parse_args(argv)
+    try:
+        fixed = None if args.charset == "auto" else charset_for_labels(args.charset, [])
+        result = scan_folder(args.folder, fixed, args.max_len or None, labels_from=args.labels_from,
+                             labels_file=args.labels or None, case=args.case)
+    except CaptchaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.decision:
+        print(result.decision)
+    print(result.summary())
+    if result.samples:
+        charset = charset_for_labels(args.charset, [label for _, label in result.samples])
+        print(f"charset: {len(charset.symbols)} symbols {charset.symbols!r}; labels up to "
+              f"{max(len(label) for _, label in result.samples)} characters; letter case: {result.case}")
+    if args.verbose:
+        print("\n".join(result.skipped_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Where labels come from (file-name rules, labels files), letter case, colour and the canvas."""
+
+import hashlib
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import dataset
+import export_safe
+import labels as label_sources
+import model
+import preprocess
+import reader
+import test as read_captchas  # the project's test.py (reads captchas), not a test module
+import train
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+LABELS = ["4821", "0375", "9912", "5550", "1234", "708a", "q3z9", "zzk2", "m0p4", "h7h7", "3b3b", "w2e9"]
+
+
+def write_images(folder, names, size=(30, 90)):
+    """Small distinct images (gray noise with a colour bar) under the given file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        rng = np.random.default_rng(i)
+        image = rng.integers(150, 256, size + (3,), dtype=np.uint8)
+        image[10:20, 5 + 3 * (i % 10): 40 + 3 * (i % 10)] = (20 * (i % 7), 200, 40)
+        cv2.imwrite(str(folder / name), image)
+    return folder
+
+
+def read(folder, **kwargs):
+    found = label_sources.find_labels(folder, **kwargs)
+    return {p.split("/")[-1]: label for p, label in found.samples}, found
+
+
+# ----------------------------------------------------------------------------- file-name rules
+
+
+def test_auto_reads_plain_names_and_their_duplicates(tmp_path):
+    names = [f"{label}.png" for label in LABELS] + ["4821_1.png", "0375-2.png"]
+    got, found = read(write_images(tmp_path, names))
+    assert found.source.rule == "name" and got["4821_1.png"] == "4821" and got["0375-2.png"] == "0375"
+    assert got == {**{f"{label}.png": label for label in LABELS}, "4821_1.png": "4821", "0375-2.png": "0375"}
+    assert "rule 'name' (auto" in found.decision and "4821_1.png -> '4821'" not in found.decision  # two examples
+
+
+def test_auto_reads_label_then_hash_as_dddd_trainer_names_them(tmp_path):
+    names = [f"{label}_{hashlib.md5(label.encode()).hexdigest()}.jpg" for label in LABELS]
+    got, found = read(write_images(tmp_path, names))
+    assert found.source.rule == "prefix"
+    assert sorted(got.values()) == sorted(LABELS)
+    assert "rule 'prefix'" in found.decision and "suffix: hex strings" in found.decision
+
+
+def test_auto_reads_numbered_id_then_label(tmp_path):
+    names = [f"{i:05d}_{label}.png" for i, label in enumerate(LABELS)]
+    got, found = read(write_images(tmp_path, names))
+    assert found.source.rule == "suffix" and got["00000_4821.png"] == "4821" and got["00011_w2e9.png"] == "w2e9"
+    assert "prefix: consecutive numbers 0-11" in found.decision
+
+
+def test_explicit_rules_and_a_regex(tmp_path):
+    folder = write_images(tmp_path, ["captcha-ab12-x.png", "captcha-cd34-y.png", "other.png"])
+    got, found = read(folder, labels_from=r"regex:captcha-(?P<label>\w+)-\w")
+    assert got == {"captcha-ab12-x.png": "ab12", "captcha-cd34-y.png": "cd34"}
+    assert found.skipped == {"no label in the file name (rule regex:captcha-(?P<label>\\w+)-\\w)":
+                             [str(folder / "other.png")]}
+    assert label_sources.label_from_filename("a_b_c.png", "prefix") == "a"
+    assert label_sources.label_from_filename("a_b_c.png", "suffix") == "c"
+    assert label_sources.label_from_filename("x9.png", r"regex:x(\d)") == "9"  # no named group: the first
+    for bad, message in [("regex:(", "not a valid regular expression"), ("regex:abc", "needs a group"),
+                         ("stem", "unknown --labels_from")]:
+        with pytest.raises(CaptchaError, match=message):
+            label_sources.find_labels(folder, labels_from=bad)
+
+
+@pytest.mark.parametrize("names, why", [
+    ([hashlib.md5(label.encode()).hexdigest() + ".png" for label in LABELS], "hex strings of 32 characters"),
+    ([f"{i}.png" for i in range(1, 13)], "consecutive numbers 1-12"),
+    ([f"IMG_{1000 + i}.png" for i in range(12)], "consecutive numbers 1000-1011"),
+])
+def test_auto_refuses_names_that_are_ids_or_hashes(tmp_path, names, why):
+    with pytest.raises(CaptchaError, match="do not look like labels") as error:
+        label_sources.find_labels(write_images(tmp_path, names))
+    assert why in str(error.value) and "--labels FILE" in str(error.value)
+
+
+def test_auto_refuses_a_folder_it_cannot_decide(tmp_path):
+    names = [f"{a}_{b}.png" for a, b in zip(LABELS, reversed(LABELS))]
+    with pytest.raises(CaptchaError, match="cannot tell which part") as error:
+        label_sources.find_labels(write_images(tmp_path, names))
+    assert "--labels_from name|prefix|suffix" in str(error.value)
+
+
+def test_train_refuses_hash_names_in_one_line_and_trains_nothing(tmp_path, capsys):
+    folder = write_images(tmp_path / "hashes", [hashlib.md5(str(i).encode()).hexdigest() + ".png" for i in range(12)])
+    assert train.main(["--data_dir", str(folder), "--preset", "tiny", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the file names do not look like labels")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- labels files
+
+NUMBERED = [f"{i}.png" for i in range(1, 13)]
+EXPECTED = {f"{i}.png": label for i, label in zip(range(1, 13), LABELS)}
+
+
+@pytest.mark.parametrize("name, text", [
+    ("labels.csv", "filename,label\n" + "".join(f"{i}.png,{label}\n" for i, label in zip(range(1, 13), LABELS))),
+    ("labels.csv", "".join(f"{i}.png,{label}\n" for i, label in zip(range(1, 13), LABELS))),
+    ("labels.txt", "".join(f"{i}.png\t{label}\n" for i, label in zip(range(1, 13), LABELS))),
+    ("labels.json", json.dumps({f"{i}.png": label for i, label in zip(range(1, 13), LABELS)})),
+    ("labels.py", repr({f"{i}.png": label for i, label in zip(range(1, 13), LABELS)})),  # single quotes
+    ("labels.txt", "\n".join(LABELS) + "\n"),  # one label per line: line n labels n.png
+])
+def test_every_labels_file_format_reads_the_same_labels(tmp_path, name, text):
+    folder = write_images(tmp_path / "images", NUMBERED)
+    (tmp_path / name).write_text(text)
+    got, found = read(folder, labels_file=tmp_path / name)
+    assert got == EXPECTED and found.skipped == {}
+    assert found.source.rule == "file" and found.source.sha256 == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
+def test_one_label_per_line_counts_from_zero_when_an_image_is_numbered_zero(tmp_path):
+    folder = write_images(tmp_path / "images", [f"{i}.jpg" for i in range(3)])
+    (tmp_path / "labels.txt").write_text("aaaa\nbbbb\ncccc\ndddd\n")
+    got, found = read(folder, labels_file=tmp_path / "labels.txt")
+    assert got == {"0.jpg": "aaaa", "1.jpg": "bbbb", "2.jpg": "cccc"}
+    assert found.skipped == {"listed but missing on disk": ["line 4 ('dddd'): no image 3"]}
+
+
+def test_labels_file_problems_are_skipped_and_counted_by_reason(tmp_path):
+    folder = write_images(tmp_path / "images", ["1.png", "2.png", "3.png", "4.png", "5.png", "sub/6.png"][:5])
+    write_images(folder / "sub", ["6.png"])
+    (tmp_path / "labels.csv").write_text("1.png,abcd\n2.png,efgh\n2.png,efgh\n3.png,ijkl\n3.png,XXXX\n"
+                                         "missing.png,mnop\nsub/6.png,qrst\n4.png,\n")
+    got, found = read(folder, labels_file=tmp_path / "labels.csv")
+    assert got == {"1.png": "abcd", "2.png": "efgh", "6.png": "qrst"}
+    counts = {reason: len(items) for reason, items in found.skipped.items()}
+    assert counts == {"listed twice": 2, "listed twice with different labels": 1, "listed but missing on disk": 1,
+                      "empty label": 1, "no label in the labels file": 1}
+    assert found.skipped["no label in the labels file"] == [str(folder / "5.png")]
+    scan = dataset.scan_folder(folder, labels_file=tmp_path / "labels.csv")  # the scan counts them with its own
+    assert scan.summary() == ("3 usable images; skipped 1 empty label, 1 listed but missing on disk, 2 listed twice, "
+                              "1 listed twice with different labels, 1 no label in the labels file")
+
+
+def test_a_broken_labels_file_is_one_clear_error(tmp_path):
+    folder = write_images(tmp_path / "images", NUMBERED[:3])
+    for text, message in [("{'1.png': }", "neither a JSON object nor a Python dict"), ("", "is empty"),
+                          ("1.png,abcd\nefgh\n", "some lines have a separator")]:
+        (tmp_path / "labels.txt").write_text(text)
+        with pytest.raises(CaptchaError, match=message):
+            label_sources.find_labels(folder, labels_file=tmp_path / "labels.txt")
+    with pytest.raises(CaptchaError, match="labels file does not exist"):
+        label_sources.find_labels(folder, labels_file=tmp_path / "nope.csv")
+
+
+def test_a_changed_labels_file_is_refused_for_a_stored_source(tmp_path):
+    folder = write_images(tmp_path / "images", NUMBERED)
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    source = label_sources.find_labels(folder, labels_file=tmp_path / "labels.txt").source
+    assert len(label_sources.find_labels_as(folder, source).samples) == 12
+    (tmp_path / "labels.txt").write_text("\n".join(reversed(LABELS)))
+    with pytest.raises(CaptchaError, match="changed since the run started"):
+        label_sources.find_labels_as(folder, source)
+
+
+# ----------------------------------------------------------------------------- scan = train, charset, case
+
+
+def test_the_scan_and_train_read_a_folder_alike(tmp_path, capsys):
+    folder = write_images(tmp_path / "f", [f"{label}_{hashlib.md5(label.encode()).hexdigest()}.png" for label in LABELS])
+    cfg = train.TrainConfig(data_dir=str(folder))
+    charset, max_len, train_set, val_set, test_set, scan = train.load_dataset(cfg, folder)
+    assert sorted(train_set + val_set + test_set) == sorted(dataset.scan_folder(folder).samples)
+    assert dataset.main(["scan", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"charset: {len(charset.symbols)} symbols {charset.symbols!r}; labels up to {max_len}" in out
+    with pytest.raises(CaptchaError, match="resolved from the labels"):
+        preprocess.charset_from_arg("auto")  # never the literal symbols a, u, t, o
+
+
+def test_case_auto_folds_labels_typed_in_one_case_and_keeps_mixed_ones():
+    assert dataset.decide_case(["abc1", "xyz2"]) == "lower" and dataset.decide_case(["AB1", "CD"]) == "upper"
+    assert dataset.decide_case(["aBc", "xyz"]) == "keep" and dataset.decide_case(["1234"]) == "keep"
+    assert dataset.decide_case(["aBc"], "lower") == "lower"
+    with pytest.raises(CaptchaError, match="unknown --case"):
+        dataset.decide_case(["a"], "title")
+
+
+def test_case_lower_folds_the_labels_a_run_trains_on(tmp_path):
+    folder = write_images(tmp_path / "f", ["AbCd.png", "abcd_1.png", "XyZw.png", "QQqq.png"])
+    scan = dataset.scan_folder(folder, case="lower")
+    assert sorted(label for _, label in scan.samples) == ["abcd", "abcd", "qqqq", "xyzw"] and scan.case == "lower"
+    assert dataset.scan_folder(folder).case == "keep"
+
+
+def always_reads(text_class, charset, path, meta_extra, channels=1):
+    """A tiny model whose every time step reads class `text_class` (so greedy decoding gives one symbol)."""
+    config = dataclasses_replace(model.PRESETS["tiny"], channels=channels)
+    crnn = model.build_model(config, charset.num_classes)
+    kernel, bias = crnn.layers[-1].get_weights()
+    bias[:] = -10.0
+    bias[text_class] = 10.0
+    crnn.layers[-1].set_weights([np.zeros_like(kernel), bias])
+    options = PreprocessOptions(config.height, config.width, channels=channels)
+    model.save_model(crnn, path, {**model.make_meta(charset, 4, options, config), **meta_extra})
+    return path
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_the_stored_case_fold_is_applied_by_every_reader(tmp_path, capsys):
+    charset = Charset("Aa")
+    path = always_reads(charset.encode("A")[0], charset, tmp_path / "m.keras", {"case": "lower"})
+    folder = write_images(tmp_path / "images", ["A.png", "a_1.png"])
+    assert reader.Reader(path).read_file(folder / "A.png")[0] == "a"
+    assert reader.Reader(path, case="keep").read_file(folder / "A.png")[0] == "A"
+    onnx_path = tmp_path / "m.onnx"
+    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
+    assert reader.Reader(onnx_path).read_file(folder / "A.png")[0] == "a"
+    capsys.readouterr()
+    # test.py folds labels and readings alike: A.png's label "A" is scored as "a"
+    assert read_captchas.main(["--model", str(onnx_path), "--folder", str(folder)]) == 0
+    assert "2 labelled images: exact match 1.0000" in capsys.readouterr().out
+    assert read_captchas.main(["--model", str(onnx_path), "--folder", str(folder), "--case", "keep"]) == 0
+    assert "2 labelled images: exact match 0.5000" in capsys.readouterr().out
+
+
+def test_test_py_scores_with_the_models_naming_rule_or_a_labels_file(tmp_path, capsys):
+    charset = Charset("0123456789")
+    path = always_reads(charset.encode("7")[0], charset, tmp_path / "m.keras", {"labels": {"rule": "prefix"}})
+    folder = write_images(tmp_path / "images", ["7_f00d.png", "3_beef.png"])
+    assert read_captchas.main(["--model", str(path), "--folder", str(folder)]) == 0
+    assert "2 labelled images: exact match 0.5000" in capsys.readouterr().out
+    numbered = write_images(tmp_path / "numbered", ["1.png", "2.png", "3.png"])
+    (tmp_path / "labels.json").write_text(json.dumps({"1.png": "7", "2.png": "7", "3.png": "1"}))
+    assert read_captchas.main(["--model", str(path), "--folder", str(numbered), "--labels",
+                               str(tmp_path / "labels.json")]) == 0
+    assert "3 labelled images: exact match 0.6667" in capsys.readouterr().out
+    # a model trained from a labels file, given none: the names are tried with auto, which finds ids
+    path = always_reads(charset.encode("7")[0], charset, tmp_path / "m2.keras", {"labels": {"rule": "file"}})
+    assert read_captchas.main(["--model", str(path), "--folder", str(write_images(tmp_path / "n12", NUMBERED))]) == 0
+    captured = capsys.readouterr()
+    assert "labelled images" not in captured.out and "not scored: the file names do not look like labels" in captured.err
+
+
+# ----------------------------------------------------------------------------- colour and canvas
+
+
+def test_colour_pixels_are_the_same_for_training_and_every_reading_path(tmp_path):
+    folder = write_images(tmp_path / "images", ["ab12.png", "cd34.png"])
+    charset = Charset("abcd1234")
+    path = always_reads(1, charset, tmp_path / "colour.keras", {}, channels=3)
+    colour_reader = reader.Reader(path)
+    options = colour_reader.options
+    assert options.channels == 3
+    samples = [(str(folder / "ab12.png"), "ab12"), (str(folder / "cd34.png"), "cd34")]
+    batch, _ = dataset.make_batches(samples, charset, 4, options, batch_size=2, workers=1)[0]
+    assert batch.shape == (2, 50, 200, 3)
+    for image, (file, _) in zip(batch, samples):
+        prepared, error = colour_reader.prepare(file)
+        assert error is None and np.array_equal(prepared, image)
+        uploaded = colour_reader.prepare_encoded((folder / file.split("/")[-1]).read_bytes(), "upload")
+        assert np.array_equal(uploaded, image)
+    assert not np.allclose(batch[..., 0], batch[..., 1])  # the colour is there, not three copies of gray
+    gray = preprocess.load_image(samples[0][0], PreprocessOptions())
+    assert gray.shape == (50, 200, 1)
+
+
+def test_a_gray_start_model_is_widened_to_colour_and_reads_gray_the_same(tmp_path):
+    config = model.PRESETS["tiny"]
+    gray_model = model.build_model(config, 5)
+    colour_model, fresh = train.start_from(gray_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"),
+                                           dataclasses_replace(config, channels=3))
+    assert fresh == "" and colour_model.input_shape == (None, 50, 200, 3)
+    x = np.random.default_rng(0).random((2, 50, 200, 1), dtype=np.float32)
+    np.testing.assert_allclose(colour_model.predict_on_batch(np.repeat(x, 3, axis=-1)),
+                               gray_model.predict_on_batch(x), atol=1e-5)
+
+
+def test_the_canvas_widens_for_wide_captchas_and_the_check_counts_the_steps_the_text_spans(capsys):
+    cfg = train.TrainConfig()
+    config = model.PRESETS["fast"]
+    assert train.resolve_canvas(cfg, config, 2.4) == dataclasses_replace(config, channels=1)  # fits 200x50
+    wide = train.resolve_canvas(cfg, config, 8.0)
+    assert (wide.height, wide.width) == (50, 400) and "canvas: 400x50, widened" in capsys.readouterr().out
+    assert train.resolve_canvas(train.TrainConfig(width=240), config, 8.0).width == 240  # --width wins
+    with pytest.raises(CaptchaError, match="multiple of 4"):
+        train.resolve_canvas(train.TrainConfig(width=201), config, 1.0)
+    with pytest.raises(CaptchaError, match="--height 64: the start model base reads 50-row images"):
+        train.resolve_canvas(train.TrainConfig(height=64), config, 1.0, "base")
+    # a square captcha fills 50 of 200 columns: 12 of 50 steps, too few for 14 characters
+    with pytest.raises(CaptchaError, match=r"spans 12 time steps \(the folder's median image fills 12 of the 50"):
+        train.check_time_steps(50, 14, 50, 200, 1.0)
+    train.check_time_steps(50, 14, 50, 200, 4.0)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_run_with_a_labels_file_stores_its_source_and_case(tmp_path, capsys):
+    folder = write_images(tmp_path / "images", NUMBERED)
+    (tmp_path / "labels.csv").write_text("".join(f"{i}.png,{label.upper()}\n" for i, label in zip(range(1, 13), LABELS)))
+    out = tmp_path / "run"
+    assert train.main(["--data_dir", str(folder), "--labels", str(tmp_path / "labels.csv"), "--preset", "tiny",
+                       "--init_from", "none", "--epochs", "1", "--batch_size", "4", "--workers", "1",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"labels: {tmp_path / 'labels.csv'} (CSV, 12 entries" in printed and "letter case: upper (folded)" in printed
+    meta = model.read_meta(out / train.BEST_NAME)
+    assert meta["labels"]["rule"] == "file" and meta["case"] == "upper"
+    assert meta["labels"]["sha256"] == hashlib.sha256((tmp_path / "labels.csv").read_bytes()).hexdigest()
+
+
+def test_a_colour_run_fine_tunes_the_base_model_and_exports_read_alike(tmp_path, capsys):
+    folder = write_images(tmp_path / "images", [f"{label}.png" for label in LABELS])
+    out = tmp_path / "run"
+    assert train.main(["--data_dir", str(folder), "--channels", "3", "--epochs", "1", "--batch_size", "4",
+                       "--workers", "1", "--out", str(out)]) == 0
+    assert "input 200x50 colour" in capsys.readouterr().out
+    best = out / train.BEST_NAME
+    meta = model.read_meta(best)
+    assert meta["preprocess"]["channels"] == 3 and meta["model_config"]["channels"] == 3
+    onnx_path = tmp_path / "colour.onnx"
+    assert export_safe.main(["--in_keras", str(best), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
+    keras_reader, onnx_reader = reader.Reader(best), reader.Reader(onnx_path)
+    image, _ = keras_reader.prepare(folder / "4821.png")
+    assert image.shape == (50, 200, 3)
+    np.testing.assert_allclose(onnx_reader.network.predict_on_batch(image[np.newaxis]),
+                               keras_reader.network.predict_on_batch(image[np.newaxis]), atol=1e-4)
