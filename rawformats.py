@@ -4,6 +4,8 @@ theirs, to check that train.py reads each one as it reads the original (docs/res
     python rawformats.py ../shared/realsets/henan4 /tmp/raw/henan4
     # -> /tmp/raw/henan4/{md5,id,csv,json}: LABEL_<md5 of the file>.ext, <random id>_LABEL.ext,
     #    <n>.ext + labels.csv (file,label with a header), <n>.ext + labels.json ({"<n>.ext": "LABEL"})
+    python rawformats.py ../shared/realsets/henan4 /tmp/raw/henan4 --compare
+    # train.py's scan and split of each copy (no flag but --labels) against the original's
 
 The copies are symbolic links to the original files; the numbering is a seeded shuffle, so it says
 nothing about the labels. Nothing is written inside the repository.
@@ -49,14 +51,36 @@ def write_formats(source, target, seed=0):
     return len(table)
 
 
+def compare(source, target):
+    """For each copy: the rule train.py chose, and whether charset, label length and the labels of each split
+    are the original's."""
+    import train  # Keras: only for the comparison
+
+    def split(data_dir, labels_file=""):
+        cfg = train.TrainConfig(data_dir=str(data_dir), labels=str(labels_file))
+        charset, max_len, *parts, scan = train.load_dataset(cfg, Path(data_dir))
+        return (charset.symbols, max_len, [sorted(label for _, label in part) for part in parts]), scan.source.rule
+
+    original, _ = split(source)
+    for name in ("md5", "id", "csv", "json"):
+        folder = Path(target) / name
+        copy, rule = split(folder / "images", folder / f"labels.{name}") if name in ("csv", "json") else split(folder)
+        print(f"{name}: rule {rule}; charset, label length and split labels "
+              f"{'identical to' if copy == original else 'DIFFERENT from'} {source}'s")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a folder named LABEL.ext")
     parser.add_argument("target", help="a new folder (outside the repository) for the four copies")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", action="store_true", help="compare the copies in TARGET with SOURCE instead")
     args = parser.parse_args(argv)
     try:
         list_images(args.source)
+        if args.compare:
+            compare(args.source, args.target)
+            return 0
         count = write_formats(args.source, args.target, args.seed)
     except (CaptchaError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

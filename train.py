@@ -103,13 +103,33 @@ class TrainConfig:
     verbose: bool = False  # list every skipped file
 
 
+def field_comments(cls):
+    """Each field's comment in the class's source (a field's line and the comment lines under it): its --help."""
+    import inspect
+    import re
+
+    comments, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"\s+(\w+): \w+ = [^#]*(?:#\s*(.*))?$", line)
+        if field:
+            name = field.group(1)
+            comments[name] = field.group(2) or ""
+        elif name and re.match(r"\s+#", line):
+            comments[name] += " " + line.strip().lstrip("#").strip()
+        else:
+            name = None
+    return comments
+
+
 def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        help_text = f"{comments.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"(default: {f.default})")
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=help_text)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
@@ -774,7 +794,7 @@ def train(cfg):
         resume_checkpoint.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
         results = score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run,
-                            epochs_done, train_seconds)
+                            epochs_done, train_seconds, repeats=repeats)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
               f"python train.py --resume --out {out}")
@@ -784,7 +804,7 @@ def train(cfg):
 
 
 def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, epochs_run, epochs_done,
-              train_seconds):
+              train_seconds, *, repeats=1):
     """The best checkpoint on the test split, which chose nothing (validation chose the checkpoint), so
     this is a clean score; metrics.json and the plots."""
     best, _ = model.load_model(out / BEST_NAME)
@@ -796,7 +816,7 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
         "checkpoint": str(out / BEST_NAME),
         "epochs_run": epochs_run,
         "train_seconds_this_session": round(train_seconds, 1),
-        "images_per_second_with_validation": round(len(train_set) * (epochs_run - epochs_done) / train_seconds, 1),
+        "images_per_second_with_validation": round(len(train_set) * repeats * (epochs_run - epochs_done) / train_seconds, 1),
         "data_dir": str(folder),
         "config": dataclasses.asdict(cfg),
         "log": str(out / LOG_NAME),

@@ -336,3 +336,25 @@ def test_a_colour_run_fine_tunes_the_base_model_and_exports_read_alike(tmp_path,
     assert image.shape == (50, 200, 3)
     np.testing.assert_allclose(onnx_reader.network.predict_on_batch(image[np.newaxis]),
                                keras_reader.network.predict_on_batch(image[np.newaxis]), atol=1e-4)
+
+
+def test_train_help_shows_each_flags_comment(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--labels_from LABELS_FROM where file names hold the label: auto (decided from all the names" in text
+    assert "--case CASE letter case of the labels: keep, lower, upper (folded), auto" in text
+
+
+def test_raw_format_copies_are_read_as_the_plain_folder(tmp_path, capsys):
+    import rawformats
+
+    source = write_images(tmp_path / "plain", [f"{label}.png" for label in LABELS])
+    assert rawformats.main([str(source), str(tmp_path / "raw")]) == 0
+    assert len(list((tmp_path / "raw" / "id").iterdir())) == 12
+    capsys.readouterr()
+    assert rawformats.main([str(source), str(tmp_path / "raw"), "--compare"]) == 0
+    verdicts = [line for line in capsys.readouterr().out.splitlines() if "split labels" in line]
+    assert [line.split(";")[0] for line in verdicts] == ["md5: rule prefix", "id: rule suffix", "csv: rule file",
+                                                          "json: rule file"]
+    assert all("identical to" in line for line in verdicts)

@@ -340,7 +340,7 @@ def test_synth_command_writes_a_labelled_folder(tmp_path):
     assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
 
 
-@pytest.mark.parametrize("script", ["train", "test", "export_safe", "preprocess", "synth", "bench", "plots", "serve",
+@pytest.mark.parametrize("script", ["train", "test", "export_safe", "dataset", "rawformats", "synth", "bench", "plots", "serve",
                                     "speed"])
 def test_every_script_has_help(script, capsys):
     module = __import__(script)
