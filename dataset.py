@@ -8,18 +8,20 @@ scan command share it, so the pre-flight check and training agree on the same fo
 """
 
 import argparse
+import functools
 import math
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 import augment as augment_module  # `augment` is also the loader's option name
 import labels as label_sources
-from preprocess import PAD_LABEL, CaptchaError, ImageReadError, PreprocessOptions, charset_for_labels, load_image, \
-    read_image
+from preprocess import PAD_LABEL, CaptchaError, ImageReadError, PreprocessOptions, charset_for_labels, \
+    finish_canvas, load_canvas, read_image
 
 CASES = ("auto", "keep", "lower", "upper")
 
@@ -138,45 +140,83 @@ def encode_labels(labels, charset, max_len):
     return rows
 
 
+CACHE_MB = 768  # canvases of a run's images are kept in memory up to this many MiB; above it they stream from disk
+
+
+def canvas_bytes(count, options):
+    return count * options.height * options.width * options.channels
+
+
+def fill_canvases(paths, options, workers=2):
+    """Every image's 8-bit canvas (preprocess.make_canvas), read once on `workers` threads (OpenCV
+    decodes and resizes outside the GIL): (count, height, width[, 3]) uint8."""
+    shape = (len(paths), options.height, options.width) + ((3,) if options.channels == 3 else ())
+    canvases = np.empty(shape, dtype=np.uint8)
+
+    def fill(i):
+        canvases[i] = load_canvas(paths[i], options)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(fill, range(len(paths))))
+    return canvases
+
+
 class CaptchaBatches:
-    """Streams (images, labels) batches from disk: memory stays flat however large the folder.
+    """(images, labels) batches of a split, from canvases kept in memory or streamed from disk.
 
     Built by `make_batches`, which mixes in keras.utils.PyDataset so Keras can prefetch batches on
-    worker threads while the model trains. With `augment` ("light", "strong"; training only) each
-    image is altered by augment.augment with a generator drawn from (seed, epoch, position in the
-    epoch): different every epoch, the same in every rerun, whichever worker thread loads it.
-    `repeats` > 1 passes over the samples that many times per epoch (each pass altered anew), so a
-    small folder's epoch is long enough that validation and checkpoints stay a small part of it.
-    `augment_epochs`: only the epochs before this one are altered (None: every epoch); the epoch is
-    the loader's own count, so prefetching workers and a resumed run agree on it.
+    worker threads while the model trains. The decoded, resized 8-bit canvases (preprocess.make_canvas)
+    are the same every epoch: with `canvases` (fill_canvases) they are read from memory, else from
+    disk each time; either way an item is preprocess.finish_canvas of its canvas, the same functions
+    in the same order as a reader's, so the pixels are identical.
+    With `augment` ("light", "strong"; training only) each image is altered by augment.augment with a
+    generator drawn from (seed, epoch, position in the epoch), and a shuffled epoch's order is drawn
+    from (seed, epoch): different every epoch, the same in every rerun and after a resume, whichever
+    worker loads it. `repeats` > 1 passes over the samples that many times per epoch (each pass
+    altered anew), so a small folder's epoch is long enough that validation and checkpoints stay a
+    small part of it. `augment_epochs`: only the epochs before this one are altered (None: every
+    epoch); the epoch is the loader's own count, so prefetching workers and a resumed run agree on it.
     """
 
-    def __init__(self, samples, charset, max_len, options=PreprocessOptions(), batch_size=64,
-                 shuffle=False, seed=0, augment="none", repeats=1, augment_epochs=None, **pydataset_kwargs):
+    def __init__(self, samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
+                 seed=0, augment="none", repeats=1, augment_epochs=None, canvases=None, **pydataset_kwargs):
         super().__init__(**pydataset_kwargs)
         if augment not in augment_module.CHOICES:
             raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
         self.augment = augment
         self.augment_epochs = augment_epochs
         self.seed = seed
-        self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
         self.paths = [p for p, _ in samples]
         self.labels = encode_labels([label for _, label in samples], charset, max_len)
         self.options = options
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.rng = np.random.default_rng(seed)
-        self.order = np.tile(np.arange(len(self.paths)), repeats)
-        if shuffle:
-            self.rng.shuffle(self.order)
+        self.repeats = repeats
+        self.canvases = canvases
+        self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
+
+    @property
+    def epoch(self):
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value):
+        """The epoch decides the order (and the augmentation): setting it is all a resume needs."""
+        self._epoch = value
+        self.order = np.tile(np.arange(len(self.paths)), self.repeats)
+        if self.shuffle:
+            np.random.default_rng([self.seed, value]).shuffle(self.order)
 
     def __len__(self):
         return math.ceil(len(self.order) / self.batch_size)
 
+    def canvas(self, i):
+        return self.canvases[i] if self.canvases is not None else load_canvas(self.paths[i], self.options)
+
     def __getitem__(self, index):
         start = index * self.batch_size
         rows = self.order[start : start + self.batch_size]
-        images = np.stack([load_image(self.paths[i], self.options, self._augmentation(start + k))
+        images = np.stack([finish_canvas(self.canvas(i), self.options, augmentation=self._augmentation(start + k))
                            for k, i in enumerate(rows)])
         return images, self.labels[rows]
 
@@ -184,21 +224,32 @@ class CaptchaBatches:
         if self.augment == "none" or (self.augment_epochs is not None and self.epoch >= self.augment_epochs):
             return None
         rng = np.random.default_rng([self.seed, self.epoch, position])
-        return lambda gray: augment_module.augment(gray, self.augment, rng)
+        return lambda image: augment_module.augment(image, self.augment, rng)
 
     def on_epoch_end(self):
         self.epoch += 1
-        if self.shuffle:
-            self.rng.shuffle(self.order)
 
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None):
-    import keras  # here, not at the top: `synth.py` and `dataset.py scan` start without TensorFlow
+                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None, in_memory=False):
+    """A CaptchaBatches that is also a keras.utils.PyDataset (prefetched on `workers` threads).
+    in_memory=True reads every canvas once, now (fill_canvases), and keeps them."""
+    # Each loader thread runs its own OpenCV calls; OpenCV's own thread pool inside each would only
+    # oversubscribe the cores that the training step also needs.
+    cv2.setNumThreads(1)
+    canvases = fill_canvases([p for p, _ in samples], options, workers) if in_memory and samples else None
+    return pydataset_class()(samples, charset, max_len, options=options, batch_size=batch_size, shuffle=shuffle,
+                             seed=seed, augment=augment, repeats=repeats, augment_epochs=augment_epochs,
+                             canvases=canvases, workers=workers, use_multiprocessing=False)
 
-    batches_class = type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
-    return batches_class(samples, charset, max_len, options, batch_size, shuffle, seed, augment, repeats,
-                         augment_epochs, workers=workers, use_multiprocessing=False)
+
+@functools.cache
+def pydataset_class():
+    """CaptchaBatches mixed with keras.utils.PyDataset, made once. Keras is imported here, not at the top:
+    `synth.py` and `dataset.py scan` start without TensorFlow."""
+    import keras
+
+    return type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
 
 
 def main(argv=None):

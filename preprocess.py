@@ -330,13 +330,10 @@ def equalize(image, clip, tiles):
     return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)
 
 
-def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentation=None):
-    """8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for options.channels) -> float32
-    (height, width, channels) in [0, 1].
-
-    Pass a dict as `stages` to collect every intermediate 8-bit image (for --save_debug).
-    `augmentation` (training only) alters the resized canvas: a function of one 8-bit image.
-    """
+def make_canvas(image, options=PreprocessOptions(), stages=None):
+    """The first stages: 8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for
+    options.channels) -> [auto-crop] -> [invert] -> resize-and-pad: the 8-bit canvas (height, width[, 3]).
+    It is the same every epoch, so the training loader keeps it in memory where it fits."""
     def keep(name, stage):
         if stages is not None:
             stages[name] = stage
@@ -354,6 +351,17 @@ def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentati
         keep("2_invert", image)
     image = resize_and_pad(image, options.height, options.width, options.resize)
     keep("3_resize_pad", image)
+    return image
+
+
+def finish_canvas(canvas, options=PreprocessOptions(), stages=None, augmentation=None):
+    """The last stages: canvas -> [augmentation, training only] -> CLAHE -> [strong] -> float32
+    (height, width, channels) in [0, 1]. `augmentation`: a function of one 8-bit image."""
+    def keep(name, stage):
+        if stages is not None:
+            stages[name] = stage
+
+    image = canvas
     if augmentation is not None:
         image = augmentation(image)
         keep("3a_augment", image)
@@ -367,6 +375,16 @@ def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentati
     return pixels[:, :, np.newaxis] if pixels.ndim == 2 else pixels
 
 
+def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentation=None):
+    """8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for options.channels) -> float32
+    (height, width, channels) in [0, 1]: make_canvas, then finish_canvas.
+
+    Pass a dict as `stages` to collect every intermediate 8-bit image (for --save_debug).
+    `augmentation` (training only) alters the resized canvas: a function of one 8-bit image.
+    """
+    return finish_canvas(make_canvas(image, options, stages), options, stages, augmentation)
+
+
 def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation=None):
     """preprocess_image for a gray model (kept for callers that decode gray themselves)."""
     return preprocess_image(gray, options, stages, augmentation)
@@ -374,3 +392,7 @@ def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation
 
 def load_image(path, options=PreprocessOptions(), augmentation=None):
     return preprocess_image(read_image(path, options.channels), options, augmentation=augmentation)
+
+
+def load_canvas(path, options=PreprocessOptions()):
+    return make_canvas(read_image(path, options.channels), options)

@@ -2,6 +2,7 @@
 
     python speed.py loader data/synth/captcha --augment light       # loader images/s, peak memory
     python speed.py step --preset fast --batch_size 32               # the training step alone, images/s
+    python speed.py ratio DIR --preset fast --recipe default --workers 2   # loader, step, fit() side by side
     python speed.py inference saved_model/crnn_ctc_best.keras --folder data/synth/captcha
     python speed.py inference runs/model.onnx --folder data/synth/captcha
     python speed.py serve http://127.0.0.1:8000 --folder data/synth/captcha --clients 8   # serve.py running
@@ -17,6 +18,7 @@ and reports requests/s and the latency each client saw.
 """
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
@@ -36,25 +38,73 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def time_loader(args):
+def loader_batches(args):
+    """The folder scanned and batched as train.py does (charset auto, canvases in memory when they fit in
+    --cache_mb), shuffled and augmented as its training split is. Returns (batches, charset)."""
+    dataset.pydataset_class()  # Keras imported before the clock starts
     started = time.perf_counter()
-    charset = preprocess.charset_from_arg(args.charset)
-    scan = dataset.scan_folder(args.folder, charset)
+    scan = dataset.scan_folder(args.folder, None if args.charset == "auto" else preprocess.charset_from_arg(args.charset))
     if not scan.samples:
         raise CaptchaError(f"{args.folder}: no usable labelled images ({scan.summary()})")
+    charset = preprocess.charset_for_labels(args.charset, [label for _, label in scan.samples])
     max_len = max(len(label) for _, label in scan.samples)
     scanned = time.perf_counter()
     print(f"scan: {scan.summary()} in {scanned - started:.1f} s")
-    batches = dataset.make_batches(scan.samples, charset, max_len, PreprocessOptions(), args.batch_size,
-                                      shuffle=True, workers=args.workers, augment=args.augment)
-    count = min(len(batches), args.batches) if args.batches else len(batches)
-    # The loader's worker threads, as keras.utils.PyDataset runs them for model.fit.
-    with ThreadPoolExecutor(args.workers) as pool:
+    options = PreprocessOptions()
+    in_memory = dataset.canvas_bytes(len(scan.samples), options) <= args.cache_mb * 2**20
+    batches = dataset.make_batches(scan.samples, charset, max_len, options, args.batch_size, shuffle=True,
+                                   workers=args.workers, augment=args.augment, in_memory=in_memory)
+    print(f"canvases: {'in memory, read' if in_memory else 'streamed from disk (over --cache_mb)'} in "
+          f"{time.perf_counter() - scanned:.1f} s")
+    return batches, charset
+
+
+def read_batches(batches, count, workers):
+    """Images/s of `count` batches read on `workers` threads, as keras.utils.PyDataset runs them for fit()."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
         images = sum(len(x) for x, _ in pool.map(batches.__getitem__, range(count)))
-    seconds = time.perf_counter() - scanned
-    print(f"loader: {images} images in {seconds:.1f} s = {images / seconds:.0f} images/s "
+    return images / (time.perf_counter() - started), images
+
+
+def time_loader(args):
+    batches, _ = loader_batches(args)
+    count = min(len(batches), args.batches) if args.batches else len(batches)
+    rate, images = read_batches(batches, count, args.workers)
+    print(f"loader: {images} images in {images / rate:.1f} s = {rate:.0f} images/s "
           f"({args.workers} worker threads, batch {args.batch_size}, augmentation {args.augment}); "
           f"peak memory {peak_memory_mb():.0f} MB")
+
+
+def time_ratio(args):
+    """The loader alone, the step alone and fit() end to end on one folder, preset and recipe, side by side."""
+    import keras
+
+    import model
+
+    batches, charset = loader_batches(args)
+    steps = min(args.steps, len(batches))
+    loader_rate, _ = read_batches(batches, steps, args.workers)
+    recipe = dataclasses.replace(model.RECIPES[args.recipe], batch_size=args.batch_size)
+    crnn = model.compile_model(model.build_model(model.PRESETS[args.preset], charset.num_classes), charset, recipe,
+                               total_steps=10 * steps)
+    images, labels = batches[0]
+    for _ in range(3):  # compilation
+        crnn.train_on_batch(images, labels)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = crnn.train_on_batch(images, labels)
+    float(np.asarray(loss))
+    step_rate = steps * len(images) / (time.perf_counter() - started)
+    crnn.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)  # compilation of fit's own step, and its workers
+    started = time.perf_counter()
+    crnn.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+    fit_rate = steps * args.batch_size / (time.perf_counter() - started)
+    print(f"| folder | preset | recipe | workers | loader images/s | step images/s | fit() images/s | fit / step |")
+    print(f"| {args.folder} | {args.preset} | {args.recipe} | {args.workers} | {loader_rate:.0f} | {step_rate:.0f} | "
+          f"{fit_rate:.0f} | {fit_rate / step_rate:.2f} |")
+    print(f"({steps} batches of {args.batch_size}, augmentation {args.augment}; Keras {keras.backend.backend()} on "
+          f"{', '.join(model.gpu_names()) or 'CPU'})")
 
 
 def time_training_step(args):
@@ -142,13 +192,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     loader = commands.add_parser("loader", help="images/s of the training loader alone, and peak memory")
-    loader.add_argument("folder")
-    loader.add_argument("--charset", default="default")
-    loader.add_argument("--batch_size", type=int, default=32)
-    loader.add_argument("--workers", type=int, default=2, help="threads, as train.py --workers (default 2)")
+    ratio = commands.add_parser("ratio", help="loader alone, step alone and fit() end to end, in images/s, and "
+                                              "the fraction fit / step")
+    for command in (loader, ratio):
+        command.add_argument("folder")
+        command.add_argument("--charset", default="auto", help="as train.py (default auto: the labels' symbols)")
+        command.add_argument("--batch_size", type=int, default=32)
+        command.add_argument("--workers", type=int, default=2, help="threads, as train.py --workers (default 2)")
+        command.add_argument("--cache_mb", type=int, default=dataset.CACHE_MB,
+                             help=f"as train.py: canvases in memory when they fit (default {dataset.CACHE_MB})")
+        command.add_argument("--augment", default="none" if command is loader else "light", choices=augment.CHOICES,
+                             help="training-time augmentation, as train.py applies it")
     loader.add_argument("--batches", type=int, default=0, help="read only this many batches (0: all)")
-    loader.add_argument("--augment", default="none", choices=augment.CHOICES,
-                        help="training-time augmentation, as train.py applies it (default none)")
+    ratio.add_argument("--preset", default="fast")
+    ratio.add_argument("--recipe", default="default")
+    ratio.add_argument("--steps", type=int, default=60, help="batches timed for each (default 60)")
     step = commands.add_parser("step", help="images/s of the training step alone (no loader)")
     step.add_argument("--preset", default="fast")
     step.add_argument("--recipe", default="default")
@@ -170,7 +228,7 @@ def main(argv=None):
     serve.add_argument("--clients", type=int, default=8)
     args = parser.parse_args(argv)
     try:
-        {"loader": time_loader, "step": time_training_step, "inference": time_inference,
+        {"loader": time_loader, "ratio": time_ratio, "step": time_training_step, "inference": time_inference,
          "serve": time_server}[args.command](args)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)

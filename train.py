@@ -49,6 +49,7 @@ DEFAULT_EPOCHS = 30  # passes over the training images with --epochs 0; small fo
 MIN_EPOCH_STEPS = 50  # with --epochs 0, a small folder's epoch passes over its images more than once
 BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
 BASE_PRESET = "fast"  # the network of the base model
+CPU_BUILTIN_STEPS = 3000  # on a CPU, `python train.py` on the built-in data makes about this many steps
 MAX_AUTO_WIDTH = 800  # --width 0 widens the canvas for wide captchas up to this
 
 
@@ -94,6 +95,8 @@ class TrainConfig:
     auto_crop: bool = False
     force_invert: bool = False
     strong: bool = False
+    cache_mb: int = dataset.CACHE_MB  # the images' decoded, resized canvases are kept in memory when they fit in
+    #                                   this many MiB (read once); above it they are read from disk every epoch
     workers: int = 2  # threads that read and preprocess batches (on a 16-core GPU machine 8 or 16 read no faster
     #                   than 2: `speed.py loader`, README "Scale and speed")
     strategy: str = "auto"  # mirrored: tf.distribute.MirroredStrategy over all GPUs (batch_size is the global batch);
@@ -212,15 +215,24 @@ def resolve_init_from(cfg):
 
 def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, batch_size, augmentation,
                        repeats=1, augment_epochs=None):
-    """Streaming batches of the three splits. Only the training batches are shuffled, augmented (the epochs
-    before `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's
-    pixels, the same ones test.py reads."""
-    def batches(samples, training):
-        return dataset.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed,
-                                       cfg.workers, augmentation if training else "none", repeats if training else 1,
-                                       augment_epochs if training else None)
+    """Batches of the three splits. Only the training batches are shuffled, augmented (the epochs before
+    `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's pixels, the
+    same ones test.py reads. The images' canvases are read once into memory when all three splits' fit
+    in --cache_mb; else every epoch streams them from disk."""
+    size = dataset.canvas_bytes(len(train_set) + len(val_set) + len(test_set), options)
+    in_memory = size <= cfg.cache_mb * 2**20
+    started = time.perf_counter()
 
-    return batches(train_set, True), batches(val_set, False), batches(test_set, False)
+    def batches(samples, training):
+        return dataset.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed, cfg.workers,
+                                    augmentation if training else "none", repeats if training else 1,
+                                    augment_epochs if training else None, in_memory=in_memory)
+
+    made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
+    print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"
+                                                    if in_memory else f"over --cache_mb {cfg.cache_mb}: read from "
+                                                                      f"disk every epoch"))
+    return made
 
 
 def plan_epochs(epochs, min_steps, train_images, batch_size):
@@ -233,6 +245,11 @@ def plan_epochs(epochs, min_steps, train_images, batch_size):
     repeats = math.ceil(MIN_EPOCH_STEPS / math.ceil(train_images / batch_size))
     steps_per_epoch = math.ceil(train_images * repeats / batch_size)  # as the loader batches them
     return max(math.ceil(DEFAULT_EPOCHS / repeats), math.ceil(min_steps / steps_per_epoch)), repeats
+
+
+def cpu_builtin_epochs(images_per_epoch, batch_size):
+    """Epochs of the built-in run on a CPU: about CPU_BUILTIN_STEPS steps, at least one epoch."""
+    return max(1, round(CPU_BUILTIN_STEPS / math.ceil(images_per_epoch / batch_size)))
 
 
 def early_stopping(recipe, patience):
@@ -440,6 +457,28 @@ class StopWhenSettled(keras.callbacks.Callback):
             print(f"validation settled: CER {logs['val_cer']:.4f} for {self.epochs} epochs; stopping after epoch "
                   f"{epoch + 1}")
             self.model.stop_training = True
+
+
+class DurationEstimate(keras.callbacks.Callback):
+    """After the first steps, the run's expected duration on this device: the time of steps
+    `first`-`last` of the first epoch (after compilation), times the steps still planned."""
+
+    def __init__(self, steps_left, first=5, last=25):
+        super().__init__()
+        self.steps_left, self.first, self.last = steps_left, first, last
+        self.started, self.done = None, False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.done:
+            return
+        if batch + 1 == self.first:
+            self.started = time.perf_counter()
+        elif batch + 1 == self.last and self.started is not None:
+            seconds = (time.perf_counter() - self.started) / (self.last - self.first)
+            print(f"\nexpected: about {seconds * self.steps_left / 60:.0f} min for the {self.steps_left} steps planned "
+                  f"on this device ({1000 * seconds:.0f} ms a step over steps {self.first + 1}-{self.last}; "
+                  f"validation and checkpoints not counted); Ctrl-C stops and --resume continues")
+            self.done = True
 
 
 class StopBetweenSteps(keras.callbacks.Callback):
@@ -681,6 +720,10 @@ def train(cfg):
 
     # ---- phase 3, the batches and how many updates
     epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, len(train_set), recipe.batch_size)
+    if not cfg.data_dir and not cfg.epochs and not model.gpu_names():  # the built-in run, sized for a laptop
+        epochs = cpu_builtin_epochs(len(train_set) * repeats, recipe.batch_size)
+        print(f"no GPU: the built-in run is sized for a CPU, {epochs} epochs (about {CPU_BUILTIN_STEPS} steps); "
+              f"--epochs {DEFAULT_EPOCHS} makes the full run a GPU makes")
     augment_epochs = epochs - round(epochs * recipe.clean_finish)  # the epochs before the clean finish
     train_batches, val_batches, test_batches = make_split_batches(cfg, train_set, val_set, test_set, charset, max_len,
                                                                   options, recipe.batch_size, recipe.augment, repeats,
@@ -756,6 +799,7 @@ def train(cfg):
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         csv_log,
+        DurationEstimate((epochs - epochs_done) * len(train_batches)) if len(train_batches) > 25 else None,
         averaged.restore if averaged else None,  # training goes on from the trained weights, and resumes from them
         resume_checkpoint,  # it records what the others decided
         STOP,  # last: a stop asked for during the epoch's end waits until its checkpoints are written

@@ -408,3 +408,18 @@ def test_the_weights_moving_average_trains_and_saves_under_jax(digits_folder, tm
     for name in (train.BEST_NAME, train.FINAL_NAME):
         crnn, _ = model.load_model(out / name, compile=True)
         assert crnn.optimizer.use_ema  # saved with the optimizer's average, which is readable
+
+
+def test_the_built_in_run_on_a_cpu_is_sized_in_steps():
+    assert train.cpu_builtin_epochs(16000, 32) == 6  # 500 steps an epoch: 3,000 steps
+    assert train.cpu_builtin_epochs(100, 32) == 750  # 4 steps an epoch
+    assert train.cpu_builtin_epochs(10**6, 32) == 1
+
+
+def test_the_expected_duration_is_stated_after_the_first_steps(capsys):
+    estimate = train.DurationEstimate(steps_left=1000, first=2, last=4)
+    for batch in range(10):
+        estimate.on_train_batch_end(batch)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("expected: about ") and "for the 1000 steps planned" in lines[0]
+    assert "ms a step over steps 3-4" in lines[0]
