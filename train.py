@@ -459,6 +459,37 @@ class StopWhenSettled(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class EpochClock(keras.callbacks.Callback):
+    """Adds to the epoch logs (so train_log.csv has them) the seconds the epoch's steps took and the
+    seconds its end took, from the first epoch-end callback to `self.stop` (placed just before the CSV
+    logger): precise BatchNorm, validation and the best checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.stop = _EpochClockStop(self)
+        self.begun = self.last_step = self.end_begun = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begun = self.last_step = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last_step = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.end_begun = time.perf_counter()
+
+
+class _EpochClockStop(keras.callbacks.Callback):
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+
+    def on_epoch_end(self, epoch, logs=None):
+        clock = self.clock
+        logs["steps_seconds"] = round(clock.last_step - clock.begun, 3)
+        logs["epoch_end_seconds"] = round(time.perf_counter() - clock.end_begun, 3)
+
+
 class DurationEstimate(keras.callbacks.Callback):
     """After the first steps, the run's expected duration on this device: the time of steps
     `first`-`last` of the first epoch (after compilation), times the steps still planned."""
@@ -786,8 +817,10 @@ def train(cfg):
     best_checkpoint = BestCheckpoint(out / BEST_NAME, meta, recipe.monitor, best_score)
     resume_checkpoint = ResumeCheckpoint(out / RESUME_NAME, meta, cfg, best_checkpoint, epochs_done)
     averaged = AveragedWeights() if recipe.ema_momentum else None
+    clock = EpochClock()
     callbacks = [
-        averaged,  # first: everything up to averaged.restore sees the averaged weights
+        clock,  # first: it times the steps, and the epoch's end from here to clock.stop
+        averaged,  # next: everything up to averaged.restore sees the averaged weights
         # next: validation and checkpoints see the recomputed statistics
         PreciseBatchNorm(train_batches, recipe.precise_bn_batches) if recipe.precise_bn_batches else None,
         ValidationMetrics(val_batches, charset, [label for _, label in val_set]),  # the rest read its numbers
@@ -798,6 +831,7 @@ def train(cfg):
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=recipe.plateau_patience,
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
+        clock.stop,
         csv_log,
         DurationEstimate((epochs - epochs_done) * len(train_batches)) if len(train_batches) > 25 else None,
         averaged.restore if averaged else None,  # training goes on from the trained weights, and resumes from them
