@@ -188,15 +188,37 @@ def decode(probs, charset, beam_width=0):
     return decode_with_confidence(probs, charset, beam_width)[0]
 
 
-def _beam_search(probs, charset, beam_width):
-    from keras import ops  # beam search is Keras' own (TensorFlow's CTC beam decoder)
+def _beam_search(probs, charset, beam_width, floor=1e-6):
+    """CTC prefix beam search, in NumPy: the same for .keras, .onnx and .tflite models, none of which then
+    needs Keras. Each beam is a text with the probability of all the paths that read it, ending in a blank
+    or not (so "aa" needs a blank between its letters); the `beam_width` likeliest texts are kept at each
+    step. Classes below `floor` at a step are not tried there (they cannot lift a text into the beam).
+    Returns (texts, the best text's probability per image)."""
+    blank = charset.blank_index
+    texts, scores = [], []
+    for steps in np.asarray(probs, dtype=np.float64):  # (T, classes)
+        beams = {(): (1.0, 0.0)}  # text (class indices) -> (p ending in blank, p ending in its last symbol)
+        for p in steps:
+            grown = {}
 
-    lengths = np.full((probs.shape[0],), probs.shape[1], dtype=np.int32)
-    log_probs = np.log(np.clip(probs, 1e-8, 1.0))
-    decoded, scores = ops.ctc_decode(log_probs, lengths, strategy="beam_search", beam_width=beam_width,
-                                     top_paths=1, mask_index=charset.blank_index)
-    texts = [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
-    return texts, np.exp(np.minimum(ops.convert_to_numpy(scores)[:, 0], 0.0))
+            def add(text, ends_blank, ends_symbol):
+                b, s = grown.get(text, (0.0, 0.0))
+                grown[text] = (b + ends_blank, s + ends_symbol)
+
+            classes = [c for c in np.flatnonzero(p >= floor) if c != blank]
+            for text, (ends_blank, ends_symbol) in beams.items():
+                add(text, (ends_blank + ends_symbol) * p[blank], 0.0)
+                for c in classes:
+                    if text and text[-1] == c:  # the same symbol again: merged, unless a blank came between
+                        add(text, 0.0, ends_symbol * p[c])
+                        add(text + (c,), 0.0, ends_blank * p[c])
+                    else:
+                        add(text + (c,), 0.0, (ends_blank + ends_symbol) * p[c])
+            beams = dict(sorted(grown.items(), key=lambda item: -sum(item[1]))[:beam_width])
+        best, (ends_blank, ends_symbol) = max(beams.items(), key=lambda item: sum(item[1]))
+        texts.append(charset.decode(best))
+        scores.append(min(1.0, ends_blank + ends_symbol))
+    return texts, np.array(scores)
 
 
 # ----------------------------------------------------------------------------- the reader

@@ -58,6 +58,26 @@ def test_beam_search_confidence_is_a_probability():
     assert texts == ["ab"] and 0.9 * 0.8 * 0.6 <= confidences[0] <= 1.0
 
 
+def test_beam_search_reads_what_kerass_own_beam_search_reads():
+    """The NumPy beam search (for every model format, no Keras needed) against Keras' (TensorFlow's decoder)."""
+    from keras import ops
+
+    charset = Charset("abc")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 12, charset.num_classes)) * rng.uniform(0.5, 4, size=(64, 1, 1))
+    probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    ours, our_scores = reader.decode_with_confidence(probs, charset, beam_width=8)
+    decoded, scores = ops.ctc_decode(np.log(probs), np.full((64,), 12, dtype=np.int32), strategy="beam_search",
+                                     beam_width=8, top_paths=1, mask_index=charset.blank_index)
+    theirs = [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
+    agree = [a == b for a, b in zip(ours, theirs)]
+    assert sum(agree) >= 62  # two decoders may break a near-tie differently
+    # a text's probability sums the paths the beam kept: decoders that prune alike agree to rounding, and
+    # on the few where their beams differed, within a few percent
+    relative = np.abs(np.array(our_scores) / np.exp(ops.convert_to_numpy(scores)[:, 0]) - 1)[agree]
+    assert np.median(relative) < 1e-4 and relative.max() < 0.1
+
+
 def test_allowed_symbols_are_masked_before_decoding():
     probs, charset = probs_of([{"a": 0.5, "b": 0.4}, {"-": 0.9}])
     assert reader.decode(probs, charset) == ["a"]
@@ -148,7 +168,7 @@ def test_csv_output_has_confidence_and_allowed_symbols_restrict_test_py(trained_
 
 def test_reading_onnx_loads_neither_keras_nor_tensorflow(onnx_model, digits_folder):
     image = preprocess.list_images(digits_folder)[0]
-    code = ("import sys, test; code = test.main(['--model', sys.argv[1], '--image', sys.argv[2]]); "
+    code = ("import sys, test; code = test.main(['--model', sys.argv[1], '--image', sys.argv[2], '--beam_width', '4']); "
             "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
             "print('LOADED', loaded); sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, str(onnx_model), str(image)], cwd=ROOT, capture_output=True,

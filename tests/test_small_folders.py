@@ -423,3 +423,31 @@ def test_the_expected_duration_is_stated_after_the_first_steps(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("expected: about ") and "for the 1000 steps planned" in lines[0]
     assert "ms a step over steps 3-4" in lines[0]
+
+
+def test_a_loader_set_to_an_epoch_gives_the_batches_of_an_unbroken_run(samples):
+    """What --resume relies on: the order and the augmentation are drawn from (seed, epoch), so a loader told
+    the epoch reads what one that went through the epochs before it reads."""
+    def loader():
+        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
+                                    augment="light", in_memory=True)
+
+    unbroken, resumed = loader(), loader()
+    for _ in range(3):
+        unbroken.on_epoch_end()
+    resumed.epoch = 3
+    for index in range(len(unbroken)):
+        (a, labels_a), (b, labels_b) = unbroken[index], resumed[index]
+        assert np.array_equal(a, b) and np.array_equal(labels_a, labels_b)
+    epoch_0 = loader()
+    assert not np.array_equal(epoch_0.order, unbroken.order)  # another epoch, another order
+
+
+def test_canvases_in_memory_give_the_pixels_read_from_disk(samples):
+    streamed = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
+                                    augment="light")
+    cached = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
+                                  augment="light", in_memory=True)
+    assert streamed.canvases is None and cached.canvases.shape == (len(samples), 50, 200)
+    for index in range(len(streamed)):
+        assert np.array_equal(streamed[index][0], cached[index][0])
