@@ -10,9 +10,12 @@ scan command share it, so the pre-flight check and training agree on the same fo
 import argparse
 import functools
 import math
+import multiprocessing
+import signal
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 
 import cv2
@@ -214,6 +217,11 @@ class CaptchaBatches:
         return self.canvases[i] if self.canvases is not None else load_canvas(self.paths[i], self.options)
 
     def __getitem__(self, index):
+        if getattr(self, "processes", None) is not None:  # made by a worker process, for this epoch
+            return self.processes.batch(self.epoch, index)
+        return self.make_batch(index)
+
+    def make_batch(self, index):
         start = index * self.batch_size
         rows = self.order[start : start + self.batch_size]
         images = np.stack([finish_canvas(self.canvas(i), self.options, augmentation=self._augmentation(start + k))
@@ -229,18 +237,84 @@ class CaptchaBatches:
     def on_epoch_end(self):
         self.epoch += 1
 
+    def close(self):
+        """Stops the worker processes, if any (threads need nothing)."""
+        if getattr(self, "processes", None) is not None:
+            self.processes.close()
+            self.processes = None
+
+
+class WorkerProcesses:
+    """Batches of a CaptchaBatches made in `count` worker processes, each holding its own copy of the
+    loader's settings and reading the canvases from one block of shared memory.
+
+    The processes start from a forkserver (never a fork of a process whose TensorFlow or JAX runtime
+    has started) and ignore Ctrl-C and SIGTERM, which the training process handles: it stops between
+    steps and then closes them. A batch depends on (seed, epoch, index) alone, so it is the same
+    whichever process makes it, and the same as a thread makes it."""
+
+    def __init__(self, samples, charset, max_len, settings, canvases, count):
+        self.memory = None
+        shape = None
+        if canvases is not None:
+            self.memory = shared_memory.SharedMemory(create=True, size=max(1, canvases.nbytes))
+            np.ndarray(canvases.shape, np.uint8, self.memory.buf)[:] = canvases
+            shape = canvases.shape
+        self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("forkserver"),
+                                        initializer=_start_worker,
+                                        initargs=(samples, charset, max_len, settings,
+                                                  self.memory.name if self.memory else None, shape))
+
+    def batch(self, epoch, index):
+        return self.pool.submit(_worker_batch, epoch, index).result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.memory is not None:
+            self.memory.close()
+            self.memory.unlink()
+            self.memory = None
+
+
+_WORKER = {}  # in a worker process: its CaptchaBatches and the shared memory it reads
+
+
+def _start_worker(samples, charset, max_len, settings, memory_name, shape):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+    canvases = None
+    if memory_name:
+        memory = shared_memory.SharedMemory(name=memory_name)  # the training process owns and unlinks it
+        canvases = np.ndarray(shape, np.uint8, memory.buf)
+        _WORKER["memory"] = memory
+    _WORKER["batches"] = CaptchaBatches(samples, charset, max_len, canvases=canvases, **settings)
+
+
+def _worker_batch(epoch, index):
+    batches = _WORKER["batches"]
+    if batches.epoch != epoch:
+        batches.epoch = epoch
+    return batches.make_batch(index)
+
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None, in_memory=False):
+                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None, in_memory=False, processes=0):
     """A CaptchaBatches that is also a keras.utils.PyDataset (prefetched on `workers` threads).
-    in_memory=True reads every canvas once, now (fill_canvases), and keeps them."""
+    in_memory=True reads every canvas once, now (fill_canvases), and keeps them. processes > 0: the
+    threads hand each batch to one of that many worker processes (WorkerProcesses); call close()
+    when done with it."""
     # Each loader thread runs its own OpenCV calls; OpenCV's own thread pool inside each would only
     # oversubscribe the cores that the training step also needs.
     cv2.setNumThreads(1)
     canvases = fill_canvases([p for p, _ in samples], options, workers) if in_memory and samples else None
-    return pydataset_class()(samples, charset, max_len, options=options, batch_size=batch_size, shuffle=shuffle,
-                             seed=seed, augment=augment, repeats=repeats, augment_epochs=augment_epochs,
-                             canvases=canvases, workers=workers, use_multiprocessing=False)
+    settings = dict(options=options, batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                    repeats=repeats, augment_epochs=augment_epochs)
+    batches = pydataset_class()(samples, charset, max_len, canvases=canvases, workers=max(workers, processes),
+                                use_multiprocessing=False, **settings)
+    if processes:
+        batches.processes = WorkerProcesses(samples, charset, max_len, settings, canvases, processes)
+    return batches
 
 
 @functools.cache

@@ -53,7 +53,8 @@ def loader_batches(args):
     options = PreprocessOptions()
     in_memory = dataset.canvas_bytes(len(scan.samples), options) <= args.cache_mb * 2**20
     batches = dataset.make_batches(scan.samples, charset, max_len, options, args.batch_size, shuffle=True,
-                                   workers=args.workers, augment=args.augment, in_memory=in_memory)
+                                   workers=args.workers, augment=args.augment, in_memory=in_memory,
+                                   processes=args.processes)
     print(f"canvases: {'in memory, read' if in_memory else 'streamed from disk (over --cache_mb)'} in "
           f"{time.perf_counter() - scanned:.1f} s")
     return batches, charset
@@ -70,9 +71,15 @@ def read_batches(batches, count, workers):
 def time_loader(args):
     batches, _ = loader_batches(args)
     count = min(len(batches), args.batches) if args.batches else len(batches)
-    rate, images = read_batches(batches, count, args.workers)
+    try:
+        if args.processes:
+            read_batches(batches, min(count, 2 * args.processes), batches.workers)  # the processes start
+        rate, images = read_batches(batches, count, batches.workers)
+    finally:
+        batches.close()
+    made_by = f"{args.processes} worker processes" if args.processes else f"{args.workers} worker threads"
     print(f"loader: {images} images in {images / rate:.1f} s = {rate:.0f} images/s "
-          f"({args.workers} worker threads, batch {args.batch_size}, augmentation {args.augment}); "
+          f"({made_by}, batch {args.batch_size}, augmentation {args.augment}); "
           f"peak memory {peak_memory_mb():.0f} MB")
 
 
@@ -83,8 +90,16 @@ def time_ratio(args):
     import model
 
     batches, charset = loader_batches(args)
+    try:
+        ratio_of(args, batches, charset, keras, model)
+    finally:
+        batches.close()
+
+
+def ratio_of(args, batches, charset, keras, model):
     steps = min(args.steps, len(batches))
-    loader_rate, _ = read_batches(batches, steps, args.workers)
+    read_batches(batches, min(steps, 4), batches.workers)  # warm: worker processes started, if any
+    loader_rate, _ = read_batches(batches, steps, batches.workers)
     recipe = dataclasses.replace(model.RECIPES[args.recipe], batch_size=args.batch_size)
     crnn = model.compile_model(model.build_model(model.PRESETS[args.preset], charset.num_classes), charset, recipe,
                                total_steps=10 * steps)
@@ -100,8 +115,9 @@ def time_ratio(args):
     started = time.perf_counter()
     crnn.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
     fit_rate = steps * args.batch_size / (time.perf_counter() - started)
-    print(f"| folder | preset | recipe | workers | loader images/s | step images/s | fit() images/s | fit / step |")
-    print(f"| {args.folder} | {args.preset} | {args.recipe} | {args.workers} | {loader_rate:.0f} | {step_rate:.0f} | "
+    workers = f"{args.processes} processes" if args.processes else f"{args.workers} threads"
+    print("| folder | preset | recipe | workers | loader images/s | step images/s | fit() images/s | fit / step |")
+    print(f"| {args.folder} | {args.preset} | {args.recipe} | {workers} | {loader_rate:.0f} | {step_rate:.0f} | "
           f"{fit_rate:.0f} | {fit_rate / step_rate:.2f} |")
     print(f"({steps} batches of {args.batch_size}, augmentation {args.augment}; Keras {keras.backend.backend()} on "
           f"{', '.join(model.gpu_names()) or 'CPU'})")
@@ -199,6 +215,7 @@ def main(argv=None):
         command.add_argument("--charset", default="auto", help="as train.py (default auto: the labels' symbols)")
         command.add_argument("--batch_size", type=int, default=32)
         command.add_argument("--workers", type=int, default=2, help="threads, as train.py --workers (default 2)")
+        command.add_argument("--processes", type=int, default=0, help="worker processes, as train.py --processes")
         command.add_argument("--cache_mb", type=int, default=dataset.CACHE_MB,
                              help=f"as train.py: canvases in memory when they fit (default {dataset.CACHE_MB})")
         command.add_argument("--augment", default="none" if command is loader else "light", choices=augment.CHOICES,

@@ -97,8 +97,9 @@ class TrainConfig:
     strong: bool = False
     cache_mb: int = dataset.CACHE_MB  # the images' decoded, resized canvases are kept in memory when they fit in
     #                                   this many MiB (read once); above it they are read from disk every epoch
-    workers: int = 2  # threads that read and preprocess batches (on a 16-core GPU machine 8 or 16 read no faster
-    #                   than 2: `speed.py loader`, README "Scale and speed")
+    workers: int = 2  # threads that read and preprocess batches
+    processes: int = 0  # worker processes that make the training batches (0: the threads make them); for machines
+    #                     with many cores feeding a GPU
     strategy: str = "auto"  # mirrored: tf.distribute.MirroredStrategy over all GPUs (batch_size is the global batch);
     #                         auto: mirrored when there are 2+ GPUs; none: one device
     out: str = "saved_model"
@@ -226,7 +227,8 @@ def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, opti
     def batches(samples, training):
         return dataset.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed, cfg.workers,
                                     augmentation if training else "none", repeats if training else 1,
-                                    augment_epochs if training else None, in_memory=in_memory)
+                                    augment_epochs if training else None, in_memory=in_memory,
+                                    processes=cfg.processes if training else 0)
 
     made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
     print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"
@@ -864,6 +866,7 @@ def train(cfg):
         return None
     finally:  # (whatever ended fit(): a signal from here on stops at once)
         STOP.in_fit = False
+        train_batches.close()  # its worker processes, if any
     # ---- phase 6, the final model, then the best checkpoint scored on the test split
     train_seconds = max(time.time() - started, 1e-6)
     epochs_run = epochs_done + sum(len(h.history.get("loss", [])) for h in histories)

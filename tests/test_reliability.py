@@ -37,12 +37,14 @@ def backend_env(backend):
     return {**os.environ, "KERAS_BACKEND": backend}
 
 
-def start_training(data, out, backend="tensorflow"):
-    """train.py that waits inside a training step of epoch 2 (tests/paused_train.py) until it is interrupted."""
+def start_training(data, out, backend="tensorflow", extra=()):
+    """train.py that waits inside a training step of epoch 2 (tests/paused_train.py) until it is interrupted;
+    in a session of its own, so a test can signal its whole process group as a terminal's Ctrl-C does."""
     return subprocess.Popen(
         [sys.executable, "tests/paused_train.py", str(out / "paused"), "--data_dir", str(data), "--preset", "tiny",
-         "--epochs", str(EPOCHS), "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=backend_env(backend))
+         "--epochs", str(EPOCHS), "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out),
+         *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=backend_env(backend),
+        start_new_session=True)
 
 
 def wait_until_paused_in_epoch_two(process, out):
@@ -79,19 +81,22 @@ def test_resume_after_sigkill_mid_epoch(resume_data, tmp_path):
     resume_and_check(out)
 
 
-@pytest.mark.parametrize("stop, backend", [
-    (signal.SIGINT, "tensorflow"),
-    (signal.SIGTERM, "tensorflow"),
+@pytest.mark.parametrize("stop, backend, processes", [
+    (signal.SIGINT, "tensorflow", 0),
+    (signal.SIGTERM, "tensorflow", 0),
     # under JAX a step holds the weights' buffers while it runs: a stop inside one used to leave nothing to save
-    pytest.param(signal.SIGINT, "jax", marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None,
-                                                                reason="jax is not installed")),
-], ids=["ctrl_c", "sigterm", "ctrl_c_jax"])
+    pytest.param(signal.SIGINT, "jax", 0, marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                                                                   reason="jax is not installed")),
+    # batches made in worker processes: Ctrl-C reaches them too (the whole process group), and they wait for
+    # the training process to stop and close them
+    (signal.SIGINT, "tensorflow", 2),
+], ids=["ctrl_c", "sigterm", "ctrl_c_jax", "ctrl_c_processes"])
 def test_ctrl_c_or_sigterm_inside_a_step_saves_a_resumable_checkpoint_and_exits_cleanly(resume_data, tmp_path, stop,
-                                                                                       backend):
+                                                                                       backend, processes):
     out = tmp_path / "run"
-    process = start_training(resume_data, out, backend)
+    process = start_training(resume_data, out, backend, ["--processes", str(processes)] if processes else [])
     wait_until_paused_in_epoch_two(process, out)
-    process.send_signal(stop)
+    os.killpg(process.pid, stop)  # as a terminal's Ctrl-C: every process of the group
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 128 + stop, output
     assert "Traceback" not in output
@@ -101,6 +106,8 @@ def test_ctrl_c_or_sigterm_inside_a_step_saves_a_resumable_checkpoint_and_exits_
     # the optimizer state came along, with the update of the step the signal landed in (epoch 2, step 2)
     assert int(crnn.optimizer.iterations.numpy()) == steps_per_epoch + 2
     assert meta["resume"]["config"]["epochs"] == EPOCHS and meta["resume"]["epochs_done"] == 1
+    if processes:
+        assert "leaked" not in output  # the shared memory of the canvases was released
     resume_and_check(out, backend)
 
 

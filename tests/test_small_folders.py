@@ -451,3 +451,21 @@ def test_canvases_in_memory_give_the_pixels_read_from_disk(samples):
     assert streamed.canvases is None and cached.canvases.shape == (len(samples), 50, 200)
     for index in range(len(streamed)):
         assert np.array_equal(streamed[index][0], cached[index][0])
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["canvases_in_memory", "streamed"])
+def test_worker_processes_make_the_batches_threads_make(samples, in_memory):
+    def loader(processes):
+        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, shuffle=True, seed=3, workers=2,
+                                    augment="light", in_memory=in_memory, processes=processes)
+
+    threads, processes = loader(0), loader(2)
+    try:
+        for epoch in (0, 2):
+            threads.epoch = processes.epoch = epoch
+            for index in range(len(threads)):
+                (a, labels_a), (b, labels_b) = threads[index], processes[index]
+                assert np.array_equal(a, b) and np.array_equal(labels_a, labels_b)
+    finally:
+        processes.close()
+    assert processes.processes is None
