@@ -132,6 +132,7 @@ def time_training_step(args):
 
     charset = preprocess.charset_from_arg(args.charset)
     config = model.PRESETS[args.preset]
+    keras.mixed_precision.set_dtype_policy(args.dtype_policy)
     crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, model.RECIPES[args.recipe],
                                total_steps=args.steps + args.warmup)
     rng = np.random.default_rng(0)
@@ -145,7 +146,8 @@ def time_training_step(args):
     float(np.asarray(loss))  # the last step has finished (JAX and TensorFlow may run ahead of Python)
     seconds = time.perf_counter() - started
     devices = ", ".join(model.gpu_names()) or "CPU"
-    print(f"training step: preset {args.preset}, batch {args.batch_size}: {1000 * seconds / args.steps:.1f} ms a step "
+    print(f"training step: preset {args.preset}, batch {args.batch_size}, {args.dtype_policy}: "
+          f"{1000 * seconds / args.steps:.1f} ms a step "
           f"= {args.steps * args.batch_size / seconds:.0f} images/s (Keras {keras.backend.backend()} on {devices})")
 
 
@@ -232,6 +234,7 @@ def main(argv=None):
     step.add_argument("--batch_size", type=int, default=32)
     step.add_argument("--steps", type=int, default=50)
     step.add_argument("--warmup", type=int, default=5)
+    step.add_argument("--dtype_policy", default="float32", help="Keras dtype policy, e.g. mixed_bfloat16")
     inference = commands.add_parser("inference", help="images/s on a folder and one image's latency")
     inference.add_argument("model", help="a .keras, .onnx or .tflite model")
     inference.add_argument("--folder", required=True)
