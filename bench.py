@@ -32,11 +32,15 @@ import keras
 import numpy as np
 from matplotlib.figure import Figure
 
+import callbacks
+import dataset
+import finetune
 import metrics
 import model
-import dataset
+import modelmeta
 import preprocess
 import reader
+import recipes
 import synth
 import train
 from preprocess import CaptchaError, Charset
@@ -96,10 +100,10 @@ class Contender:
 
     def __init__(self, name, preset, recipe_name, start_from, minutes, cfg, charset, max_len, train_samples):
         self.name, self.preset, self.recipe_name, self.start_from = name, preset, recipe_name, start_from
-        self.recipe, self.charset = model.RECIPES[recipe_name], charset
+        self.recipe, self.charset = recipes.RECIPES[recipe_name], charset
         if start_from:  # fine-tuning, as train.py --init_from: the network and pixels of the file
-            source_model, source_meta, self.model_config, self.options = train.load_start(
-                train.BASE_MODEL if start_from == "base" else Path(start_from))
+            source_model, source_meta, self.model_config, self.options = finetune.load_start(
+                finetune.BASE_MODEL if start_from == "base" else Path(start_from))
             self.source = source_model, source_meta
         else:
             self.source, self.model_config = None, model.PRESETS[preset]
@@ -117,7 +121,7 @@ class Contender:
     def new_model(self):
         if self.source is None:
             return model.build_model(self.model_config, self.charset.num_classes)
-        return train.start_from(*self.source, self.charset)[0]
+        return finetune.start_from(*self.source, self.charset)[0]
 
     def next_batch(self):
         """Batches load on a thread while the previous one trains."""
@@ -132,7 +136,7 @@ class Contender:
     def start(self, seed):
         """Measures steps per second on a scratch copy, to size the one-cycle schedule to the budget."""
         keras.utils.set_random_seed(seed)
-        scratch = model.compile_model(self.new_model(), self.charset, self.recipe, total_steps=100)
+        scratch = recipes.compile_model(self.new_model(), self.charset, self.recipe, total_steps=100)
         images, labels = self.batches[0]
         scratch.train_on_batch(images, labels)  # traces the step function
         started = time.time()
@@ -143,12 +147,12 @@ class Contender:
         # the recipe's clean finish, as in train.py: the end of the schedule reads the images as they are
         self.batches.augment_epochs = math.ceil(self.total_steps * (1 - self.recipe.clean_finish) / len(self.batches))
         keras.utils.set_random_seed(seed)
-        self.crnn = model.compile_model(self.new_model(), self.charset, self.recipe, total_steps=self.total_steps)
+        self.crnn = recipes.compile_model(self.new_model(), self.charset, self.recipe, total_steps=self.total_steps)
         if self.recipe.precise_bn_batches:
-            self.precise_bn = train.PreciseBatchNorm(self.batches, self.recipe.precise_bn_batches)
+            self.precise_bn = callbacks.PreciseBatchNorm(self.batches, self.recipe.precise_bn_batches)
             self.precise_bn.set_model(self.crnn)
         if self.recipe.ema_momentum:
-            self.averaged = train.AveragedWeights()
+            self.averaged = callbacks.AveragedWeights()
             self.averaged.set_model(self.crnn)
             self.averaged.restore.set_model(self.crnn)
         self.crnn.train_on_batch(images, labels)  # trace before the clock starts; counts as a step
@@ -225,9 +229,9 @@ def bench(cfg):
         rest, _, minutes = rest.partition("@")
         rest, _, start_from = rest.partition("+")
         preset, _, recipe = rest.partition(":")
-        if preset not in model.PRESETS or recipe not in model.RECIPES:
+        if preset not in model.PRESETS or recipe not in recipes.RECIPES:
             raise CaptchaError(f"--runs {spec!r}: expected NAME=PRESET:RECIPE[+START][@MINUTES] with a preset of "
-                               f"{sorted(model.PRESETS)} and a recipe of {sorted(model.RECIPES)}")
+                               f"{sorted(model.PRESETS)} and a recipe of {sorted(recipes.RECIPES)}")
         if start_from and start_from != "base" and not Path(start_from).is_file():
             raise CaptchaError(f"--runs {spec!r}: {start_from}: no such model file to start from (or use +base)")
         contender = Contender(name, preset, recipe, start_from, float(minutes or cfg.minutes), cfg, charset, max_len,
@@ -259,7 +263,7 @@ def bench(cfg):
 
     results = []
     for c in contenders:  # the trained models too: a pre-trained start for fine-tuning (train.py --init_from)
-        model.save_model(c.crnn, out / f"{c.name}.keras", model.make_meta(charset, max_len, c.options, c.model_config))
+        model.save_model(c.crnn, out / f"{c.name}.keras", modelmeta.make_meta(charset, max_len, c.options, c.model_config))
         first = next((p["minutes"] for p in c.curve if p["exact_match"] > 0), None)
         results.append({"name": c.name, "preset": c.preset, "recipe": c.recipe_name, "start_from": c.start_from or "none",
                         **c.curve[-1],

@@ -15,16 +15,24 @@ import signal
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from multiprocessing import shared_memory
 from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 
 import cv2
 import numpy as np
 
 import augment as augment_module  # `augment` is also the loader's option name
 import labels as label_sources
-from preprocess import PAD_LABEL, CaptchaError, ImageReadError, PreprocessOptions, charset_for_labels, \
-    finish_canvas, load_canvas, read_image
+from preprocess import (
+    PAD_LABEL,
+    CaptchaError,
+    ImageReadError,
+    PreprocessOptions,
+    charset_for_labels,
+    finish_canvas,
+    load_canvas,
+    read_image,
+)
 
 CASES = ("auto", "keep", "lower", "upper")
 

@@ -144,7 +144,7 @@ def rebuild_safely(src, config, args):
         height, width = rebuilt.input_shape[1:3]
         # and trained on the reference's pixels: no crop, its resize arithmetic, mean padding
         options = dataclasses.replace(preprocess.REFERENCE_PREPROCESSING, height=height, width=width)
-        meta = model.make_meta(charset, 5, options, None)
+        meta = modelmeta.make_meta(charset, 5, options, None)
         print(f"{src} has no metadata: assuming {len(charset.symbols)} symbols, blank {args.blank} "
               f"(class {charset.blank_index})")
 

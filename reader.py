@@ -73,7 +73,9 @@ class TFLiteNetwork:
         import warnings
 
         try:
-            from ai_edge_litert.interpreter import Interpreter  # TFLite's own package: no TensorFlow
+            from ai_edge_litert.interpreter import (
+                Interpreter,  # TFLite's own package: no TensorFlow
+            )
         except ImportError:
             import tensorflow as tf
 

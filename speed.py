@@ -31,6 +31,7 @@ import augment
 import dataset
 import preprocess
 import reader
+import recipes
 from preprocess import CaptchaError, PreprocessOptions
 
 
@@ -100,8 +101,8 @@ def ratio_of(args, batches, charset, keras, model):
     steps = min(args.steps, len(batches))
     read_batches(batches, min(steps, 4), batches.workers)  # warm: worker processes started, if any
     loader_rate, _ = read_batches(batches, steps, batches.workers)
-    recipe = dataclasses.replace(model.RECIPES[args.recipe], batch_size=args.batch_size)
-    crnn = model.compile_model(model.build_model(model.PRESETS[args.preset], charset.num_classes), charset, recipe,
+    recipe = dataclasses.replace(recipes.RECIPES[args.recipe], batch_size=args.batch_size)
+    crnn = recipes.compile_model(model.build_model(model.PRESETS[args.preset], charset.num_classes), charset, recipe,
                                total_steps=10 * steps)
     images, labels = batches[0]
     for _ in range(3):  # compilation
@@ -133,7 +134,7 @@ def time_training_step(args):
     charset = preprocess.charset_from_arg(args.charset)
     config = model.PRESETS[args.preset]
     keras.mixed_precision.set_dtype_policy(args.dtype_policy)
-    crnn = model.compile_model(model.build_model(config, charset.num_classes), charset, model.RECIPES[args.recipe],
+    crnn = recipes.compile_model(model.build_model(config, charset.num_classes), charset, recipes.RECIPES[args.recipe],
                                total_steps=args.steps + args.warmup)
     rng = np.random.default_rng(0)
     images = rng.random((args.batch_size, config.height, config.width, 1), dtype=np.float32)

@@ -21,7 +21,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from preprocess import CHARSET_PRESETS, DEFAULT_SYMBOLS, IMG_HEIGHT, IMG_WIDTH, CaptchaError, charset_from_arg
+from preprocess import (
+    CHARSET_PRESETS,
+    DEFAULT_SYMBOLS,
+    IMG_HEIGHT,
+    IMG_WIDTH,
+    CaptchaError,
+    charset_from_arg,
+)
 
 
 class _SeededSecrets:
@@ -46,8 +53,9 @@ class _SeededSecrets:
 
 def _draw_captcha_png(args):
     text, seed, width, height = args
-    import captcha.image
     from io import BytesIO
+
+    import captcha.image
 
     captcha.image.secrets = _SeededSecrets(seed)
     font_sizes = tuple(round(s * height / 60) for s in (42, 50, 56))  # the package's sizes, scaled

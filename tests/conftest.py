@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import runstate  # noqa: E402
 import synth  # noqa: E402
 
 DIGITS = "0123456789"
@@ -39,9 +40,8 @@ def trained_run(tmp_path_factory, digits_folder):
 def onnx_model(tmp_path_factory, trained_run):
     """trained_run's best model exported to ONNX (export_safe.py --format onnx)."""
     import export_safe
-    import train
 
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(path),
+    assert export_safe.main(["--in_keras", str(trained_run / runstate.BEST_NAME), "--out_keras", str(path),
                              "--format", "onnx"]) == 0
     return path

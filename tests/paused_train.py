@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import callbacks
 import train  # noqa: E402
 
 
-class PauseInEpochTwo(train.ResumeCheckpoint):
+class PauseInEpochTwo(callbacks.ResumeCheckpoint):
     def on_train_begin(self, logs=None):
         step = self.model.train_function  # compiled by fit() just before this callback
         calls = [0]
@@ -26,7 +27,7 @@ class PauseInEpochTwo(train.ResumeCheckpoint):
             calls[0] += 1
             if self.epochs_done == 1 and calls[0] == self.params["steps"] + 2:
                 Path(MARKER).touch()
-                while train.STOP.signal is None:  # a first stop signal is only noted while a step runs
+                while callbacks.STOP.signal is None:  # a first stop signal is only noted while a step runs
                     time.sleep(0.05)
             return result
 
@@ -35,5 +36,5 @@ class PauseInEpochTwo(train.ResumeCheckpoint):
 
 if __name__ == "__main__":
     MARKER = sys.argv[1]
-    train.ResumeCheckpoint = PauseInEpochTwo
+    callbacks.ResumeCheckpoint = PauseInEpochTwo
     sys.exit(train.main(sys.argv[2:]))

@@ -8,10 +8,12 @@ import pytest
 from PIL import Image
 
 import bench
-import model
+import callbacks
 import dataset
 import labels as label_sources
+import model
 import preprocess
+import runstate
 import synth
 import train
 from conftest import DIGITS
@@ -77,14 +79,14 @@ def cnn_weights(crnn):
 
 def stop_after_epoch(monkeypatch, epoch):
     """Ctrl-C as epoch `epoch` (counted from 1) ends, right after its resume checkpoint is written."""
-    save = train.ResumeCheckpoint.on_epoch_end
+    save = callbacks.ResumeCheckpoint.on_epoch_end
 
     def on_epoch_end(self, index, logs=None):
         save(self, index, logs)
         if index + 1 == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", on_epoch_end)
+    monkeypatch.setattr(callbacks.ResumeCheckpoint, "on_epoch_end", on_epoch_end)
 
 
 def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run, digits_folder, tmp_path,
@@ -92,7 +94,7 @@ def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run,
     """--freeze_cnn_epochs 2 --epochs 3, stopped after epochs 1 and 2 and resumed each time: the convolutions
     (BatchNorm statistics included) keep the source's weights for two epochs, the optimizer state
     survives the resume inside the frozen phase, and the convolutions learn in epoch 3."""
-    source = trained_run / train.BEST_NAME
+    source = trained_run / runstate.BEST_NAME
     out = tmp_path / "tuned"
     stop_after_epoch(monkeypatch, 1)
     code = train.main(["--data_dir", str(digits_folder), "--init_from", str(source), "--freeze_cnn_epochs", "2",
@@ -103,12 +105,12 @@ def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run,
     assert f"starting from {source} (every symbol's output row carried over)" in printed and "convolutions frozen" in printed
     steps_per_epoch = 4  # 32 training images, batch 8
     before, _ = model.load_model(source)
-    after_1, _ = model.load_model(out / train.RESUME_NAME, compile=True)
+    after_1, _ = model.load_model(out / runstate.RESUME_NAME, compile=True)
     assert int(after_1.optimizer.iterations.numpy()) == steps_per_epoch
 
     stop_after_epoch(monkeypatch, 2)
     assert train.main(["--resume", "--out", str(out)]) == 130
-    after_2, _ = model.load_model(out / train.RESUME_NAME, compile=True)
+    after_2, _ = model.load_model(out / runstate.RESUME_NAME, compile=True)
     assert int(after_2.optimizer.iterations.numpy()) == 2 * steps_per_epoch  # went on counting: state kept
     assert all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(after_2)))  # frozen
     lstm = lambda m: m.get_layer("bilstm_1").get_weights()[0]  # noqa: E731
@@ -116,7 +118,7 @@ def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run,
 
     monkeypatch.undo()
     assert train.main(["--resume", "--out", str(out)]) == 0
-    final, _ = model.load_model(out / train.FINAL_NAME)
+    final, _ = model.load_model(out / runstate.FINAL_NAME)
     assert not all(np.array_equal(x, y) for x, y in zip(cnn_weights(before), cnn_weights(final)))  # thawed
 
 
@@ -124,11 +126,11 @@ def test_fine_tuning_to_another_charset_keeps_the_shared_symbols(trained_run, tm
     data = tmp_path / "hex"
     synth.generate_synthetic(data, 30, seed=4, symbols="0123456789abcdef", length=4, workers=1, progress=False)
     out = tmp_path / "tuned"
-    assert train.main(["--data_dir", str(data), "--init_from", str(trained_run / train.BEST_NAME), "--epochs", "1",
+    assert train.main(["--data_dir", str(data), "--init_from", str(trained_run / runstate.BEST_NAME), "--epochs", "1",
                        "--charset", "0123456789abcdef", "--batch_size", "8", "--workers", "1",
                        "--out", str(out)]) == 0
     assert "output rows for new symbols start untrained: abcdef" in capsys.readouterr().out
-    tuned, meta = model.load_model(out / train.FINAL_NAME)
+    tuned, meta = model.load_model(out / runstate.FINAL_NAME)
     assert tuned.output_shape == (None, 50, 17) and meta["charset"]["symbols"] == "0123456789abcdef"
 
 
@@ -160,7 +162,7 @@ def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
     out = tmp_path / "out"
     assert train.main(["--data_dir", str(data), "--preset", "tiny", "--epochs", "1", "--workers", "1",
                        "--out", str(out)]) == 0
-    _, meta = model.load_model(out / train.BEST_NAME)
+    _, meta = model.load_model(out / runstate.BEST_NAME)
     assert meta["max_len"] == max(map(len, labels)) == 6
     assert set(meta["charset"]["symbols"]) == set("".join(labels)) and meta["charset"]["blank_index"] == 0
 
@@ -168,7 +170,7 @@ def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
 def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, trained_run, tmp_path, capsys):
     """The keras-io recipe from scratch against a default-recipe run that starts from a model (as train.py's
     default starts from the base model: `+base`; here a small trained model, `+PATH`)."""
-    out, start = tmp_path / "out", trained_run / train.BEST_NAME
+    out, start = tmp_path / "out", trained_run / runstate.BEST_NAME
     assert bench.main(["--data_dir", str(digits_folder), "--runs", f"kerasio=kerasio:kerasio@0.05,ours=tiny:default+{start}@0.05",
                        "--eval_minutes", "0.05", "--slice_seconds", "2", "--out", str(out)]) == 0
     samples = dataset.scan_folder(digits_folder).samples

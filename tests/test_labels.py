@@ -9,10 +9,13 @@ import pytest
 
 import dataset
 import export_safe
+import finetune
 import labels as label_sources
 import model
+import modelmeta
 import preprocess
 import reader
+import runstate
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
 from preprocess import CaptchaError, Charset, PreprocessOptions
@@ -209,7 +212,7 @@ def always_reads(text_class, charset, path, meta_extra, channels=1):
     bias[text_class] = 10.0
     crnn.layers[-1].set_weights([np.zeros_like(kernel), bias])
     options = PreprocessOptions(config.height, config.width, channels=channels)
-    model.save_model(crnn, path, {**model.make_meta(charset, 4, options, config), **meta_extra})
+    model.save_model(crnn, path, {**modelmeta.make_meta(charset, 4, options, config), **meta_extra})
     return path
 
 
@@ -280,7 +283,7 @@ def test_colour_pixels_are_the_same_for_training_and_every_reading_path(tmp_path
 def test_a_gray_start_model_is_widened_to_colour_and_reads_gray_the_same(tmp_path):
     config = model.PRESETS["tiny"]
     gray_model = model.build_model(config, 5)
-    colour_model, fresh = train.start_from(gray_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"),
+    colour_model, fresh = finetune.start_from(gray_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"),
                                            dataclasses_replace(config, channels=3))
     assert fresh == "" and colour_model.input_shape == (None, 50, 200, 3)
     x = np.random.default_rng(0).random((2, 50, 200, 1), dtype=np.float32)
@@ -315,7 +318,7 @@ def test_a_run_with_a_labels_file_stores_its_source_and_case(tmp_path, capsys):
                        "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"labels: {tmp_path / 'labels.csv'} (CSV, 12 entries" in printed and "letter case: upper (folded)" in printed
-    meta = model.read_meta(out / train.BEST_NAME)
+    meta = modelmeta.read_meta(out / runstate.BEST_NAME)
     assert meta["labels"]["rule"] == "file" and meta["case"] == "upper"
     assert meta["labels"]["sha256"] == hashlib.sha256((tmp_path / "labels.csv").read_bytes()).hexdigest()
 
@@ -326,8 +329,8 @@ def test_a_colour_run_fine_tunes_the_base_model_and_exports_read_alike(tmp_path,
     assert train.main(["--data_dir", str(folder), "--channels", "3", "--epochs", "1", "--batch_size", "4",
                        "--workers", "1", "--out", str(out)]) == 0
     assert "input 200x50 colour" in capsys.readouterr().out
-    best = out / train.BEST_NAME
-    meta = model.read_meta(best)
+    best = out / runstate.BEST_NAME
+    meta = modelmeta.read_meta(best)
     assert meta["preprocess"]["channels"] == 3 and meta["model_config"]["channels"] == 3
     onnx_path = tmp_path / "colour.onnx"
     assert export_safe.main(["--in_keras", str(best), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0

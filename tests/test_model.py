@@ -6,6 +6,7 @@ import pytest
 
 import metrics
 import model
+import modelmeta
 import reader
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
@@ -94,7 +95,7 @@ def test_character_error_rate():
 def test_save_and_load_keep_metadata_and_outputs(tmp_path):
     charset = Charset("0123456789")
     crnn = model.build_model(TINY, charset.num_classes)
-    meta = model.make_meta(charset, 4, PreprocessOptions(strong=True), TINY)
+    meta = modelmeta.make_meta(charset, 4, PreprocessOptions(strong=True), TINY)
     path = tmp_path / "m.keras"
     model.save_model(crnn, path, meta)
     loaded, loaded_meta = model.load_model(path)
@@ -109,7 +110,7 @@ def test_save_and_load_keep_metadata_and_outputs(tmp_path):
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     crnn = model.build_model(TINY, 63)
     path = tmp_path / "best.keras"
-    model.save_model(crnn, path, model.make_meta(Charset(), 5, PreprocessOptions(), TINY))
+    model.save_model(crnn, path, modelmeta.make_meta(Charset(), 5, PreprocessOptions(), TINY))
     before = path.read_bytes()
 
     def crash(self, filepath, *args, **kwargs):
@@ -141,7 +142,7 @@ def test_load_errors_name_the_file(tmp_path):
 def test_checkpoint_without_metadata_is_read_as_the_reference(tmp_path):
     path = tmp_path / "plain.keras"
     model.build_model(TINY, 63).save(path)
-    assert model.read_meta(path) is None
+    assert modelmeta.read_meta(path) is None
     _, meta = model.load_model(path)
     assert meta["charset"] == {"symbols": Charset().symbols, "blank_index": 62}
     other = tmp_path / "other.keras"
@@ -149,4 +150,4 @@ def test_checkpoint_without_metadata_is_read_as_the_reference(tmp_path):
     with pytest.raises(CaptchaError, match="11 output classes"):
         model.load_model(other)
     with zipfile.ZipFile(path) as archive:
-        assert model.META_MEMBER not in archive.namelist()
+        assert modelmeta.META_MEMBER not in archive.namelist()

@@ -16,16 +16,14 @@ import numpy as np
 import pytest
 
 import export_safe
-import metrics
-import dataset
 import labels as label_sources
+import metrics
 import preprocess
 import reader
+import runstate
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
-import train
-from preprocess import Charset
-
 from conftest import ROOT
+from preprocess import Charset
 
 
 def probs_of(rows, symbols="aAbB", blank=0):
@@ -113,7 +111,7 @@ def test_confidence_ranking_splits_the_most_confident_readings():
 
 
 def test_json_output_confidence_threshold_and_review_folder(trained_run, digits_folder, tmp_path, capsys):
-    model_path = trained_run / train.BEST_NAME
+    model_path = trained_run / runstate.BEST_NAME
     review = tmp_path / "review"
     args = ["--model", str(model_path), "--folder", str(digits_folder), "--limit", "12"]
     assert read_captchas.main([*args, "--output", str(tmp_path / "all.json")]) == 0
@@ -150,7 +148,7 @@ def test_an_image_that_cannot_be_read_is_one_line_and_a_failure(onnx_model, tmp_
 
 
 def test_csv_output_has_confidence_and_allowed_symbols_restrict_test_py(trained_run, digits_folder, tmp_path, capsys):
-    model_path = trained_run / train.BEST_NAME
+    model_path = trained_run / runstate.BEST_NAME
     args = ["--model", str(model_path), "--folder", str(digits_folder), "--limit", "12"]
     assert read_captchas.main([*args, "--allowed", "12", "--output", str(tmp_path / "out.csv")]) == 0
     with open(tmp_path / "out.csv") as f:
@@ -179,7 +177,7 @@ def test_reading_onnx_loads_neither_keras_nor_tensorflow(onnx_model, digits_fold
 
 def test_int8_onnx_export_is_smaller_and_reads_like_the_float_one(trained_run, onnx_model, digits_folder, tmp_path):
     int8 = tmp_path / "model_int8.onnx"
-    assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(int8),
+    assert export_safe.main(["--in_keras", str(trained_run / runstate.BEST_NAME), "--out_keras", str(int8),
                              "--format", "onnx_int8"]) == 0
     import onnx
 

@@ -7,8 +7,11 @@ import pytest
 
 import export_safe
 import model
+import modelmeta
 import preprocess
 import reader
+import recipes
+import runstate
 import test as read_captchas
 import train
 from preprocess import Charset
@@ -33,14 +36,14 @@ def test_seed_preset_is_the_reference_network():
 
 
 def test_reference_recipe_is_the_references(digits_folder, tmp_path, capsys):
-    recipe = model.RECIPES["reference"]
+    recipe = recipes.RECIPES["reference"]
     assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.clipnorm) == ("adam", 1e-3, 128, 0.0)
     assert (recipe.augment, recipe.resize) == ("none", "reference")
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--recipe", "reference", "--epochs", "1",
                        "--charset", "digits", "--workers", "1", "--out", str(out)]) == 0
     assert "recipe reference: adam, halved on plateau from 0.001, batch 128" in capsys.readouterr().out
-    _, meta = model.load_model(out / train.BEST_NAME)
+    _, meta = model.load_model(out / runstate.BEST_NAME)
     assert meta["preprocess"]["resize"] == "reference" and meta["preprocess"]["auto_crop"] is False
     assert (meta["preprocess"]["clahe_clip"], meta["preprocess"]["clahe_tiles"]) == (2.0, [8, 8])
 
@@ -56,9 +59,9 @@ def test_reference_preprocessing_pads_with_the_resized_mean():
 
 
 def test_newer_metadata_is_refused(tmp_path, trained_run):
-    meta = model.read_meta(trained_run / train.BEST_NAME)
-    crnn, _ = model.load_model(trained_run / train.BEST_NAME)
-    model.save_model(crnn, tmp_path / "future.keras", {**meta, "format_version": model.META_VERSION + 1})
+    meta = modelmeta.read_meta(trained_run / runstate.BEST_NAME)
+    crnn, _ = model.load_model(trained_run / runstate.BEST_NAME)
+    model.save_model(crnn, tmp_path / "future.keras", {**meta, "format_version": modelmeta.META_VERSION + 1})
     with pytest.raises(preprocess.CaptchaError, match="newer than this release"):
         model.load_model(tmp_path / "future.keras")
 
@@ -68,7 +71,7 @@ def reference_files(tmp_path_factory):
     """The reference-shaped checkpoint, its in-memory original, and its safe conversion by export_safe.py."""
     folder = tmp_path_factory.mktemp("reference")
     original = save_reference_checkpoint(folder / "crnn_ctc_final.keras")
-    assert model.read_meta(folder / "crnn_ctc_final.keras") is None  # saved as the reference saves: no metadata
+    assert modelmeta.read_meta(folder / "crnn_ctc_final.keras") is None  # saved as the reference saves: no metadata
     safe = folder / "crnn_ctc_final_safe.keras"
     assert export_safe.main(["--in_keras", str(folder / "crnn_ctc_final.keras"), "--out_keras", str(safe)]) == 0
     return folder, original, safe
@@ -77,7 +80,7 @@ def reference_files(tmp_path_factory):
 def test_reference_checkpoint_converts_with_identical_outputs(reference_files):
     _, original, safe = reference_files
     converted = keras.saving.load_model(safe, safe_mode=True)  # Keras' own safe mode
-    assert model.lambda_layer_names(safe) == []
+    assert modelmeta.lambda_layer_names(safe) == []
     batch = export_safe.parity_batch(converted, count=4, seed=3)
     assert np.max(np.abs(converted.predict_on_batch(batch) - original.predict_on_batch(batch))) < 1e-5
 
@@ -111,7 +114,7 @@ def test_fine_tuning_starts_from_a_converted_reference_checkpoint(reference_file
     assert train.main(["--data_dir", str(digits_folder), "--init_from", str(safe), "--charset", "digits",
                        "--epochs", "1", "--batch_size", "8", "--workers", "1", "--out", str(out)]) == 0
     assert f"starting from {safe} (every symbol's output row carried over)" in capsys.readouterr().out
-    tuned, meta = model.load_model(out / train.FINAL_NAME)
+    tuned, meta = model.load_model(out / runstate.FINAL_NAME)
     # the reference's architecture, read from the file, with 10 digits + blank (first) as outputs
     assert layer_signature(tuned)[:-1] == layer_signature(original)[:-1]
     assert tuned.output_shape == (None, 50, 11) and meta["charset"] == {"symbols": "0123456789", "blank_index": 0}

@@ -15,10 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-import model
-import dataset
+import callbacks
 import labels as label_sources
+import model
+import modelmeta
 import preprocess
+import runstate
 import synth
 import train
 from conftest import DIGITS, ROOT
@@ -52,7 +54,7 @@ def wait_until_paused_in_epoch_two(process, out):
     while not (out / "paused").exists():
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.05)
-    assert (out / train.RESUME_NAME).exists()
+    assert (out / runstate.RESUME_NAME).exists()
 
 
 def resume_and_check(out, backend="tensorflow"):
@@ -60,13 +62,13 @@ def resume_and_check(out, backend="tensorflow"):
                             capture_output=True, text=True, timeout=900, env=backend_env(backend))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming the run" in result.stdout
-    with open(out / train.LOG_NAME) as f:
+    with open(out / runstate.LOG_NAME) as f:
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
     assert epochs == list(range(EPOCHS))  # every epoch once, in order, none lost or repeated
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == EPOCHS
-    model.load_model(out / train.BEST_NAME)
-    assert not (out / train.RESUME_NAME).exists()  # finished: nothing left to resume
+    model.load_model(out / runstate.BEST_NAME)
+    assert not (out / runstate.RESUME_NAME).exists()  # finished: nothing left to resume
 
 
 def test_resume_after_sigkill_mid_epoch(resume_data, tmp_path):
@@ -75,9 +77,9 @@ def test_resume_after_sigkill_mid_epoch(resume_data, tmp_path):
     wait_until_paused_in_epoch_two(process, out)
     process.kill()
     process.wait()
-    state = model.read_meta(out / train.RESUME_NAME)["resume"]
+    state = modelmeta.read_meta(out / runstate.RESUME_NAME)["resume"]
     assert state["epochs_done"] == 1  # stopped in epoch 2
-    model.load_model(out / train.BEST_NAME)  # the best checkpoint survived the kill
+    model.load_model(out / runstate.BEST_NAME)  # the best checkpoint survived the kill
     resume_and_check(out)
 
 
@@ -101,7 +103,7 @@ def test_ctrl_c_or_sigterm_inside_a_step_saves_a_resumable_checkpoint_and_exits_
     assert process.returncode == 128 + stop, output
     assert "Traceback" not in output
     assert "interrupted after 1 complete epochs" in output and "Continue with: python train.py --resume" in output
-    crnn, meta = model.load_model(out / train.RESUME_NAME, compile=True)
+    crnn, meta = model.load_model(out / runstate.RESUME_NAME, compile=True)
     steps_per_epoch = math.ceil(meta["run"]["split_sizes"][0] / 8)
     # the optimizer state came along, with the update of the step the signal landed in (epoch 2, step 2)
     assert int(crnn.optimizer.iterations.numpy()) == steps_per_epoch + 2
@@ -151,7 +153,7 @@ def test_bad_images_in_a_training_folder_are_skipped_and_counted(tmp_path, resum
     assert summary == [f"{folder}: 12 usable images; skipped 1 empty file, 1 image too large, "
                        f"1 symbols outside the charset, 1 truncated image"]
     assert f"skipped (truncated image): {folder / '1111.jpg'}" in result.stdout
-    assert (tmp_path / "out" / train.BEST_NAME).exists()
+    assert (tmp_path / "out" / runstate.BEST_NAME).exists()
 
 
 def test_resume_refuses_a_folder_that_changed(digits_folder, tmp_path, monkeypatch, capsys):
@@ -169,7 +171,7 @@ def test_resume_refuses_a_folder_that_changed(digits_folder, tmp_path, monkeypat
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(train.ResumeCheckpoint, "on_epoch_end", stop_after_first_epoch)
+        patch.setattr(callbacks.ResumeCheckpoint, "on_epoch_end", stop_after_first_epoch)
         assert train.main(args) == 130
     extra = synth.generate_synthetic(tmp_path / "more", 6, seed=99, symbols=DIGITS, length=4, workers=1,
                                           progress=False)
@@ -196,11 +198,11 @@ def test_a_stop_while_scoring_leaves_a_run_that_finishes_with_resume(digits_fold
                            "--workers", "1", "--charset", "digits", "--out", str(out)]) == 130
     printed = capsys.readouterr().out
     assert "interrupted while scoring" in printed and "Traceback" not in printed
-    assert not (out / "metrics.json").exists() and (out / train.FINAL_NAME).exists()
-    assert model.read_meta(out / train.RESUME_NAME)["resume"]["finished"] is True
+    assert not (out / "metrics.json").exists() and (out / runstate.FINAL_NAME).exists()
+    assert modelmeta.read_meta(out / runstate.RESUME_NAME)["resume"]["finished"] is True
     assert train.main(["--resume", "--out", str(out)]) == 0  # no more training: only the scoring
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["test"]["count"] > 0
-    with open(out / train.LOG_NAME) as f:
+    with open(out / runstate.LOG_NAME) as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1]
-    assert not (out / train.RESUME_NAME).exists()
+    assert not (out / runstate.RESUME_NAME).exists()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import model
+import runstate
 import train
 from conftest import ROOT
 
@@ -28,7 +29,7 @@ def test_mirrored_strategy_trains_on_two_replicas(tmp_path, digits_folder):
     assert "strategy: MirroredStrategy, 2 replicas; global batch 8 = 4 per replica" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2
-    best, meta = model.load_model(out / train.BEST_NAME)
+    best, meta = model.load_model(out / runstate.BEST_NAME)
     assert best.output_shape[-1] == 11 and meta["charset"]["symbols"] == "0123456789"
 
 
@@ -53,10 +54,15 @@ def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder,
     assert re.search(r"loader: 40 images in .* augmentation light\)", capsys.readouterr().out)
 
     assert speed.main(["step", "--preset", "tiny", "--batch_size", "4", "--steps", "2", "--warmup", "1"]) == 0
-    stepped = re.search(r"training step: preset tiny, batch 4: [\d.]+ ms a step = (\d+) images/s", capsys.readouterr().out)
+    stepped = re.search(r"training step: preset tiny, batch 4, float32: [\d.]+ ms a step = (\d+) images/s",
+                        capsys.readouterr().out)
     assert stepped and int(stepped[1]) > 0
+    assert speed.main(["ratio", str(digits_folder), "--preset", "tiny", "--batch_size", "8", "--steps", "3"]) == 0
+    row = re.search(r"\| \S+ \| tiny \| default \| 2 threads \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \|",
+                    capsys.readouterr().out)
+    assert row and all(int(row[k]) > 0 for k in (1, 2, 3)) and float(row[4]) > 0
 
-    best = trained_run / train.BEST_NAME
+    best = trained_run / runstate.BEST_NAME
     assert speed.main(["inference", str(best), "--folder", str(digits_folder), "--batch_size", "16",
                        "--repeats", "3"]) == 0
     out = capsys.readouterr().out

@@ -10,19 +10,19 @@ import keras
 import numpy as np
 import pytest
 
+import dataset
 import export_safe
+import labels as label_sources
 import model
 import modelmeta
-import dataset
-import labels as label_sources
 import preprocess
 import reader
+import runstate
 import synth
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from preprocess import Charset
-
 from conftest import ROOT
+from preprocess import Charset
 
 TINY = model.PRESETS["tiny"]
 
@@ -45,8 +45,8 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_training_writes_both_checkpoints_log_and_test_metrics(trained_run):
-    best, meta = model.load_model(trained_run / train.BEST_NAME)
-    final, _ = model.load_model(trained_run / train.FINAL_NAME)
+    best, meta = model.load_model(trained_run / runstate.BEST_NAME)
+    final, _ = model.load_model(trained_run / runstate.FINAL_NAME)
     assert meta["charset"] == {"symbols": "0123456789", "blank_index": 0}
     assert meta["max_len"] == 4 and meta["preprocess"]["auto_crop"] is False
     assert best.output_shape == final.output_shape == (None, 50, 11)
@@ -126,7 +126,7 @@ def test_confusions_count_substitutions_only():
 
 
 def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
-    model_path = trained_run / train.BEST_NAME
+    model_path = trained_run / runstate.BEST_NAME
     _, meta = model.load_model(model_path)
     samples = dataset.scan_folder(digits_folder).samples[:4]
     charset = Charset.from_dict(meta["charset"])
@@ -176,9 +176,9 @@ def expected_texts(model_path, paths):
 
 def test_read_one_image(trained_run, digits_folder, capsys):
     image = preprocess.list_images(digits_folder)[0]
-    assert read_captchas.main(["--model", str(trained_run / train.BEST_NAME), "--image", str(image)]) == 0
+    assert read_captchas.main(["--model", str(trained_run / runstate.BEST_NAME), "--image", str(image)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{image} -> {expected_texts(trained_run / train.BEST_NAME, [image])[0]} (")
+    assert lines[0].startswith(f"{image} -> {expected_texts(trained_run / runstate.BEST_NAME, [image])[0]} (")
     assert lines[1].startswith("1 labelled image: exact match")
 
 
@@ -189,7 +189,7 @@ def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digit
     for image in images:
         (folder / image.name).write_bytes(image.read_bytes())
     (folder / "00000.png").write_bytes(b"broken")  # sorts first; must not stop the rest
-    model_path = trained_run / train.BEST_NAME
+    model_path = trained_run / runstate.BEST_NAME
     code = read_captchas.main(["--model", str(model_path), "--folder", str(folder), "--limit", "5", "--batch_size", "2",
                                "--output", str(tmp_path / "out.csv"), "--save_debug", str(tmp_path / "debug")])
     assert code == 0
@@ -216,7 +216,7 @@ def test_only_file_names_that_are_labels_of_the_model_are_scored(trained_run, di
     image = preprocess.list_images(digits_folder)[0]
     for name in ["IMG_1234.png", "12345.png", f"{label_sources.label_from_filename(image)}.png"]:
         (folder / name).write_bytes(image.read_bytes())
-    model_path = trained_run / train.BEST_NAME
+    model_path = trained_run / runstate.BEST_NAME
     assert read_captchas.main(["--model", str(model_path), "--folder", str(folder)]) == 0
     out = capsys.readouterr().out
     text = expected_texts(model_path, [image])[0]
@@ -233,9 +233,9 @@ def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
     assert_one_line_error(run_script("test.py", "--model", tmp_path / "none.keras", "--image", image),
                           "none.keras", "does not exist")
     assert_one_line_error(run_script("test.py", "--model", legacy, "--image", image), "legacy.keras", "export_safe.py")
-    assert_one_line_error(run_script("test.py", "--model", trained_run / train.BEST_NAME, "--folder", tmp_path / "no"),
+    assert_one_line_error(run_script("test.py", "--model", trained_run / runstate.BEST_NAME, "--folder", tmp_path / "no"),
                           "folder does not exist")
-    assert_one_line_error(run_script("test.py", "--model", trained_run / train.BEST_NAME, "--image", image,
+    assert_one_line_error(run_script("test.py", "--model", trained_run / runstate.BEST_NAME, "--image", image,
                                      "--charset", "default"), "crnn_ctc_best.keras", "reads '0123456789'")
     junk = tmp_path / "junk.keras"
     junk.write_text("not a model")
@@ -268,7 +268,7 @@ def test_export_rebuilds_a_lambda_model_with_identical_outputs(tmp_path, collaps
     original = legacy_checkpoint(src, collapse)
     assert export_safe.main(["--in_keras", str(src), "--out_keras", str(dst)]) == 0
     assert f"CollapseHeight(mode='{collapse}')" in capsys.readouterr().out
-    assert model.lambda_layer_names(dst) == []
+    assert modelmeta.lambda_layer_names(dst) == []
     safe = keras.saving.load_model(dst, safe_mode=True)  # Keras' own safe mode, no help from us
     assert any(isinstance(layer, model.CollapseHeight) for layer in safe.layers)
     batch = export_safe.parity_batch(safe, count=4, seed=9)
@@ -303,7 +303,7 @@ def test_export_never_runs_code_stored_in_the_input(tmp_path):
     result = run_script("export_safe.py", "--in_keras", src, "--out_keras", tmp_path / "out.keras")
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
-    assert model.lambda_layer_names(tmp_path / "out.keras") == []
+    assert modelmeta.lambda_layer_names(tmp_path / "out.keras") == []
 
 
 def test_export_user_errors(tmp_path, trained_run, capsys):
@@ -320,12 +320,12 @@ def test_export_user_errors(tmp_path, trained_run, capsys):
     assert "not a CRNN this tool can rebuild" in capsys.readouterr().err
     assert not (tmp_path / "d.keras").exists()
     safe_copy = tmp_path / "copy.keras"
-    assert export_safe.main(["--in_keras", str(trained_run / train.BEST_NAME), "--out_keras", str(safe_copy)]) == 0
+    assert export_safe.main(["--in_keras", str(trained_run / runstate.BEST_NAME), "--out_keras", str(safe_copy)]) == 0
     assert "already loads in safe mode" in capsys.readouterr().out
     copied, meta = model.load_model(safe_copy)
-    original, original_meta = model.load_model(trained_run / train.BEST_NAME)
+    original, original_meta = model.load_model(trained_run / runstate.BEST_NAME)
     assert meta == original_meta and all(np.array_equal(a, b) for a, b in zip(copied.get_weights(), original.get_weights()))
-    assert safe_copy.stat().st_size < (trained_run / train.BEST_NAME).stat().st_size  # without the optimizer state
+    assert safe_copy.stat().st_size < (trained_run / runstate.BEST_NAME).stat().st_size  # without the optimizer state
 
 
 # ----------------------------------------------------------------------------- synth.py
@@ -360,13 +360,13 @@ def test_unsafe_flag_is_the_only_way_to_load_a_lambda_model(tmp_path, digits_fol
 
 
 def test_onnx_and_savedmodel_exports_match_the_keras_model(trained_run, digits_folder, tmp_path, capsys):
-    source = trained_run / train.BEST_NAME
+    source = trained_run / runstate.BEST_NAME
     onnx_path, saved_path = tmp_path / "m.onnx", tmp_path / "m_savedmodel"
     assert export_safe.main(["--in_keras", str(source), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
     assert export_safe.main(["--in_keras", str(source), "--out_keras", str(saved_path), "--format", "savedmodel"]) == 0
     printed = capsys.readouterr().out
     assert "m.onnx (onnx): max abs difference" in printed and "m_savedmodel (savedmodel)" in printed
-    assert json.loads((saved_path / model.META_MEMBER).read_text())["charset"]["symbols"] == "0123456789"
+    assert json.loads((saved_path / modelmeta.META_MEMBER).read_text())["charset"]["symbols"] == "0123456789"
 
     network, meta = reader.load(onnx_path)
     keras_model, _ = model.load_model(source)
@@ -380,7 +380,7 @@ def test_onnx_and_savedmodel_exports_match_the_keras_model(trained_run, digits_f
 
 
 def test_tflite_export_runs_on_the_builtin_interpreter(trained_run, digits_folder, tmp_path, capsys):
-    source = trained_run / train.BEST_NAME
+    source = trained_run / runstate.BEST_NAME
     tflite_path = tmp_path / "m.tflite"
     assert export_safe.main(["--in_keras", str(source), "--out_keras", str(tflite_path), "--format", "tflite"]) == 0
     assert "m.tflite (tflite): max abs difference" in capsys.readouterr().out

@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 
 import augment
+import callbacks
+import dataset
+import finetune
+import labels as label_sources
 import metrics
 import model
-import dataset
-import labels as label_sources
 import preprocess
 import reader
+import recipes
+import runstate
 import synth
 import train
 from conftest import ROOT
@@ -57,7 +61,8 @@ def test_augmentation_changes_training_pixels_every_epoch_and_repeats_with_the_s
 def test_validation_and_test_batches_are_never_augmented(samples):
     cfg = train.TrainConfig(workers=1)
     train_batches, val_batches, test_batches = train.make_split_batches(
-        cfg, samples[:4], samples[4:6], samples[6:], Charset(DIGITS), 4, PreprocessOptions(), 2, "strong")
+        cfg, samples[:4], samples[4:6], samples[6:], Charset(DIGITS), 4, PreprocessOptions(), batch_size=2,
+        augmentation="strong")
     assert train_batches.augment == "strong" and train_batches.shuffle
     for batches, part in [(val_batches, samples[4:6]), (test_batches, samples[6:])]:
         assert batches.augment == "none" and not batches.shuffle
@@ -93,7 +98,7 @@ def test_a_run_plans_its_clean_finish_from_the_recipe_or_the_flag(digits_folder,
     assert "augmentation: light for epochs 1-2, then the images as they are" in capsys.readouterr().out
     assert loaders[-1][0].augment_epochs == 2 and loaders[-1][1].augment == loaders[-1][2].augment == "none"
     assert train.main(common + ["--out", str(tmp_path / "recipe")]) == 0  # the default recipe's quarter: 1 of 4
-    assert loaders[-1][0].augment_epochs == 3 and model.RECIPES["default"].clean_finish == 0.25
+    assert loaders[-1][0].augment_epochs == 3 and recipes.RECIPES["default"].clean_finish == 0.25
     assert train.main(common + ["--clean_finish", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--clean_finish 1.5: a fraction of the epochs, from 0 to 1" in capsys.readouterr().err
 
@@ -138,13 +143,18 @@ def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(sample
     assert not np.array_equal(first, second)  # the same image, altered anew in each pass
 
 
-def test_a_one_cycle_run_is_never_stopped_on_patience_and_the_reference_recipe_is():
-    assert train.early_stopping(model.RECIPES["default"], 8) is None  # it runs its whole schedule
-    reference = train.early_stopping(model.RECIPES["reference"], 8)
+def test_a_one_cycle_run_is_never_stopped_on_patience_and_the_reference_recipe_is(capsys):
+    assert callbacks.early_stopping(recipes.RECIPES["default"]) is None  # it runs its whole schedule
+    reference = callbacks.early_stopping(recipes.RECIPES["reference"])
     assert reference.start_from_epoch == 0 and reference.patience == 5 and reference.monitor == "val_loss"
     assert reference.restore_best_weights
-    assert model.RECIPES["default"].settle_epochs == 10  # it ends once validation has settled; the peers' never do
-    assert model.RECIPES["reference"].settle_epochs == model.RECIPES["kerasio"].settle_epochs == 0
+    # --patience: the recipe's unless given; given to a one-cycle run, it says it is not used
+    assert train.resolve_recipe(train.TrainConfig(recipe="reference", patience=3)).stop_patience == 3
+    assert train.resolve_recipe(train.TrainConfig(recipe="reference")).stop_patience == 5
+    assert train.resolve_recipe(train.TrainConfig(patience=3)).stop_patience == 3
+    assert "--patience 3: not used, a one-cycle run" in capsys.readouterr().out
+    assert recipes.RECIPES["default"].settle_epochs == 10  # it ends once validation has settled; the peers' never do
+    assert recipes.RECIPES["reference"].settle_epochs == recipes.RECIPES["kerasio"].settle_epochs == 0
 
 
 def test_a_run_ends_once_its_validation_cer_holds_while_it_reads_and_not_on_the_ctc_plateau():
@@ -152,7 +162,7 @@ def test_a_run_ends_once_its_validation_cer_holds_while_it_reads_and_not_on_the_
 
     def stopped_after(scores, history=()):
         """The epoch (1-based) after which StopWhenSettled(3) stops a run with these (val_cer, val_exact_match)."""
-        callback = train.StopWhenSettled(3, history)
+        callback = callbacks.StopWhenSettled(3, history)
         callback.set_model(crnn)
         crnn.stop_training = False
         for epoch, (cer, exact) in enumerate(scores):
@@ -174,15 +184,15 @@ def test_a_run_whose_validation_settles_ends_early_and_is_scored(digits_folder, 
         scores, predictions, confidences = evaluate(*args)
         return {**scores, "cer": 0.25, "exact_match": 0.75}, predictions, confidences
 
-    evaluate = train.evaluate
-    monkeypatch.setattr(train, "evaluate", settled_evaluate)
+    evaluate = callbacks.evaluate
+    monkeypatch.setattr(callbacks, "evaluate", settled_evaluate)
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "6", "--settle_epochs", "2",
                        "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)]) == 0
     assert "validation settled: CER 0.2500 for 2 epochs; stopping after epoch 2" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2  # of 6
-    assert train.validation_history(out / train.LOG_NAME) == [(0.25, 0.75), (0.25, 0.75)]  # what a resume reads
-    assert (out / train.BEST_NAME).exists() and (out / train.FINAL_NAME).exists()
+    assert runstate.validation_history(out / runstate.LOG_NAME) == [(0.25, 0.75), (0.25, 0.75)]  # what a resume reads
+    assert (out / runstate.BEST_NAME).exists() and (out / runstate.FINAL_NAME).exists()
 
 
 def test_the_best_checkpoint_goes_to_the_later_epoch_on_a_tied_cer(tmp_path):
@@ -190,7 +200,7 @@ def test_the_best_checkpoint_goes_to_the_later_epoch_on_a_tied_cer(tmp_path):
     crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
     for monitor, scores, expected in [("val_cer", [0.5, 0.2, 0.3, 0.2, 0.2], [0, 1, 3, 4]),
                                       ("val_loss", [0.5, 0.2, 0.3, 0.2, 0.1], [0, 1, 4])]:
-        checkpoint = train.BestCheckpoint(path, meta, monitor)
+        checkpoint = callbacks.BestCheckpoint(path, meta, monitor)
         checkpoint.set_model(crnn)
         written = []
         for epoch, score in enumerate(scores):
@@ -208,7 +218,7 @@ def test_batchnorm_statistics_are_measured_afresh_on_training_batches(samples):
         layer.moving_variance.assign(np.full(layer.moving_variance.shape, 100.0, "float32"))
     norms[-1].trainable = False  # a frozen layer keeps its statistics
     batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, workers=1, augment="light")
-    callback = train.PreciseBatchNorm(batches, batches=2)
+    callback = callbacks.PreciseBatchNorm(batches, batches=2)
     callback.set_model(crnn)
     callback.on_epoch_end(0)
     images = np.concatenate([batches[0][0], batches[1][0]])  # the first two batches: 6 of the 8 images
@@ -219,7 +229,7 @@ def test_batchnorm_statistics_are_measured_afresh_on_training_batches(samples):
         np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(0), rtol=1e-3, atol=1e-6)
     assert np.all(norms[-1].moving_mean.numpy() == 5.0) and np.all(norms[-1].moving_variance.numpy() == 100.0)
     # the default recipe measures them every epoch; the reference's recipe, as the reference, does not
-    assert model.RECIPES["default"].precise_bn_batches > 0 and model.RECIPES["reference"].precise_bn_batches == 0
+    assert recipes.RECIPES["default"].precise_bn_batches > 0 and recipes.RECIPES["reference"].precise_bn_batches == 0
 
 
 def test_a_run_with_epochs_0_plans_its_epochs_from_min_steps(digits_folder, tmp_path, capsys):
@@ -250,7 +260,7 @@ def test_fine_tuning_carries_output_rows_over_by_symbol(source_blank):
     source_bias[:] = np.arange(len(source_bias))  # tell the rows apart
     source.get_layer("softmax").set_weights([source_kernel, source_bias])
 
-    assert train.copy_weights_by_symbol(source, source_charset, target, target_charset) == "x"
+    assert finetune.copy_weights_by_symbol(source, source_charset, target, target_charset) == "x"
     kernel, bias = output_rows(target)
     for symbol in "dcb":
         new, old = target_charset.encode(symbol)[0], source_charset.encode(symbol)[0]
@@ -266,25 +276,25 @@ def test_fine_tuning_refuses_another_architecture():
     source = model.build_model(model.PRESETS["tiny"], 11)
     target = model.build_model(model.PRESETS["kerasio"], 11)
     with pytest.raises(CaptchaError, match="not the same architecture|weights of shapes"):
-        train.copy_weights_by_symbol(source, Charset(DIGITS), target, Charset(DIGITS))
+        finetune.copy_weights_by_symbol(source, Charset(DIGITS), target, Charset(DIGITS))
 
 
 # ----------------------------------------------------------------------------- the shipped base model
 
 
 def test_the_base_model_is_shipped_small_and_safe():
-    assert train.BASE_MODEL.exists() and train.BASE_MODEL.stat().st_size <= 10 * 2**20
-    base, meta = model.load_model(train.BASE_MODEL)  # safe mode: nothing in the file runs
+    assert finetune.BASE_MODEL.exists() and finetune.BASE_MODEL.stat().st_size <= 10 * 2**20
+    base, meta = model.load_model(finetune.BASE_MODEL)  # safe mode: nothing in the file runs
     assert meta["charset"]["symbols"] == preprocess.DEFAULT_SYMBOLS and meta["max_len"] == 8
-    assert model.ModelConfig.from_dict(meta["model_config"]) == model.PRESETS[train.BASE_PRESET]
-    assert base.count_params() == model.build_model(model.PRESETS[train.BASE_PRESET], 63).count_params()
+    assert model.ModelConfig.from_dict(meta["model_config"]) == model.PRESETS[finetune.BASE_PRESET]
+    assert base.count_params() == model.build_model(model.PRESETS[finetune.BASE_PRESET], 63).count_params()
 
 
 def test_the_base_model_reads_captchas_it_never_saw(tmp_path):
     """Zero-shot, on captchas drawn with a seed the pre-training data did not use: it has learned the symbols."""
     folder = tmp_path / "unseen"
     synth.generate_synthetic(folder, 24, seed=90210, length=5, style="gregwar", workers=1, progress=False)
-    base, meta = model.load_model(train.BASE_MODEL)
+    base, meta = model.load_model(finetune.BASE_MODEL)
     paths = preprocess.list_images(folder)
     images = np.stack([preprocess.load_image(p, PreprocessOptions.from_dict(meta["preprocess"])) for p in paths])
     predictions = reader.decode(base.predict_on_batch(images), Charset.from_dict(meta["charset"]))
@@ -293,11 +303,11 @@ def test_the_base_model_reads_captchas_it_never_saw(tmp_path):
 
 
 def test_runs_start_from_the_base_model_only_where_it_fits(capsys):
-    assert train.resolve_init_from(train.TrainConfig(preset="fast")) == train.BASE_MODEL
-    assert train.resolve_init_from(train.TrainConfig(preset="fast", init_from="none")) is None
-    assert train.resolve_init_from(train.TrainConfig(preset="fast", init_from="x.keras")).name == "x.keras"
-    assert train.resolve_init_from(train.TrainConfig(preset="seed")) is None
-    assert train.resolve_init_from(train.TrainConfig(preset="fast", recipe="reference")) is None
+    assert finetune.resolve_init_from("base", "fast", "default") == finetune.BASE_MODEL
+    assert finetune.resolve_init_from("none", "fast", "default") is None
+    assert finetune.resolve_init_from("x.keras", "fast", "default").name == "x.keras"
+    assert finetune.resolve_init_from("base", "seed", "default") is None
+    assert finetune.resolve_init_from("base", "fast", "reference") is None
     assert "not used, the base model is a 'fast' network" in capsys.readouterr().out
 
 
@@ -305,8 +315,8 @@ def test_the_default_run_fine_tunes_the_base_model(digits_folder, tmp_path, caps
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--epochs", "1", "--batch_size", "16", "--workers", "1",
                        "--out", str(out)]) == 0
-    assert f"starting from {train.BASE_MODEL} (every symbol's output row carried over)" in capsys.readouterr().out
-    tuned, meta = model.load_model(out / train.FINAL_NAME)
+    assert f"starting from {finetune.BASE_MODEL} (every symbol's output row carried over)" in capsys.readouterr().out
+    tuned, meta = model.load_model(out / runstate.FINAL_NAME)
     assert meta["charset"]["symbols"] == DIGITS and tuned.output_shape == (None, 50, 11)
 
 
@@ -334,15 +344,15 @@ def same_weights(first, second):
 
 def test_averaged_weights_are_swapped_in_for_the_epoch_end_and_the_trained_ones_put_back(samples):
     crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
-    recipe = dataclasses.replace(model.RECIPES["default"], ema_momentum=0.9)
-    model.compile_model(crnn, Charset(DIGITS), recipe, total_steps=10)
+    recipe = dataclasses.replace(recipes.RECIPES["default"], ema_momentum=0.9)
+    recipes.compile_model(crnn, Charset(DIGITS), recipe, total_steps=10)
     batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, workers=1)
     for _ in range(3):
         crnn.train_on_batch(*batches[0])
     average = [keras.ops.convert_to_numpy(v) for v in crnn.optimizer._model_variables_moving_average]
     trained = weights_of(crnn)
     assert not same_weights(trained, average)  # three steps apart: the average lags the weights
-    averaged = train.AveragedWeights()
+    averaged = callbacks.AveragedWeights()
     for callback in (averaged, averaged.restore):
         callback.set_model(crnn)
     averaged.on_epoch_end(0)
@@ -350,8 +360,8 @@ def test_averaged_weights_are_swapped_in_for_the_epoch_end_and_the_trained_ones_
     averaged.restore.on_epoch_end(0)
     assert same_weights(weights_of(crnn), trained)  # what training goes on from
     # off for the reference's recipe and the keras-io one, as they had it
-    assert model.RECIPES["reference"].ema_momentum == 0 and model.RECIPES["kerasio"].ema_momentum == 0
-    assert not model.make_optimizer(model.RECIPES["reference"], 10).use_ema
+    assert recipes.RECIPES["reference"].ema_momentum == 0 and recipes.RECIPES["kerasio"].ema_momentum == 0
+    assert not recipes.make_optimizer(recipes.RECIPES["reference"], 10).use_ema
 
 
 def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(digits_folder, tmp_path, monkeypatch,
@@ -374,10 +384,10 @@ def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(di
         resumable.append(weights_of(self.model))
         save(self, finished)
 
-    evaluate, swap_in, save = train.evaluate, train.AveragedWeights.on_epoch_end, train.ResumeCheckpoint.save
-    monkeypatch.setattr(train, "evaluate", recording_evaluate)
-    monkeypatch.setattr(train.AveragedWeights, "on_epoch_end", recording_swap)
-    monkeypatch.setattr(train.ResumeCheckpoint, "save", recording_save)
+    evaluate, swap_in, save = callbacks.evaluate, callbacks.AveragedWeights.on_epoch_end, callbacks.ResumeCheckpoint.save
+    monkeypatch.setattr(callbacks, "evaluate", recording_evaluate)
+    monkeypatch.setattr(callbacks.AveragedWeights, "on_epoch_end", recording_swap)
+    monkeypatch.setattr(callbacks.ResumeCheckpoint, "save", recording_save)
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "3", "--batch_size", "8",
                        "--charset", DIGITS, "--ema_momentum", "0.9", "--workers", "1", "--out", str(out)]) == 0
@@ -386,9 +396,9 @@ def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(di
     # a resume goes on from the weights as trained, not from their average
     assert all(same_weights(saved, weights) for saved, weights in zip(resumable[:3], trained, strict=True))
     assert not any(same_weights(saved, weights) for saved, (weights, _) in zip(resumable[:3], seen))
-    final, _ = model.load_model(out / train.FINAL_NAME)
+    final, _ = model.load_model(out / runstate.FINAL_NAME)
     assert same_weights(weights_of(final), seen[-1][0])  # no step after the last validation
-    best, _ = model.load_model(out / train.BEST_NAME)
+    best, _ = model.load_model(out / runstate.BEST_NAME)
     assert any(same_weights(weights_of(best), weights) for weights, _ in seen)
     assert train.main(["--data_dir", str(digits_folder), "--ema_momentum", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--ema_momentum 1: from 0 (off) to below 1" in capsys.readouterr().err
@@ -405,7 +415,7 @@ def test_the_weights_moving_average_trains_and_saves_under_jax(digits_folder, tm
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
     assert "(jax backend)" in result.stdout and "the weights' moving average (momentum 0.9)" in result.stdout
-    for name in (train.BEST_NAME, train.FINAL_NAME):
+    for name in (runstate.BEST_NAME, runstate.FINAL_NAME):
         crnn, _ = model.load_model(out / name, compile=True)
         assert crnn.optimizer.use_ema  # saved with the optimizer's average, which is readable
 
@@ -417,7 +427,7 @@ def test_the_built_in_run_on_a_cpu_is_sized_in_steps():
 
 
 def test_the_expected_duration_is_stated_after_the_first_steps(capsys):
-    estimate = train.DurationEstimate(steps_left=1000, first=2, last=4)
+    estimate = callbacks.DurationEstimate(steps_left=1000, first=2, last=4)
     for batch in range(10):
         estimate.on_train_batch_end(batch)
     lines = [line for line in capsys.readouterr().out.splitlines() if line]

@@ -1,0 +1,109 @@
+"""Fine-tuning: the model a run starts from (the shipped base model, or a .keras file), its weights carried
+into this run's network (output rows by symbol, a gray first convolution widened to colour), and the
+convolutions frozen or thawed."""
+
+import dataclasses
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import model
+from preprocess import CaptchaError, Charset, PreprocessOptions
+
+BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
+BASE_PRESET = "fast"  # the network of the base model
+BASE_RECIPE = "default"  # the recipe it was trained with
+
+
+def resolve_init_from(init_from, preset, recipe):
+    """The model file to start from (--init_from), or None to train from scratch. The shipped base model is a
+    `fast` network trained with the default recipe: it is the start only for runs of that network and recipe."""
+    if init_from in ("", "none"):
+        return None
+    if init_from != "base":
+        return Path(init_from)
+    if preset != BASE_PRESET or recipe != BASE_RECIPE:
+        print(f"--init_from base: not used, the base model is a '{BASE_PRESET}' network for the {BASE_RECIPE} recipe "
+              f"(this run: --preset {preset} --recipe {recipe}); training from scratch")
+        return None
+    if not BASE_MODEL.exists():
+        raise CaptchaError(f"{BASE_MODEL}: the base model is missing from this checkout; rebuild it (see "
+                           f"{BASE_MODEL.parent / 'README.md'}) or pass --init_from none")
+    return BASE_MODEL
+
+
+def load_start(init_from):
+    """The model to start from (a .keras path), its metadata, its network (a ModelConfig, or None for a file
+    without one) and the pixels it learned from: its input size, resize arithmetic and CLAHE settings."""
+    source_model, source_meta = model.load_model(init_from)
+    config = model.ModelConfig.from_dict(source_meta["model_config"]) if source_meta.get("model_config") else None
+    _, height, width, _ = source_model.input_shape
+    options = dataclasses.replace(PreprocessOptions.from_dict(source_meta["preprocess"]), height=height, width=width)
+    return source_model, source_meta, config, options
+
+
+def start_from(source_model, source_meta, charset, config=None):
+    """`source_model`'s network with `charset`'s output classes and every weight carried over (the output
+    rows by symbol). `config`: its settings with this run's canvas and channels (None: as the source is).
+    Returns (model, the symbols that start fresh)."""
+    crnn = (model.build_model(config, charset.num_classes) if config is not None
+            else model.with_output_classes(source_model, charset.num_classes))
+    return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
+
+
+def output_class_sources(source_charset, target_charset):
+    """For each output class of the target charset, the class of the source charset that reads the
+    same symbol (the blank maps to the blank), or None for a symbol the source never learned."""
+    sources = [None] * target_charset.num_classes
+    sources[target_charset.blank_index] = source_charset.blank_index
+    for symbol in target_charset.symbols:
+        if symbol in source_charset.symbols:
+            sources[target_charset.encode(symbol)[0]] = source_charset.encode(symbol)[0]
+    return sources
+
+
+def copy_weights_by_symbol(source, source_charset, target, target_charset):
+    """Copy every weight of `source` into the same-shaped `target`, layer by layer in order; the
+    output layer's rows are carried over by symbol, so a symbol keeps what it learned whatever its
+    position in the new charset. Returns the symbols that start fresh."""
+    source_layers = [layer for layer in source.layers if layer.weights]
+    target_layers = [layer for layer in target.layers if layer.weights]
+    if len(source_layers) != len(target_layers):
+        raise CaptchaError(f"--init_from model has {len(source_layers)} layers with weights, this one "
+                           f"{len(target_layers)}: not the same architecture")
+    for src, dst in zip(source_layers[:-1], target_layers[:-1]):
+        weights = src.get_weights()
+        if src is source_layers[0]:  # a gray start model for a colour run: its first kernel widened
+            weights = widened_to_colour(weights, [tuple(w.shape) for w in dst.weights])
+        if [w.shape for w in weights] != [tuple(w.shape) for w in dst.weights]:
+            raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
+                               f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
+        dst.set_weights(weights)
+    (src_kernel, src_bias), (kernel, bias) = source_layers[-1].get_weights(), target_layers[-1].get_weights()
+    sources = output_class_sources(source_charset, target_charset)
+    for target_class, source_class in enumerate(sources):
+        if source_class is not None:  # kernel (features, classes), bias (classes,)
+            kernel[:, target_class], bias[target_class] = src_kernel[:, source_class], src_bias[source_class]
+    target_layers[-1].set_weights([kernel, bias])
+    return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
+
+
+def widened_to_colour(weights, target_shapes):
+    """A gray model's first convolution kernel (3, 3, 1, F) spread over three colour channels, a third on each:
+    on a gray image given as three equal channels the widened model computes exactly what the gray one did."""
+    kernel, *rest = weights
+    if kernel.ndim == 4 and kernel.shape[2] == 1 and tuple(target_shapes[0])[2] == 3:
+        kernel = np.repeat(kernel / 3.0, 3, axis=2)
+    return [kernel, *rest]
+
+
+def cnn_frozen(crnn):
+    return any(not layer.trainable for layer in crnn.layers if isinstance(layer, keras.layers.Conv2D))
+
+
+def set_cnn_trainable(crnn, trainable):
+    """Freeze or thaw the convolution blocks (frozen BatchNorm also keeps its statistics)."""
+    for layer in crnn.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization)):
+            layer.trainable = trainable

@@ -1,0 +1,83 @@
+"""How to train: the recipes (optimizer, learning-rate schedule, batch size, augmentation, what picks the
+checkpoint) and the optimizer they build. The network itself is model.py."""
+
+from dataclasses import dataclass
+
+import keras
+
+from model import CTCLoss
+from preprocess import CLAHE_CLIP, CaptchaError, PreprocessOptions
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: optimizer, learning-rate schedule, batch size, and what the callbacks watch."""
+
+    optimizer: str = "adamw"  # "adam" or "adamw"
+    learning_rate: float = 3e-3  # the peak, for "onecycle"
+    weight_decay: float = 1e-4  # adamw only
+    clipnorm: float = 1.0  # 0: no clipping
+    schedule: str = "onecycle"  # "onecycle": linear warm-up, then cosine decay to ~0 over the run;
+    #                             "plateau": constant, halved when val_loss stalls; "constant"
+    warmup_fraction: float = 0.05
+    batch_size: int = 32
+    monitor: str = "val_cer"  # what picks the best checkpoint and stops early: val_cer or val_loss
+    stop_patience: int = 0  # epochs without improvement before stopping; 0: train.py's --patience
+    restore_best: bool = False  # EarlyStopping puts the best epoch's weights back
+    plateau_patience: int = 2  # "plateau": epochs of stalled val_loss before the rate is halved (min 1e-5)
+    augment: str = "light"  # on-the-fly augmentation of training images (augment.LEVELS), or "none"
+    clean_finish: float = 0.25  # the last fraction of the planned epochs trains on the images as they are (at the
+    #                             low end of the rate, the network fits the site's own pixels, not altered ones)
+    settle_epochs: int = 10  # stop once the validation CER has not changed for this many epochs; 0: never
+    precise_bn_batches: int = 8  # BatchNorm statistics measured afresh on this many training batches each epoch; 0: off
+    ema_momentum: float = 0.0  # > 0 (e.g. 0.995): validation, checkpoints and the final model use an exponential
+    #                            moving average of the weights (Keras' use_ema); 0: the weights as trained
+    resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
+    clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
+
+    def preprocess_options(self, config, **switches):
+        """The pixels this recipe trains a `config` network on, with train.py's switches (auto_crop, ...)."""
+        return PreprocessOptions(config.height, config.width, resize=self.resize, clahe_clip=self.clahe_clip,
+                                 channels=config.channels, **switches)
+
+
+RECIPES = {
+    # The reference project's: Adam at 1e-3, batch 128, ReduceLROnPlateau(val_loss, patience 2, factor 0.5,
+    # min 1e-5), EarlyStopping(val_loss, patience 5, best weights restored), best checkpoint on val_loss.
+    "reference": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="plateau",
+                        warmup_fraction=0.0, batch_size=128, monitor="val_loss", stop_patience=5, restore_best=True,
+                        plateau_patience=2, augment="none", resize="reference", precise_bn_batches=0,
+                        settle_epochs=0, ema_momentum=0.0),
+    # The keras-io captcha example's: Adam at 1e-3, batch 16, EarlyStopping(val_loss, patience 10, best weights);
+    # its pixels: the image stretched to 200x50, no contrast equalisation.
+    "kerasio": Recipe(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, clipnorm=0.0, schedule="constant",
+                      warmup_fraction=0.0, batch_size=16, monitor="val_loss", stop_patience=10, restore_best=True,
+                      augment="none", precise_bn_batches=0, resize="stretch", clahe_clip=0.0, settle_epochs=0,
+                      ema_momentum=0.0),
+    "default": Recipe(),
+}
+
+
+def make_optimizer(recipe, total_steps):
+    """The recipe's optimizer; `total_steps` (batches in the whole run) shapes the one-cycle schedule."""
+    learning_rate = recipe.learning_rate
+    if recipe.schedule == "onecycle":
+        warmup = max(1, int(total_steps * recipe.warmup_fraction))
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=recipe.learning_rate / 10, warmup_target=recipe.learning_rate,
+            warmup_steps=warmup, decay_steps=max(1, total_steps - warmup), alpha=0.01)
+    elif recipe.schedule not in ("plateau", "constant"):
+        raise CaptchaError(f"unknown schedule {recipe.schedule!r}: use 'onecycle', 'plateau' or 'constant'")
+    options = {"clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
+    if recipe.ema_momentum:  # the average lives in the optimizer; callbacks.AveragedWeights swaps it in to evaluate
+        options.update(use_ema=True, ema_momentum=recipe.ema_momentum)
+    if recipe.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay, **options)
+    if recipe.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate, **options)
+    raise CaptchaError(f"unknown optimizer {recipe.optimizer!r}: use 'adam' or 'adamw'")
+
+
+def compile_model(model, charset, recipe=RECIPES["reference"], total_steps=1):
+    model.compile(optimizer=make_optimizer(recipe, total_steps), loss=CTCLoss(charset.blank_index))
+    return model

@@ -1,0 +1,54 @@
+"""A run's state on disk: its files, its identity (which images train, validate and test, read how), the
+check that a resume continues the same run, and its log as a resume reads it back."""
+
+import csv
+import hashlib
+import json
+import os
+
+from preprocess import CaptchaError
+
+BEST_NAME = "crnn_ctc_best.keras"
+FINAL_NAME = "crnn_ctc_final.keras"
+RESUME_NAME = "crnn_ctc_resume.keras"  # after every epoch: weights, optimizer state, where training stands
+LOG_NAME = "train_log.csv"
+
+
+def run_identity(folder, train_set, val_set, test_set):
+    """What makes a run's numbers mean what they say: which images are in which split (a hash of the three
+    lists of path, relative to the folder, and label). Stored in every model the run writes, checked
+    before a resume."""
+    split = json.dumps([sorted((os.path.relpath(path, folder), label) for path, label in part)
+                        for part in (train_set, val_set, test_set)]).encode()
+    return {"split_sha256": hashlib.sha256(split).hexdigest(),
+            "split_sizes": [len(train_set), len(val_set), len(test_set)]}
+
+
+def check_same_run(saved, meta, folder, path):
+    """A resume must train and score on the images, charset and label length the run started with."""
+    for key, what in [("charset", "charset"), ("max_len", "label length"), ("labels", "labels' source"),
+                      ("case", "letter case"), ("run", "split (which images train, validate and test)")]:
+        if key in ("labels", "case") and key not in saved:  # written before labels had sources: read by name
+            continue
+        if saved.get(key) != meta[key]:
+            raise CaptchaError(f"{folder}: its {what} is not the one {path} was trained with (the folder changed "
+                               f"since the run started); resuming would remap classes or leak test images. "
+                               f"Restore the folder, or start a new run with another --out")
+
+
+def keep_log_rows_before(log_path, epoch):
+    """Drop log rows of epochs that will run again after a resume."""
+    if not log_path.exists():
+        return
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) < epoch]
+    log_path.write_text("\n".join(kept) + "\n")
+
+
+def validation_history(log_path):
+    """(val_cer, val_exact_match) of each epoch in a run's log, for callbacks that look back after a resume."""
+    if not log_path.exists():
+        return []
+    with open(log_path) as f:
+        return [(float(row["val_cer"]), float(row["val_exact_match"])) for row in csv.DictReader(f)]
