@@ -108,15 +108,14 @@ class Contender:
         else:
             self.source, self.model_config = None, model.PRESETS[preset]
             self.options = self.recipe.preprocess_options(self.model_config)
-        self.batches = dataset.make_batches(train_samples, charset, max_len, self.options,
-                                               self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1,
-                                               augment=self.recipe.augment)
+        self.batches = dataset.make_batches(train_samples, charset, max_len, self.options, self.recipe.batch_size,
+                                            shuffle=True, seed=cfg.seed, workers=1, augment=self.recipe.augment)
         self.budget = minutes * 60
         self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
         self.pool = ThreadPoolExecutor(2)
         self.crnn = None
-        self.precise_bn = None  # the recipe's BatchNorm statistics recomputed before each score, as train.py does
-        self.averaged = None  # the recipe's moving average of the weights, scored instead of them, as train.py does
+        # what train.py does at an epoch's end before it reads the model, and after (callbacks.reading_state)
+        self.before_reading, self.after_reading = [], []
 
     def new_model(self):
         if self.source is None:
@@ -148,13 +147,9 @@ class Contender:
         self.batches.augment_epochs = math.ceil(self.total_steps * (1 - self.recipe.clean_finish) / len(self.batches))
         keras.utils.set_random_seed(seed)
         self.crnn = recipes.compile_model(self.new_model(), self.charset, self.recipe, total_steps=self.total_steps)
-        if self.recipe.precise_bn_batches:
-            self.precise_bn = callbacks.PreciseBatchNorm(self.batches, self.recipe.precise_bn_batches)
-            self.precise_bn.set_model(self.crnn)
-        if self.recipe.ema_momentum:
-            self.averaged = callbacks.AveragedWeights()
-            self.averaged.set_model(self.crnn)
-            self.averaged.restore.set_model(self.crnn)
+        self.before_reading, self.after_reading = callbacks.reading_state(self.recipe, self.batches)
+        for callback in self.before_reading + self.after_reading:
+            callback.set_model(self.crnn)
         self.crnn.train_on_batch(images, labels)  # trace before the clock starts; counts as a step
         self.images += len(images)
 
@@ -171,13 +166,11 @@ class Contender:
         return self.seconds >= self.budget - 1e-6
 
     def score(self, test_images, test_labels):
-        if self.averaged is not None:  # the order of train.py's epoch end: average in, statistics, read, weights back
-            self.averaged.on_epoch_end(len(self.curve))
-        if self.precise_bn is not None:
-            self.precise_bn.on_epoch_end(len(self.curve))
+        for callback in self.before_reading:
+            callback.on_epoch_end(len(self.curve))
         scores = score(self.crnn, self.charset, test_images, test_labels)
-        if self.averaged is not None:
-            self.averaged.restore.on_epoch_end(len(self.curve))
+        for callback in self.after_reading:
+            callback.on_epoch_end(len(self.curve))
         return scores
 
 

@@ -306,19 +306,29 @@ class RunCallbacks:
     resume: ResumeCheckpoint
 
 
+def reading_state(recipe, train_batches):
+    """The callbacks that put the model into the state it is read and saved in at an epoch's end, and those
+    that undo it afterwards: (before, after). Before: the weights' moving average swapped in (if the recipe
+    keeps one), then BatchNorm statistics measured afresh for those weights. After: the trained weights
+    back, so training goes on from them. train.py (run_callbacks) and bench.py run them in this order."""
+    averaged = AveragedWeights() if recipe.ema_momentum else None
+    before = [averaged,
+              PreciseBatchNorm(train_batches, recipe.precise_bn_batches) if recipe.precise_bn_batches else None]
+    after = [averaged.restore if averaged else None]
+    return [c for c in before if c is not None], [c for c in after if c is not None]
+
+
 def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset, val_labels, epochs_done=0,
                   best_score=np.inf, steps_left=0, resumed=False):
     """A run's callbacks, in their order: what each epoch's end means is this list."""
     log = keras.callbacks.CSVLogger(str(out / runstate.LOG_NAME), append=resumed)
     best = BestCheckpoint(out / runstate.BEST_NAME, meta, recipe.monitor, best_score)
     resume = ResumeCheckpoint(out / runstate.RESUME_NAME, meta, cfg, best, epochs_done)
-    averaged = AveragedWeights() if recipe.ema_momentum else None
+    before, after = reading_state(recipe, train_batches)
     clock = EpochClock()
     ordered = [
         clock,  # first: it times the steps, and the epoch's end from here to clock.stop
-        averaged,  # next: everything up to averaged.restore sees the averaged weights
-        # next: validation and checkpoints see the recomputed statistics
-        PreciseBatchNorm(train_batches, recipe.precise_bn_batches) if recipe.precise_bn_batches else None,
+        *before,  # the model as it is read: validation and checkpoints see it
         ValidationMetrics(val_batches, charset, val_labels),  # the rest read its numbers
         best,
         early_stopping(recipe),
@@ -330,7 +340,7 @@ def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset
         clock.stop,
         log,
         DurationEstimate(steps_left) if len(train_batches) > DurationEstimate.LAST_STEP else None,
-        averaged.restore if averaged else None,  # training goes on from the trained weights, and resumes from them
+        *after,  # training goes on from the trained weights, and resumes from them
         resume,  # it records what the others decided
         STOP,  # last: a stop asked for during the epoch's end waits until its checkpoints are written
     ]

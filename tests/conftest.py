@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny seeded data and one tiny trained model, made once per test session."""
+"""Shared fixtures: tiny seeded data, one tiny trained run, and the committed reader that reads its images.
+
+The tiny run (trained_run) checks what training writes; it is too short to read anything. Checks that
+compare texts across formats, the server and test.py use READER instead: a small model committed with
+the images it reads exactly (tests/fixtures/make_reader.py rebuilds both)."""
 
 import os
 import sys
@@ -10,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import runstate  # noqa: E402
 import synth  # noqa: E402
 
 DIGITS = "0123456789"
+READER = ROOT / "tests" / "fixtures" / "reader.keras"
+READER_IMAGES = sorted((ROOT / "tests" / "fixtures" / "images").glob("*.png"))  # each named by its text
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +42,14 @@ def trained_run(tmp_path_factory, digits_folder):
 
 
 @pytest.fixture(scope="session")
-def onnx_model(tmp_path_factory, trained_run):
-    """trained_run's best model exported to ONNX (export_safe.py --format onnx)."""
+def onnx_model(tmp_path_factory):
+    """The committed reader exported to ONNX (export_safe.py --format onnx)."""
     import export_safe
 
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert export_safe.main(["--in_keras", str(trained_run / runstate.BEST_NAME), "--out_keras", str(path),
-                             "--format", "onnx"]) == 0
+    assert export_safe.main(["--in_keras", str(READER), "--out_keras", str(path), "--format", "onnx"]) == 0
     return path
+
+
+def reader_labels():
+    return [path.stem for path in READER_IMAGES]

@@ -21,7 +21,7 @@ import runstate
 import synth
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import ROOT
+from conftest import READER, READER_IMAGES, ROOT, reader_labels
 from preprocess import Charset
 
 TINY = model.PRESETS["tiny"]
@@ -174,12 +174,12 @@ def expected_texts(model_path, paths):
     return reader.decode(crnn.predict_on_batch(images), Charset.from_dict(meta["charset"]))
 
 
-def test_read_one_image(trained_run, digits_folder, capsys):
-    image = preprocess.list_images(digits_folder)[0]
-    assert read_captchas.main(["--model", str(trained_run / runstate.BEST_NAME), "--image", str(image)]) == 0
+def test_read_one_image(capsys):
+    image = READER_IMAGES[0]
+    assert read_captchas.main(["--model", str(READER), "--image", str(image)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{image} -> {expected_texts(trained_run / runstate.BEST_NAME, [image])[0]} (")
-    assert lines[1].startswith("1 labelled image: exact match")
+    assert lines[0].startswith(f"{image} -> {image.stem} (")  # the committed reader reads it exactly
+    assert lines[1].startswith("1 labelled image: exact match 1.0000")
 
 
 def test_read_a_folder_with_limit_csv_debug_and_a_broken_file(trained_run, digits_folder, tmp_path, capsys):
@@ -359,40 +359,41 @@ def test_unsafe_flag_is_the_only_way_to_load_a_lambda_model(tmp_path, digits_fol
     assert capsys.readouterr().out.startswith(f"{image} -> ")
 
 
-def test_onnx_and_savedmodel_exports_match_the_keras_model(trained_run, digits_folder, tmp_path, capsys):
-    source = trained_run / runstate.BEST_NAME
+def test_onnx_and_savedmodel_exports_match_the_keras_model(tmp_path, capsys):
     onnx_path, saved_path = tmp_path / "m.onnx", tmp_path / "m_savedmodel"
-    assert export_safe.main(["--in_keras", str(source), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
-    assert export_safe.main(["--in_keras", str(source), "--out_keras", str(saved_path), "--format", "savedmodel"]) == 0
+    assert export_safe.main(["--in_keras", str(READER), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
+    assert export_safe.main(["--in_keras", str(READER), "--out_keras", str(saved_path), "--format", "savedmodel"]) == 0
     printed = capsys.readouterr().out
     assert "m.onnx (onnx): max abs difference" in printed and "m_savedmodel (savedmodel)" in printed
     assert json.loads((saved_path / modelmeta.META_MEMBER).read_text())["charset"]["symbols"] == "0123456789"
 
     network, meta = reader.load(onnx_path)
-    keras_model, _ = model.load_model(source)
+    keras_model, _ = model.load_model(READER)
     batch = export_safe.parity_batch(keras_model, count=3, seed=5)
     assert np.max(np.abs(network.predict_on_batch(batch) - keras_model.predict_on_batch(batch))) < 1e-4
-    folder = ["--folder", str(digits_folder), "--limit", "6"]
+    folder = ["--folder", str(READER_IMAGES[0].parent)]
     assert read_captchas.main(["--model", str(onnx_path), *folder]) == 0
     from_onnx = capsys.readouterr().out
-    assert read_captchas.main(["--model", str(source), *folder]) == 0
+    assert f"{len(READER_IMAGES)} labelled images: exact match 1.0000" in from_onnx  # every text read right
+    assert read_captchas.main(["--model", str(READER), *folder]) == 0
     assert capsys.readouterr().out == from_onnx  # same texts, same scores
 
 
-def test_tflite_export_runs_on_the_builtin_interpreter(trained_run, digits_folder, tmp_path, capsys):
-    source = trained_run / runstate.BEST_NAME
+def test_tflite_export_runs_on_the_builtin_interpreter(tmp_path, capsys):
     tflite_path = tmp_path / "m.tflite"
-    assert export_safe.main(["--in_keras", str(source), "--out_keras", str(tflite_path), "--format", "tflite"]) == 0
+    assert export_safe.main(["--in_keras", str(READER), "--out_keras", str(tflite_path), "--format", "tflite"]) == 0
     assert "m.tflite (tflite): max abs difference" in capsys.readouterr().out
     network, meta = reader.load(tflite_path)  # the standard interpreter: no TensorFlow "select" ops needed
-    keras_model, _ = model.load_model(source)
+    keras_model, _ = model.load_model(READER)
     for count in (1, 5):  # the interpreter is resized to each batch size
         batch = export_safe.parity_batch(keras_model, count=count, seed=count)
         assert np.max(np.abs(network.predict_on_batch(batch) - keras_model.predict_on_batch(batch))) < 1e-4
-    folder = ["--folder", str(digits_folder), "--limit", "6"]
+    folder = ["--folder", str(READER_IMAGES[0].parent)]
     assert read_captchas.main(["--model", str(tflite_path), *folder]) == 0
     from_tflite = capsys.readouterr().out
-    assert read_captchas.main(["--model", str(source), *folder]) == 0
+    assert f"{len(READER_IMAGES)} labelled images: exact match 1.0000" in from_tflite
+    assert [r.text for r in reader.Reader(tflite_path).read_paths(READER_IMAGES)] == reader_labels()
+    assert read_captchas.main(["--model", str(READER), *folder]) == 0
     assert capsys.readouterr().out == from_tflite
 
     modelmeta.tflite_meta_path(tflite_path).unlink()
