@@ -392,11 +392,13 @@ def fit_in_phases(crnn, train_batches, run_callbacks, *, first_epoch, frozen_unt
     """fit() with the convolutions frozen until epoch `frozen_until` (fine-tuning with --freeze_cnn_epochs),
     then thawed, with a fresh optimizer and schedule for every weight. Returns the epochs trained."""
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
+    # shuffle=False: the loader shuffles itself from (seed, epoch); fit()'s own shuffle of the batch order draws
+    # from Python's global random state, which a resumed run would not have
+    fit = dict(callbacks=run_callbacks.all, verbose=verbose, shuffle=False)
     trained = 0
     if first_epoch < frozen_until:
         print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
-        history = crnn.fit(train_batches, epochs=frozen_until, initial_epoch=first_epoch, callbacks=run_callbacks.all,
-                           verbose=verbose)
+        history = crnn.fit(train_batches, epochs=frozen_until, initial_epoch=first_epoch, **fit)
         trained = len(history.history.get("loss", []))
         first_epoch += trained
         run_callbacks.log.append = True  # the thawed epochs add to the frozen ones' rows
@@ -405,8 +407,7 @@ def fit_in_phases(crnn, train_batches, run_callbacks, *, first_epoch, frozen_unt
     if first_epoch == frozen_until and finetune.cnn_frozen(crnn):  # made at the boundary only, so a resume later
         finetune.set_cnn_trainable(crnn, True)  # keeps the thawed epochs' optimizer state
         compile_for(first_epoch, epochs)
-    history = crnn.fit(train_batches, epochs=epochs, initial_epoch=first_epoch, callbacks=run_callbacks.all,
-                       verbose=verbose)
+    history = crnn.fit(train_batches, epochs=epochs, initial_epoch=first_epoch, **fit)
     return trained + len(history.history.get("loss", []))
 
 

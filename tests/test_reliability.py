@@ -206,3 +206,41 @@ def test_a_stop_while_scoring_leaves_a_run_that_finishes_with_resume(digits_fold
     with open(out / runstate.LOG_NAME) as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1]
     assert not (out / runstate.RESUME_NAME).exists()
+
+
+ONE_THREAD_TRAIN = """
+import sys
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+import callbacks, train
+if sys.argv[1] == "stop":  # stop after the first epoch, as Ctrl-C between epochs would
+    def stop_after_first_epoch(self, epoch, logs=None):
+        self.epochs_done = epoch + 1
+        self.save()
+        raise KeyboardInterrupt
+    callbacks.ResumeCheckpoint.on_epoch_end = stop_after_first_epoch
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_weights_of_an_unbroken_one(resume_data, tmp_path):
+    """The same batches in the same order and augmentation after a resume, and the same optimizer state: one
+    thread, the same backend, the same final weights."""
+    def run(mode, *args):
+        result = subprocess.run([sys.executable, "-c", ONE_THREAD_TRAIN, mode, *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=900)
+        return result.returncode, result.stdout + result.stderr
+
+    common = ["--data_dir", str(resume_data), "--preset", "tiny", "--epochs", "3", "--batch_size", "8",
+              "--charset", "digits", "--workers", "1", "--augment", "light", "--clean_finish", "0"]
+    code, output = run("go", *common, "--out", str(tmp_path / "unbroken"))
+    assert code == 0, output
+    code, output = run("stop", *common, "--out", str(tmp_path / "resumed"))
+    assert code == 130, output
+    code, output = run("go", "--resume", "--out", str(tmp_path / "resumed"))
+    assert code == 0 and "resuming the run" in output, output
+    unbroken, _ = model.load_model(tmp_path / "unbroken" / runstate.FINAL_NAME)
+    resumed, _ = model.load_model(tmp_path / "resumed" / runstate.FINAL_NAME)
+    for a, b in zip(unbroken.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
