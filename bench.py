@@ -17,7 +17,6 @@ Writes bench.json (every curve point), bench_curves.png, each run's final model 
 table to stdout.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -33,6 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import callbacks
+import cli
 import dataset
 import finetune
 import metrics
@@ -67,10 +67,7 @@ class BenchConfig:
 
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"(default: {f.default})")
-    return BenchConfig(**vars(parser.parse_args(argv)))
+    return cli.parse(BenchConfig, argv, description=__doc__)
 
 
 def bench_data(cfg, charset):

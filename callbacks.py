@@ -12,25 +12,9 @@ import time
 import keras
 import numpy as np
 
-import metrics
 import model
-import reader
 import runstate
-
-
-def evaluate(keras_model, batches, charset, labels):
-    """Exact match (case-sensitive and not), CER and CTC loss of `keras_model` on every batch of
-    `batches`, from one pass of predictions. Returns (scores, predictions, confidences)."""
-    predictions, confidences, loss_sum = [], [], 0.0
-    ctc = model.CTCLoss(charset.blank_index)
-    for i in range(len(batches)):
-        images, encoded = batches[i]
-        probs = keras_model.predict_on_batch(images)[: len(images)]  # MirroredStrategy may pad a batch for its replicas
-        loss_sum += float(keras.ops.convert_to_numpy(ctc(encoded, probs))) * len(images)
-        texts, confidence = reader.decode_with_confidence(probs, charset)
-        predictions += texts
-        confidences += confidence
-    return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
+import scoring
 
 
 def early_stopping(recipe):
@@ -140,7 +124,7 @@ class ValidationMetrics(keras.callbacks.Callback):
         self.val_batches, self.charset, self.val_labels = val_batches, charset, val_labels
 
     def on_epoch_end(self, epoch, logs=None):
-        scores, _, _ = evaluate(self.model, self.val_batches, self.charset, self.val_labels)
+        scores, _, _ = scoring.evaluate(self.model, self.val_batches, self.charset, self.val_labels)
         logs["val_loss"] = scores["loss"]
         logs["val_exact_match"] = scores["exact_match"]
         logs["val_cer"] = scores["cer"]

@@ -14,6 +14,7 @@ import multiprocessing
 import signal
 import statistics
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -332,6 +333,30 @@ def pydataset_class():
     import keras
 
     return type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
+
+
+def split_batches(train_set, val_set, test_set, charset, max_len, options, *, batch_size, augmentation, repeats=1,
+                  augment_epochs=None, seed=0, workers=2, processes=0, cache_mb=CACHE_MB):
+    """Batches of the three splits. Only the training batches are shuffled, augmented (the epochs before
+    `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's pixels, the
+    same ones test.py reads. The images' canvases are read once into memory when all three splits' fit
+    in `cache_mb` MiB; else every epoch streams them from disk. Only the training batches are made by
+    `processes` worker processes, if any."""
+    size = canvas_bytes(len(train_set) + len(val_set) + len(test_set), options)
+    in_memory = size <= cache_mb * 2**20
+    started = time.perf_counter()
+
+    def batches(samples, training):
+        return make_batches(samples, charset, max_len, options, batch_size, training, seed, workers,
+                            augmentation if training else "none", repeats if training else 1,
+                            augment_epochs if training else None, in_memory=in_memory,
+                            processes=processes if training else 0)
+
+    made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
+    print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"
+                                                    if in_memory else f"over --cache_mb {cache_mb}: read from "
+                                                                      f"disk every epoch"))
+    return made
 
 
 def main(argv=None):

@@ -9,10 +9,11 @@ never needs them typed again.
 """
 
 import json
+import math
 import os
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
@@ -59,6 +60,8 @@ class ModelConfig:
         return cls(**d)
 
 
+MAX_AUTO_WIDTH = 800  # with the width unset, the canvas widens for wide captchas up to this
+
 PRESETS = {
     # The reference's network, exactly (4,394,879 parameters for 62 symbols): three blocks of two
     # Conv(no bias)-BatchNorm-ReLU, max-pool and Dropout(0.25); Conv2D(256, bias, relu); the mean over
@@ -91,6 +94,41 @@ PRESETS = {
 def time_steps(config):
     """Output sequence length: the input width after the poolings."""
     return config.width // width_stride(config)
+
+
+def canvas_config(config, *, height=0, width=0, channels=1, median_aspect=None, start_model=None):
+    """`config` with a run's canvas (--height, --width; 0: the network's) and --channels. With the width unset
+    the canvas widens for a folder whose median image is wider than it, so that the text keeps every row."""
+    stride = width_stride(config)
+    fixed_width = width
+    height, width = height or config.height, width or config.width
+    if not fixed_width and median_aspect and height * median_aspect > width:
+        width = min(MAX_AUTO_WIDTH, math.ceil(height * median_aspect / stride) * stride)
+        print(f"canvas: {width}x{height}, widened for the folder's median image ({median_aspect:.2f}:1, wider than "
+              f"{config.width}x{config.height}); set it with --width")
+    if width % stride or height < 8:
+        raise CaptchaError(f"--width {width} --height {height}: the width must be a multiple of {stride} (input "
+                           f"columns per time step) and the height at least 8")
+    if start_model and config.collapse == "flatten" and height != config.height:
+        raise CaptchaError(f"--height {height}: the start model {start_model} reads {config.height}-row images (its "
+                           f"layers after the convolutions depend on the height); use --height {config.height}, "
+                           f"or --init_from none")
+    return replace(config, height=height, width=width, channels=channels)
+
+
+def check_time_steps(steps, max_len, height=None, width=None, median_aspect=None):
+    """CTC needs at least one output step per character (and one more between each repeated pair). The
+    steps counted are those the text spans: an image narrower than the canvas is padded at its sides."""
+    spanned = steps
+    if median_aspect and height and width:
+        spanned = math.floor(steps * min(1.0, height * median_aspect / width))
+    where = f" (the folder's median image fills {spanned} of the {steps} time steps)" if spanned < steps else ""
+    if spanned < max_len:
+        raise CaptchaError(f"the text spans {spanned} time steps{where} but labels have up to {max_len} characters; "
+                           f"use a larger canvas (--width, and --height with --init_from none) or shorter labels")
+    if spanned < 2 * max_len - 1:
+        print(f"warning: the text spans {spanned} time steps{where} for labels of {max_len}: labels with many "
+              f"repeated characters may be unlearnable; a wider --width gives more")
 
 
 def width_stride(config):
@@ -260,6 +298,25 @@ def load_model(path, safe_mode=True, compile=False):
             f"{charset.num_classes} (symbols + blank)"
         )
     return model, meta
+
+
+def make_strategy(name, gpu_count):
+    """TensorFlow's MirroredStrategy over every GPU (over the logical CPUs when there is no GPU), or None.
+
+    Keras splits each global batch across the replicas and sums their gradients. Multi-machine
+    training (MultiWorkerMirroredStrategy) is not offered: Keras 3's fit() fails under it
+    (keras-team/keras#20585).
+    """
+    if name not in ("auto", "mirrored", "none"):
+        raise CaptchaError(f"unknown --strategy {name!r}; choose from auto, mirrored, none")
+    if name == "none" or (name == "auto" and gpu_count < 2):
+        return None
+    if keras.backend.backend() != "tensorflow":
+        raise CaptchaError(f"--strategy {name} needs the TensorFlow backend (this is {keras.backend.backend()})")
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
 
 
 def gpu_names():

@@ -1,12 +1,17 @@
 """How to train: the recipes (optimizer, learning-rate schedule, batch size, augmentation, what picks the
-checkpoint) and the optimizer they build. The network itself is model.py."""
+checkpoint), the optimizer they build, and how many updates a run makes. The network itself is model.py."""
 
+import math
 from dataclasses import dataclass
 
 import keras
 
 from model import CTCLoss
 from preprocess import CLAHE_CLIP, CaptchaError, PreprocessOptions
+
+DEFAULT_EPOCHS = 30  # passes over the training images when --epochs is unset; small folders get more (--min_steps)
+MIN_EPOCH_STEPS = 50  # with --epochs unset, a small folder's epoch passes over its images more than once
+CPU_BUILTIN_STEPS = 3000  # on a CPU, `python train.py` on the built-in data makes about this many steps
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,20 @@ def make_optimizer(recipe, total_steps):
 def compile_model(model, charset, recipe=RECIPES["reference"], total_steps=1):
     model.compile(optimizer=make_optimizer(recipe, total_steps), loss=CTCLoss(charset.blank_index))
     return model
+
+
+def plan_epochs(epochs, min_steps, train_images, batch_size):
+    """(epochs, passes over the training images per epoch). --epochs when given, one pass each. Else
+    DEFAULT_EPOCHS passes, or more when that makes fewer than `min_steps` optimizer steps: a few hundred
+    images need many passes. A small folder's epoch holds several passes, so that it has at least
+    MIN_EPOCH_STEPS steps and validation and checkpoints stay a small part of it."""
+    if epochs:
+        return epochs, 1
+    repeats = math.ceil(MIN_EPOCH_STEPS / math.ceil(train_images / batch_size))
+    steps_per_epoch = math.ceil(train_images * repeats / batch_size)  # as the loader batches them
+    return max(math.ceil(DEFAULT_EPOCHS / repeats), math.ceil(min_steps / steps_per_epoch)), repeats
+
+
+def cpu_builtin_epochs(images_per_epoch, batch_size):
+    """Epochs of the built-in run on a CPU: about CPU_BUILTIN_STEPS steps, at least one epoch."""
+    return max(1, round(CPU_BUILTIN_STEPS / math.ceil(images_per_epoch / batch_size)))

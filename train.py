@@ -17,18 +17,12 @@ and the test score. The callbacks and their order are callbacks.py; fine-tuning 
 run's files, identity and resume checks are runstate.py.
 """
 
-import argparse
 import contextlib
 import dataclasses
-import inspect
-import json
-import math
-import re
 import signal
 import sys
 import threading
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,23 +31,18 @@ import numpy as np
 
 import augment
 import callbacks
+import cli
 import dataset
 import finetune
 import labels as label_sources
-import metrics
 import model
 import modelmeta
-import plots
 import preprocess
 import recipes
 import runstate
+import scoring
 import synth
 from preprocess import CaptchaError
-
-DEFAULT_EPOCHS = 30  # passes over the training images when --epochs is unset; small folders get more (--min_steps)
-MIN_EPOCH_STEPS = 50  # with --epochs unset, a small folder's epoch passes over its images more than once
-CPU_BUILTIN_STEPS = 3000  # on a CPU, `python train.py` on the built-in data makes about this many steps
-MAX_AUTO_WIDTH = 800  # with --width unset, the canvas widens for wide captchas up to this
 
 
 @dataclass
@@ -112,32 +101,8 @@ class TrainConfig:
     verbose: bool = False  # list every skipped file
 
 
-def field_comments(cls):
-    """Each field's comment in the class's source (a field's line and the comment lines under it): its --help."""
-    comments, name = {}, None
-    for line in inspect.getsource(cls).splitlines():
-        field = re.match(r"\s+(\w+): [\w |]+ = [^#]*(?:#\s*(.*))?$", line)
-        if field:
-            name = field.group(1)
-            comments[name] = field.group(2) or ""
-        elif name and re.match(r"\s{5,}#", line):  # a comment line aligned under the field's own
-            comments[name] += " " + line.strip().lstrip("#").strip()
-        else:
-            name = None
-    return comments
-
-
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = field_comments(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        help_text = f"{comments.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:  # `int | None` parses as int; unset stays None
-            kind = next((k for k in typing.get_args(f.type) if k is not type(None)), f.type)
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return cli.parse(TrainConfig, argv, description=__doc__)
 
 
 def resolve_data(cfg):
@@ -151,25 +116,6 @@ def resolve_data(cfg):
         synth.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have,
                                       style=cfg.synth_style)
     return folder
-
-
-def make_strategy(name, gpu_count):
-    """TensorFlow's MirroredStrategy over every GPU (over the logical CPUs when there is no GPU), or None.
-
-    Keras splits each global batch across the replicas and sums their gradients. Multi-machine
-    training (MultiWorkerMirroredStrategy) is not offered: Keras 3's fit() fails under it
-    (keras-team/keras#20585).
-    """
-    if name not in ("auto", "mirrored", "none"):
-        raise CaptchaError(f"unknown --strategy {name!r}; choose from auto, mirrored, none")
-    if name == "none" or (name == "auto" and gpu_count < 2):
-        return None
-    if keras.backend.backend() != "tensorflow":
-        raise CaptchaError(f"--strategy {name} needs the TensorFlow backend (this is {keras.backend.backend()})")
-    import tensorflow as tf
-
-    devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
 
 
 def load_dataset(cfg, folder, source=None):
@@ -198,80 +144,6 @@ def load_dataset(cfg, folder, source=None):
           f"{scan.case}" + (" (folded)" if scan.case != "keep" else "")
           + f"; split {len(train)} train / {len(val)} val / {len(test)} test")
     return charset, max_len, train, val, test, scan
-
-
-def make_split_batches(cfg, train_set, val_set, test_set, charset, max_len, options, *, batch_size, augmentation,
-                       repeats=1, augment_epochs=None):
-    """Batches of the three splits. Only the training batches are shuffled, augmented (the epochs before
-    `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's pixels, the
-    same ones test.py reads. The images' canvases are read once into memory when all three splits' fit
-    in --cache_mb; else every epoch streams them from disk."""
-    size = dataset.canvas_bytes(len(train_set) + len(val_set) + len(test_set), options)
-    in_memory = size <= cfg.cache_mb * 2**20
-    started = time.perf_counter()
-
-    def batches(samples, training):
-        return dataset.make_batches(samples, charset, max_len, options, batch_size, training, cfg.seed, cfg.workers,
-                                    augmentation if training else "none", repeats if training else 1,
-                                    augment_epochs if training else None, in_memory=in_memory,
-                                    processes=cfg.processes if training else 0)
-
-    made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
-    print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"
-                                                    if in_memory else f"over --cache_mb {cfg.cache_mb}: read from "
-                                                                      f"disk every epoch"))
-    return made
-
-
-def plan_epochs(epochs, min_steps, train_images, batch_size):
-    """(epochs, passes over the training images per epoch). --epochs when given, one pass each. Else
-    DEFAULT_EPOCHS passes, or more when that makes fewer than `min_steps` optimizer steps: a few hundred
-    images need many passes. A small folder's epoch holds several passes, so that it has at least
-    MIN_EPOCH_STEPS steps and validation and checkpoints stay a small part of it."""
-    if epochs:
-        return epochs, 1
-    repeats = math.ceil(MIN_EPOCH_STEPS / math.ceil(train_images / batch_size))
-    steps_per_epoch = math.ceil(train_images * repeats / batch_size)  # as the loader batches them
-    return max(math.ceil(DEFAULT_EPOCHS / repeats), math.ceil(min_steps / steps_per_epoch)), repeats
-
-
-def cpu_builtin_epochs(images_per_epoch, batch_size):
-    """Epochs of the built-in run on a CPU: about CPU_BUILTIN_STEPS steps, at least one epoch."""
-    return max(1, round(CPU_BUILTIN_STEPS / math.ceil(images_per_epoch / batch_size)))
-
-
-def resolve_canvas(cfg, config, median_aspect, start_model=None):
-    """The network's settings with this run's canvas (--height, --width) and --channels. With --width 0 the
-    canvas widens for a folder whose median image is wider than it, so that the text keeps every row."""
-    stride = model.width_stride(config)
-    height, width = cfg.height or config.height, cfg.width or config.width
-    if not cfg.width and median_aspect and height * median_aspect > width:
-        width = min(MAX_AUTO_WIDTH, math.ceil(height * median_aspect / stride) * stride)
-        print(f"canvas: {width}x{height}, widened for the folder's median image ({median_aspect:.2f}:1, wider than "
-              f"{config.width}x{config.height}); set it with --width")
-    if width % stride or height < 8:
-        raise CaptchaError(f"--width {width} --height {height}: the width must be a multiple of {stride} (input "
-                           f"columns per time step) and the height at least 8")
-    if start_model and config.collapse == "flatten" and height != config.height:
-        raise CaptchaError(f"--height {height}: the start model {start_model} reads {config.height}-row images (its "
-                           f"layers after the convolutions depend on the height); use --height {config.height}, "
-                           f"or --init_from none")
-    return dataclasses.replace(config, height=height, width=width, channels=cfg.channels)
-
-
-def check_time_steps(steps, max_len, height=None, width=None, median_aspect=None):
-    """CTC needs at least one output step per character (and one more between each repeated pair). The
-    steps counted are those the text spans: an image narrower than the canvas is padded at its sides."""
-    spanned = steps
-    if median_aspect and height and width:
-        spanned = math.floor(steps * min(1.0, height * median_aspect / width))
-    where = f" (the folder's median image fills {spanned} of the {steps} time steps)" if spanned < steps else ""
-    if spanned < max_len:
-        raise CaptchaError(f"the text spans {spanned} time steps{where} but labels have up to {max_len} characters; "
-                           f"use a larger canvas (--width, and --height with --init_from none) or shorter labels")
-    if spanned < 2 * max_len - 1:
-        print(f"warning: the text spans {spanned} time steps{where} for labels of {max_len}: labels with many "
-              f"repeated characters may be unlearnable; a wider --width gives more")
 
 
 def resolve_recipe(cfg):
@@ -324,29 +196,30 @@ def resolve_network(cfg, recipe, scan, max_len):
         network = Network(None, dataclasses.replace(start_options, **switches), start[0].output_shape[1], init_from,
                           start)
     else:
-        config = resolve_canvas(cfg, config, scan.median_aspect(), init_from)
+        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=cfg.channels,
+                                     median_aspect=scan.median_aspect(), start_model=init_from)
         options = (dataclasses.replace(start_options, height=config.height, width=config.width,
                                        channels=config.channels, **switches) if init_from
                    else recipe.preprocess_options(config, **switches))
         network = Network(config, options, model.time_steps(config), init_from, start)
-    check_time_steps(network.steps, max_len, network.options.height, network.options.width, scan.median_aspect())
+    model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, scan.median_aspect())
     return network
 
 
 def plan_run(cfg, recipe, train_images):
     """(epochs, passes over the training images per epoch, the epochs before the clean finish)."""
-    epochs, repeats = plan_epochs(cfg.epochs, cfg.min_steps, train_images, recipe.batch_size)
+    epochs, repeats = recipes.plan_epochs(cfg.epochs, cfg.min_steps, train_images, recipe.batch_size)
     if not cfg.data_dir and not cfg.epochs and not model.gpu_names():  # the built-in run, sized for a laptop
-        epochs = cpu_builtin_epochs(train_images * repeats, recipe.batch_size)
-        print(f"no GPU: the built-in run is sized for a CPU, {epochs} epochs (about {CPU_BUILTIN_STEPS} steps); "
-              f"--epochs {DEFAULT_EPOCHS} makes the full run a GPU makes")
+        epochs = recipes.cpu_builtin_epochs(train_images * repeats, recipe.batch_size)
+        print(f"no GPU: the built-in run is sized for a CPU, {epochs} epochs (about {recipes.CPU_BUILTIN_STEPS} steps); "
+              f"--epochs {recipes.DEFAULT_EPOCHS} makes the full run a GPU makes")
     return epochs, repeats, epochs - round(epochs * recipe.clean_finish)
 
 
 def describe_plan(cfg, recipe, epochs, steps_per_epoch, repeats, augment_epochs):
     print(f"{epochs} epochs of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer steps"
           + (f" ({repeats} passes over the training images an epoch)" if repeats > 1 else "")
-          + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {DEFAULT_EPOCHS} passes)")
+          + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {recipes.DEFAULT_EPOCHS} passes)")
           + f"; augmentation: {recipe.augment}"
           + ("" if recipe.augment == "none" or augment_epochs >= epochs
              else f" for epochs 1-{augment_epochs}, then the images as they are" if augment_epochs
@@ -358,7 +231,7 @@ def device_scope(cfg, recipe):
     """The context that places variables: MirroredStrategy's scope over 2+ GPUs, else none."""
     gpus = model.gpu_names()
     print(f"Keras {keras.__version__} ({keras.backend.backend()} backend) on {', '.join(gpus) or 'CPU (no GPU found)'}")
-    strategy = make_strategy(cfg.strategy, len(gpus))
+    strategy = model.make_strategy(cfg.strategy, len(gpus))
     if strategy is None:
         return contextlib.nullcontext
     print(f"strategy: MirroredStrategy, {strategy.num_replicas_in_sync} replicas; global batch {recipe.batch_size}"
@@ -440,9 +313,10 @@ def train(cfg):
             "case": scan.case, "run": runstate.run_identity(folder, train_set, val_set, test_set)}
     # ---- phase 3, the batches and how many updates
     epochs, repeats, augment_epochs = plan_run(cfg, recipe, len(train_set))
-    train_batches, val_batches, test_batches = make_split_batches(
-        cfg, train_set, val_set, test_set, charset, max_len, network.options, batch_size=recipe.batch_size,
-        augmentation=recipe.augment, repeats=repeats, augment_epochs=augment_epochs)
+    train_batches, val_batches, test_batches = dataset.split_batches(
+        train_set, val_set, test_set, charset, max_len, network.options, batch_size=recipe.batch_size,
+        augmentation=recipe.augment, repeats=repeats, augment_epochs=augment_epochs, seed=cfg.seed,
+        workers=cfg.workers, processes=cfg.processes, cache_mb=cfg.cache_mb)
     describe_plan(cfg, recipe, epochs, len(train_batches), repeats, augment_epochs)
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
@@ -493,7 +367,7 @@ def train(cfg):
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
-        results = score_run(out, folder, cfg, charset, network.options, train_set, test_set, test_batches,
+        results = scoring.score_run(out, folder, cfg, charset, network.options, train_set, test_set, test_batches,
                             epochs_run=state["epochs_done"] + trained, trained=trained, train_seconds=train_seconds,
                             repeats=repeats)
     except KeyboardInterrupt:
@@ -501,42 +375,6 @@ def train(cfg):
               f"python train.py --resume --out {out}")
         return None
     (out / runstate.RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    return results
-
-
-def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, epochs_run, trained,
-              train_seconds, repeats=1):
-    """The best checkpoint on the test split, which chose nothing (validation chose the checkpoint), so
-    this is a clean score; metrics.json and the plots."""
-    best, _ = model.load_model(out / runstate.BEST_NAME)
-    test_labels = [label for _, label in test_set]
-    scores, predictions, confidences = callbacks.evaluate(best, test_batches, charset, test_labels)
-    results = {
-        "test": scores,
-        "confidence": metrics.confidence_ranking(predictions, test_labels, confidences),
-        "checkpoint": str(out / runstate.BEST_NAME),
-        "epochs_run": epochs_run,
-        "train_seconds_this_session": round(train_seconds, 1),
-        "images_per_second_with_validation": round(len(train_set) * repeats * trained / train_seconds, 1),
-        "data_dir": str(folder),
-        "config": dataclasses.asdict(cfg),
-        "log": str(out / runstate.LOG_NAME),
-        "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
-        # every test image's reading: plots.py redraws a run from these, and the misread ones are there to look at
-        "readings": [{"path": str(path), "truth": t, "prediction": p, "confidence": float(f"{c:.6g}")}
-                     for (path, t), p, c in zip(test_set, predictions, confidences)],
-    }
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
-    pictures = plots.write_run_plots(out, out / runstate.LOG_NAME, shown, test_labels, predictions)
-    print(f"plots: {', '.join(str(p) for p in pictures)}")
-    print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f} "
-          f"({scores['exact_match_ignore_case']:.4f} ignoring case), CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
-    ranked = results["confidence"]
-    if ranked["count_rest"] and ranked["count_confident"]:
-        print(f"confidence ranks errors: exact match {ranked['exact_match_confident']:.4f} on the "
-              f"{ranked['count_confident']} most confident readings (confidence >= {ranked['threshold']:.3f}), "
-              f"{ranked['exact_match_rest']:.4f} on the other {ranked['count_rest']}")
     return results
 
 

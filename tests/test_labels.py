@@ -292,20 +292,19 @@ def test_a_gray_start_model_is_widened_to_colour_and_reads_gray_the_same(tmp_pat
 
 
 def test_the_canvas_widens_for_wide_captchas_and_the_check_counts_the_steps_the_text_spans(capsys):
-    cfg = train.TrainConfig()
     config = model.PRESETS["fast"]
-    assert train.resolve_canvas(cfg, config, 2.4) == dataclasses_replace(config, channels=1)  # fits 200x50
-    wide = train.resolve_canvas(cfg, config, 8.0)
+    assert model.canvas_config(config, median_aspect=2.4) == config  # fits 200x50
+    wide = model.canvas_config(config, median_aspect=8.0)
     assert (wide.height, wide.width) == (50, 400) and "canvas: 400x50, widened" in capsys.readouterr().out
-    assert train.resolve_canvas(train.TrainConfig(width=240), config, 8.0).width == 240  # --width wins
+    assert model.canvas_config(config, width=240, median_aspect=8.0).width == 240  # --width wins
     with pytest.raises(CaptchaError, match="multiple of 4"):
-        train.resolve_canvas(train.TrainConfig(width=201), config, 1.0)
+        model.canvas_config(config, width=201, median_aspect=1.0)
     with pytest.raises(CaptchaError, match="--height 64: the start model base reads 50-row images"):
-        train.resolve_canvas(train.TrainConfig(height=64), config, 1.0, "base")
+        model.canvas_config(config, height=64, median_aspect=1.0, start_model="base")
     # a square captcha fills 50 of 200 columns: 12 of 50 steps, too few for 14 characters
     with pytest.raises(CaptchaError, match=r"spans 12 time steps \(the folder's median image fills 12 of the 50"):
-        train.check_time_steps(50, 14, 50, 200, 1.0)
-    train.check_time_steps(50, 14, 50, 200, 4.0)
+        model.check_time_steps(50, 14, 50, 200, 1.0)
+    model.check_time_steps(50, 14, 50, 200, 4.0)
     assert "warning" not in capsys.readouterr().out
 
 

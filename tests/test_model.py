@@ -40,7 +40,7 @@ def test_presets_build_with_one_softmax_row_per_time_step(preset):
     crnn = model.build_model(config, 63)
     assert crnn.input_shape == (None, 50, 200, 1)
     assert crnn.output_shape == (None, model.time_steps(config), 63)
-    assert model.time_steps(config) == {"seed": 50, "fast": 50, "kerasio": 50, "tiny": 50}[preset]
+    assert model.time_steps(config) == {"seed": 50, "fast": 50, "kerasio": 50, "small": 50, "tiny": 50}[preset]
     assert any(isinstance(layer, model.CollapseHeight) for layer in crnn.layers)
     if preset == "seed":  # the reference design
         convs = [layer.filters for layer in crnn.layers if isinstance(layer, keras.layers.Conv2D)]
@@ -54,7 +54,7 @@ def test_kerasio_preset_is_the_keras_io_examples_network():
     assert [c.filters for c in convs] == [32, 64]
     assert all(isinstance(c.kernel_initializer, keras.initializers.HeNormal) for c in convs)  # as keras-io has them
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in crnn.layers)
-    assert crnn.count_params() == 438_143  # README's table, 62 symbols
+    assert crnn.count_params() == 438_143  # 62 symbols
 
 
 def test_legacy_variant_uses_a_lambda():

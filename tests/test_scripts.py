@@ -143,7 +143,7 @@ def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
 
 def test_time_steps_are_checked_against_label_length():
     with pytest.raises(preprocess.CaptchaError, match="time steps"):
-        train.check_time_steps(model.time_steps(model.ModelConfig(width=16)), 5)
+        model.check_time_steps(model.time_steps(model.ModelConfig(width=16)), 5)
 
 
 def test_built_in_data_is_drawn_once_and_cached(tmp_path, capsys):

@@ -22,6 +22,7 @@ import preprocess
 import reader
 import recipes
 import runstate
+import scoring
 import synth
 import train
 from conftest import ROOT
@@ -59,10 +60,9 @@ def test_augmentation_changes_training_pixels_every_epoch_and_repeats_with_the_s
 
 
 def test_validation_and_test_batches_are_never_augmented(samples):
-    cfg = train.TrainConfig(workers=1)
-    train_batches, val_batches, test_batches = train.make_split_batches(
-        cfg, samples[:4], samples[4:6], samples[6:], Charset(DIGITS), 4, PreprocessOptions(), batch_size=2,
-        augmentation="strong")
+    train_batches, val_batches, test_batches = dataset.split_batches(
+        samples[:4], samples[4:6], samples[6:], Charset(DIGITS), 4, PreprocessOptions(), batch_size=2,
+        augmentation="strong", workers=1)
     assert train_batches.augment == "strong" and train_batches.shuffle
     for batches, part in [(val_batches, samples[4:6]), (test_batches, samples[6:])]:
         assert batches.augment == "none" and not batches.shuffle
@@ -87,11 +87,11 @@ def test_a_run_plans_its_clean_finish_from_the_recipe_or_the_flag(digits_folder,
     loaders = []
 
     def keep_loaders(*args, **kwargs):
-        loaders.append(make_split_batches(*args, **kwargs))
+        loaders.append(split_batches(*args, **kwargs))
         return loaders[-1]
 
-    make_split_batches = train.make_split_batches
-    monkeypatch.setattr(train, "make_split_batches", keep_loaders)
+    split_batches = dataset.split_batches
+    monkeypatch.setattr(dataset, "split_batches", keep_loaders)
     common = ["--data_dir", str(digits_folder), "--preset", "tiny", "--charset", "digits", "--batch_size", "16",
               "--workers", "1", "--epochs", "4"]
     assert train.main(common + ["--clean_finish", "0.5", "--out", str(tmp_path / "half")]) == 0
@@ -125,11 +125,11 @@ def test_unknown_augmentation_is_refused(samples, digits_folder, capsys):
 
 
 def test_small_folders_get_enough_optimizer_steps():
-    assert train.plan_epochs(0, 3000, 1872, 32) == (51, 1)  # 59 steps a pass: 51 epochs, 3,009 steps
-    assert train.plan_epochs(0, 3000, 936, 32) == (51, 2)  # 30 steps a pass: 51 epochs of 59 steps (two passes)
-    assert train.plan_epochs(0, 3000, 400, 32) == (60, 4)  # 13 steps a pass: 60 epochs of 50 steps, 3,000 steps
-    assert train.plan_epochs(0, 3000, 20000, 32) == (train.DEFAULT_EPOCHS, 1)  # 20,000 images: the usual 30
-    assert train.plan_epochs(7, 3000, 936, 32) == (7, 1)  # --epochs given: exactly that
+    assert recipes.plan_epochs(0, 3000, 1872, 32) == (51, 1)  # 59 steps a pass: 51 epochs, 3,009 steps
+    assert recipes.plan_epochs(0, 3000, 936, 32) == (51, 2)  # 30 steps a pass: 51 epochs of 59 steps (two passes)
+    assert recipes.plan_epochs(0, 3000, 400, 32) == (60, 4)  # 13 steps a pass: 60 epochs of 50 steps, 3,000 steps
+    assert recipes.plan_epochs(0, 3000, 20000, 32) == (recipes.DEFAULT_EPOCHS, 1)  # 20,000 images: the usual 30
+    assert recipes.plan_epochs(7, 3000, 936, 32) == (7, 1)  # --epochs given: exactly that
 
 
 def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(samples):
@@ -184,8 +184,8 @@ def test_a_run_whose_validation_settles_ends_early_and_is_scored(digits_folder, 
         scores, predictions, confidences = evaluate(*args)
         return {**scores, "cer": 0.25, "exact_match": 0.75}, predictions, confidences
 
-    evaluate = callbacks.evaluate
-    monkeypatch.setattr(callbacks, "evaluate", settled_evaluate)
+    evaluate = scoring.evaluate
+    monkeypatch.setattr(scoring, "evaluate", settled_evaluate)
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "6", "--settle_epochs", "2",
                        "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)]) == 0
@@ -384,8 +384,8 @@ def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(di
         resumable.append(weights_of(self.model))
         save(self, finished)
 
-    evaluate, swap_in, save = callbacks.evaluate, callbacks.AveragedWeights.on_epoch_end, callbacks.ResumeCheckpoint.save
-    monkeypatch.setattr(callbacks, "evaluate", recording_evaluate)
+    evaluate, swap_in, save = scoring.evaluate, callbacks.AveragedWeights.on_epoch_end, callbacks.ResumeCheckpoint.save
+    monkeypatch.setattr(scoring, "evaluate", recording_evaluate)
     monkeypatch.setattr(callbacks.AveragedWeights, "on_epoch_end", recording_swap)
     monkeypatch.setattr(callbacks.ResumeCheckpoint, "save", recording_save)
     out = tmp_path / "run"
@@ -421,9 +421,9 @@ def test_the_weights_moving_average_trains_and_saves_under_jax(digits_folder, tm
 
 
 def test_the_built_in_run_on_a_cpu_is_sized_in_steps():
-    assert train.cpu_builtin_epochs(16000, 32) == 6  # 500 steps an epoch: 3,000 steps
-    assert train.cpu_builtin_epochs(100, 32) == 750  # 4 steps an epoch
-    assert train.cpu_builtin_epochs(10**6, 32) == 1
+    assert recipes.cpu_builtin_epochs(16000, 32) == 6  # 500 steps an epoch: 3,000 steps
+    assert recipes.cpu_builtin_epochs(100, 32) == 750  # 4 steps an epoch
+    assert recipes.cpu_builtin_epochs(10**6, 32) == 1
 
 
 def test_the_expected_duration_is_stated_after_the_first_steps(capsys):

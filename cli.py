@@ -1,0 +1,41 @@
+"""A config dataclass as command-line flags: every field a `--flag`, its comment in the class its --help.
+
+    cfg = cli.parse(TrainConfig, argv, description=__doc__)
+
+`int | None` fields parse as int and stay None when not given (the scripts read None as "the
+recipe's value"); bool fields get --flag / --no-flag.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+
+
+def field_comments(cls):
+    """Each field's comment in the class's source (a field's line and the comment lines aligned under it)."""
+    comments, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"\s+(\w+): [\w |]+ = [^#]*(?:#\s*(.*))?$", line)
+        if field:
+            name = field.group(1)
+            comments[name] = field.group(2) or ""
+        elif name and re.match(r"\s{5,}#", line):  # a comment line aligned under the field's own
+            comments[name] += " " + line.strip().lstrip("#").strip()
+        else:
+            name = None
+    return comments
+
+
+def parse(cls, argv=None, description=None):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f"{comments.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            kind = next((k for k in typing.get_args(f.type) if k is not type(None)), f.type)
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
