@@ -206,10 +206,15 @@ def resolve_network(cfg, recipe, scan, max_len):
     return network
 
 
+def cpu_sized(cfg):
+    """The built-in run on a machine without a GPU is sized for a laptop, unless --epochs says otherwise."""
+    return not cfg.data_dir and not cfg.epochs and not model.gpu_names()
+
+
 def plan_run(cfg, recipe, train_images):
     """(epochs, passes over the training images per epoch, the epochs before the clean finish)."""
     epochs, repeats = recipes.plan_epochs(cfg.epochs, cfg.min_steps, train_images, recipe.batch_size)
-    if not cfg.data_dir and not cfg.epochs and not model.gpu_names():  # the built-in run, sized for a laptop
+    if cpu_sized(cfg):
         epochs = recipes.cpu_builtin_epochs(train_images * repeats, recipe.batch_size)
         print(f"no GPU: the built-in run is sized for a CPU, {epochs} epochs (about {recipes.CPU_BUILTIN_STEPS} steps); "
               f"--epochs {recipes.DEFAULT_EPOCHS} makes the full run a GPU makes")
@@ -219,7 +224,8 @@ def plan_run(cfg, recipe, train_images):
 def describe_plan(cfg, recipe, epochs, steps_per_epoch, repeats, augment_epochs):
     print(f"{epochs} epochs of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer steps"
           + (f" ({repeats} passes over the training images an epoch)" if repeats > 1 else "")
-          + ("" if cfg.epochs else f" (at least --min_steps {cfg.min_steps}, at least {recipes.DEFAULT_EPOCHS} passes)")
+          + ("" if cfg.epochs or cpu_sized(cfg)
+             else f" (at least --min_steps {cfg.min_steps}, at least {recipes.DEFAULT_EPOCHS} passes)")
           + f"; augmentation: {recipe.augment}"
           + ("" if recipe.augment == "none" or augment_epochs >= epochs
              else f" for epochs 1-{augment_epochs}, then the images as they are" if augment_epochs
