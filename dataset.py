@@ -31,6 +31,7 @@ from preprocess import (
     PreprocessOptions,
     charset_for_labels,
     finish_canvas,
+    fold_case,
     load_canvas,
     read_image,
 )
@@ -51,10 +52,6 @@ def decide_case(labels, case="auto"):
     if letters and letters == letters.upper() and letters != letters.lower():
         return "upper"
     return "keep"
-
-
-def fold_case(text, case):
-    return text.lower() if case == "lower" else text.upper() if case == "upper" else text
 
 
 @dataclass

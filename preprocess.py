@@ -112,6 +112,11 @@ CHARSET_PRESETS = {
 }
 
 
+def fold_case(text, case):
+    """`text` in one letter case ("lower", "upper"), or as it is (any other case, None included)."""
+    return text.lower() if case == "lower" else text.upper() if case == "upper" else text
+
+
 def charset_of_labels(labels):
     """The symbols the labels use, in the reference's order (A-Z a-z 0-9) first, then the others sorted."""
     seen = set("".join(labels))

@@ -157,7 +157,7 @@ def restrict(probs, charset, allowed=None, case=None):
     index = {symbol: charset.encode(symbol)[0] for symbol in charset.symbols}
     if case is not None:
         for symbol, i in index.items():
-            folded = symbol.lower() if case == "lower" else symbol.upper()
+            folded = preprocess.fold_case(symbol, case)
             if folded != symbol and folded in index:
                 probs[:, :, index[folded]] += probs[:, :, i]
                 probs[:, :, i] = 0.0
@@ -181,7 +181,7 @@ def decode_with_confidence(probs, charset, beam_width=0, case=None):
             kept = path[np.insert(path[1:] != path[:-1], 0, True)]  # repeats merge; then blanks go
             texts.append(charset.decode(kept[kept != charset.blank_index]))
     if case is not None:  # symbols the model reads in one case only
-        texts = [text.lower() if case == "lower" else text.upper() for text in texts]
+        texts = [preprocess.fold_case(text, case) for text in texts]
     return texts, [float(c) for c in confidences]
 
 

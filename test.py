@@ -139,8 +139,8 @@ def main(argv=None):
         low = reading.confidence < args.min_confidence
         tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
         label = label_of.get(reading.path)
-        if label is not None and captcha_reader.case:  # labels folded as the readings are
-            label = label.lower() if captcha_reader.case == "lower" else label.upper()
+        if label is not None:  # labels folded as the readings are
+            label = preprocess.fold_case(label, captcha_reader.case)
         # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
         unscorable = metrics.unscorable_reason(label, charset, max_len)
         rows.append({"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),

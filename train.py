@@ -189,6 +189,7 @@ def resolve_network(cfg, recipe, scan, max_len):
         source_model, source_meta, config, start_options = finetune.load_start(init_from)
         start = source_model, source_meta
     switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
+    median_aspect = scan.median_aspect()
     if init_from and config is None:
         if cfg.height or cfg.width or cfg.channels != start_options.channels:
             raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
@@ -197,12 +198,12 @@ def resolve_network(cfg, recipe, scan, max_len):
                           start)
     else:
         config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=cfg.channels,
-                                     median_aspect=scan.median_aspect(), start_model=init_from)
+                                     median_aspect=median_aspect, start_model=init_from)
         options = (dataclasses.replace(start_options, height=config.height, width=config.width,
                                        channels=config.channels, **switches) if init_from
                    else recipe.preprocess_options(config, **switches))
         network = Network(config, options, model.time_steps(config), init_from, start)
-    model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, scan.median_aspect())
+    model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, median_aspect)
     return network
 
 
