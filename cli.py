@@ -21,7 +21,7 @@ def field_comments(cls):
         if field:
             name = field.group(1)
             comments[name] = field.group(2) or ""
-        elif name and re.match(r"\s{5,}#", line):  # a comment line aligned under the field's own
+        elif name and re.match(r"\s+#\s{5,}\S", line):  # a comment line aligned under the field's own
             comments[name] += " " + line.strip().lstrip("#").strip()
         else:
             name = None

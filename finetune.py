@@ -1,14 +1,17 @@
-"""Fine-tuning: the model a run starts from (the shipped base model, or a .keras file), its weights carried
-into this run's network (output rows by symbol, a gray first convolution widened to colour), and the
-convolutions frozen or thawed."""
+"""Fine-tuning: the model a run starts from (the shipped base model, or a .keras file), the network and pixels
+that implies, its weights carried into this run's network (output rows by symbol, a gray first convolution
+widened to colour), and training with the convolutions frozen first, then thawed."""
 
 import dataclasses
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 import model
+import preprocess
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
 BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
@@ -107,3 +110,66 @@ def set_cnn_trainable(crnn, trainable):
     for layer in crnn.layers:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization)):
             layer.trainable = trainable
+
+
+@dataclass
+class Network:
+    """Phase 2's result: the network's settings, the pixels it reads, and where its weights start."""
+
+    config: model.ModelConfig | None  # None: a start model that stores no settings (a converted reference one)
+    options: preprocess.PreprocessOptions
+    steps: int  # CTC time steps
+    init_from: Path | None = None
+    start: tuple | None = None  # (start model, its metadata)
+
+
+def resolve_network(cfg, recipe, scan, max_len):
+    """The network and its pixels: a preset's, or those of the model it starts from, with this run's canvas."""
+    preset = "fast" if cfg.preset == "auto" else cfg.preset  # on a GPU too: the network measured on real captchas
+    if preset not in model.PRESETS:
+        raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
+    config, start, start_options = model.PRESETS[preset], None, None
+    init_from = resolve_init_from(cfg.init_from, preset, cfg.recipe)
+    if init_from:  # fine-tuning keeps the architecture and the pixels it starts from, read from the file itself
+        source_model, source_meta, config, start_options = load_start(init_from)
+        start = source_model, source_meta
+    switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
+    median_aspect = scan.median_aspect()
+    if init_from and config is None:
+        if cfg.height or cfg.width or cfg.channels != start_options.channels:
+            raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
+                               f"and channels cannot change; drop --height, --width and --channels")
+        network = Network(None, dataclasses.replace(start_options, **switches), start[0].output_shape[1], init_from,
+                          start)
+    else:
+        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=cfg.channels,
+                                     median_aspect=median_aspect, start_model=init_from)
+        options = (dataclasses.replace(start_options, height=config.height, width=config.width,
+                                       channels=config.channels, **switches) if init_from
+                   else recipe.preprocess_options(config, **switches))
+        network = Network(config, options, model.time_steps(config), init_from, start)
+    model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, median_aspect)
+    return network
+
+
+def fit_in_phases(crnn, train_batches, run_callbacks, *, first_epoch, frozen_until, epochs, compile_for):
+    """fit() with the convolutions frozen until epoch `frozen_until` (fine-tuning with --freeze_cnn_epochs),
+    then thawed, with a fresh optimizer and schedule for every weight. Returns the epochs trained."""
+    verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
+    # shuffle=False: the loader shuffles itself from (seed, epoch); fit()'s own shuffle of the batch order draws
+    # from Python's global random state, which a resumed run would not have
+    fit = dict(callbacks=run_callbacks.all, verbose=verbose, shuffle=False)
+    trained = 0
+    if first_epoch < frozen_until:
+        print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
+        history = crnn.fit(train_batches, epochs=frozen_until, initial_epoch=first_epoch, **fit)
+        trained = len(history.history.get("loss", []))
+        first_epoch += trained
+        run_callbacks.log.append = True  # the thawed epochs add to the frozen ones' rows
+        if first_epoch < frozen_until:  # stopped early (settled, or EarlyStopping): nothing thawed
+            return trained
+    if first_epoch == frozen_until and cnn_frozen(crnn):  # made at the boundary only, so a resume later
+        set_cnn_trainable(crnn, True)  # keeps the thawed epochs' optimizer state
+        compile_for(first_epoch, epochs)
+    history = crnn.fit(train_batches, epochs=epochs, initial_epoch=first_epoch, **fit)
+    return trained + len(history.history.get("loss", []))

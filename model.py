@@ -270,6 +270,26 @@ def save_model(model, path, meta):
             os.remove(tmp)
 
 
+def update_meta(path, changes):
+    """Rewrite the metadata of the .keras file at `path` with `changes` merged in; the weights stay as they are
+    (copied byte for byte), and a crash mid-write leaves the old file."""
+    path = Path(path)
+    meta = {**(read_meta(path) or {}), **changes}
+    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=f".{path.stem}-", dir=path.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for item in source.infolist():
+                if item.filename != META_MEMBER:
+                    archive.writestr(item, source.read(item.filename))
+            archive.writestr(META_MEMBER, json.dumps(meta, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return meta
+
+
 def load_model(path, safe_mode=True, compile=False):
     """Load a .keras model and its metadata. Safe mode (no code from the file runs) unless asked.
 

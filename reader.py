@@ -15,6 +15,7 @@ beam's probability of its text. Both lie in (0, 1]; a wrong reading usually has 
 
 import dataclasses
 import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -259,6 +260,20 @@ class Reader:
                                            strong=options.strong or strong)
         # Keras models and the TFLite interpreter keep state between calls: one call at a time.
         self.lock = threading.Lock() if not getattr(self.network, "thread_safe", False) else None
+
+    def low_confidence_rule(self, given=None):
+        """(threshold, a line saying where it comes from): `given` (--min_confidence) if set, else the model's."""
+        if given is not None:
+            return given, f"readings below confidence {given:g} are marked low (--min_confidence)"
+        abstain = self.meta.get("abstain")
+        if not abstain:
+            return 0.0, "no confidence threshold stored in the model: no reading is marked low (--min_confidence sets one)"
+        where = (f"the model's threshold for precision {abstain['target_precision']:g} on its validation split, "
+                 f"which kept {abstain['val_coverage']:.0%} of its {abstain['val_count']} readings")
+        if abstain["threshold"] is None:
+            return math.inf, f"every reading is marked low: no confidence reached {where} (--min_confidence overrides)"
+        return abstain["threshold"], (f"readings below confidence {abstain['threshold']:.4g} are marked low: {where} "
+                                      f"(--min_confidence overrides)")
 
     def predict(self, images):
         """Preprocessed images (batch, H, W, 1) -> (texts, confidences)."""

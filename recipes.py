@@ -2,10 +2,11 @@
 checkpoint), the optimizer they build, and how many updates a run makes. The network itself is model.py."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 
+import augment
 from model import CTCLoss
 from preprocess import CLAHE_CLIP, CaptchaError, PreprocessOptions
 
@@ -103,3 +104,21 @@ def plan_epochs(epochs, min_steps, train_images, batch_size):
 def cpu_builtin_epochs(images_per_epoch, batch_size):
     """Epochs of the built-in run on a CPU: about CPU_BUILTIN_STEPS steps, at least one epoch."""
     return max(1, round(CPU_BUILTIN_STEPS / math.ceil(images_per_epoch / batch_size)))
+
+
+def with_flags(name, *, patience=None, **flags):
+    """The recipe `name` with a run's flags in it: a flag left unset (None) keeps the recipe's value."""
+    if name not in RECIPES:
+        raise CaptchaError(f"unknown --recipe {name!r}; choose from {sorted(RECIPES)}")
+    flags["stop_patience"] = patience
+    recipe = replace(RECIPES[name], **{key: value for key, value in flags.items() if value is not None})
+    if recipe.augment not in augment.CHOICES:
+        raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from {', '.join(augment.CHOICES)}")
+    if not 0 <= recipe.clean_finish <= 1:
+        raise CaptchaError(f"--clean_finish {recipe.clean_finish:g}: a fraction of the epochs, from 0 to 1")
+    if not 0 <= recipe.ema_momentum < 1:
+        raise CaptchaError(f"--ema_momentum {recipe.ema_momentum:g}: from 0 (off) to below 1, e.g. 0.995")
+    if patience is not None and recipe.schedule == "onecycle":
+        print(f"--patience {patience}: not used, a one-cycle run ({name} recipe) runs its whole schedule "
+              f"unless its validation settles (--settle_epochs)")
+    return recipe

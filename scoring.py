@@ -30,15 +30,34 @@ def evaluate(keras_model, batches, charset, labels):
     return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
 
 
-def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, epochs_run, trained,
-              train_seconds, repeats=1):
-    """The best checkpoint on the test split, which chose nothing (validation chose the checkpoint), so
-    this is a clean score; metrics.json and the plots."""
+def store_abstention(path, val_batches, val_labels, charset, precision):
+    """Chooses, on the validation split, the confidence threshold above which the model at `path` reads at
+    `precision`, and stores it in the file's metadata ("abstain"), where every reader finds it."""
+    keras_model, _ = model.load_model(path)
+    _, predictions, confidences = evaluate(keras_model, val_batches, charset, val_labels)
+    chosen = metrics.abstention_threshold([p == t for p, t in zip(predictions, val_labels)], confidences, precision)
+    abstain = {"target_precision": precision, "threshold": chosen["threshold"], "val_precision": chosen["precision"],
+               "val_coverage": chosen["coverage"], "val_count": chosen["count"]}
+    model.update_meta(path, {"abstain": abstain})
+    return abstain
+
+
+def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, val_set, val_batches,
+              epochs_run, trained, train_seconds, repeats=1):
+    """The best checkpoint on the test split, which chose nothing (validation chose the checkpoint and the
+    confidence threshold stored in it), so this is a clean score; metrics.json and the plots."""
+    val_labels = [label for _, label in val_set]
+    store_abstention(out / runstate.FINAL_NAME, val_batches, val_labels, charset, cfg.target_precision)
+    abstain = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset, cfg.target_precision)
     best, _ = model.load_model(out / runstate.BEST_NAME)
     test_labels = [label for _, label in test_set]
     scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
+    on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
+                                        abstain["threshold"])
+    abstain = {**abstain, "test_coverage": on_test["coverage"], "test_precision": on_test["precision"]}
     results = {
         "test": scores,
+        "abstain": abstain,
         "confidence": metrics.confidence_ranking(predictions, test_labels, confidences),
         "checkpoint": str(out / runstate.BEST_NAME),
         "epochs_run": epochs_run,
@@ -58,9 +77,21 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     print(f"plots: {', '.join(str(p) for p in pictures)}")
     print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f} "
           f"({scores['exact_match_ignore_case']:.4f} ignoring case), CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
+    print(describe_abstention(abstain))
     ranked = results["confidence"]
     if ranked["count_rest"] and ranked["count_confident"]:
         print(f"confidence ranks errors: exact match {ranked['exact_match_confident']:.4f} on the "
               f"{ranked['count_confident']} most confident readings (confidence >= {ranked['threshold']:.3f}), "
               f"{ranked['exact_match_rest']:.4f} on the other {ranked['count_rest']}")
     return results
+
+
+def describe_abstention(abstain):
+    if abstain["threshold"] is None:
+        return (f"abstention: no confidence threshold reads validation at precision {abstain['target_precision']:g}; "
+                f"every reading will be marked low")
+    test_precision = "-" if abstain["test_precision"] is None else f"{abstain['test_precision']:.4f}"
+    return (f"abstention (stored in the model): readings at confidence >= {abstain['threshold']:.4g} are trusted; "
+            f"validation: {abstain['val_coverage']:.1%} of {abstain['val_count']} kept at precision "
+            f"{abstain['val_precision']:.4f} (target {abstain['target_precision']:g}); test: "
+            f"{abstain['test_coverage']:.1%} kept at precision {test_precision}")

@@ -21,6 +21,7 @@ import argparse
 import base64
 import binascii
 import json
+import math
 import sys
 import time
 
@@ -85,7 +86,10 @@ async def images_from(request, field, limit):
     raise RequestError(415, "send multipart/form-data or application/json")
 
 
-def create_app(captcha_reader, min_confidence=0.0, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH):
+def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH):
+    """min_confidence None: the threshold stored in the model (reader.Reader.low_confidence_rule)."""
+    min_confidence, rule = captcha_reader.low_confidence_rule(min_confidence)
+    print(rule, flush=True)
     app = FastAPI(title="captcha reader", docs_url=None, redoc_url=None)
 
     def decoded(images):
@@ -118,7 +122,8 @@ def create_app(captcha_reader, min_confidence=0.0, max_image_bytes=MAX_IMAGE_BYT
         return {"model": captcha_reader.path.name, "format": captcha_reader.path.suffix.lstrip("."),
                 "charset": meta["charset"], "max_len": meta.get("max_len"), "preprocess": meta["preprocess"],
                 "model_config": meta.get("model_config"), "allowed": captcha_reader.allowed,
-                "case": captcha_reader.case, "min_confidence": min_confidence}
+                "case": captcha_reader.case,
+                "min_confidence": min_confidence if math.isfinite(min_confidence) else None}
 
     @app.post("/read")
     async def read_one(request: Request):
@@ -161,7 +166,8 @@ def main(argv=None):
     parser.add_argument("--allowed", help="read only these symbols (or a preset: digits, lower, upper, ...)")
     parser.add_argument("--case", choices=(*reader.CASES, "keep"),
                         help="fold letter case, for sites that ignore it (default: the model's own fold; keep: none)")
-    parser.add_argument("--min_confidence", type=float, default=0.0, help="answers below it say low_confidence")
+    parser.add_argument("--min_confidence", type=float,
+                        help="answers below it say low_confidence (default: the model's stored threshold)")
     parser.add_argument("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES)
     parser.add_argument("--max_batch", type=int, default=MAX_BATCH, help="images per /read_batch request")
     args = parser.parse_args(argv)

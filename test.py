@@ -14,6 +14,7 @@ never loads TensorFlow.
 import argparse
 import csv
 import json
+import math
 import shutil
 import sys
 import time
@@ -47,8 +48,10 @@ def parse_args(argv=None):
                                               "suffix or regex:PATTERN (default: the rule the model was trained with)")
     parser.add_argument("--labels", metavar="FILE", help="a labels file to score against (CSV/TSV, JSON, Python "
                                                          "dict, one label per line: as train.py --labels)")
-    parser.add_argument("--min_confidence", type=float, default=0.0,
-                        help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha")
+    parser.add_argument("--min_confidence", type=float,
+                        help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha "
+                             "(default: the threshold stored in the model, chosen on its validation split for a "
+                             "stated precision; 0 marks none)")
     parser.add_argument("--review_dir", metavar="DIR",
                         help="copy misread images (prediction differs from the file-name label) and low-confidence "
                              "ones here, named <prediction>__<original name>, for relabelling")
@@ -99,7 +102,7 @@ def review_name(prediction, path):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if not 0.0 <= args.min_confidence <= 1.0:
+        if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
             raise CaptchaError(f"--min_confidence {args.min_confidence}: a confidence lies between 0 and 1")
         captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
                                        args.no_auto_crop, args.force_invert, args.strong)
@@ -124,6 +127,8 @@ def main(argv=None):
     except (CaptchaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    min_confidence, rule = captcha_reader.low_confidence_rule(args.min_confidence)
+    print(rule, file=sys.stderr)
     if unlabelled_why:
         print(f"not scored: {unlabelled_why}", file=sys.stderr)
 
@@ -136,7 +141,7 @@ def main(argv=None):
             failures += 1
             tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
             continue
-        low = reading.confidence < args.min_confidence
+        low = reading.confidence < min_confidence
         tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
         label = label_of.get(reading.path)
         if label is not None:  # labels folded as the readings are
@@ -167,22 +172,22 @@ def main(argv=None):
     if unscored and len(rows) > 1:
         print("not scored, file name not a label of this model: "
               + ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items())))
-    if args.min_confidence:
+    if min_confidence:
         print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings below confidence "
-              f"{args.min_confidence:g}")
+              f"{min_confidence:.4g}")
     if args.review_dir:
         print(f"copied {reviewed} images to review into {args.review_dir} (named <prediction>__<file name>)")
     if failures:
         print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
     if args.output:
-        write_output(Path(args.output), rows, scores, args)
+        write_output(Path(args.output), rows, scores, args, min_confidence)
     return 2 if failures and not rows else 0  # nothing could be read: the caller must not take it for a result
 
 
-def write_output(path, rows, scores, args):
+def write_output(path, rows, scores, args, min_confidence):
     if path.suffix.lower() == ".json":
         settings = {"model": args.model, "allowed": args.allowed, "case": args.case, "beam_width": args.beam_width,
-                    "min_confidence": args.min_confidence}
+                    "min_confidence": min_confidence if math.isfinite(min_confidence) else None}
         path.write_text(json.dumps({"settings": settings, "scores": scores, "readings": rows}, indent=2))
         return
     with open(path, "w", newline="") as f:

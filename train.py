@@ -3,18 +3,16 @@
     python train.py                         # built-in synthetic data (drawn once into data/synth)
     python train.py --data_dir path/to/imgs # your folder: labels from the file names (4721.png, 4721_md5.png, ...)
     python train.py --data_dir imgs --labels labels.csv   # numbered files and a labels file
-    python train.py --preset fast --epochs 10 --batch_size 32
+    python train.py --data_dir imgs --unlabeled more_imgs # and the site's unlabelled captchas (selftrain.py)
 
 Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
-crnn_ctc_best.keras (best validation CER), crnn_ctc_final.keras (last epoch), train_log.csv
-(one row per epoch), metrics.json (the best model on the held-out test split) and three plots
-(training_curves.png, predictions.png, confusions.png). While it runs,
-crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash, a kill or Ctrl-C.
+crnn_ctc_best.keras (best validation CER), crnn_ctc_final.keras (last epoch), each with the confidence
+threshold its readers apply, train_log.csv, metrics.json (the best model on the held-out test split) and
+three plots. Meanwhile crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash or Ctrl-C.
 
-A run, top to bottom (train()): 1. the data, 2. the network, recipe and pixels, 3. the batches and
-the plan, 4. the model on its devices (new, fine-tuned or resumed), 5. training, 6. the final model
-and the test score. The callbacks and their order are callbacks.py; fine-tuning is finetune.py; a
-run's files, identity and resume checks are runstate.py.
+A run, top to bottom (train()): 1. the data, 2. the network, recipe and pixels, 3. the batches and the plan,
+4. the model on its devices (new, fine-tuned or resumed), 5. training, 6. the final model and the test score.
+Callbacks and their order: callbacks.py; start models and freezing: finetune.py; run files: runstate.py.
 """
 
 import contextlib
@@ -29,7 +27,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import augment
 import callbacks
 import cli
 import dataset
@@ -41,6 +38,7 @@ import preprocess
 import recipes
 import runstate
 import scoring
+import selftrain
 import synth
 from preprocess import CaptchaError
 
@@ -68,6 +66,9 @@ class TrainConfig:
     height: int = 0  # the canvas images are resized and padded to; 0: the network's (50, or the start model's)
     width: int = 0  # 0: the network's (200), or wider for a folder whose median image is wider than the canvas
     limit: int = 0  # use at most this many images (0: all)
+    unlabeled: str = ""  # a folder of the site's unlabelled captchas: self-training (selftrain.py) adds the
+    #                      confident readings of each round's model to the next round's training images
+    rounds: int = 2  # with --unlabeled: rounds of training with pseudo-labels after the labelled-only round 0
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (recipes.RECIPES)
     # Settings left unset (None) take the recipe's value.
     epochs: int | None = None  # passes: 30, or more on a small folder so that training makes at least --min_steps
@@ -81,6 +82,8 @@ class TrainConfig:
     learning_rate: float | None = None  # the recipe's (the peak, for one-cycle)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    target_precision: float = 0.99  # the model stores the confidence above which its validation readings are right
+    #                                 this often; readers mark readings below it low_confidence
     seed: int = 42  # split, shuffling and weight initialisation
     settle_epochs: int | None = None  # end once the validation CER has held this many epochs (0: never; the
     #                                     recipe's: 10 for default, never for reference and kerasio)
@@ -118,12 +121,18 @@ def resolve_data(cfg):
     return folder
 
 
+def check_config(cfg):
+    """Settings that would fail only after training, refused before it."""
+    if cfg.channels not in preprocess.CHANNELS:
+        raise CaptchaError(f"--channels {cfg.channels}: 1 (gray) or 3 (colour)")
+    if not 0 < cfg.target_precision <= 1:
+        raise CaptchaError(f"--target_precision {cfg.target_precision:g}: a share of right readings, in (0, 1]")
+
+
 def load_dataset(cfg, folder, source=None):
     """Scan (labels read by --labels_from / --labels, or by a resumed run's stored `source`), pick charset
     and label length, split. Returns (charset, max_len, train, val, test, scan)."""
     fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
-    if cfg.channels not in preprocess.CHANNELS:
-        raise CaptchaError(f"--channels {cfg.channels}: 1 (gray) or 3 (colour)")
     scan = dataset.scan_folder(folder, fixed_charset, cfg.max_len or None, labels_from=cfg.labels_from,
                                labels_file=cfg.labels or None, case=cfg.case, source=source, channels=cfg.channels)
     if scan.decision:
@@ -147,64 +156,9 @@ def load_dataset(cfg, folder, source=None):
 
 
 def resolve_recipe(cfg):
-    """The recipe with this run's flags in it: a flag left unset (None) keeps the recipe's value."""
-    if cfg.recipe not in recipes.RECIPES:
-        raise CaptchaError(f"unknown --recipe {cfg.recipe!r}; choose from {sorted(recipes.RECIPES)}")
-    recipe = recipes.RECIPES[cfg.recipe]
-    flags = {"batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "augment": cfg.augment,
-             "settle_epochs": cfg.settle_epochs, "clean_finish": cfg.clean_finish, "ema_momentum": cfg.ema_momentum,
-             "stop_patience": cfg.patience}
-    recipe = dataclasses.replace(recipe, **{name: value for name, value in flags.items() if value is not None})
-    if recipe.augment not in augment.CHOICES:
-        raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from {', '.join(augment.CHOICES)}")
-    if not 0 <= recipe.clean_finish <= 1:
-        raise CaptchaError(f"--clean_finish {recipe.clean_finish:g}: a fraction of the epochs, from 0 to 1")
-    if not 0 <= recipe.ema_momentum < 1:
-        raise CaptchaError(f"--ema_momentum {recipe.ema_momentum:g}: from 0 (off) to below 1, e.g. 0.995")
-    if cfg.patience is not None and recipe.schedule == "onecycle":
-        print(f"--patience {cfg.patience}: not used, a one-cycle run ({cfg.recipe} recipe) runs its whole schedule "
-              f"unless its validation settles (--settle_epochs)")
-    return recipe
-
-
-@dataclass
-class Network:
-    """Phase 2's result: the network's settings, the pixels it reads, and where its weights start."""
-
-    config: model.ModelConfig | None  # None: a start model that stores no settings (a converted reference one)
-    options: preprocess.PreprocessOptions
-    steps: int  # CTC time steps
-    init_from: Path | None = None
-    start: tuple | None = None  # (start model, its metadata)
-
-
-def resolve_network(cfg, recipe, scan, max_len):
-    """The network and its pixels: a preset's, or those of the model it starts from, with this run's canvas."""
-    preset = "fast" if cfg.preset == "auto" else cfg.preset  # on a GPU too: the network measured on real captchas
-    if preset not in model.PRESETS:
-        raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
-    config, start, start_options = model.PRESETS[preset], None, None
-    init_from = finetune.resolve_init_from(cfg.init_from, preset, cfg.recipe)
-    if init_from:  # fine-tuning keeps the architecture and the pixels it starts from, read from the file itself
-        source_model, source_meta, config, start_options = finetune.load_start(init_from)
-        start = source_model, source_meta
-    switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
-    median_aspect = scan.median_aspect()
-    if init_from and config is None:
-        if cfg.height or cfg.width or cfg.channels != start_options.channels:
-            raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
-                               f"and channels cannot change; drop --height, --width and --channels")
-        network = Network(None, dataclasses.replace(start_options, **switches), start[0].output_shape[1], init_from,
-                          start)
-    else:
-        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=cfg.channels,
-                                     median_aspect=median_aspect, start_model=init_from)
-        options = (dataclasses.replace(start_options, height=config.height, width=config.width,
-                                       channels=config.channels, **switches) if init_from
-                   else recipe.preprocess_options(config, **switches))
-        network = Network(config, options, model.time_steps(config), init_from, start)
-    model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, median_aspect)
-    return network
+    return recipes.with_flags(cfg.recipe, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                              augment=cfg.augment, settle_epochs=cfg.settle_epochs, clean_finish=cfg.clean_finish,
+                              ema_momentum=cfg.ema_momentum, patience=cfg.patience)
 
 
 def cpu_sized(cfg):
@@ -257,6 +211,16 @@ def new_model(network, charset, in_scope):
     return crnn
 
 
+def resumed_model(out, meta, folder, in_scope, state):
+    """The interrupted run's model with its optimizer state; `state` gets where training stood."""
+    with in_scope():
+        crnn, saved = model.load_model(out / runstate.RESUME_NAME, compile=True)
+    runstate.check_same_run(saved, meta, folder, out / runstate.RESUME_NAME)
+    state.update(saved["resume"])
+    runstate.keep_log_rows_before(out / runstate.LOG_NAME, state["epochs_done"])
+    return crnn
+
+
 def describe_model(cfg, recipe, network, crnn):
     schedule = {"onecycle": "one-cycle peak", "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
     architecture = f"as {network.init_from}" if network.init_from else f"preset {cfg.preset}, from scratch"
@@ -266,29 +230,6 @@ def describe_model(cfg, recipe, network, crnn):
           f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}"
           + (f"; read and saved: the weights' moving average (momentum {recipe.ema_momentum:g})"
              if recipe.ema_momentum else ""))
-
-
-def fit_in_phases(crnn, train_batches, run_callbacks, *, first_epoch, frozen_until, epochs, compile_for):
-    """fit() with the convolutions frozen until epoch `frozen_until` (fine-tuning with --freeze_cnn_epochs),
-    then thawed, with a fresh optimizer and schedule for every weight. Returns the epochs trained."""
-    verbose = 1 if sys.stdout.isatty() else 2  # progress bars on terminals only
-    # shuffle=False: the loader shuffles itself from (seed, epoch); fit()'s own shuffle of the batch order draws
-    # from Python's global random state, which a resumed run would not have
-    fit = dict(callbacks=run_callbacks.all, verbose=verbose, shuffle=False)
-    trained = 0
-    if first_epoch < frozen_until:
-        print(f"epochs {first_epoch + 1}-{frozen_until}: convolutions frozen")
-        history = crnn.fit(train_batches, epochs=frozen_until, initial_epoch=first_epoch, **fit)
-        trained = len(history.history.get("loss", []))
-        first_epoch += trained
-        run_callbacks.log.append = True  # the thawed epochs add to the frozen ones' rows
-        if first_epoch < frozen_until:  # stopped early (settled, or EarlyStopping): nothing thawed
-            return trained
-    if first_epoch == frozen_until and finetune.cnn_frozen(crnn):  # made at the boundary only, so a resume later
-        finetune.set_cnn_trainable(crnn, True)  # keeps the thawed epochs' optimizer state
-        compile_for(first_epoch, epochs)
-    history = crnn.fit(train_batches, epochs=epochs, initial_epoch=first_epoch, **fit)
-    return trained + len(history.history.get("loss", []))
 
 
 def resume_config(cfg):
@@ -304,18 +245,22 @@ def resume_config(cfg):
     return TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, "out": cfg.out, "resume": True}), source
 
 
-def train(cfg):
+def train(cfg, pseudo=(), resume_out=None):
+    """One run. pseudo: (path, label) pairs read by a model (self-training), added to the training split only.
+    resume_out: the folder whose `--resume` continues this run (the self-training run's, for its rounds)."""
     # ---- phase 1, the data: the folder (or the interrupted run's own settings), charset, label length, split
     source = None
     if cfg.resume:  # the run's own settings, and its labels read as they were (the same labels file, unchanged)
         cfg, source = resume_config(cfg)
+    check_config(cfg)
     folder = resolve_data(cfg)
     if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
     charset, max_len, train_set, val_set, test_set, scan = load_dataset(cfg, folder, source)
+    train_set = selftrain.with_pseudo_labels(train_set, val_set, test_set, pseudo)  # to the training split only
     # ---- phase 2, the network, the recipe and the pixels
     recipe = resolve_recipe(cfg)
-    network = resolve_network(cfg, recipe, scan, max_len)
+    network = finetune.resolve_network(cfg, recipe, scan, max_len)
     meta = {**modelmeta.make_meta(charset, max_len, network.options, network.config), "labels": scan.source.to_dict(),
             "case": scan.case, "run": runstate.run_identity(folder, train_set, val_set, test_set)}
     # ---- phase 3, the batches and how many updates
@@ -338,12 +283,8 @@ def train(cfg):
 
     state = {"epochs_done": 0, "best_score": np.inf, "finished": False}
     if cfg.resume:  # compiled as saved: its optimizer state, and its frozen layers
-        with in_scope():
-            crnn, saved = model.load_model(out / runstate.RESUME_NAME, compile=True)
-        runstate.check_same_run(saved, meta, folder, out / runstate.RESUME_NAME)
-        state.update(saved["resume"])
+        crnn = resumed_model(out, meta, folder, in_scope, state)
         train_batches.epoch = state["epochs_done"]  # the order and augmentation of the next epoch, as if unbroken
-        runstate.keep_log_rows_before(out / runstate.LOG_NAME, state["epochs_done"])
     else:
         crnn = new_model(network, charset, in_scope)
         finetune.set_cnn_trainable(crnn, not frozen_until)  # frozen first, with --freeze_cnn_epochs
@@ -357,29 +298,28 @@ def train(cfg):
     started = time.time()
     callbacks.STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps
     try:
-        trained = 0 if state["finished"] else fit_in_phases(
+        trained = 0 if state["finished"] else finetune.fit_in_phases(
             crnn, train_batches, run_callbacks, first_epoch=state["epochs_done"], frozen_until=frozen_until,
             epochs=epochs, compile_for=compile_for)
     except KeyboardInterrupt:
         run_callbacks.resume.save()  # this epoch's progress too; the epoch itself runs again on resume
         print(f"\ninterrupted after {run_callbacks.resume.epochs_done} complete epochs; saved "
-              f"{out / runstate.RESUME_NAME}. Continue with: python train.py --resume --out {out}")
+              f"{out / runstate.RESUME_NAME}. Continue with: python train.py --resume --out {resume_out or out}")
         return None
     finally:  # (whatever ended fit(): a signal from here on stops at once)
         callbacks.STOP.in_fit = False
         train_batches.close()  # its worker processes, if any
     # ---- phase 6, the final model, then the best checkpoint scored on the test split
-    train_seconds = max(time.time() - started, 1e-6)
     if not state["finished"]:
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
         results = scoring.score_run(out, folder, cfg, charset, network.options, train_set, test_set, test_batches,
-                            epochs_run=state["epochs_done"] + trained, trained=trained, train_seconds=train_seconds,
-                            repeats=repeats)
+                                    val_set=val_set, val_batches=val_batches, epochs_run=state["epochs_done"] + trained,
+                                    trained=trained, train_seconds=max(time.time() - started, 1e-6), repeats=repeats)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
-              f"python train.py --resume --out {out}")
+              f"python train.py --resume --out {resume_out or out}")
         return None
     (out / runstate.RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return results
@@ -396,7 +336,8 @@ def main(argv=None):
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = [signal.signal(s, on_signal) for s in stop_signals] if in_main_thread else []
     try:
-        results = train(cfg)
+        self_training = cfg.unlabeled or (cfg.resume and (Path(cfg.out) / selftrain.STATE_NAME).exists())
+        results = selftrain.run(cfg, train, TrainConfig) if self_training else train(cfg)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -346,6 +346,10 @@ def test_train_help_shows_each_flags_comment(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--labels_from LABELS_FROM where file names hold the label: auto (decided from all the names" in text
     assert "--case CASE letter case of the labels: keep, lower, upper (folded), auto" in text
+    # a comment's continuation lines too, and a comment line of its own (above a group of fields) in none
+    assert ("end once the validation CER has held this many epochs (0: never; the recipe's: 10 for default, never for "
+            "reference and kerasio) (default: None)") in text
+    assert "Settings left unset" not in text
 
 
 def test_raw_format_copies_are_read_as_the_plain_folder(tmp_path, capsys):

@@ -2,6 +2,7 @@
 int8 ONNX, exported models read without TensorFlow, and the HTTP server (started for real)."""
 
 import base64
+import contextlib
 import csv
 import json
 import socket
@@ -218,10 +219,15 @@ def multipart(field, files):
 @pytest.fixture(scope="module")
 def server(onnx_model):
     """serve.py on a free port, as a user starts it: python serve.py --model M.onnx."""
+    with serving(onnx_model, "--min_confidence", "0.5", "--max_image_bytes", "100000") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(model_path, *flags):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py", "--model", str(onnx_model), "--port", str(port),
-                                "--min_confidence", "0.5", "--max_image_bytes", "100000"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "serve.py", "--model", str(model_path), "--port", str(port), *flags],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(5000):  # until it answers: start-up speed is the machine's, so the cap is only against a hang
         if process.poll() is not None:
@@ -234,9 +240,11 @@ def server(onnx_model):
     else:
         process.kill()
         pytest.fail(f"serve.py never answered /health: {process.communicate()[0]}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_server_reads_files_and_base64_like_test_py(server, onnx_model):

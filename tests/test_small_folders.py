@@ -149,9 +149,9 @@ def test_a_one_cycle_run_is_never_stopped_on_patience_and_the_reference_recipe_i
     assert reference.start_from_epoch == 0 and reference.patience == 5 and reference.monitor == "val_loss"
     assert reference.restore_best_weights
     # --patience: the recipe's unless given; given to a one-cycle run, it says it is not used
-    assert train.resolve_recipe(train.TrainConfig(recipe="reference", patience=3)).stop_patience == 3
-    assert train.resolve_recipe(train.TrainConfig(recipe="reference")).stop_patience == 5
-    assert train.resolve_recipe(train.TrainConfig(patience=3)).stop_patience == 3
+    assert recipes.with_flags("reference", patience=3).stop_patience == 3
+    assert recipes.with_flags("reference").stop_patience == 5
+    assert recipes.with_flags("default", patience=3).stop_patience == 3
     assert "--patience 3: not used, a one-cycle run" in capsys.readouterr().out
     assert recipes.RECIPES["default"].settle_epochs == 10  # it ends once validation has settled; the peers' never do
     assert recipes.RECIPES["reference"].settle_epochs == recipes.RECIPES["kerasio"].settle_epochs == 0

@@ -1,0 +1,190 @@
+"""Self-training: a site's unlabelled captchas, read by the model, and the confident readings trained on.
+
+    python train.py --data_dir LABELLED --unlabeled UNLABELLED        # rounds in --out/round_0, round_1, ...
+    python train.py --resume --out saved_model                        # an interrupted self-training run
+
+Round 0 trains on the labelled images alone. After each round, its best model reads the unlabelled images;
+readings at or above the confidence threshold it stores (chosen on its validation split for
+--target_precision) become pseudo-labels, written to --out/pseudo_labels_round_N.csv for a person to check,
+and round N trains again, from the same start, on the labelled training images plus those. Validation and
+test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
+any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
+typed. Rounds go on up to --rounds, and end earlier once a round's model would add few new pseudo-labels.
+The round with the lowest validation CER (a tie: the later round) is copied to --out as the run's result.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import preprocess
+import reader
+import runstate
+from preprocess import CaptchaError
+
+STATE_NAME = "self_training.json"
+MIN_NEW_FRACTION = 0.05  # a round whose model would pseudo-label fewer new images than this share of the folder
+RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOG_NAME, "metrics.json", "training_curves.png",
+                "predictions.png", "confusions.png")
+
+
+def round_dir(out, number):
+    return Path(out) / f"round_{number}"
+
+
+def pseudo_labels_path(out, number):
+    return Path(out) / f"pseudo_labels_round_{number}.csv"
+
+
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def without_labelled_copies(pseudo, labelled):
+    """The pseudo-labelled (path, label) pairs whose files are not byte-for-byte copies of a labelled image's:
+    a copy of a validation or test image would leak it into training. Returns (kept, dropped count)."""
+    labelled_digests = {file_digest(path) for path, _ in labelled}
+    kept = [(path, label) for path, label in pseudo if file_digest(path) not in labelled_digests]
+    return kept, len(pseudo) - len(kept)
+
+
+def with_pseudo_labels(train_set, val_set, test_set, pseudo):
+    """The training split with the pseudo-labelled images added (those that are not copies of labelled ones)."""
+    if not pseudo:
+        return train_set
+    kept, copies = without_labelled_copies(pseudo, train_set + val_set + test_set)
+    print(f"training split: {len(train_set)} labelled + {len(kept)} pseudo-labelled images"
+          + (f" ({copies} unlabelled files are copies of labelled images: left out)" if copies else ""))
+    return train_set + kept
+
+
+def read_pseudo_labels(path):
+    with open(path, newline="") as f:
+        return [(row["path"], row["label"]) for row in csv.DictReader(f)]
+
+
+def write_pseudo_labels(path, readings):
+    """readings: (path, text, confidence) rows, written atomically (a resume reads either all or none)."""
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "confidence"])
+        writer.writerows([path, text, f"{confidence:.6g}"] for path, text, confidence in readings)
+    os.replace(tmp, path)
+
+
+def pseudo_label(model_path, paths):
+    """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold.
+    Returns (kept (path, text, confidence) rows, files that could not be read)."""
+    captcha_reader = reader.Reader(model_path)
+    threshold, _ = captcha_reader.low_confidence_rule()
+    kept, unreadable = [], 0
+    for reading in captcha_reader.read_paths(paths):
+        if reading.error:
+            unreadable += 1
+        elif reading.text and reading.confidence >= threshold:
+            kept.append((reading.path, reading.text, reading.confidence))
+    return kept, unreadable
+
+
+def round_summary(number, out, added):
+    """One line of the self-training log: what round `number` trained on and how its best model reads."""
+    results = json.loads((round_dir(out, number) / "metrics.json").read_text())
+    history = runstate.validation_history(round_dir(out, number) / runstate.LOG_NAME)  # (val_cer, val_exact) each epoch
+    best_epoch = min(range(len(history)), key=lambda i: (history[i][0], -i))
+    abstain = results["abstain"]
+    return {"round": number, "pseudo_labels": added, "val_cer": history[best_epoch][0],
+            "val_exact_match": history[best_epoch][1], "test_exact_match": results["test"]["exact_match"],
+            "threshold": abstain["threshold"], "threshold_val_precision": abstain["val_precision"],
+            "threshold_val_coverage": abstain["val_coverage"]}
+
+
+def describe_round(summary):
+    precision = summary["threshold_val_precision"]
+    return (f"self-training round {summary['round']}: {summary['pseudo_labels']} pseudo-labelled images added; best "
+            f"validation CER {summary['val_cer']:.4f}, exact match {summary['val_exact_match']:.4f}; its threshold "
+            + ("reached no precision" if summary["threshold"] is None else
+               f"{summary['threshold']:.4g} kept {summary['threshold_val_coverage']:.1%} of validation at precision "
+               f"{precision:.4f}"))
+
+
+def start_state(cfg, config_class):
+    """The run's settings: saved at a fresh start (earlier rounds in --out are removed), read on --resume."""
+    out = Path(cfg.out)
+    state_path = out / STATE_NAME
+    if cfg.resume:
+        if not state_path.exists():
+            raise CaptchaError(f"{state_path}: no self-training run to resume in {out}")
+        saved = json.loads(state_path.read_text())["config"]
+        print(f"resuming the self-training run in {out} with its saved settings")
+        return config_class(**{**saved, "out": cfg.out, "resume": True})
+    if not Path(cfg.unlabeled).is_dir():
+        raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
+    if cfg.rounds < 1:
+        raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("round_*"), *out.glob("pseudo_labels_round_*.csv")]:
+        print(f"removing the earlier run's {old}")
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    state_path.write_text(json.dumps({"config": dataclasses.asdict(cfg), "rounds": []}, indent=2))
+    return cfg
+
+
+def run(cfg, train_one, config_class):
+    """Self-training rounds; `train_one(cfg, pseudo, resume_out)` is train.train. Returns the chosen round's
+    results (its metrics, with the rounds' log), or None if interrupted (resumable)."""
+    cfg = start_state(cfg, config_class)
+    out = Path(cfg.out)
+    unlabeled = preprocess.list_images(cfg.unlabeled)
+    if not unlabeled:
+        raise CaptchaError(f"--unlabeled {cfg.unlabeled}: no image files (png, jpg, bmp, webp, gif, tif)")
+    print(f"self-training: {len(unlabeled)} unlabelled images in {cfg.unlabeled}, up to {cfg.rounds} rounds with "
+          f"pseudo-labels at precision {cfg.target_precision:g} on validation")
+    summaries = []
+    for number in range(cfg.rounds + 1):
+        pseudo = read_pseudo_labels(pseudo_labels_path(out, number)) if number else []
+        folder = round_dir(out, number)
+        if not (folder / "metrics.json").exists():
+            resumable = (folder / runstate.RESUME_NAME).exists()
+            print(f"---- self-training round {number}: {'resumed' if resumable else 'started'}, {len(pseudo)} "
+                  f"pseudo-labelled images beside the labelled ones")
+            round_cfg = dataclasses.replace(cfg, out=str(folder), unlabeled="", resume=resumable)
+            if train_one(round_cfg, pseudo=pseudo, resume_out=out) is None:
+                return None
+        summaries.append(round_summary(number, out, len(pseudo)))
+        print(describe_round(summaries[-1]))
+        state = json.loads((out / STATE_NAME).read_text())
+        (out / STATE_NAME).write_text(json.dumps({**state, "rounds": summaries}, indent=2))
+        if number == cfg.rounds:
+            break
+        next_labels = pseudo_labels_path(out, number + 1)
+        if not next_labels.exists():
+            kept, unreadable = pseudo_label(folder / runstate.BEST_NAME, unlabeled)
+            write_pseudo_labels(next_labels, kept)
+            print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
+                  + (f" ({unreadable} could not be read)" if unreadable else "") + f"; wrote {next_labels}")
+        added = len(read_pseudo_labels(next_labels))
+        if added - len(pseudo) < MIN_NEW_FRACTION * len(unlabeled):
+            print(f"self-training ends: round {number + 1} would add {added - len(pseudo)} pseudo-labels to the "
+                  f"{len(pseudo)} of this round, under {MIN_NEW_FRACTION:.0%} of the unlabelled images")
+            break
+    return finish(out, summaries)
+
+
+def finish(out, summaries):
+    """The round with the lowest validation CER (a tie: the later, trained on more) becomes the run's result."""
+    chosen = min(summaries, key=lambda s: (s["val_cer"], -s["round"]))
+    source = round_dir(out, chosen["round"])
+    for name in RESULT_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, out / name)
+    results = {**json.loads((source / "metrics.json").read_text()),
+               "self_training": {"chosen_round": chosen["round"], "rounds": summaries}}
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    print(f"self-training: round {chosen['round']} chosen (lowest validation CER); its models and metrics copied to "
+          f"{out}")
+    return results

@@ -1,0 +1,186 @@
+"""Few labels: the confidence threshold every model stores and every reader applies, and self-training on a
+folder of unlabelled captchas (pseudo-labels in the training split only, resumable by round)."""
+
+import csv
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from test_reading import call, multipart, serving
+
+import export_safe
+import metrics
+import model
+import modelmeta
+import reader
+import runstate
+import scoring
+import selftrain
+import test as read_captchas  # the project's test.py (reads captchas), not a test module
+import train
+from conftest import READER, READER_IMAGES, ROOT
+
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+from make_reader import draw_folder  # noqa: E402  (the fixture reader's own look: it reads these)
+
+# ----------------------------------------------------------------------------- the stored threshold
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("precision", [0.8, 0.95, 0.99])
+def test_the_threshold_reaches_its_precision_on_the_split_it_was_chosen_on(seed, precision):
+    rng = np.random.default_rng(seed)
+    confidences = np.round(rng.random(300), 2)  # ties, as real confidences have after rounding
+    correct = rng.random(300) < 0.3 + 0.7 * confidences  # the confident ones are right more often
+    chosen = metrics.abstention_threshold(correct, confidences, precision)
+    kept = metrics.abstention_scores(correct, confidences, chosen["threshold"])
+    assert kept["precision"] >= precision and kept["precision"] == pytest.approx(chosen["precision"])
+    assert kept["coverage"] == pytest.approx(chosen["coverage"]) and 0 < kept["coverage"] < 1
+    lower = confidences[confidences < chosen["threshold"]].max()  # the next cut down misses the precision
+    assert metrics.abstention_scores(correct, confidences, lower)["precision"] < precision
+
+
+def test_no_threshold_when_the_most_confident_reading_is_wrong():
+    chosen = metrics.abstention_threshold([False, True], [0.9, 0.8], 0.99)
+    assert chosen["threshold"] is None and chosen["coverage"] == 0
+    assert metrics.abstention_scores([False, True], [0.9, 0.8], None) == {"coverage": 0.0, "precision": None,
+                                                                          "count": 2}
+
+
+def test_every_trained_model_stores_its_threshold_and_metrics_report_it_on_test(trained_run):
+    results = json.loads((trained_run / "metrics.json").read_text())
+    abstain = results["abstain"]
+    for name in (runstate.BEST_NAME, runstate.FINAL_NAME):
+        stored = modelmeta.read_meta(trained_run / name)["abstain"]
+        assert stored["target_precision"] == 0.99 and stored["val_count"] == 4
+    assert {k: abstain[k] for k in stored} == modelmeta.read_meta(trained_run / runstate.BEST_NAME)["abstain"]
+    readings = results["readings"]
+    correct = [r["truth"] == r["prediction"] for r in readings]
+    on_test = metrics.abstention_scores(correct, [r["confidence"] for r in readings], abstain["threshold"])
+    assert abstain["test_coverage"] == pytest.approx(on_test["coverage"])
+
+
+@pytest.fixture(scope="module")
+def thresholded_reader(tmp_path_factory):
+    """The committed reader with a stored threshold between its images' confidences, as .keras and .onnx."""
+    folder = tmp_path_factory.mktemp("thresholded")
+    path = folder / "reader.keras"
+    shutil.copy(READER, path)
+    confidences = sorted(reading.confidence for reading in reader.Reader(READER).read_paths(READER_IMAGES))
+    threshold = (confidences[3] + confidences[4]) / 2  # four readings below it, four above
+    model.update_meta(path, {"abstain": {"target_precision": 0.99, "threshold": threshold, "val_precision": 1.0,
+                                         "val_coverage": 0.5, "val_count": 8}})
+    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(folder / "reader.onnx"), "--format", "onnx"]) == 0
+    return path, folder / "reader.onnx", threshold
+
+
+def test_a_stored_threshold_keeps_the_weights_and_is_applied_by_keras_and_onnx_readers(thresholded_reader):
+    keras_path, onnx_path, threshold = thresholded_reader
+    assert model.load_model(keras_path)[0].get_weights()[0].tobytes() == model.load_model(READER)[0].get_weights()[0].tobytes()
+    for path in (keras_path, onnx_path):
+        assert reader.Reader(path).low_confidence_rule()[0] == threshold
+        assert reader.Reader(path).low_confidence_rule(0.25)[0] == 0.25  # --min_confidence overrides
+    assert reader.Reader(READER).low_confidence_rule()[0] == 0.0  # a model without one marks nothing
+
+
+def test_test_py_marks_low_readings_by_the_stored_threshold_unless_told(thresholded_reader, tmp_path, capsys):
+    keras_path, _, threshold = thresholded_reader
+    output = tmp_path / "readings.json"
+    assert read_captchas.main(["--model", str(keras_path), "--folder", str(READER_IMAGES[0].parent),
+                               "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["readings"]
+    assert [row["low_confidence"] for row in rows] == [row["confidence"] < threshold for row in rows]
+    assert sum(row["low_confidence"] for row in rows) == 4
+    assert "4 of 8 readings below confidence" in capsys.readouterr().out
+    assert read_captchas.main(["--model", str(keras_path), "--folder", str(READER_IMAGES[0].parent),
+                               "--output", str(output), "--min_confidence", "0"]) == 0
+    assert not any(row["low_confidence"] for row in json.loads(output.read_text())["readings"])
+
+
+def test_serve_py_marks_low_answers_by_the_stored_threshold(thresholded_reader):
+    _, onnx_path, threshold = thresholded_reader
+    with serving(onnx_path) as url:
+        status, answer = call(f"{url}/model")
+        assert status == 200 and answer["min_confidence"] == pytest.approx(threshold)
+        status, answer = call(f"{url}/read_batch", *multipart("images", [(p.name, p.read_bytes())
+                                                                          for p in READER_IMAGES]))
+    assert status == 200 and [r["text"] for r in answer["results"]] == [p.stem for p in READER_IMAGES]
+    assert [r["low_confidence"] for r in answer["results"]] == [r["confidence"] < threshold for r in answer["results"]]
+    assert sum(r["low_confidence"] for r in answer["results"]) == 4
+
+
+# ----------------------------------------------------------------------------- self-training
+
+
+def test_pseudo_labelled_copies_of_labelled_images_are_left_out(tmp_path):
+    draw_folder(tmp_path / "labelled", 4, seed=3)
+    labelled = [(path, path.stem) for path in sorted((tmp_path / "labelled").iterdir())]
+    (tmp_path / "unlabelled").mkdir()
+    shutil.copy(labelled[0][0], tmp_path / "unlabelled" / "copy.png")
+    draw_folder(tmp_path / "other", 2, seed=4)
+    pseudo = [(tmp_path / "unlabelled" / "copy.png", "1")] + [(p, p.stem) for p in sorted((tmp_path / "other").iterdir())]
+    kept, copies = selftrain.without_labelled_copies(pseudo, labelled)
+    assert copies == 1 and kept == pseudo[1:]
+
+
+@pytest.fixture(scope="module")
+def few_and_unlabelled(tmp_path_factory):
+    """60 labelled images of the fixture reader's look, and 120 more under numbers, with their truth; one of
+    them a copy of a labelled image."""
+    root = tmp_path_factory.mktemp("few")
+    draw_folder(root / "labelled", 60, seed=21)
+    draw_folder(root / "drawn", 120, seed=22)
+    unlabelled, truth = root / "unlabelled", {}
+    unlabelled.mkdir()
+    for i, path in enumerate(sorted((root / "drawn").iterdir())):
+        shutil.copy(path, unlabelled / f"{i:04d}.png")
+        truth[f"{i:04d}.png"] = path.stem
+    shutil.copy(sorted((root / "labelled").iterdir())[0], unlabelled / "copy.png")
+    return root / "labelled", unlabelled, truth
+
+
+def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_its_round(few_and_unlabelled,
+                                                                                         tmp_path, monkeypatch, capsys):
+    labelled, unlabelled, truth = few_and_unlabelled
+    out = tmp_path / "run"
+    flags = ["--data_dir", str(labelled), "--unlabeled", str(unlabelled), "--init_from", str(READER), "--epochs", "2",
+             "--rounds", "1", "--workers", "1", "--out", str(out)]
+    score_run, calls = scoring.score_run, []
+
+    def interrupted_in_round_one(*args, **kwargs):  # a stop while round 1 is scored
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score_run(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "score_run", interrupted_in_round_one)
+        assert train.main(flags) == 130
+    printed = capsys.readouterr().out
+    assert f"python train.py --resume --out {out}\n" in printed and "Traceback" not in printed
+    assert calls == [out / "round_0", out / "round_1"]
+    round_zero = (out / "round_0" / "metrics.json").stat().st_mtime_ns
+    with open(selftrain.pseudo_labels_path(out, 1)) as f:
+        pseudo = list(csv.DictReader(f))
+    right = [truth.get(row["path"].rsplit("/", 1)[-1]) == row["label"] for row in pseudo]
+    assert len(pseudo) >= 60 and np.mean(right) >= 0.95  # the reader reads its look well: most, and right
+    assert all(row["path"].startswith(str(unlabelled)) for row in pseudo)
+    assert float(min(row["confidence"] for row in pseudo)) >= modelmeta.read_meta(
+        out / "round_0" / runstate.BEST_NAME)["abstain"]["threshold"]
+
+    assert train.main(["--resume", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "self-training round 1: resumed" in printed and "round 0: resumed" not in printed
+    assert "copies of labelled images: left out" in printed
+    assert (out / "round_0" / "metrics.json").stat().st_mtime_ns == round_zero  # round 0 was not run again
+    results = json.loads((out / "metrics.json").read_text())
+    rounds = results["self_training"]["rounds"]
+    assert [r["pseudo_labels"] for r in rounds] == [0, len(pseudo)]
+    tests = [json.loads((out / f"round_{n}" / "metrics.json").read_text())["readings"] for n in (0, 1)]
+    assert [r["path"] for r in tests[0]] == [r["path"] for r in tests[1]]  # the same labelled test split
+    assert all(r["path"].startswith(str(labelled)) for r in tests[1])
+    chosen = out / f"round_{results['self_training']['chosen_round']}"
+    assert (out / runstate.BEST_NAME).read_bytes() == (chosen / runstate.BEST_NAME).read_bytes()
+    assert not (out / "round_1" / runstate.RESUME_NAME).exists()
