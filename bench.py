@@ -273,12 +273,7 @@ def bench(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    try:
-        bench(cfg)
-    except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.exit_status(lambda: bench(cfg))
 
 
 if __name__ == "__main__":

@@ -3,14 +3,18 @@
     cfg = cli.parse(TrainConfig, argv, description=__doc__)
 
 `int | None` fields parse as int and stay None when not given (the scripts read None as "the
-recipe's value"); bool fields get --flag / --no-flag.
+recipe's value"); bool fields get --flag / --no-flag. `exit_status` is the scripts' one way of
+turning a user's error into one line and exit status 2.
 """
 
 import argparse
 import dataclasses
 import inspect
 import re
+import sys
 import typing
+
+from preprocess import CaptchaError
 
 
 def field_comments(cls):
@@ -39,3 +43,14 @@ def parse(cls, argv=None, description=None):
             kind = next((k for k in typing.get_args(f.type) if k is not type(None)), f.type)
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def exit_status(action, *user_errors):
+    """Runs `action()`: 0, or 2 with one `error: ...` line on stderr for a CaptchaError or one of `user_errors`
+    (bad input is a line naming the file and the problem, never a traceback)."""
+    try:
+        action()
+    except (CaptchaError, *user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import labels as label_sources
-from preprocess import CaptchaError, list_images
+from preprocess import list_images
 
 
 def write_formats(source, target, seed=0):
@@ -76,17 +77,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", action="store_true", help="compare the copies in TARGET with SOURCE instead")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         list_images(args.source)
         if args.compare:
             compare(args.source, args.target)
-            return 0
-        count = write_formats(args.source, args.target, args.seed)
-    except (CaptchaError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{count} images in 4 formats under {args.target}")
-    return 0
+        else:
+            print(f"{write_formats(args.source, args.target, args.seed)} images in 4 formats under {args.target}")
+
+    return cli.exit_status(run, FileExistsError)
 
 
 if __name__ == "__main__":

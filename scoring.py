@@ -78,6 +78,9 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f} "
           f"({scores['exact_match_ignore_case']:.4f} ignoring case), CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
     print(describe_abstention(abstain))
+    if abstain["val_coverage"] < 0.5:  # the model's errors are not its least confident readings, or too few were read
+        print(f"  few readings reach precision {abstain['target_precision']:g}: a lower --target_precision when "
+              f"training, or --min_confidence when reading, marks fewer low")
     ranked = results["confidence"]
     if ranked["count_rest"] and ranked["count_confident"]:
         print(f"confidence ranks errors: exact match {ranked['exact_match_confident']:.4f} on the "

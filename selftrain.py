@@ -9,7 +9,8 @@ readings at or above the confidence threshold it stores (chosen on its validatio
 and round N trains again, from the same start, on the labelled training images plus those. Validation and
 test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
 any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
-typed. Rounds go on up to --rounds, and end earlier once a round's model would add few new pseudo-labels.
+typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
+than MIN_NEW_FRACTION of the unlabelled images newly labelled or relabelled).
 The round with the lowest validation CER (a tie: the later round) is copied to --out as the run's result.
 """
 
@@ -27,7 +28,7 @@ import runstate
 from preprocess import CaptchaError
 
 STATE_NAME = "self_training.json"
-MIN_NEW_FRACTION = 0.05  # a round whose model would pseudo-label fewer new images than this share of the folder
+MIN_NEW_FRACTION = 0.05  # fewer new or changed pseudo-labels than this share of the folder: no further round
 RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOG_NAME, "metrics.json", "training_curves.png",
                 "predictions.png", "confusions.png")
 
@@ -75,6 +76,11 @@ def write_pseudo_labels(path, readings):
         writer.writerow(["path", "label", "confidence"])
         writer.writerows([path, text, f"{confidence:.6g}"] for path, text, confidence in readings)
     os.replace(tmp, path)
+
+
+def changed_pseudo_labels(before, after):
+    """How many images the pseudo-labels `after` label that `before` did not, or label otherwise."""
+    return len({(str(path), label) for path, label in after} - {(str(path), label) for path, label in before})
 
 
 def pseudo_label(model_path, paths):
@@ -167,10 +173,10 @@ def run(cfg, train_one, config_class):
             write_pseudo_labels(next_labels, kept)
             print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
                   + (f" ({unreadable} could not be read)" if unreadable else "") + f"; wrote {next_labels}")
-        added = len(read_pseudo_labels(next_labels))
-        if added - len(pseudo) < MIN_NEW_FRACTION * len(unlabeled):
-            print(f"self-training ends: round {number + 1} would add {added - len(pseudo)} pseudo-labels to the "
-                  f"{len(pseudo)} of this round, under {MIN_NEW_FRACTION:.0%} of the unlabelled images")
+        changed = changed_pseudo_labels(pseudo, read_pseudo_labels(next_labels))
+        if changed < MIN_NEW_FRACTION * len(unlabeled):
+            print(f"self-training ends: round {number + 1}'s pseudo-labels differ from this round's in {changed} "
+                  f"images, under {MIN_NEW_FRACTION:.0%} of the unlabelled images")
             break
     return finish(out, summaries)
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import augment
+import cli
 import dataset
 import preprocess
 import reader
@@ -248,13 +249,9 @@ def main(argv=None):
     serve.add_argument("--limit", type=int, default=1000, help="images of the folder to post (default 1000)")
     serve.add_argument("--clients", type=int, default=8)
     args = parser.parse_args(argv)
-    try:
-        {"loader": time_loader, "ratio": time_ratio, "step": time_training_step, "inference": time_inference,
-         "serve": time_server}[args.command](args)
-    except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = {"loader": time_loader, "ratio": time_ratio, "step": time_training_step, "inference": time_inference,
+               "serve": time_server}[args.command]
+    return cli.exit_status(lambda: command(args))
 
 
 if __name__ == "__main__":

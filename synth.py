@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import cli
 from preprocess import (
     CHARSET_PRESETS,
     DEFAULT_SYMBOLS,
@@ -325,19 +326,19 @@ def main(argv=None):
                         help="hershey only: draw nothing; write, for each image this command would draw into an "
                              "empty --out, how much of its least visible symbol the others leave uncovered")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         low, _, high = args.length.partition("-")
         length = (int(low), int(high)) if high else int(low)
         if args.visibility:
-            return write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols,
-                                    length, args.style)
+            write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
+                             args.style)
+            return
         written = generate_synthetic(args.out, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
                                      args.style, workers=args.workers or None)
-    except (CaptchaError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written)} images to {args.out}")
-    return 0
+        print(f"wrote {len(written)} images to {args.out}")
+
+    return cli.exit_status(run, ValueError, OSError)
 
 
 if __name__ == "__main__":

@@ -72,13 +72,15 @@ def thresholded_reader(tmp_path_factory):
     threshold = (confidences[3] + confidences[4]) / 2  # four readings below it, four above
     model.update_meta(path, {"abstain": {"target_precision": 0.99, "threshold": threshold, "val_precision": 1.0,
                                          "val_coverage": 0.5, "val_count": 8}})
-    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(folder / "reader.onnx"), "--format", "onnx"]) == 0
+    onnx_path = folder / "reader.onnx"
+    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
     return path, folder / "reader.onnx", threshold
 
 
 def test_a_stored_threshold_keeps_the_weights_and_is_applied_by_keras_and_onnx_readers(thresholded_reader):
     keras_path, onnx_path, threshold = thresholded_reader
-    assert model.load_model(keras_path)[0].get_weights()[0].tobytes() == model.load_model(READER)[0].get_weights()[0].tobytes()
+    weights = [model.load_model(path)[0].get_weights() for path in (keras_path, READER)]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
     for path in (keras_path, onnx_path):
         assert reader.Reader(path).low_confidence_rule()[0] == threshold
         assert reader.Reader(path).low_confidence_rule(0.25)[0] == 0.25  # --min_confidence overrides
@@ -120,9 +122,17 @@ def test_pseudo_labelled_copies_of_labelled_images_are_left_out(tmp_path):
     (tmp_path / "unlabelled").mkdir()
     shutil.copy(labelled[0][0], tmp_path / "unlabelled" / "copy.png")
     draw_folder(tmp_path / "other", 2, seed=4)
-    pseudo = [(tmp_path / "unlabelled" / "copy.png", "1")] + [(p, p.stem) for p in sorted((tmp_path / "other").iterdir())]
+    others = [(path, path.stem) for path in sorted((tmp_path / "other").iterdir())]
+    pseudo = [(tmp_path / "unlabelled" / "copy.png", "1"), *others]
     kept, copies = selftrain.without_labelled_copies(pseudo, labelled)
     assert copies == 1 and kept == pseudo[1:]
+
+
+def test_rounds_go_on_while_the_pseudo_labels_change():
+    before = [("a.png", "12"), ("b.png", "34"), ("c.png", "56")]
+    assert selftrain.changed_pseudo_labels(before, before[:2]) == 0  # fewer, none new: nothing to learn from
+    assert selftrain.changed_pseudo_labels(before, [("a.png", "12"), ("b.png", "84"), ("d.png", "7")]) == 2
+    assert selftrain.changed_pseudo_labels([], before) == 3
 
 
 @pytest.fixture(scope="module")

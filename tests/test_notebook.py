@@ -15,6 +15,7 @@ def test_notebook_runs_end_to_end_on_tiny_settings(tmp_path):
     parameters.source = "\n".join([
         'REPO_URL = ""', "INSTALL = False", 'DATA_SOURCE = "synthetic"', "SYNTH_COUNT = 40", "EPOCHS = 2",
         'PRESET = "tiny"', "BATCH_SIZE = 8", f'DATA_DIR = "{tmp_path / "data"}"', f'OUT = "{tmp_path / "out"}"',
+        'UNLABELED_DIR = ""',
     ])
     NotebookClient(notebook, timeout=1200, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on any cell error
@@ -33,6 +34,7 @@ def test_notebook_runs_end_to_end_on_tiny_settings(tmp_path):
     evaluation = next(cell for cell in notebook.cells if cell.cell_type == "code" and "metrics.json" in cell.source)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in saved["test"].items()}
     assert f"test split: {shown}" in printed(evaluation)  # the notebook shows this run's own scores
+    assert f"marked low): {saved['abstain']}" in printed(evaluation)
     last = notebook.cells[-1]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in last.outputs)
     readings = [line for line in printed(last).splitlines() if " with confidence " in line]
