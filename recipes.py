@@ -12,7 +12,7 @@ from preprocess import CLAHE_CLIP, CaptchaError, PreprocessOptions
 
 DEFAULT_EPOCHS = 30  # passes over the training images when --epochs is unset; small folders get more (--min_steps)
 MIN_EPOCH_STEPS = 50  # with --epochs unset, a small folder's epoch passes over its images more than once
-CPU_BUILTIN_STEPS = 5000  # on a CPU, `python train.py` on the built-in data makes about this many steps
+CPU_BUILTIN_STEPS = 3000  # on a CPU, `python train.py` on the built-in data makes about this many steps
 
 
 @dataclass(frozen=True)

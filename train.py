@@ -72,7 +72,7 @@ class TrainConfig:
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (recipes.RECIPES)
     # Settings left unset (None) take the recipe's value.
     epochs: int | None = None  # passes: 30, or more on a small folder so that training makes at least --min_steps
-    #                            updates (on a CPU, the built-in run makes about 5,000 steps)
+    #                            updates (on a CPU, the built-in run makes about 3,000 steps)
     min_steps: int = 3000  # with --epochs unset: the fewest optimizer steps (batches) a run makes
     augment: str | None = None  # on-the-fly training augmentation: none, light, strong (the recipe's: light or none)
     clean_finish: float | None = None  # the last fraction of the epochs without augmentation (the recipe's: 0.25)

@@ -421,8 +421,8 @@ def test_the_weights_moving_average_trains_and_saves_under_jax(digits_folder, tm
 
 
 def test_the_built_in_run_on_a_cpu_is_sized_in_steps():
-    assert recipes.cpu_builtin_epochs(16000, 32) == 10  # 500 steps an epoch: 5,000 steps
-    assert recipes.cpu_builtin_epochs(100, 32) == 1250  # 4 steps an epoch
+    assert recipes.cpu_builtin_epochs(16000, 32) == 6  # 500 steps an epoch: 3,000 steps
+    assert recipes.cpu_builtin_epochs(100, 32) == 750  # 4 steps an epoch
     assert recipes.cpu_builtin_epochs(10**6, 32) == 1
 
 
