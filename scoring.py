@@ -30,10 +30,12 @@ def evaluate(keras_model, batches, charset, labels):
     return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
 
 
-def store_abstention(path, val_batches, val_labels, charset, precision):
-    """Chooses, on the validation split, the confidence threshold above which the model at `path` reads at
-    `precision`, and stores it in the file's metadata ("abstain"), where every reader finds it."""
-    keras_model, _ = model.load_model(path)
+def store_abstention(path, val_batches, val_labels, charset, precision, keras_model=None):
+    """Chooses, on the validation split, the confidence threshold above which the model at `path` (already
+    loaded: `keras_model`) reads at `precision`, and stores it in the file's metadata ("abstain"), where every
+    reader finds it."""
+    if keras_model is None:
+        keras_model, _ = model.load_model(path)
     _, predictions, confidences = evaluate(keras_model, val_batches, charset, val_labels)
     chosen = metrics.abstention_threshold([p == t for p, t in zip(predictions, val_labels)], confidences, precision)
     abstain = {"target_precision": precision, "threshold": chosen["threshold"], "val_precision": chosen["precision"],
@@ -48,8 +50,8 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     confidence threshold stored in it), so this is a clean score; metrics.json and the plots."""
     val_labels = [label for _, label in val_set]
     store_abstention(out / runstate.FINAL_NAME, val_batches, val_labels, charset, cfg.target_precision)
-    abstain = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset, cfg.target_precision)
     best, _ = model.load_model(out / runstate.BEST_NAME)
+    abstain = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset, cfg.target_precision, best)
     test_labels = [label for _, label in test_set]
     scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
