@@ -6,7 +6,10 @@ row written, the trained weights put back, the resume checkpoint saved, and last
 during all that. `run_callbacks` builds the list; each class says what it does.
 """
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 
 import keras
@@ -261,6 +264,30 @@ class StopBetweenSteps(keras.callbacks.Callback):
 
 
 STOP = StopBetweenSteps()  # signals reach the one process-wide handler in main(), which hands them to this
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """A script's main(): Ctrl-C and SIGTERM (preemptible machines send it first) go to STOP, so a run in fit()
+    stops between steps and saves what --resume continues from."""
+    STOP.reset()  # (main() may run more than once in a process: the tests call it)
+
+    def on_signal(signum, frame):
+        STOP.request(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python take signals
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, on_signal) for s in stop_signals] if in_main_thread else []
+    try:
+        yield STOP
+    finally:
+        for s, handler in zip(stop_signals, previous):
+            signal.signal(s, handler)
+
+
+def stopped_status():
+    """The exit status of a script that a signal stopped: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (STOP.signal or signal.SIGINT)
 
 
 class ResumeCheckpoint(keras.callbacks.Callback):

@@ -1,4 +1,4 @@
-"""The built-in synthetic captchas: labelled images drawn by three generators, for the built-in data set,
+"""The built-in synthetic captchas: labelled images drawn by four generators, for the built-in data set,
 the base model's pre-training, the tests, and a style the base model never saw.
 
     python synth.py --out data/synth/captcha --count 1000 --seed 1234
@@ -7,11 +7,13 @@ the base model's pre-training, the tests, and a style the base model never saw.
 captcha: the `captcha` package (PyPI), warped glyphs over noise dots and a curve; gregwar: like the
 PHP Gregwar/Captcha (the reference's Kaggle set), JPEG, lines over a coloured background; hershey:
 OpenCV's stroke fonts, arcs and dots, kept out of the base model's pre-training so that fine-tuning
-on a look it never saw can be measured. All are seeded: the same seed draws the same files.
+on a look it never saw can be measured; varied: 23 TrueType faces on canvases of any size, colours,
+clutter and warps, so that pre-training sees many looks. All are seeded: the same seed draws the same files.
 """
 
 import argparse
 import contextlib
+import functools
 import multiprocessing
 import os
 import random
@@ -201,6 +203,158 @@ def _draw_hershey_png(args):
     return cv2.imencode(".png", image)[1].tobytes()
 
 
+@functools.lru_cache(maxsize=1)
+def varied_fonts():
+    """The `varied` style's faces: every TrueType face of an installed package that draws all 62 symbols as
+    letters and digits (matplotlib's DejaVu, STIX and Computer Modern text faces, the captcha package's
+    DroidSansMono): nothing is downloaded."""
+    import captcha
+    import matplotlib
+
+    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    faces = [p for p in sorted(ttf.glob("DejaVu*.ttf")) if "Display" not in p.name]  # Display: no letters
+    faces += sorted(ttf.glob("STIXGeneral*.ttf"))
+    faces += [ttf / f"cm{face}10.ttf" for face in ("r", "b", "ss", "tt", "ti", "mi")]  # cmsy/cmex: math symbols
+    return tuple(str(p) for p in faces) + (str(Path(captcha.__file__).parent / "data" / "DroidSansMono.ttf"),)
+
+
+def _varied_background(rng, width, height):
+    """A flat colour, a gradient between two, or coloured noise smoothed into blotches; light or dark."""
+    light = rng.random() < 0.75
+    low, high = (150, 256) if light else (0, 110)
+    kind = rng.integers(3)
+    if kind == 0:
+        return np.full((height, width, 3), rng.integers(low, high, size=3), np.uint8), light
+    if kind == 1:
+        ramp = np.linspace(0, 1, width if rng.random() < 0.5 else height, dtype=np.float32)
+        ramp = ramp[None, :, None] if ramp.size == width else ramp[:, None, None]
+        a, b = rng.integers(low, high, size=(2, 3))
+        return np.broadcast_to(a + (b - a) * ramp, (height, width, 3)).astype(np.uint8), light
+    cells = rng.integers(low, high, size=(int(rng.integers(2, 8)), int(rng.integers(4, 16)), 3)).astype(np.float32)
+    return cv2.resize(cells, (width, height), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8), light
+
+
+def _varied_ink(rng, light):
+    """A colour that stands out from a light (or dark) background."""
+    return rng.integers(0, 110, size=3) if light else rng.integers(160, 256, size=3)
+
+
+def _varied_glyphs(text, rng, font_path, height):
+    """Each symbol as an alpha mask (uint8), turned, sheared and scaled on its own."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = max(10, int(height * rng.uniform(0.55, 0.85)))
+    font = ImageFont.truetype(font_path, size)
+    glyphs = []
+    for char in text:
+        left, top, right, bottom = font.getbbox(char)
+        pad = size // 3
+        glyph = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
+        ImageDraw.Draw(glyph).text((pad - left, pad - top), char, font=font, fill=255)
+        mask = np.asarray(glyph)
+        h, w = mask.shape
+        scale = rng.uniform(0.8, 1.15)
+        turn = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-30, 30), scale)
+        turn[0, 1] += rng.uniform(-0.3, 0.3)  # shear
+        mask = cv2.warpAffine(mask, turn, (w, h))
+        ys, xs = np.nonzero(mask > 24)
+        if len(xs):  # cut to the ink
+            mask = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        glyphs.append(mask)
+    return glyphs
+
+
+def _varied_warp(image, rng):
+    """One of: nothing, a perspective tilt, a sine wave along x or y, or a smooth elastic field."""
+    height, width = image.shape[:2]
+    kind = rng.integers(4)
+    if kind == 1:
+        corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+        moved = (corners + rng.uniform(-0.12, 0.12, size=(4, 2)) * [width, height]).astype(np.float32)
+        return cv2.warpPerspective(image, cv2.getPerspectiveTransform(corners, moved), (width, height),
+                                   borderMode=cv2.BORDER_REPLICATE)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == 2:
+        amplitude, period, phase = rng.uniform(1, 0.1 * height), rng.uniform(0.5, 2) * width, rng.uniform(0, 6.3)
+        ys += amplitude * np.sin(2 * np.pi * xs / period + phase)
+        xs += rng.uniform(0, 2) * np.sin(2 * np.pi * ys / height + phase)
+    elif kind == 3:
+        field = rng.uniform(-1, 1, size=(2, 4, 8)).astype(np.float32) * rng.uniform(1, 0.08 * height)
+        xs += cv2.resize(field[0], (width, height), interpolation=cv2.INTER_CUBIC)
+        ys += cv2.resize(field[1], (width, height), interpolation=cv2.INTER_CUBIC)
+    else:
+        return image
+    return cv2.remap(image, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _varied_clutter(image, rng, ink, light):
+    """Lines, curves through the text (some in the text's own colour), dots and small blobs."""
+    height, width = image.shape[:2]
+
+    def colour():
+        return tuple(int(c) for c in (ink if rng.random() < 0.25 else _varied_ink(rng, light)
+                                      if rng.random() < 0.5 else rng.integers(0, 256, size=3)))
+
+    for _ in range(int(rng.integers(0, 6))):  # straight lines
+        start, end = rng.integers(0, [width, height], size=(2, 2))
+        cv2.line(image, tuple(map(int, start)), tuple(map(int, end)), colour(), int(rng.integers(1, 3)), cv2.LINE_AA)
+    for _ in range(int(rng.integers(0, 3)) if rng.random() < 0.6 else 0):  # a wavy curve across the text
+        xs = np.arange(0, width, 2)
+        ys = height * (0.5 + rng.uniform(-0.25, 0.25)) + rng.uniform(2, 0.25 * height) * np.sin(
+            2 * np.pi * xs / rng.uniform(0.3, 1.5) / width + rng.uniform(0, 6.3))
+        points = np.stack([xs, ys], axis=1).astype(np.int32)[None]
+        cv2.polylines(image, points, False, colour(), int(rng.choice([1, 1, 2])), cv2.LINE_AA)
+    dots = rng.integers(0, [width, height], size=(int(rng.integers(0, width * height // 15)), 2))
+    image[dots[:, 1], dots[:, 0]] = rng.integers(0, 256, size=(len(dots), 3))
+    for _ in range(int(rng.integers(0, 4))):  # blobs
+        centre = tuple(int(v) for v in rng.integers(0, [width, height]))
+        cv2.circle(image, centre, int(rng.integers(1, max(2, height // 12))), colour(), -1, cv2.LINE_AA)
+    return image
+
+
+def _draw_varied_png(args):
+    """A captcha of any look, for pre-training to cover many: a canvas of random size (30-80 px high, 2-5 times
+    as wide), a face from `varied_fonts`, symbols each turned, sheared, scaled and placed apart or overlapping,
+    in one ink or each its own, on a flat, graded or blotched background, light or dark; lines, curves, dots
+    and blobs over it; then a perspective, wave or elastic warp, and sometimes blur, noise or JPEG artefacts."""
+    text, seed, width, height = args
+    rng = np.random.default_rng(seed)
+    if not width or not height:
+        height = int(rng.integers(30, 81))
+        width = int(height * rng.uniform(2.0, 5.0))
+    image, light = _varied_background(rng, width, height)
+    image = np.ascontiguousarray(image)
+    fonts = varied_fonts()
+    glyphs = _varied_glyphs(text, rng, fonts[rng.integers(len(fonts))], height)
+    gaps = [int(g.shape[1] * rng.uniform(-0.15, 0.3)) for g in glyphs[1:]] + [0]
+    span = sum(g.shape[1] for g in glyphs) + sum(gaps)
+    fit = min(1.0, (width - 8) / max(span, 1), (height - 4) / max(g.shape[0] for g in glyphs))
+    if fit < 1.0:  # too wide or too tall for the canvas: all symbols shrunk alike
+        glyphs = [cv2.resize(g, (max(1, int(g.shape[1] * fit)), max(1, int(g.shape[0] * fit)))) for g in glyphs]
+        gaps = [int(gap * fit) for gap in gaps]
+        span = sum(g.shape[1] for g in glyphs) + sum(gaps)
+    x = int(rng.integers(2, max(3, width - span - 1)))
+    ink, own_inks = _varied_ink(rng, light), rng.random() < 0.4
+    for glyph, gap in zip(glyphs, gaps):
+        room = height - glyph.shape[0]  # the symbol's top: about centred, up and down by up to a fifth of the height
+        top = int(np.clip(room / 2 + rng.uniform(-0.2, 0.2) * height, 0, max(0, room)))
+        left = int(np.clip(x, 0, width - glyph.shape[1]))
+        alpha = glyph[: height - top, : width - left, None] / 255.0
+        region = image[top : top + alpha.shape[0], left : left + alpha.shape[1]]
+        colour = _varied_ink(rng, light) if own_inks else ink
+        region[:] = (region * (1 - alpha) + colour * alpha).astype(np.uint8)
+        x += glyph.shape[1] + gap
+    image = _varied_warp(_varied_clutter(image, rng, ink, light), rng)
+    if rng.random() < 0.3:
+        image = cv2.GaussianBlur(image, (3, 3), rng.uniform(0.3, 1.0))
+    if rng.random() < 0.3:
+        image = np.clip(image + rng.normal(0, rng.uniform(3, 15), image.shape), 0, 255).astype(np.uint8)
+    if rng.random() < 0.3:
+        jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 90))])[1]
+        image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
 def visible_fractions(symbols, width, height):
     """For symbols drawn in order over one another, each one's ink (alpha > 0.5) that the symbols drawn
     after it leave uncovered, as a fraction: 1.0 untouched, 0.0 hidden. `symbols`: (alpha, top, left)."""
@@ -235,6 +389,7 @@ SYNTH_STYLES = {
     "captcha": (_draw_captcha_png, ".png", IMG_WIDTH, IMG_HEIGHT),
     "gregwar": (_draw_gregwar_jpeg, ".jpg", 150, 40),
     "hershey": (_draw_hershey_png, ".png", 160, 60),  # never in the base model's pre-training
+    "varied": (_draw_varied_png, ".png", None, None),  # a canvas of random size for each image
 }
 
 
@@ -266,7 +421,8 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     """Draw `count` labelled captchas into `out_dir`, each named by its text.
 
     style "captcha": the `captcha` package's ImageCaptcha, 200x50 PNG; "gregwar": the look of the
-    PHP library Gregwar/Captcha, 150x40 JPEG; "hershey": stroke fonts, 160x60 PNG. Image i depends
+    PHP library Gregwar/Captcha, 150x40 JPEG; "hershey": stroke fonts, 160x60 PNG; "varied": many
+    faces and looks, PNG of a random size (30-80 px high, 2-5 times as wide). Image i depends
     only on (seed, i): the same call always writes the same files, with any number of workers.
     """
     if style not in SYNTH_STYLES:
@@ -275,7 +431,7 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_synthetic(count, seed, symbols, length, width or default_width, height or default_height)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or min(os.cpu_count() or 1, max(1, count // 500))  # a few images: not worth a pool's start
     taken = {p.name.lower() for p in out_dir.iterdir()}
     written = []
     with contextlib.ExitStack() as stack:
@@ -320,7 +476,8 @@ def main(argv=None):
     parser.add_argument("--length", default="5", help="label length, or a range like 4-6")
     parser.add_argument("--style", default="captcha", choices=sorted(SYNTH_STYLES),
                         help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha; "
-                             "hershey: stroke fonts, never in the base model's pre-training")
+                             "hershey: stroke fonts, never in the base model's pre-training; varied: many faces, "
+                             "sizes, colours, clutter and warps")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--visibility", metavar="CSV",
                         help="hershey only: draw nothing; write, for each image this command would draw into an "

@@ -17,9 +17,7 @@ Callbacks and their order: callbacks.py; start models and freezing: finetune.py;
 
 import contextlib
 import dataclasses
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from preprocess import CaptchaError
 class TrainConfig:
     data_dir: str = ""  # folder of labelled images; empty: the built-in synthetic set
     synth_dir: str = "data/synth"  # the built-in set is drawn (once) into synth_dir/synth_style
-    synth_style: str = "captcha"  # captcha (the `captcha` package), gregwar (like the Kaggle set) or hershey
+    synth_style: str = "captcha"  # captcha (the `captcha` package), gregwar (like the Kaggle set), hershey or varied
     synth_count: int = 20000
     synth_seed: int = 1234
     init_from: str = "base"  # start from: base (the shipped pretrained model, for the fast preset and default
@@ -327,24 +325,14 @@ def train(cfg, pseudo=(), resume_out=None):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    callbacks.STOP.reset()  # (main() may run more than once in a process: the tests call it)
-
-    def on_signal(signum, frame):  # preemptible machines send SIGTERM first: stop as cleanly as on Ctrl-C
-        callbacks.STOP.request(signum)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python take signals
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(s, on_signal) for s in stop_signals] if in_main_thread else []
     try:
-        self_training = cfg.unlabeled or (cfg.resume and (Path(cfg.out) / selftrain.STATE_NAME).exists())
-        results = selftrain.run(cfg, train, TrainConfig) if self_training else train(cfg)
+        with callbacks.stop_on_signals():
+            self_training = cfg.unlabeled or (cfg.resume and (Path(cfg.out) / selftrain.STATE_NAME).exists())
+            results = selftrain.run(cfg, train, TrainConfig) if self_training else train(cfg)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        for s, handler in zip(stop_signals, previous):
-            signal.signal(s, handler)
-    return 0 if results is not None else 128 + (callbacks.STOP.signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
+    return 0 if results is not None else callbacks.stopped_status()
 
 
 if __name__ == "__main__":

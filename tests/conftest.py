@@ -21,6 +21,20 @@ READER = ROOT / "tests" / "fixtures" / "reader.keras"
 READER_IMAGES = sorted((ROOT / "tests" / "fixtures" / "images").glob("*.png"))  # each named by its text
 
 
+def stop_after_epoch(monkeypatch, epoch):
+    """Ctrl-C as epoch `epoch` (counted from 1) ends, right after its resume checkpoint is written."""
+    import callbacks
+
+    save = callbacks.ResumeCheckpoint.on_epoch_end
+
+    def on_epoch_end(self, index, logs=None):
+        save(self, index, logs)
+        if index + 1 == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.ResumeCheckpoint, "on_epoch_end", on_epoch_end)
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
     """40 captcha-package images, digits, labels of 3 or 4 characters (so lengths vary)."""

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 import bench
-import callbacks
 import dataset
 import labels as label_sources
 import model
@@ -16,7 +15,7 @@ import preprocess
 import runstate
 import synth
 import train
-from conftest import DIGITS
+from conftest import DIGITS, stop_after_epoch
 
 
 @pytest.mark.parametrize("style, size, extension", [("captcha", (200, 50), ".png"), ("gregwar", (150, 40), ".jpg"),
@@ -75,18 +74,6 @@ def test_gregwar_style_varies_like_the_library(tmp_path):
 def cnn_weights(crnn):
     return [w.numpy() for layer in crnn.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization))
             for w in layer.weights]
-
-
-def stop_after_epoch(monkeypatch, epoch):
-    """Ctrl-C as epoch `epoch` (counted from 1) ends, right after its resume checkpoint is written."""
-    save = callbacks.ResumeCheckpoint.on_epoch_end
-
-    def on_epoch_end(self, index, logs=None):
-        save(self, index, logs)
-        if index + 1 == epoch:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(callbacks.ResumeCheckpoint, "on_epoch_end", on_epoch_end)
 
 
 def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run, digits_folder, tmp_path,

@@ -1,0 +1,115 @@
+"""Issue: a stronger base model: the `varied` synthetic style and the recorded, resumable pre-training command."""
+
+import json
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+import labels as label_sources
+import model
+import preprocess
+import pretrain
+import reader
+import runstate
+import synth
+from conftest import stop_after_epoch
+
+
+def test_varied_style_is_deterministic_labelled_and_of_many_sizes(tmp_path):
+    a = synth.generate_synthetic(tmp_path / "a", 30, seed=11, style="varied", length=(3, 8), workers=1,
+                                 progress=False)
+    b = synth.generate_synthetic(tmp_path / "b", 30, seed=11, style="varied", length=(3, 8), workers=2,
+                                 progress=False)
+    c = synth.generate_synthetic(tmp_path / "c", 30, seed=12, style="varied", length=(3, 8), workers=1,
+                                 progress=False)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
+    sizes = set()
+    for path in a:
+        label = label_sources.label_from_filename(path)
+        assert 3 <= len(label) <= 8 and not preprocess.Charset().unknown_symbols(label)
+        with Image.open(path) as image:
+            width, height = image.size
+            assert image.mode == "RGB"
+        assert 30 <= height <= 80 and 2.0 * height - 1 <= width <= 5.0 * height + 1
+        sizes.add((width, height))
+    assert len(sizes) > 20  # a canvas of its own size for (nearly) every image
+
+
+def test_varied_fonts_draw_every_symbol_as_its_own_glyph():
+    fonts = synth.varied_fonts()
+    assert len(fonts) >= 20
+    for path in fonts:
+        font = ImageFont.truetype(path, 32)
+        glyphs = {bytes(font.getmask(symbol)) for symbol in preprocess.DEFAULT_SYMBOLS}
+        assert len(glyphs) == len(preprocess.DEFAULT_SYMBOLS), path  # no symbol drawn as an empty box or a copy
+
+
+def test_each_style_keeps_its_seeds_and_hershey_is_never_pre_trained_on(capsys):
+    seeds = pretrain.style_seeds(pretrain.PretrainConfig())
+    # the shipped base model's recorded seeds (pretrained/README.md): the same command draws the same images
+    assert seeds["captcha"][0] == 501 and seeds["gregwar"][0] == 502 and seeds["varied"][0] == 503
+    assert seeds == pretrain.style_seeds(pretrain.PretrainConfig(styles="varied"))
+    assert len({seed for pair in seeds.values() for seed in pair}) == 2 * len(synth.SYNTH_STYLES)
+    assert "hershey" not in pretrain.PRETRAIN_STYLES
+    assert pretrain.main(["--styles", "captcha,hershey", "--out", "unused"]) == 2
+    assert "hershey is the look kept out of pre-training" in capsys.readouterr().err
+    assert pretrain.main(["--resume", "--out", "does/not/exist"]) == 2
+    assert "no pre-training to resume" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """pretrain.py end to end with a tiny network, stopped after its first epoch and resumed."""
+    root = tmp_path_factory.mktemp("pretrain")
+    args = ["--data_dir", str(root / "data"), "--heldout_dir", str(root / "heldout"), "--count", "16",
+            "--heldout_count", "3", "--preset", "tiny", "--epochs", "2", "--batch_size", "8", "--workers", "1",
+            "--out", str(root / "run")]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stop_after_epoch(monkeypatch, 1)
+        assert pretrain.main(args) == 130
+    assert (root / "run" / runstate.RESUME_NAME).exists() and not (root / "run" / "base.keras").exists()
+    # --count on a resume is the saved run's, not this one: its data is not redrawn
+    assert pretrain.main(["--resume", "--count", "99", "--out", str(root / "run")]) == 0
+    return root
+
+
+def test_pre_training_draws_its_styles_and_holds_out_every_style(pretrained):
+    assert sorted(p.name for p in (pretrained / "data").iterdir()) == ["captcha", "gregwar", "varied"]
+    assert sorted(p.name for p in (pretrained / "heldout").iterdir()) == sorted(synth.SYNTH_STYLES)
+    for folder in (pretrained / "data").iterdir():
+        assert len(preprocess.list_images(folder)) == 16
+    for folder in (pretrained / "heldout").iterdir():
+        assert len(preprocess.list_images(folder)) == 3
+
+
+def test_a_stopped_pre_training_resumes_its_epochs_and_writes_the_base_model(pretrained):
+    run = pretrained / "run"
+    rows = (run / runstate.LOG_NAME).read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["0", "1"]  # epoch 1 before the stop, epoch 2 after the resume
+    assert not (run / runstate.RESUME_NAME).exists()
+    base = run / "base.keras"
+    crnn, meta = model.load_model(base, safe_mode=True)
+    assert meta["charset"]["symbols"] == preprocess.DEFAULT_SYMBOLS and meta["max_len"] == 8
+    with zipfile.ZipFile(base) as archive, archive.open("model.weights.h5") as weights, h5py.File(weights) as h5:
+        assert "optimizer" not in h5  # the weights alone
+    best, _ = model.load_model(run / runstate.BEST_NAME)
+    batch = np.random.default_rng(0).random((2, *crnn.input_shape[1:]), dtype=np.float32)
+    np.testing.assert_allclose(crnn.predict_on_batch(batch), best.predict_on_batch(batch), atol=1e-6)
+
+
+def test_pretrain_json_holds_its_settings_and_each_held_out_styles_reading(pretrained):
+    state = json.loads((pretrained / "run" / pretrain.STATE_NAME).read_text())
+    assert state["config"]["count"] == 16 and state["config"]["preset"] == "tiny"
+    assert state["test"] == json.loads((pretrained / "run" / "metrics.json").read_text())["test"]
+    assert sorted(state["heldout"]) == sorted(synth.SYNTH_STYLES)
+    captcha_reader = reader.Reader(pretrained / "run" / "base.keras")
+    for style, scores in state["heldout"].items():
+        paths = preprocess.list_images(pretrained / "heldout" / style)
+        texts = [captcha_reader.read_file(p)[0] for p in paths]
+        truths = [label_sources.label_from_filename(p) for p in paths]
+        assert scores["count"] == 3
+        assert scores["exact_match"] == np.mean([t == truth for t, truth in zip(texts, truths)])
