@@ -5,6 +5,7 @@ resumable, that can run in slices, each continuing from the model the last one w
     python pretrain.py --resume --out runs/base          # continue it after a crash, Ctrl-C or a session's end
     python pretrain.py --init_from pretrained/base.keras --out runs/base_next   # a slice: more updates from the base
     KERAS_BACKEND=jax python pretrain.py --batch_size 128 --processes 12         # a GPU machine with many cores
+    python pretrain.py --score pretrained/base.keras     # only read the held-out sets with a model
     cp runs/base/base.keras pretrained/base.keras        # ship it
 
 1. the data: the pre-training styles (PRETRAIN_STYLES, `hershey` never among them), --count images each, labels
@@ -47,7 +48,7 @@ class PretrainConfig:
     count: int = 20000  # images of each style
     heldout_count: int = 500  # held-out images of each style
     length: str = "3-8"  # label lengths
-    seed: int = 500  # style i of --styles is drawn with seed + i + 1 (its held-out set with seed + i + 101)
+    seed: int = 500  # style i of captcha, gregwar, varied, hershey is drawn with seed + i + 1 (held out: + i + 101)
     init_from: str = "none"  # none: from scratch; a .keras file: a slice that continues from it
     preset: str = "fast"  # the network (the base model that train.py starts from is a fast one)
     epochs: int = 12  # passes over the pre-training set in this slice (one one-cycle schedule over all of them)
@@ -57,6 +58,7 @@ class PretrainConfig:
     processes: int = 0  # worker processes that make them (for machines with many cores feeding a GPU)
     out: str = "runs/base"
     resume: bool = False  # continue the interrupted command in --out with its own settings
+    score: str = ""  # a .keras file: only read the held-out sets with it (drawn first if missing), train nothing
 
 
 def style_seeds(cfg):
@@ -89,12 +91,17 @@ def draw_once(folder, style, count, seed, length):
     synth.generate_synthetic(folder, count, seed, preprocess.DEFAULT_SYMBOLS, length, style)
 
 
+def draw_heldout(cfg, length):
+    seeds = style_seeds(cfg)
+    for style in sorted(synth.SYNTH_STYLES):
+        draw_once(Path(cfg.heldout_dir) / style, style, cfg.heldout_count, seeds[style][1], length)
+
+
 def draw_data(cfg, styles, length):
     seeds = style_seeds(cfg)
     for style in styles:
         draw_once(Path(cfg.data_dir) / style, style, cfg.count, seeds[style][0], length)
-    for style in sorted(synth.SYNTH_STYLES):
-        draw_once(Path(cfg.heldout_dir) / style, style, cfg.heldout_count, seeds[style][1], length)
+    draw_heldout(cfg, length)
     print(f"pre-training set: {cfg.count} images of each of {', '.join(styles)} in {cfg.data_dir}; held out: "
           f"{cfg.heldout_count} of each of {', '.join(sorted(synth.SYNTH_STYLES))} in {cfg.heldout_dir}")
 
@@ -121,6 +128,11 @@ def train_config(cfg):
 
 
 def run(cfg):
+    if cfg.score:
+        if not Path(cfg.score).is_file():
+            raise CaptchaError(f"{cfg.score}: model file does not exist")
+        draw_heldout(cfg, check(cfg)[1])
+        return {"heldout": score_heldout(cfg.score, cfg.heldout_dir)}
     out = Path(cfg.out)
     state_path = out / STATE_NAME
     if cfg.resume:  # the command's own settings, as it stored them when it started

@@ -113,3 +113,17 @@ def test_pretrain_json_holds_its_settings_and_each_held_out_styles_reading(pretr
         truths = [label_sources.label_from_filename(p) for p in paths]
         assert scores["count"] == 3
         assert scores["exact_match"] == np.mean([t == truth for t, truth in zip(texts, truths)])
+
+
+def test_score_reads_the_held_out_sets_with_any_model_and_trains_nothing(pretrained, tmp_path, capsys):
+    base = pretrained / "run" / "base.keras"
+    args = ["--score", str(base), "--heldout_dir", str(pretrained / "heldout"), "--heldout_count", "3",
+            "--out", str(tmp_path / "untouched")]
+    assert pretrain.main(args) == 0
+    printed = capsys.readouterr().out
+    state = json.loads((pretrained / "run" / pretrain.STATE_NAME).read_text())
+    for style, scores in state["heldout"].items():
+        assert f"held-out {style}: exact match {scores['exact_match']:.4f}" in printed
+    assert not (tmp_path / "untouched").exists()
+    assert pretrain.main(["--score", str(tmp_path / "missing.keras")]) == 2
+    assert "missing.keras: model file does not exist" in capsys.readouterr().err
