@@ -151,9 +151,8 @@ def run(cfg):
     if not trained:
         run_config = dataclasses.replace(train_config(cfg), resume=True) if (
             cfg.resume and (out / runstate.RESUME_NAME).exists()) else train_config(cfg)
-        if train.train(run_config) is None:  # stopped: what is saved lets --resume continue
-            print(f"continue with: python pretrain.py --resume --out {cfg.out}")
-            return None
+        if train.train(run_config, resume_command=f"python pretrain.py --resume --out {cfg.out}") is None:
+            return None  # stopped: what is saved lets --resume continue
     # ---- 3. the held-out styles, 4. the base model without its optimizer state
     best = out / runstate.BEST_NAME
     heldout = score_heldout(best, cfg.heldout_dir)

@@ -141,7 +141,7 @@ def start_state(cfg, config_class):
 
 
 def run(cfg, train_one, config_class):
-    """Self-training rounds; `train_one(cfg, pseudo, resume_out)` is train.train. Returns the chosen round's
+    """Self-training rounds; `train_one(cfg, pseudo, resume_command)` is train.train. Returns the chosen round's
     results (its metrics, with the rounds' log), or None if interrupted (resumable)."""
     cfg = start_state(cfg, config_class)
     out = Path(cfg.out)
@@ -159,7 +159,7 @@ def run(cfg, train_one, config_class):
             print(f"---- self-training round {number}: {'resumed' if resumable else 'started'}, {len(pseudo)} "
                   f"pseudo-labelled images beside the labelled ones")
             round_cfg = dataclasses.replace(cfg, out=str(folder), unlabeled="", resume=resumable)
-            if train_one(round_cfg, pseudo=pseudo, resume_out=out) is None:
+            if train_one(round_cfg, pseudo=pseudo, resume_command=f"python train.py --resume --out {out}") is None:
                 return None
         summaries.append(round_summary(number, out, len(pseudo)))
         print(describe_round(summaries[-1]))

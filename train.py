@@ -243,9 +243,11 @@ def resume_config(cfg):
     return TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, "out": cfg.out, "resume": True}), source
 
 
-def train(cfg, pseudo=(), resume_out=None):
+def train(cfg, pseudo=(), resume_command=None):
     """One run. pseudo: (path, label) pairs read by a model (self-training), added to the training split only.
-    resume_out: the folder whose `--resume` continues this run (the self-training run's, for its rounds)."""
+    resume_command: what continues this run once stopped (for a self-training round or a pre-training, their own
+    script's `--resume`; by default `python train.py --resume --out OUT`)."""
+    resume_command = resume_command or f"python train.py --resume --out {cfg.out}"
     # ---- phase 1, the data: the folder (or the interrupted run's own settings), charset, label length, split
     source = None
     if cfg.resume:  # the run's own settings, and its labels read as they were (the same labels file, unchanged)
@@ -302,7 +304,7 @@ def train(cfg, pseudo=(), resume_out=None):
     except KeyboardInterrupt:
         run_callbacks.resume.save()  # this epoch's progress too; the epoch itself runs again on resume
         print(f"\ninterrupted after {run_callbacks.resume.epochs_done} complete epochs; saved "
-              f"{out / runstate.RESUME_NAME}. Continue with: python train.py --resume --out {resume_out or out}")
+              f"{out / runstate.RESUME_NAME}. Continue with: {resume_command}")
         return None
     finally:  # (whatever ended fit(): a signal from here on stops at once)
         callbacks.STOP.in_fit = False
@@ -317,7 +319,7 @@ def train(cfg, pseudo=(), resume_out=None):
                                     trained=trained, train_seconds=max(time.time() - started, 1e-6), repeats=repeats)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
-              f"python train.py --resume --out {resume_out or out}")
+              f"{resume_command}")
         return None
     (out / runstate.RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return results
