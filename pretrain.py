@@ -75,10 +75,7 @@ def check(cfg):
     if "hershey" in styles:
         raise CaptchaError("--styles: hershey is the look kept out of pre-training, to measure fine-tuning on one "
                            "the base model never saw")
-    low, _, high = cfg.length.partition("-")
-    if not (low.isdigit() and (not high or high.isdigit())):
-        raise CaptchaError(f"--length {cfg.length!r}: a length like 5 or a range like 3-8")
-    return styles, (int(low), int(high or low))
+    return styles, synth.parse_length(cfg.length)
 
 
 def draw_once(folder, style, count, seed, length):
@@ -145,12 +142,13 @@ def run(cfg):
     styles, length = check(cfg)
     draw_data(cfg, styles, length)
     out.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"config": {**dataclasses.asdict(cfg), "resume": False}}, indent=2))
+    settings = {**dataclasses.asdict(cfg), "resume": False}  # what --resume reads back
+    state_path.write_text(json.dumps({"config": settings}, indent=2))
     # ---- 2. training (a run whose training is complete has no resume checkpoint, but its metrics)
-    trained = cfg.resume and (out / "metrics.json").exists() and not (out / runstate.RESUME_NAME).exists()
+    stopped_in_training = (out / runstate.RESUME_NAME).exists()
+    trained = cfg.resume and not stopped_in_training and (out / "metrics.json").exists()
     if not trained:
-        run_config = dataclasses.replace(train_config(cfg), resume=True) if (
-            cfg.resume and (out / runstate.RESUME_NAME).exists()) else train_config(cfg)
+        run_config = dataclasses.replace(train_config(cfg), resume=cfg.resume and stopped_in_training)
         if train.train(run_config, resume_command=f"python pretrain.py --resume --out {cfg.out}") is None:
             return None  # stopped: what is saved lets --resume continue
     # ---- 3. the held-out styles, 4. the base model without its optimizer state
@@ -159,7 +157,7 @@ def run(cfg):
     crnn, meta = model.load_model(best)
     model.save_model(crnn, out / "base.keras", meta)
     test = json.loads((out / "metrics.json").read_text())["test"]
-    state = {"config": {**dataclasses.asdict(cfg), "resume": False}, "test": test, "heldout": heldout}
+    state = {"config": settings, "test": test, "heldout": heldout}
     state_path.write_text(json.dumps(state, indent=2))
     print(f"wrote {out / 'base.keras'} (own test split: exact match {test['exact_match']:.4f}, CER {test['cer']:.4f}) "
           f"and {state_path}" + (f"; ship it with: cp {out / 'base.keras'} {finetune.BASE_MODEL}"

@@ -323,7 +323,7 @@ def _draw_varied_png(args):
         height = int(rng.integers(30, 81))
         width = int(height * rng.uniform(2.0, 5.0))
     image, light = _varied_background(rng, width, height)
-    image = np.ascontiguousarray(image)
+    image = np.ascontiguousarray(image)  # a gradient comes out of astype() with broadcast strides; OpenCV draws on none
     fonts = varied_fonts()
     glyphs = _varied_glyphs(text, rng, fonts[rng.integers(len(fonts))], height)
     gaps = [int(g.shape[1] * rng.uniform(-0.15, 0.3)) for g in glyphs[1:]] + [0]
@@ -391,6 +391,14 @@ SYNTH_STYLES = {
     "hershey": (_draw_hershey_png, ".png", 160, 60),  # never in the base model's pre-training
     "varied": (_draw_varied_png, ".png", None, None),  # a canvas of random size for each image
 }
+
+
+def parse_length(text):
+    """`--length`: "5" -> 5, "3-8" -> (3, 8)."""
+    low, _, high = text.partition("-")
+    if not (low.isdigit() and (not high or high.isdigit())):
+        raise CaptchaError(f"--length {text!r}: a length like 5 or a range like 3-8")
+    return (int(low), int(high)) if high else int(low)
 
 
 def random_labels(count, symbols, length, seed):
@@ -485,8 +493,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run():
-        low, _, high = args.length.partition("-")
-        length = (int(low), int(high)) if high else int(low)
+        length = parse_length(args.length)
         if args.visibility:
             write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
                              args.style)

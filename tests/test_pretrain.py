@@ -61,6 +61,9 @@ def test_each_style_keeps_its_seeds_and_hershey_is_never_pre_trained_on(capsys):
     assert "hershey is the look kept out of pre-training" in capsys.readouterr().err
     assert pretrain.main(["--resume", "--out", "does/not/exist"]) == 2
     assert "no pre-training to resume" in capsys.readouterr().err
+    for main in (pretrain.main, synth.main):
+        assert main(["--length", "3-x", "--out", "unused"]) == 2
+        assert "--length '3-x': a length like 5 or a range like 3-8" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
