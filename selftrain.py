@@ -5,7 +5,8 @@
 
 Round 0 trains on the labelled images alone. After each round, its best model reads the unlabelled images;
 readings at or above the confidence threshold it stores (chosen on its validation split for
---target_precision) become pseudo-labels, written to --out/pseudo_labels_round_N.csv for a person to check,
+--target_precision), and within the lengths of the labels people typed, become pseudo-labels, written to
+--out/pseudo_labels_round_N.csv for a person to check,
 and round N trains again, from the same start, on the labelled training images plus those. Validation and
 test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
 any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
@@ -84,17 +85,23 @@ def changed_pseudo_labels(before, after):
 
 
 def pseudo_label(model_path, paths):
-    """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold.
-    Returns (kept (path, text, confidence) rows, files that could not be read)."""
+    """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold whose
+    length is within the lengths of the labels people typed (a 5-letter site's 4-letter reading is wrong however
+    confident: CTC merged or dropped a symbol). Returns (kept (path, text, confidence) rows, files that could not
+    be read, confident readings of another length)."""
     captcha_reader = reader.Reader(model_path)
     threshold, _ = captcha_reader.low_confidence_rule()
-    kept, unreadable = [], 0
+    shortest, longest = captcha_reader.meta.get("label_lengths", (1, captcha_reader.meta["max_len"]))
+    kept, unreadable, wrong_length = [], 0, 0
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
         elif reading.text and reading.confidence >= threshold:
-            kept.append((reading.path, reading.text, reading.confidence))
-    return kept, unreadable
+            if shortest <= len(reading.text) <= longest:
+                kept.append((reading.path, reading.text, reading.confidence))
+            else:
+                wrong_length += 1
+    return kept, unreadable, wrong_length
 
 
 def round_summary(number, out, added):
@@ -169,10 +176,12 @@ def run(cfg, train_one, config_class):
             break
         next_labels = pseudo_labels_path(out, number + 1)
         if not next_labels.exists():
-            kept, unreadable = pseudo_label(folder / runstate.BEST_NAME, unlabeled)
+            kept, unreadable, wrong_length = pseudo_label(folder / runstate.BEST_NAME, unlabeled)
             write_pseudo_labels(next_labels, kept)
             print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
-                  + (f" ({unreadable} could not be read)" if unreadable else "") + f"; wrote {next_labels}")
+                  + (f"; {wrong_length} confident readings of a length no typed label has left out"
+                     if wrong_length else "")
+                  + (f"; {unreadable} could not be read" if unreadable else "") + f"; wrote {next_labels}")
         changed = changed_pseudo_labels(pseudo, read_pseudo_labels(next_labels))
         if changed < MIN_NEW_FRACTION * len(unlabeled):
             print(f"self-training ends: round {number + 1}'s pseudo-labels differ from this round's in {changed} "

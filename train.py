@@ -257,12 +257,14 @@ def train(cfg, pseudo=(), resume_command=None):
     if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
     charset, max_len, train_set, val_set, test_set, scan = load_dataset(cfg, folder, source)
+    typed_lengths = [len(label) for _, label in train_set + val_set]  # by people: what a pseudo-label may be
     train_set = selftrain.with_pseudo_labels(train_set, val_set, test_set, pseudo)  # to the training split only
     # ---- phase 2, the network, the recipe and the pixels
     recipe = resolve_recipe(cfg)
     network = finetune.resolve_network(cfg, recipe, scan, max_len)
     meta = {**modelmeta.make_meta(charset, max_len, network.options, network.config), "labels": scan.source.to_dict(),
-            "case": scan.case, "run": runstate.run_identity(folder, train_set, val_set, test_set)}
+            "case": scan.case, "label_lengths": [min(typed_lengths), max(typed_lengths)],
+            "run": runstate.run_identity(folder, train_set, val_set, test_set)}
     # ---- phase 3, the batches and how many updates
     epochs, repeats, augment_epochs = plan_run(cfg, recipe, len(train_set))
     train_batches, val_batches, test_batches = dataset.split_batches(

@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +129,19 @@ def test_pseudo_labelled_copies_of_labelled_images_are_left_out(tmp_path):
     assert copies == 1 and kept == pseudo[1:]
 
 
+def test_confident_readings_of_a_length_no_typed_label_has_are_no_pseudo_labels(tmp_path):
+    lengths = {len(path.stem) for path in READER_IMAGES}
+    assert lengths == {3, 4}  # the fixture images: both lengths, each read right by the reader
+    path = tmp_path / "reader.keras"
+    shutil.copy(READER, path)
+    for typed, kept_lengths in (([4, 4], {4}), ([3, 4], {3, 4})):
+        model.update_meta(path, {"label_lengths": typed})
+        kept, unreadable, wrong_length = selftrain.pseudo_label(path, READER_IMAGES)
+        assert [(Path(p).name, text) for p, text, _ in kept] == [
+            (image.name, image.stem) for image in READER_IMAGES if len(image.stem) in kept_lengths]
+        assert unreadable == 0 and wrong_length == len(READER_IMAGES) - len(kept)
+
+
 def test_rounds_go_on_while_the_pseudo_labels_change():
     before = [("a.png", "12"), ("b.png", "34"), ("c.png", "56")]
     assert selftrain.changed_pseudo_labels(before, before[:2]) == 0  # fewer, none new: nothing to learn from
@@ -172,6 +186,8 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     assert f"python train.py --resume --out {out}\n" in printed and "Traceback" not in printed
     assert calls == [out / "round_0", out / "round_1"]
     round_zero = (out / "round_0" / "metrics.json").stat().st_mtime_ns
+    typed = [len(path.stem) for path in labelled.iterdir()]
+    assert modelmeta.read_meta(out / "round_0" / runstate.BEST_NAME)["label_lengths"] == [min(typed), max(typed)]
     with open(selftrain.pseudo_labels_path(out, 1)) as f:
         pseudo = list(csv.DictReader(f))
     right = [truth.get(row["path"].rsplit("/", 1)[-1]) == row["label"] for row in pseudo]
