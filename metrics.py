@@ -58,28 +58,34 @@ def confidence_ranking(predictions, labels, confidences, keep=0.9):
     }
 
 
-def abstention_threshold(correct, confidences, precision=0.99):
+def abstention_threshold(correct, confidences, precision=0.99, eligible=None):
     """The lowest confidence at which the readings kept (confidence >= it) are right at least `precision` of
-    the time on this split: the most readings a caller can trust at that precision. Returns {threshold,
-    precision (reached), coverage (share kept), count}; threshold None when even the most confident reading
-    alone misses the target (nothing can be trusted: every reading is low)."""
-    order = np.argsort(-np.asarray(confidences, dtype=np.float64), kind="stable")
-    right = np.asarray(correct, dtype=np.float64)[order]
-    ranked = np.asarray(confidences, dtype=np.float64)[order]
+    the time on this split: the most readings a caller can trust at that precision. Readings not `eligible`
+    (a length no typed label has: reader.LowConfidenceRule) are never kept, whatever their confidence.
+    Returns {threshold, precision (reached), coverage (share of all readings kept), count}; threshold None
+    when even the most confident eligible reading alone misses the target (every reading is low)."""
+    confidences = np.asarray(confidences, dtype=np.float64)
+    eligible = np.ones(len(confidences), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    order = np.argsort(-confidences[eligible], kind="stable")
+    right = np.asarray(correct, dtype=np.float64)[eligible][order]
+    ranked = confidences[eligible][order]
     reached = np.cumsum(right) / np.arange(1, len(right) + 1)  # precision of the k most confident, k = 1..n
     # a cut can only fall between distinct confidences: readings of equal confidence are kept or dropped together
     cuts = np.flatnonzero((reached >= precision) & np.append(ranked[1:] < ranked[:-1], True))
     if not len(cuts):
-        return {"threshold": None, "precision": None, "coverage": 0.0, "count": len(right)}
+        return {"threshold": None, "precision": None, "coverage": 0.0, "count": len(confidences)}
     kept = cuts[-1] + 1
     return {"threshold": float(ranked[kept - 1]), "precision": float(reached[kept - 1]),
-            "coverage": float(kept / len(right)), "count": len(right)}
+            "coverage": float(kept / len(confidences)), "count": len(confidences)}
 
 
-def abstention_scores(correct, confidences, threshold):
-    """How readings kept at `threshold` fare: {coverage, precision, count} (a None threshold keeps none)."""
+def abstention_scores(correct, confidences, threshold, eligible=None):
+    """How readings kept at `threshold` fare: {coverage, precision, count} (a None threshold keeps none; readings
+    not `eligible` are never kept)."""
     correct = np.asarray(correct, dtype=bool)
     kept = (np.asarray(confidences, dtype=np.float64) >= threshold if threshold is not None
             else np.zeros(len(correct), dtype=bool))
+    if eligible is not None:
+        kept &= np.asarray(eligible, dtype=bool)
     return {"coverage": float(kept.mean()) if len(kept) else 0.0,
             "precision": float(correct[kept].mean()) if kept.any() else None, "count": len(correct)}

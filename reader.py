@@ -227,6 +227,39 @@ def _beam_search(probs, charset, beam_width, floor=1e-6):
 # ----------------------------------------------------------------------------- the reader
 
 
+def typed_lengths(meta):
+    """(shortest, longest) label a model's readings may have: the lengths of the labels people typed for it
+    (stored by train.py), else 1 to its label length; None when a model says neither."""
+    if meta.get("label_lengths"):
+        return tuple(meta["label_lengths"])
+    return (1, meta["max_len"]) if meta.get("max_len") else None
+
+
+def describe_lengths(lengths):
+    if lengths is None:
+        return ""
+    shown = str(lengths[0]) if lengths[0] == lengths[1] else f"{lengths[0]}-{lengths[1]}"
+    return f", and so are readings of other than {shown} characters"
+
+
+@dataclasses.dataclass(frozen=True)
+class LowConfidenceRule:
+    """Which readings a caller should not trust (and fetch a new captcha instead): those below `threshold`, and
+    those of a length outside `lengths`: on a 5-letter site a 4-letter reading is wrong however confident (CTC
+    merged a doubled symbol or dropped a faint one). `description` is the line test.py and serve.py print."""
+
+    threshold: float
+    lengths: tuple | None
+    description: str
+
+    def length_allowed(self, text):
+        return self.lengths is None or self.lengths[0] <= len(text) <= self.lengths[1]
+
+    def is_low(self, text, confidence):
+        return confidence < self.threshold or not self.length_allowed(text)
+
+
+
 @dataclasses.dataclass
 class Reading:
     """One image's result: text and confidence, or the reason it could not be read."""
@@ -262,18 +295,24 @@ class Reader:
         self.lock = threading.Lock() if not getattr(self.network, "thread_safe", False) else None
 
     def low_confidence_rule(self, given=None):
-        """(threshold, a line saying where it comes from): `given` (--min_confidence) if set, else the model's."""
+        """When a reading is marked low_confidence: below `given` (--min_confidence) if set, else below the
+        model's stored threshold; and, either way, of a length no label people typed for it has."""
+        lengths = typed_lengths(self.meta)
         if given is not None:
-            return given, f"readings below confidence {given:g} are marked low (--min_confidence)"
+            return LowConfidenceRule(given, lengths, f"readings below confidence {given:g} are marked low "
+                                                     f"(--min_confidence){describe_lengths(lengths)}")
         abstain = self.meta.get("abstain")
         if not abstain:
-            return 0.0, "no confidence threshold stored in the model: no reading is marked low (--min_confidence sets one)"
+            return LowConfidenceRule(0.0, lengths, "no confidence threshold stored in the model: no reading is marked "
+                                                   f"low by confidence (--min_confidence sets one){describe_lengths(lengths)}")
         where = (f"the model's threshold for precision {abstain['target_precision']:g} on its validation split, "
                  f"which kept {abstain['val_coverage']:.0%} of its {abstain['val_count']} readings")
         if abstain["threshold"] is None:
-            return math.inf, f"every reading is marked low: no confidence reached {where} (--min_confidence overrides)"
-        return abstain["threshold"], (f"readings below confidence {abstain['threshold']:.4g} are marked low: {where} "
-                                      f"(--min_confidence overrides)")
+            return LowConfidenceRule(math.inf, lengths, f"every reading is marked low: no confidence reached {where} "
+                                                        f"(--min_confidence overrides)")
+        return LowConfidenceRule(abstain["threshold"], lengths, (
+            f"readings below confidence {abstain['threshold']:.4g} are marked low: {where} (--min_confidence "
+            f"overrides){describe_lengths(lengths)}"))
 
     def predict(self, images):
         """Preprocessed images (batch, H, W, 1) -> (texts, confidences)."""

@@ -9,6 +9,7 @@ import numpy as np
 
 import metrics
 import model
+import modelmeta
 import plots
 import preprocess
 import reader
@@ -33,15 +34,23 @@ def evaluate(keras_model, batches, charset, labels):
 def store_abstention(path, val_batches, val_labels, charset, precision, keras_model=None):
     """Chooses, on the validation split, the confidence threshold above which the model at `path` (already
     loaded: `keras_model`) reads at `precision`, and stores it in the file's metadata ("abstain"), where every
-    reader finds it."""
+    reader finds it. Readings of a length no typed label has are marked low by every reader whatever their
+    confidence (reader.LowConfidenceRule), so they are left out of the choice as they will be out of use."""
     if keras_model is None:
         keras_model, _ = model.load_model(path)
     _, predictions, confidences = evaluate(keras_model, val_batches, charset, val_labels)
-    chosen = metrics.abstention_threshold([p == t for p, t in zip(predictions, val_labels)], confidences, precision)
+    chosen = metrics.abstention_threshold([p == t for p, t in zip(predictions, val_labels)], confidences, precision,
+                                          length_allowed(path, predictions))
     abstain = {"target_precision": precision, "threshold": chosen["threshold"], "val_precision": chosen["precision"],
                "val_coverage": chosen["coverage"], "val_count": chosen["count"]}
     model.update_meta(path, {"abstain": abstain})
     return abstain
+
+
+def length_allowed(path, predictions):
+    """For each reading, whether its length is one the labels typed for the model at `path` have."""
+    rule = reader.LowConfidenceRule(0.0, reader.typed_lengths(modelmeta.read_meta(path) or {}), "")
+    return [rule.length_allowed(text) for text in predictions]
 
 
 def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, val_set, val_batches,
@@ -55,7 +64,7 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     test_labels = [label for _, label in test_set]
     scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
-                                        abstain["threshold"])
+                                        abstain["threshold"], length_allowed(out / runstate.BEST_NAME, predictions))
     abstain = {**abstain, "test_coverage": on_test["coverage"], "test_precision": on_test["precision"]}
     results = {
         "test": scores,
@@ -96,7 +105,8 @@ def describe_abstention(abstain):
         return (f"abstention: no confidence threshold reads validation at precision {abstain['target_precision']:g}; "
                 f"every reading will be marked low")
     test_precision = "-" if abstain["test_precision"] is None else f"{abstain['test_precision']:.4f}"
-    return (f"abstention (stored in the model): readings at confidence >= {abstain['threshold']:.4g} are trusted; "
+    return (f"abstention (stored in the model): readings at confidence >= {abstain['threshold']:.4g} "
+            f"of a length the typed labels have are trusted; "
             f"validation: {abstain['val_coverage']:.1%} of {abstain['val_count']} kept at precision "
             f"{abstain['val_precision']:.4f} (target {abstain['target_precision']:g}); test: "
             f"{abstain['test_coverage']:.1%} kept at precision {test_precision}")

@@ -90,14 +90,13 @@ def pseudo_label(model_path, paths):
     confident: CTC merged or dropped a symbol). Returns (kept (path, text, confidence) rows, files that could not
     be read, confident readings of another length)."""
     captcha_reader = reader.Reader(model_path)
-    threshold, _ = captcha_reader.low_confidence_rule()
-    shortest, longest = captcha_reader.meta.get("label_lengths", (1, captcha_reader.meta["max_len"]))
+    low_rule = captcha_reader.low_confidence_rule()
     kept, unreadable, wrong_length = [], 0, 0
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
-        elif reading.text and reading.confidence >= threshold:
-            if shortest <= len(reading.text) <= longest:
+        elif reading.text and reading.confidence >= low_rule.threshold:
+            if low_rule.length_allowed(reading.text):
                 kept.append((reading.path, reading.text, reading.confidence))
             else:
                 wrong_length += 1

@@ -11,6 +11,8 @@ Endpoints (every answer is JSON; a bad request gets a 4xx with {"error": "..."},
                     -> {"results": [{"text", "confidence", "low_confidence"}, ...], "milliseconds"}
   GET  /health      -> {"status": "ok"}
   GET  /model       the model's metadata: charset, label length, preprocessing, network, reading settings
+low_confidence: the confidence is below the model's stored threshold (or --min_confidence), or the text has a
+length no label typed for the model has; a caller should fetch a new captcha instead.
 
 A .keras, .onnx or .tflite model; .onnx (export_safe.py --format onnx) serves without TensorFlow and
 reads concurrent requests in parallel. The model reads one blank image before the port opens, so the
@@ -88,8 +90,8 @@ async def images_from(request, field, limit):
 
 def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH):
     """min_confidence None: the threshold stored in the model (reader.Reader.low_confidence_rule)."""
-    min_confidence, rule = captcha_reader.low_confidence_rule(min_confidence)
-    print(rule, flush=True)
+    low_rule = captcha_reader.low_confidence_rule(min_confidence)
+    print(low_rule.description, flush=True)
     app = FastAPI(title="captcha reader", docs_url=None, redoc_url=None)
 
     def decoded(images):
@@ -105,7 +107,7 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
         return np.stack(arrays)
 
     def results(texts, confidences):
-        return [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": c < min_confidence}
+        return [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": low_rule.is_low(t, c)}
                 for t, c in zip(texts, confidences)]
 
     @app.exception_handler(RequestError)
@@ -123,7 +125,8 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
                 "charset": meta["charset"], "max_len": meta.get("max_len"), "preprocess": meta["preprocess"],
                 "model_config": meta.get("model_config"), "allowed": captcha_reader.allowed,
                 "case": captcha_reader.case,
-                "min_confidence": min_confidence if math.isfinite(min_confidence) else None}
+                "min_confidence": low_rule.threshold if math.isfinite(low_rule.threshold) else None,
+                "label_lengths": low_rule.lengths}
 
     @app.post("/read")
     async def read_one(request: Request):
@@ -167,7 +170,8 @@ def main(argv=None):
     parser.add_argument("--case", choices=(*reader.CASES, "keep"),
                         help="fold letter case, for sites that ignore it (default: the model's own fold; keep: none)")
     parser.add_argument("--min_confidence", type=float,
-                        help="answers below it say low_confidence (default: the model's stored threshold)")
+                        help="answers below it say low_confidence (default: the model's stored threshold; 0: no "
+                             "threshold); so do answers of a length no label typed for the model has")
     parser.add_argument("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES)
     parser.add_argument("--max_batch", type=int, default=MAX_BATCH, help="images per /read_batch request")
     args = parser.parse_args(argv)

@@ -51,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--min_confidence", type=float,
                         help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha "
                              "(default: the threshold stored in the model, chosen on its validation split for a "
-                             "stated precision; 0 marks none)")
+                             "stated precision; 0: no threshold). Readings of a length no label typed for the model "
+                             "has are marked low too")
     parser.add_argument("--review_dir", metavar="DIR",
                         help="copy misread images (prediction differs from the file-name label) and low-confidence "
                              "ones here, named <prediction>__<original name>, for relabelling")
@@ -127,8 +128,8 @@ def main(argv=None):
     except (CaptchaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    min_confidence, rule = captcha_reader.low_confidence_rule(args.min_confidence)
-    print(rule, file=sys.stderr)
+    low_rule = captcha_reader.low_confidence_rule(args.min_confidence)
+    print(low_rule.description, file=sys.stderr)
     if unlabelled_why:
         print(f"not scored: {unlabelled_why}", file=sys.stderr)
 
@@ -141,7 +142,7 @@ def main(argv=None):
             failures += 1
             tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
             continue
-        low = reading.confidence < min_confidence
+        low = low_rule.is_low(reading.text, reading.confidence)
         tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
         label = label_of.get(reading.path)
         if label is not None:  # labels folded as the readings are
@@ -172,22 +173,23 @@ def main(argv=None):
     if unscored and len(rows) > 1:
         print("not scored, file name not a label of this model: "
               + ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items())))
-    if min_confidence:
-        print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings below confidence "
-              f"{min_confidence:.4g}")
+    if low_rule.threshold or low_rule.lengths:
+        print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings marked low (below confidence "
+              f"{low_rule.threshold:.4g}, or of a length no typed label has)")
     if args.review_dir:
         print(f"copied {reviewed} images to review into {args.review_dir} (named <prediction>__<file name>)")
     if failures:
         print(f"{failures} of {len(paths)} images could not be read (see above)", file=sys.stderr)
     if args.output:
-        write_output(Path(args.output), rows, scores, args, min_confidence)
+        write_output(Path(args.output), rows, scores, args, low_rule)
     return 2 if failures and not rows else 0  # nothing could be read: the caller must not take it for a result
 
 
-def write_output(path, rows, scores, args, min_confidence):
+def write_output(path, rows, scores, args, low_rule):
     if path.suffix.lower() == ".json":
         settings = {"model": args.model, "allowed": args.allowed, "case": args.case, "beam_width": args.beam_width,
-                    "min_confidence": min_confidence if math.isfinite(min_confidence) else None}
+                    "min_confidence": low_rule.threshold if math.isfinite(low_rule.threshold) else None,
+                    "label_lengths": low_rule.lengths}
         path.write_text(json.dumps({"settings": settings, "scores": scores, "readings": rows}, indent=2))
         return
     with open(path, "w", newline="") as f:

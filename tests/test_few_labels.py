@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_reading import call, multipart, serving
 
+import dataset
 import export_safe
 import metrics
 import model
@@ -22,6 +23,7 @@ import selftrain
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
 from conftest import READER, READER_IMAGES, ROOT
+from preprocess import Charset, PreprocessOptions
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 from make_reader import draw_folder  # noqa: E402  (the fixture reader's own look: it reads these)
@@ -83,9 +85,9 @@ def test_a_stored_threshold_keeps_the_weights_and_is_applied_by_keras_and_onnx_r
     weights = [model.load_model(path)[0].get_weights() for path in (keras_path, READER)]
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
     for path in (keras_path, onnx_path):
-        assert reader.Reader(path).low_confidence_rule()[0] == threshold
-        assert reader.Reader(path).low_confidence_rule(0.25)[0] == 0.25  # --min_confidence overrides
-    assert reader.Reader(READER).low_confidence_rule()[0] == 0.0  # a model without one marks nothing
+        assert reader.Reader(path).low_confidence_rule().threshold == threshold
+        assert reader.Reader(path).low_confidence_rule(0.25).threshold == 0.25  # --min_confidence overrides
+    assert reader.Reader(READER).low_confidence_rule().threshold == 0.0  # a model without one marks none by it
 
 
 def test_test_py_marks_low_readings_by_the_stored_threshold_unless_told(thresholded_reader, tmp_path, capsys):
@@ -96,7 +98,7 @@ def test_test_py_marks_low_readings_by_the_stored_threshold_unless_told(threshol
     rows = json.loads(output.read_text())["readings"]
     assert [row["low_confidence"] for row in rows] == [row["confidence"] < threshold for row in rows]
     assert sum(row["low_confidence"] for row in rows) == 4
-    assert "4 of 8 readings below confidence" in capsys.readouterr().out
+    assert "4 of 8 readings marked low" in capsys.readouterr().out
     assert read_captchas.main(["--model", str(keras_path), "--folder", str(READER_IMAGES[0].parent),
                                "--output", str(output), "--min_confidence", "0"]) == 0
     assert not any(row["low_confidence"] for row in json.loads(output.read_text())["readings"])
@@ -112,6 +114,67 @@ def test_serve_py_marks_low_answers_by_the_stored_threshold(thresholded_reader):
     assert status == 200 and [r["text"] for r in answer["results"]] == [p.stem for p in READER_IMAGES]
     assert [r["low_confidence"] for r in answer["results"]] == [r["confidence"] < threshold for r in answer["results"]]
     assert sum(r["low_confidence"] for r in answer["results"]) == 4
+
+
+def test_ineligible_readings_are_never_kept_by_a_threshold():
+    correct, confidences = [False, True, True, True], [0.99, 0.9, 0.8, 0.7]
+    assert metrics.abstention_threshold(correct, confidences, 0.99)["threshold"] is None  # the top one is wrong
+    eligible = [False, True, True, True]  # ... but of a length no typed label has: marked low by every reader
+    chosen = metrics.abstention_threshold(correct, confidences, 0.99, eligible)
+    assert chosen == {"threshold": 0.7, "precision": 1.0, "coverage": 0.75, "count": 4}
+    assert metrics.abstention_scores(correct, confidences, 0.7, eligible) == {"coverage": 0.75, "precision": 1.0,
+                                                                             "count": 4}
+
+
+@pytest.fixture(scope="module")
+def four_symbol_reader(tmp_path_factory):
+    """The committed reader told that people typed it labels of 4 symbols only, as .keras and .onnx: of the
+    fixture images it reads right, those of 3 symbols are of a length no typed label has."""
+    folder = tmp_path_factory.mktemp("four_symbols")
+    path = folder / "reader.keras"
+    shutil.copy(READER, path)
+    model.update_meta(path, {"label_lengths": [4, 4]})
+    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(folder / "reader.onnx"), "--format",
+                             "onnx"]) == 0
+    return path, folder / "reader.onnx"
+
+
+def test_readings_of_a_length_no_typed_label_has_are_marked_low_by_test_py(four_symbol_reader, tmp_path):
+    keras_path, _ = four_symbol_reader
+    assert {len(path.stem) for path in READER_IMAGES} == {3, 4}
+    for flags in ([], ["--min_confidence", "0"]):  # the length rule stands whatever the confidence threshold
+        output = tmp_path / "readings.json"
+        assert read_captchas.main(["--model", str(keras_path), "--folder", str(READER_IMAGES[0].parent),
+                                   "--output", str(output), *flags]) == 0
+        rows = json.loads(output.read_text())["readings"]
+        assert [row["prediction"] for row in rows] == [path.stem for path in READER_IMAGES]
+        assert [row["low_confidence"] for row in rows] == [len(row["prediction"]) != 4 for row in rows]
+
+
+def test_readings_of_a_length_no_typed_label_has_are_marked_low_by_serve_py(four_symbol_reader):
+    _, onnx_path = four_symbol_reader
+    with serving(onnx_path) as url:
+        status, answer = call(f"{url}/model")
+        assert status == 200 and answer["label_lengths"] == [4, 4]
+        status, answer = call(f"{url}/read_batch", *multipart("images", [(p.name, p.read_bytes())
+                                                                          for p in READER_IMAGES]))
+    assert status == 200 and [r["text"] for r in answer["results"]] == [p.stem for p in READER_IMAGES]
+    assert [r["low_confidence"] for r in answer["results"]] == [len(r["text"]) != 4 for r in answer["results"]]
+
+
+def test_the_stored_threshold_is_chosen_without_readings_no_reader_would_trust(four_symbol_reader):
+    keras_path, _ = four_symbol_reader
+    crnn, meta = model.load_model(keras_path)
+    charset = Charset.from_dict(meta["charset"])
+    samples = [(path, path.stem) for path in READER_IMAGES]
+    options = PreprocessOptions.from_dict(meta["preprocess"])
+    batches = dataset.make_batches(samples, charset, meta["max_len"], options, batch_size=8)
+    abstain = scoring.store_abstention(keras_path, batches, [label for _, label in samples], charset, 0.99, crnn)
+    four = sum(len(path.stem) == 4 for path in READER_IMAGES)
+    assert 0 < four < len(READER_IMAGES)
+    # every reading is right, so every reading of an allowed length is kept, and none of another length
+    assert abstain["val_coverage"] == four / len(READER_IMAGES) and abstain["val_precision"] == 1.0
+    assert modelmeta.read_meta(keras_path)["abstain"] == abstain
 
 
 # ----------------------------------------------------------------------------- self-training

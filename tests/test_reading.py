@@ -128,9 +128,11 @@ def test_json_output_confidence_threshold_and_review_folder(trained_run, digits_
     rows = saved["readings"]
     assert [r["confidence"] for r in rows] == [r["confidence"] for r in readings]
     assert all(0.0 < r["confidence"] <= 1.0 for r in rows)
-    assert [r["low_confidence"] for r in rows] == [r["confidence"] < threshold for r in rows]
+    # labels of 3 and 4 symbols were typed: readings of another length are low whatever their confidence
+    assert [r["low_confidence"] for r in rows] == [r["confidence"] < threshold or len(r["prediction"]) not in (3, 4)
+                                                   for r in rows]
     low = sum(r["low_confidence"] for r in rows)
-    assert 0 < low < len(rows) and f"{low} of 12 readings below confidence" in out
+    assert 0 < low <= len(rows) and f"{low} of 12 readings marked low" in out
     assert saved["scores"]["count"] == 12 and saved["settings"]["min_confidence"] == threshold
     expected = sorted(f"{r['prediction']}__{r['path'].split('/')[-1]}" for r in rows
                       if r["low_confidence"] or r["prediction"] != r["label"])
