@@ -259,7 +259,6 @@ class LowConfidenceRule:
         return confidence < self.threshold or not self.length_allowed(text)
 
 
-
 @dataclasses.dataclass
 class Reading:
     """One image's result: text and confidence, or the reason it could not be read."""
