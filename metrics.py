@@ -5,6 +5,7 @@ CER: total edit distance over total label characters, the reference's definition
 """
 
 import numpy as np
+from scipy.stats import binomtest
 from rapidfuzz.distance import Levenshtein
 
 
@@ -89,3 +90,12 @@ def abstention_scores(correct, confidences, threshold, eligible=None):
         kept &= np.asarray(eligible, dtype=bool)
     return {"coverage": float(kept.mean()) if len(kept) else 0.0,
             "precision": float(correct[kept].mean()) if kept.any() else None, "count": len(correct)}
+
+
+def better_beyond_chance(correct_a, correct_b, alpha=0.05):
+    """Whether readings A are right more often than readings B of the same images by more than chance: of the
+    images exactly one of them reads right, A reads right so many that a fair coin would do so with probability
+    under `alpha` (an exact one-sided sign test, McNemar's test for paired readings)."""
+    only_a = sum(a and not b for a, b in zip(correct_a, correct_b))
+    only_b = sum(b and not a for a, b in zip(correct_a, correct_b))
+    return only_a > 0 and binomtest(only_a, only_a + only_b, 0.5, alternative="greater").pvalue < alpha

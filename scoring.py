@@ -35,7 +35,8 @@ def store_abstention(path, val_batches, val_labels, charset, precision, keras_mo
     """Chooses, on the validation split, the confidence threshold above which the model at `path` (already
     loaded: `keras_model`) reads at `precision`, and stores it in the file's metadata ("abstain"), where every
     reader finds it. Readings of a length no typed label has are marked low by every reader whatever their
-    confidence (reader.LowConfidenceRule), so they are left out of the choice as they will be out of use."""
+    confidence (reader.LowConfidenceRule), so they are left out of the choice as they will be out of use.
+    Returns (the stored "abstain", the validation readings)."""
     if keras_model is None:
         keras_model, _ = model.load_model(path)
     _, predictions, confidences = evaluate(keras_model, val_batches, charset, val_labels)
@@ -44,7 +45,7 @@ def store_abstention(path, val_batches, val_labels, charset, precision, keras_mo
     abstain = {"target_precision": precision, "threshold": chosen["threshold"], "val_precision": chosen["precision"],
                "val_coverage": chosen["coverage"], "val_count": chosen["count"]}
     model.update_meta(path, {"abstain": abstain})
-    return abstain
+    return abstain, predictions
 
 
 def length_allowed(path, predictions):
@@ -60,7 +61,8 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     val_labels = [label for _, label in val_set]
     store_abstention(out / runstate.FINAL_NAME, val_batches, val_labels, charset, cfg.target_precision)
     best, _ = model.load_model(out / runstate.BEST_NAME)
-    abstain = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset, cfg.target_precision, best)
+    abstain, val_predictions = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset,
+                                                cfg.target_precision, best)
     test_labels = [label for _, label in test_set]
     scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
@@ -81,6 +83,8 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
         # every test image's reading: plots.py redraws a run from these, and the misread ones are there to look at
         "readings": [{"path": str(path), "truth": t, "prediction": p, "confidence": float(f"{c:.6g}")}
                      for (path, t), p, c in zip(test_set, predictions, confidences)],
+        # the validation split's readings: self-training compares its rounds on them, image by image
+        "val_readings": [{"path": str(path), "truth": t, "prediction": p} for (path, t), p in zip(val_set, val_predictions)],
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])

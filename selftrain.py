@@ -12,7 +12,8 @@ test stay the labelled images' own splits (train.py adds pseudo-labels to the tr
 any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
 typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
 than MIN_NEW_FRACTION of the unlabelled images newly labelled or relabelled).
-The round with the lowest validation CER (a tie: the later round) is copied to --out as the run's result.
+The last round is copied to --out as the run's result, unless an earlier round reads the validation images
+better beyond chance (an exact sign test on the images only one of them reads right).
 """
 
 import csv
@@ -23,6 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
+import metrics
 import preprocess
 import reader
 import runstate
@@ -189,16 +191,39 @@ def run(cfg, train_one, config_class):
     return finish(out, summaries)
 
 
+def validation_correct(out, number):
+    """{validation image: read right} of round `number`'s best model (every round has the same validation split)."""
+    results = json.loads((round_dir(out, number) / "metrics.json").read_text())
+    return {r["path"]: r["prediction"] == r["truth"] for r in results.get("val_readings", [])}
+
+
+def choose_round(out, summaries):
+    """The last round, trained on the most (and the most precise) pseudo-labels, unless an earlier round reads
+    the validation images better beyond chance (metrics.better_beyond_chance, image by image): a validation
+    split of 20 images cannot tell one error from noise. Among such earlier rounds, the lowest validation CER."""
+    last = summaries[-1]
+    last_correct = validation_correct(out, last["round"])
+    better = []
+    for summary in summaries[:-1]:
+        correct = validation_correct(out, summary["round"])
+        shared = sorted(set(correct) & set(last_correct))
+        if metrics.better_beyond_chance([correct[p] for p in shared], [last_correct[p] for p in shared]):
+            better.append(summary)
+    if not better:
+        return last, "the last round; no earlier round reads validation better beyond chance"
+    return (min(better, key=lambda s: (s["val_cer"], -s["round"])),
+            f"it reads validation better than round {last['round']} beyond chance")
+
+
 def finish(out, summaries):
-    """The round with the lowest validation CER (a tie: the later, trained on more) becomes the run's result."""
-    chosen = min(summaries, key=lambda s: (s["val_cer"], -s["round"]))
+    """The chosen round (choose_round) becomes the run's result: its models and metrics are copied to `out`."""
+    chosen, why = choose_round(out, summaries)
     source = round_dir(out, chosen["round"])
     for name in RESULT_FILES:
         if (source / name).exists():
             shutil.copy2(source / name, out / name)
     results = {**json.loads((source / "metrics.json").read_text()),
-               "self_training": {"chosen_round": chosen["round"], "rounds": summaries}}
+               "self_training": {"chosen_round": chosen["round"], "why": why, "rounds": summaries}}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    print(f"self-training: round {chosen['round']} chosen (lowest validation CER); its models and metrics copied to "
-          f"{out}")
+    print(f"self-training: round {chosen['round']} chosen ({why}); its models and metrics copied to {out}")
     return results

@@ -169,7 +169,7 @@ def test_the_stored_threshold_is_chosen_without_readings_no_reader_would_trust(f
     samples = [(path, path.stem) for path in READER_IMAGES]
     options = PreprocessOptions.from_dict(meta["preprocess"])
     batches = dataset.make_batches(samples, charset, meta["max_len"], options, batch_size=8)
-    abstain = scoring.store_abstention(keras_path, batches, [label for _, label in samples], charset, 0.99, crnn)
+    abstain, _ = scoring.store_abstention(keras_path, batches, [label for _, label in samples], charset, 0.99, crnn)
     four = sum(len(path.stem) == 4 for path in READER_IMAGES)
     assert 0 < four < len(READER_IMAGES)
     # every reading is right, so every reading of an allowed length is kept, and none of another length
@@ -178,6 +178,36 @@ def test_the_stored_threshold_is_chosen_without_readings_no_reader_would_trust(f
 
 
 # ----------------------------------------------------------------------------- self-training
+
+
+def test_one_validation_error_is_not_evidence_but_many_are():
+    assert not metrics.better_beyond_chance([True] * 20, [True] * 19 + [False])  # p = 0.5
+    assert not metrics.better_beyond_chance([True] * 20, [True] * 16 + [False] * 4)  # p = 0.0625
+    assert metrics.better_beyond_chance([True] * 20, [True] * 15 + [False] * 5)  # p = 0.03125
+    assert not metrics.better_beyond_chance([True] * 15 + [False] * 5, [True] * 20)  # one-sided
+    # paired: each reads right where the other errs as often, so neither is better
+    assert not metrics.better_beyond_chance([True, False] * 10, [False, True] * 10)
+
+
+def write_round(out, number, wrong, count=20):
+    """A self-training round's metrics.json whose best model misreads the first `wrong` of `count` validation images."""
+    folder = selftrain.round_dir(out, number)
+    folder.mkdir(parents=True)
+    readings = [{"path": f"val/{i:02d}.png", "truth": "abcde", "prediction": "abcdx" if i < wrong else "abcde"}
+                for i in range(count)]
+    (folder / "metrics.json").write_text(json.dumps({"val_readings": readings}))
+    return {"round": number, "val_cer": wrong / (5 * count)}
+
+
+def test_self_training_keeps_the_last_round_unless_an_earlier_one_reads_validation_better_beyond_chance(tmp_path):
+    # round 0 read all 20 validation images, round 1 missed one: noise, so round 1 (more training data) is kept
+    summaries = [write_round(tmp_path / "a", 0, wrong=0), write_round(tmp_path / "a", 1, wrong=1)]
+    assert selftrain.choose_round(tmp_path / "a", summaries)[0]["round"] == 1
+    # round 1 misses 6 that round 0 reads: beyond chance, round 0 is kept
+    summaries = [write_round(tmp_path / "b", 0, wrong=0), write_round(tmp_path / "b", 1, wrong=6),
+                 write_round(tmp_path / "b", 2, wrong=7)]
+    chosen, why = selftrain.choose_round(tmp_path / "b", summaries)
+    assert chosen["round"] == 0 and "beyond chance" in why
 
 
 def test_pseudo_labelled_copies_of_labelled_images_are_left_out(tmp_path):
