@@ -5,8 +5,8 @@ CER: total edit distance over total label characters, the reference's definition
 """
 
 import numpy as np
-from scipy.stats import binomtest
 from rapidfuzz.distance import Levenshtein
+from scipy.stats import binomtest
 
 
 def character_error_rate(predictions, truths):
