@@ -235,6 +235,11 @@ def typed_lengths(meta):
     return (1, meta["max_len"]) if meta.get("max_len") else None
 
 
+def length_allowed(text, lengths):
+    """Whether `text` has a length within `lengths` (shortest, longest); None allows any."""
+    return lengths is None or lengths[0] <= len(text) <= lengths[1]
+
+
 def describe_lengths(lengths):
     if lengths is None:
         return ""
@@ -253,7 +258,7 @@ class LowConfidenceRule:
     description: str
 
     def length_allowed(self, text):
-        return self.lengths is None or self.lengths[0] <= len(text) <= self.lengths[1]
+        return length_allowed(text, self.lengths)
 
     def is_low(self, text, confidence):
         return confidence < self.threshold or not self.length_allowed(text)

@@ -50,8 +50,8 @@ def store_abstention(path, val_batches, val_labels, charset, precision, keras_mo
 
 def length_allowed(path, predictions):
     """For each reading, whether its length is one the labels typed for the model at `path` have."""
-    rule = reader.LowConfidenceRule(0.0, reader.typed_lengths(modelmeta.read_meta(path) or {}), "")
-    return [rule.length_allowed(text) for text in predictions]
+    lengths = reader.typed_lengths(modelmeta.read_meta(path) or {})
+    return [reader.length_allowed(text, lengths) for text in predictions]
 
 
 def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, val_set, val_batches,
