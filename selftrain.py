@@ -11,7 +11,7 @@ and round N trains again, from the same start, on the labelled training images p
 test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
 any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
 typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
-than MIN_NEW_FRACTION of the unlabelled images newly labelled or relabelled).
+than MIN_NEW_FRACTION of the unlabelled images newly labelled, relabelled or no longer labelled).
 The last round is copied to --out as the run's result, unless an earlier round reads the validation images
 better beyond chance (an exact sign test on the images only one of them reads right).
 """
@@ -31,7 +31,7 @@ import runstate
 from preprocess import CaptchaError
 
 STATE_NAME = "self_training.json"
-MIN_NEW_FRACTION = 0.05  # fewer new or changed pseudo-labels than this share of the folder: no further round
+MIN_NEW_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
 RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOG_NAME, "metrics.json", "training_curves.png",
                 "predictions.png", "confusions.png")
 
@@ -82,8 +82,11 @@ def write_pseudo_labels(path, readings):
 
 
 def changed_pseudo_labels(before, after):
-    """How many images the pseudo-labels `after` label that `before` did not, or label otherwise."""
-    return len({(str(path), label) for path, label in after} - {(str(path), label) for path, label in before})
+    """How many images the pseudo-labels `after` label otherwise than `before`: newly, differently, or no longer
+    (a label the better model drops is more often a wrong one, so training without it is a change too)."""
+    before_labels = {str(path): label for path, label in before}
+    after_labels = {str(path): label for path, label in after}
+    return sum(before_labels.get(path) != after_labels.get(path) for path in before_labels.keys() | after_labels.keys())
 
 
 def pseudo_label(model_path, paths):

@@ -237,9 +237,11 @@ def test_confident_readings_of_a_length_no_typed_label_has_are_no_pseudo_labels(
 
 def test_rounds_go_on_while_the_pseudo_labels_change():
     before = [("a.png", "12"), ("b.png", "34"), ("c.png", "56")]
-    assert selftrain.changed_pseudo_labels(before, before[:2]) == 0  # fewer, none new: nothing to learn from
-    assert selftrain.changed_pseudo_labels(before, [("a.png", "12"), ("b.png", "84"), ("d.png", "7")]) == 2
+    assert selftrain.changed_pseudo_labels(before, before) == 0
+    assert selftrain.changed_pseudo_labels(before, before[:2]) == 1  # c.png no longer labelled: trained without
+    assert selftrain.changed_pseudo_labels(before, [("a.png", "12"), ("b.png", "84"), ("d.png", "7")]) == 3
     assert selftrain.changed_pseudo_labels([], before) == 3
+    assert selftrain.changed_pseudo_labels([(Path("a.png"), "12")], [("a.png", "12")]) == 0  # paths as str or Path
 
 
 @pytest.fixture(scope="module")
