@@ -11,7 +11,7 @@ and round N trains again, from the same start, on the labelled training images p
 test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
 any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
 typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
-than MIN_NEW_FRACTION of the unlabelled images newly labelled, relabelled or no longer labelled).
+than MIN_CHANGED_FRACTION of the unlabelled images newly labelled, relabelled or no longer labelled).
 The last round is copied to --out as the run's result, unless an earlier round reads the validation images
 better beyond chance (an exact sign test on the images only one of them reads right).
 """
@@ -31,7 +31,7 @@ import runstate
 from preprocess import CaptchaError
 
 STATE_NAME = "self_training.json"
-MIN_NEW_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
+MIN_CHANGED_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
 RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOG_NAME, "metrics.json", "training_curves.png",
                 "predictions.png", "confusions.png")
 
@@ -187,9 +187,9 @@ def run(cfg, train_one, config_class):
                      if wrong_length else "")
                   + (f"; {unreadable} could not be read" if unreadable else "") + f"; wrote {next_labels}")
         changed = changed_pseudo_labels(pseudo, read_pseudo_labels(next_labels))
-        if changed < MIN_NEW_FRACTION * len(unlabeled):
+        if changed < MIN_CHANGED_FRACTION * len(unlabeled):
             print(f"self-training ends: round {number + 1}'s pseudo-labels differ from this round's in {changed} "
-                  f"images, under {MIN_NEW_FRACTION:.0%} of the unlabelled images")
+                  f"images, under {MIN_CHANGED_FRACTION:.0%} of the unlabelled images")
             break
     return finish(out, summaries)
 
