@@ -37,13 +37,14 @@ def check_same_run(saved, meta, folder, path):
 
 
 def keep_log_rows_before(log_path, epoch):
-    """Drop log rows of epochs that will run again after a resume."""
+    """Drop log rows of epochs that will run again after a resume. A log with no rows (the run stopped before
+    its first epoch ended) is left empty, so the resumed run's logger writes the header."""
     if not log_path.exists():
         return
     with open(log_path) as f:
-        lines = f.read().splitlines()
+        lines = [line for line in f.read().splitlines() if line.strip()]
     kept = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) < epoch]
-    log_path.write_text("\n".join(kept) + "\n")
+    log_path.write_text("".join(line + "\n" for line in kept))
 
 
 def validation_history(log_path):

@@ -12,6 +12,7 @@ import time
 import zipfile
 
 import cv2
+import keras
 import numpy as np
 import pytest
 
@@ -112,6 +113,28 @@ def test_ctrl_c_or_sigterm_inside_a_step_saves_a_resumable_checkpoint_and_exits_
     if processes:
         assert "leaked" not in output  # the shared memory of the canvases was released
     resume_and_check(out, backend)
+
+
+def write_log_rows(logger, epochs):
+    """What fit() does to a run's CSVLogger over `epochs` (none: stopped before the first epoch ended)."""
+    logger.on_train_begin()
+    for epoch in epochs:
+        logger.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_cer": 0.1 * epoch, "val_exact_match": 0.5})
+    logger.on_train_end()
+
+
+@pytest.mark.parametrize("epochs_done", [0, 2])
+def test_a_resumed_run_logs_under_one_header_every_epoch_once(tmp_path, epochs_done):
+    # A run stopped before its first epoch ended leaves an empty log: resumed, its log must still get a
+    # header (without one, a five-epoch pre-training ended in a traceback when its log was plotted).
+    log = tmp_path / runstate.LOG_NAME
+    write_log_rows(keras.callbacks.CSVLogger(str(log)), range(epochs_done + 1 if epochs_done else 0))
+    runstate.keep_log_rows_before(log, epochs_done)  # what train.py does before it resumes
+    write_log_rows(keras.callbacks.CSVLogger(str(log), append=True), range(epochs_done, 4))
+    with open(log) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    assert runstate.validation_history(log) == [(0.1 * epoch, 0.5) for epoch in range(4)]
 
 
 def test_resume_without_an_interrupted_run_is_a_one_line_error(tmp_path):
