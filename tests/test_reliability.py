@@ -128,7 +128,9 @@ def test_a_resumed_run_logs_under_one_header_every_epoch_once(tmp_path, epochs_d
     # A run stopped before its first epoch ended leaves an empty log: resumed, its log must still get a
     # header (without one, a five-epoch pre-training ended in a traceback when its log was plotted).
     log = tmp_path / runstate.LOG_NAME
-    write_log_rows(keras.callbacks.CSVLogger(str(log)), range(epochs_done + 1 if epochs_done else 0))
+    # the first run logs its completed epochs and the one it stopped in (which runs again), or none
+    first_run = range(epochs_done + 1) if epochs_done else range(0)
+    write_log_rows(keras.callbacks.CSVLogger(str(log)), first_run)
     runstate.keep_log_rows_before(log, epochs_done)  # what train.py does before it resumes
     write_log_rows(keras.callbacks.CSVLogger(str(log), append=True), range(epochs_done, 4))
     with open(log) as f:
