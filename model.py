@@ -273,9 +273,15 @@ def save_model(model, path, meta):
 def update_meta(path, changes):
     """Rewrite the metadata of the .keras file at `path` with `changes` merged in; the weights stay as they are
     (copied byte for byte), and a crash mid-write leaves the old file."""
-    path = Path(path)
-    meta = {**(read_meta(path) or {}), **changes}
-    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=f".{path.stem}-", dir=path.parent)
+    return copy_with_meta(path, path, changes)
+
+
+def copy_with_meta(path, destination, changes=None):
+    """Copy the .keras file at `path` to `destination` with `changes` merged into its metadata; the weights are
+    copied byte for byte, and a crash mid-write leaves whatever was at `destination` before."""
+    path, destination = Path(path), Path(destination)
+    meta = {**(read_meta(path) or {}), **(changes or {})}
+    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=f".{destination.stem}-", dir=destination.parent)
     os.close(fd)
     try:
         with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -283,7 +289,7 @@ def update_meta(path, changes):
                 if item.filename != META_MEMBER:
                     archive.writestr(item, source.read(item.filename))
             archive.writestr(META_MEMBER, json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        os.replace(tmp, destination)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -10,6 +10,7 @@ from preprocess import CaptchaError
 
 BEST_NAME = "crnn_ctc_best.keras"
 FINAL_NAME = "crnn_ctc_final.keras"
+LOWEST_VAL_NAME = "crnn_ctc_lowest_val_cer.keras"  # the epoch of lowest validation CER, when the final one is kept
 RESUME_NAME = "crnn_ctc_resume.keras"  # after every epoch: weights, optimizer state, where training stands
 LOG_NAME = "train_log.csv"
 

@@ -54,15 +54,48 @@ def length_allowed(path, predictions):
     return [reader.length_allowed(text, lengths) for text in predictions]
 
 
+def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, final_predictions):
+    """After a one-cycle schedule, which ends at a low learning rate: the final epoch's model becomes the run's
+    model (crnn_ctc_best.keras) unless the checkpoint of lowest validation CER reads the validation split better
+    beyond chance (metrics.better_beyond_chance); that checkpoint is then kept as crnn_ctc_lowest_val_cer.keras.
+    The lowest of a few dozen validation readings over 60 epochs is often one epoch's luck. Returns "final" or
+    "best checkpoint" and the two validation counts."""
+    best_path = out / runstate.BEST_NAME
+    counts = {"lowest_val_cer_right": sum(p == t for p, t in zip(lowest_predictions, val_labels)),
+              "final_right": sum(p == t for p, t in zip(final_predictions, val_labels)), "val_count": len(val_labels)}
+    if (modelmeta.read_meta(best_path) or {}).get("kept") == "final":  # scored again after the swap below
+        return "final", counts
+    if metrics.better_beyond_chance([p == t for p, t in zip(lowest_predictions, val_labels)],
+                                    [p == t for p, t in zip(final_predictions, val_labels)]):
+        (out / runstate.LOWEST_VAL_NAME).unlink(missing_ok=True)  # an earlier run's, in the same --out
+        return "best checkpoint", counts
+    model.copy_with_meta(best_path, out / runstate.LOWEST_VAL_NAME)
+    model.copy_with_meta(out / runstate.FINAL_NAME, best_path, {"kept": "final"})
+    return "final", counts
+
+
 def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, val_set, val_batches,
-              epochs_run, trained, train_seconds, repeats=1):
-    """The best checkpoint on the test split, which chose nothing (validation chose the checkpoint and the
-    confidence threshold stored in it), so this is a clean score; metrics.json and the plots."""
+              epochs_run, trained, train_seconds, repeats=1, prefer_final=False):
+    """The run's model on the test split, which chose nothing (validation chose the model and the confidence
+    threshold stored in it), so this is a clean score; metrics.json and the plots. The run's model is the
+    checkpoint of lowest validation CER, or with `prefer_final` (a one-cycle schedule) the final epoch's unless
+    that checkpoint reads validation better beyond chance (keep_final_unless_lowest_is_better)."""
     val_labels = [label for _, label in val_set]
-    store_abstention(out / runstate.FINAL_NAME, val_batches, val_labels, charset, cfg.target_precision)
-    best, _ = model.load_model(out / runstate.BEST_NAME)
+    final_abstain, final_predictions = store_abstention(out / runstate.FINAL_NAME, val_batches, val_labels, charset,
+                                                        cfg.target_precision)
     abstain, val_predictions = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset,
-                                                cfg.target_precision, best)
+                                                cfg.target_precision)
+    kept, counts = "best checkpoint", None
+    if prefer_final:
+        kept, counts = keep_final_unless_lowest_is_better(out, val_labels, val_predictions, final_predictions)
+        right = (f"validation: {counts['final_right']} of {counts['val_count']} right at the final epoch, "
+                 f"{counts['lowest_val_cer_right']} at the lowest CER")
+        print(f"the run's model, {out / runstate.BEST_NAME}: " + (
+            f"the final epoch's ({right}: not better beyond chance; that epoch is kept as {runstate.LOWEST_VAL_NAME})"
+            if kept == "final" else f"the epoch of lowest validation CER ({right}: better beyond chance)"))
+        if kept == "final":
+            abstain, val_predictions = final_abstain, final_predictions
+    best, _ = model.load_model(out / runstate.BEST_NAME)
     test_labels = [label for _, label in test_set]
     scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
@@ -73,6 +106,7 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
         "abstain": abstain,
         "confidence": metrics.confidence_ranking(predictions, test_labels, confidences),
         "checkpoint": str(out / runstate.BEST_NAME),
+        "kept": {"model": kept, **(counts or {})},
         "epochs_run": epochs_run,
         "train_seconds_this_session": round(train_seconds, 1),
         "images_per_second_with_validation": round(len(train_set) * repeats * trained / train_seconds, 1),
@@ -90,7 +124,7 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])
     pictures = plots.write_run_plots(out, out / runstate.LOG_NAME, shown, test_labels, predictions)
     print(f"plots: {', '.join(str(p) for p in pictures)}")
-    print(f"test split ({scores['count']} images, best checkpoint): exact match {scores['exact_match']:.4f} "
+    print(f"test split ({scores['count']} images, the run's model): exact match {scores['exact_match']:.4f} "
           f"({scores['exact_match_ignore_case']:.4f} ignoring case), CER {scores['cer']:.4f}; wrote {out / 'metrics.json'}")
     print(describe_abstention(abstain))
     if abstain["val_coverage"] < 0.5:  # the model's errors are not its least confident readings, or too few were read

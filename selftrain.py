@@ -32,8 +32,8 @@ from preprocess import CaptchaError
 
 STATE_NAME = "self_training.json"
 MIN_CHANGED_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
-RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOG_NAME, "metrics.json", "training_curves.png",
-                "predictions.png", "confusions.png")
+RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOWEST_VAL_NAME, runstate.LOG_NAME, "metrics.json",
+                "training_curves.png", "predictions.png", "confusions.png")
 
 
 def round_dir(out, number):

@@ -6,8 +6,9 @@
     python train.py --data_dir imgs --unlabeled more_imgs # and the site's unlabelled captchas (selftrain.py)
 
 Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
-crnn_ctc_best.keras (best validation CER), crnn_ctc_final.keras (last epoch), each with the confidence
-threshold its readers apply, train_log.csv, metrics.json (the best model on the held-out test split) and
+crnn_ctc_best.keras (the run's model: the final epoch's, unless the epoch of lowest validation CER reads
+validation better beyond chance; scoring.py), crnn_ctc_final.keras (last epoch), each with the confidence
+threshold its readers apply, train_log.csv, metrics.json (the run's model on the held-out test split) and
 three plots. Meanwhile crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash or Ctrl-C.
 
 A run, top to bottom (train()): 1. the data, 2. the network, recipe and pixels, 3. the batches and the plan,
@@ -311,14 +312,15 @@ def train(cfg, pseudo=(), resume_command=None):
     finally:  # (whatever ended fit(): a signal from here on stops at once)
         callbacks.STOP.in_fit = False
         train_batches.close()  # its worker processes, if any
-    # ---- phase 6, the final model, then the best checkpoint scored on the test split
+    # ---- phase 6, the final model, the run's model chosen on validation, and its test score
     if not state["finished"]:
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
         results = scoring.score_run(out, folder, cfg, charset, network.options, train_set, test_set, test_batches,
                                     val_set=val_set, val_batches=val_batches, epochs_run=state["epochs_done"] + trained,
-                                    trained=trained, train_seconds=max(time.time() - started, 1e-6), repeats=repeats)
+                                    trained=trained, train_seconds=max(time.time() - started, 1e-6), repeats=repeats,
+                                    prefer_final=recipe.schedule == "onecycle")
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
               f"{resume_command}")

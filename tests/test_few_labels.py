@@ -189,6 +189,46 @@ def test_one_validation_error_is_not_evidence_but_many_are():
     assert not metrics.better_beyond_chance([True, False] * 10, [False, True] * 10)
 
 
+def run_with_two_checkpoints(out):
+    """A run folder whose lowest-validation-CER checkpoint and final model are the committed reader, told apart by
+    a tag in their metadata."""
+    out.mkdir()
+    model.copy_with_meta(READER, out / runstate.BEST_NAME, {"tag": "lowest"})
+    model.copy_with_meta(READER, out / runstate.FINAL_NAME, {"tag": "final"})
+    return out
+
+
+def test_the_final_model_is_kept_unless_the_lowest_validation_cer_checkpoint_is_better_beyond_chance(tmp_path):
+    labels = [f"{i:04d}" for i in range(20)]
+    misread = ["x"] * 4 + labels[4:]
+    # the lowest-CER epoch read all 20 validation images, the final one 16: p = 0.0625, one epoch's luck
+    out = run_with_two_checkpoints(tmp_path / "luck")
+    kept, counts = scoring.keep_final_unless_lowest_is_better(out, labels, labels, misread)
+    assert kept == "final" and (counts["lowest_val_cer_right"], counts["final_right"]) == (20, 16)
+    assert modelmeta.read_meta(out / runstate.BEST_NAME)["tag"] == "final"  # what every reader reads by default
+    assert modelmeta.read_meta(out / runstate.LOWEST_VAL_NAME)["tag"] == "lowest"  # kept, not lost
+    # scored again (a stop during scoring): the swap is not repeated, the lowest-CER checkpoint stays what it was
+    assert scoring.keep_final_unless_lowest_is_better(out, labels, labels, misread)[0] == "final"
+    assert modelmeta.read_meta(out / runstate.LOWEST_VAL_NAME)["tag"] == "lowest"
+    # 5 of 20 the final epoch misreads: p = 0.031, the lowest-CER checkpoint stays the run's model
+    out = run_with_two_checkpoints(tmp_path / "better")
+    (out / runstate.LOWEST_VAL_NAME).write_bytes(b"an earlier run's")
+    kept, _ = scoring.keep_final_unless_lowest_is_better(out, labels, labels, ["x"] * 5 + labels[5:])
+    assert kept == "best checkpoint" and modelmeta.read_meta(out / runstate.BEST_NAME)["tag"] == "lowest"
+    assert not (out / runstate.LOWEST_VAL_NAME).exists()
+
+
+def test_a_one_cycle_run_reports_which_model_it_kept(trained_run):
+    results = json.loads((trained_run / "metrics.json").read_text())
+    kept = results["kept"]
+    assert kept["val_count"] == 4 and kept["model"] in ("final", "best checkpoint")
+    best_meta = modelmeta.read_meta(trained_run / runstate.BEST_NAME)
+    assert (best_meta.get("kept") == "final") == (kept["model"] == "final")
+    assert (trained_run / runstate.LOWEST_VAL_NAME).exists() == (kept["model"] == "final")
+    val_right = sum(r["truth"] == r["prediction"] for r in results["val_readings"])  # the kept model's readings
+    assert val_right == kept["final_right" if kept["model"] == "final" else "lowest_val_cer_right"]
+
+
 def write_round(out, number, wrong, count=20):
     """A self-training round's metrics.json whose best model misreads the first `wrong` of `count` validation images."""
     folder = selftrain.round_dir(out, number)

@@ -1,6 +1,8 @@
 """Faithful to the reference: its exact network, recipe and preprocessing, and its real checkpoints
 (a Lambda calling a module-level `tf`, no metadata) convert, read, export and fine-tune."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -45,6 +47,8 @@ def test_reference_recipe_is_the_references(digits_folder, tmp_path, capsys):
     assert "recipe reference: adam, halved on plateau from 0.001, batch 128" in capsys.readouterr().out
     _, meta = model.load_model(out / runstate.BEST_NAME)
     assert meta["preprocess"]["resize"] == "reference" and meta["preprocess"]["auto_crop"] is False
+    # its best checkpoint on val_loss is the run's model, as the reference's; only a one-cycle run prefers its final
+    assert "kept" not in meta and json.loads((out / "metrics.json").read_text())["kept"]["model"] == "best checkpoint"
     assert (meta["preprocess"]["clahe_clip"], meta["preprocess"]["clahe_tiles"]) == (2.0, [8, 8])
 
 
