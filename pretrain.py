@@ -12,8 +12,9 @@ resumable, that can run in slices, each continuing from the model the last one w
    of 3 to 8 of all 62 symbols, drawn once into --data_dir; a held-out set of every style, hershey included, drawn
    once into --heldout_dir with other seeds;
 2. training: train.py's train() on --data_dir (its test split is the base model's own test split);
-3. the best model read on each held-out style;
-4. OUT/base.keras: the best model without its optimizer state (safe-mode loadable, with its metadata), and
+3. the run's model (train.py keeps the final epoch's unless the lowest validation CER is better beyond chance)
+   read on each held-out style;
+4. OUT/base.keras: that model without its optimizer state (safe-mode loadable, with its metadata), and
    OUT/pretrain.json: this command's settings, the test split's score and each held-out style's.
 """
 
