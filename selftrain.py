@@ -3,7 +3,7 @@
     python train.py --data_dir LABELLED --unlabeled UNLABELLED        # rounds in --out/round_0, round_1, ...
     python train.py --resume --out saved_model                        # an interrupted self-training run
 
-Round 0 trains on the labelled images alone. After each round, its best model reads the unlabelled images;
+Round 0 trains on the labelled images alone. After each round, its model (the one train.py kept) reads the unlabelled images;
 readings at or above the confidence threshold it stores (chosen on its validation split for
 --target_precision), and within the lengths of the labels people typed, become pseudo-labels, written to
 --out/pseudo_labels_round_N.csv for a person to check,
@@ -109,21 +109,23 @@ def pseudo_label(model_path, paths):
 
 
 def round_summary(number, out, added):
-    """One line of the self-training log: what round `number` trained on and how its best model reads."""
+    """One line of the self-training log: what round `number` trained on and how its model (the one train.py
+    kept) reads the validation images."""
     results = json.loads((round_dir(out, number) / "metrics.json").read_text())
-    history = runstate.validation_history(round_dir(out, number) / runstate.LOG_NAME)  # (val_cer, val_exact) each epoch
-    best_epoch = min(range(len(history)), key=lambda i: (history[i][0], -i))
+    val = results["val_readings"]
+    on_val = metrics.score([r["prediction"] for r in val], [r["truth"] for r in val])
     abstain = results["abstain"]
-    return {"round": number, "pseudo_labels": added, "val_cer": history[best_epoch][0],
-            "val_exact_match": history[best_epoch][1], "test_exact_match": results["test"]["exact_match"],
+    return {"round": number, "pseudo_labels": added, "val_cer": on_val["cer"],
+            "val_exact_match": on_val["exact_match"], "test_exact_match": results["test"]["exact_match"],
             "threshold": abstain["threshold"], "threshold_val_precision": abstain["val_precision"],
             "threshold_val_coverage": abstain["val_coverage"]}
 
 
 def describe_round(summary):
     precision = summary["threshold_val_precision"]
-    return (f"self-training round {summary['round']}: {summary['pseudo_labels']} pseudo-labelled images added; best "
-            f"validation CER {summary['val_cer']:.4f}, exact match {summary['val_exact_match']:.4f}; its threshold "
+    return (f"self-training round {summary['round']}: {summary['pseudo_labels']} pseudo-labelled images added; its "
+            f"model reads validation at CER {summary['val_cer']:.4f}, exact match {summary['val_exact_match']:.4f}; "
+            f"its threshold "
             + ("reached no precision" if summary["threshold"] is None else
                f"{summary['threshold']:.4g} kept {summary['threshold_val_coverage']:.1%} of validation at precision "
                f"{precision:.4f}"))
@@ -195,7 +197,7 @@ def run(cfg, train_one, config_class):
 
 
 def validation_correct(out, number):
-    """{validation image: read right} of round `number`'s best model (every round has the same validation split)."""
+    """{validation image: read right} of round `number`'s model (every round has the same validation split)."""
     results = json.loads((round_dir(out, number) / "metrics.json").read_text())
     return {r["path"]: r["prediction"] == r["truth"] for r in results.get("val_readings", [])}
 

@@ -339,6 +339,9 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     results = json.loads((out / "metrics.json").read_text())
     rounds = results["self_training"]["rounds"]
     assert [r["pseudo_labels"] for r in rounds] == [0, len(pseudo)]
+    for summary in rounds:  # each round as its kept model reads validation, not its log's lowest-CER epoch
+        val = json.loads((out / f"round_{summary['round']}" / "metrics.json").read_text())["val_readings"]
+        assert summary["val_exact_match"] == np.mean([r["truth"] == r["prediction"] for r in val])
     tests = [json.loads((out / f"round_{n}" / "metrics.json").read_text())["readings"] for n in (0, 1)]
     assert [r["path"] for r in tests[0]] == [r["path"] for r in tests[1]]  # the same labelled test split
     assert all(r["path"].startswith(str(labelled)) for r in tests[1])
