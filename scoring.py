@@ -63,14 +63,15 @@ def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, fina
     best_path = out / runstate.BEST_NAME
     counts = {"lowest_val_cer_right": sum(p == t for p, t in zip(lowest_predictions, val_labels)),
               "final_right": sum(p == t for p, t in zip(final_predictions, val_labels)), "val_count": len(val_labels)}
-    if (modelmeta.read_meta(best_path) or {}).get("kept") == "final":  # scored again after the swap below
-        return "final", counts
+    swapped = (modelmeta.read_meta(best_path) or {}).get("kept")
+    if swapped:  # scored again after the swap below (a stop while scoring): what was decided then stands
+        return "final", {k: v for k, v in swapped.items() if k != "model"}
     if metrics.better_beyond_chance([p == t for p, t in zip(lowest_predictions, val_labels)],
                                     [p == t for p, t in zip(final_predictions, val_labels)]):
         (out / runstate.LOWEST_VAL_NAME).unlink(missing_ok=True)  # an earlier run's, in the same --out
         return "best checkpoint", counts
     model.copy_with_meta(best_path, out / runstate.LOWEST_VAL_NAME)
-    model.copy_with_meta(out / runstate.FINAL_NAME, best_path, {"kept": "final"})
+    model.copy_with_meta(out / runstate.FINAL_NAME, best_path, {"kept": {"model": "final", **counts}})
     return "final", counts
 
 
@@ -95,9 +96,9 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
             if kept == "final" else f"the epoch of lowest validation CER ({right}: better beyond chance)"))
         if kept == "final":
             abstain, val_predictions = final_abstain, final_predictions
-    best, _ = model.load_model(out / runstate.BEST_NAME)
+    run_model, _ = model.load_model(out / runstate.BEST_NAME)
     test_labels = [label for _, label in test_set]
-    scores, predictions, confidences = evaluate(best, test_batches, charset, test_labels)
+    scores, predictions, confidences = evaluate(run_model, test_batches, charset, test_labels)
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
                                         abstain["threshold"], length_allowed(out / runstate.BEST_NAME, predictions))
     abstain = {**abstain, "test_coverage": on_test["coverage"], "test_precision": on_test["precision"]}

@@ -3,8 +3,8 @@
     python train.py --data_dir LABELLED --unlabeled UNLABELLED        # rounds in --out/round_0, round_1, ...
     python train.py --resume --out saved_model                        # an interrupted self-training run
 
-Round 0 trains on the labelled images alone. After each round, its model (the one train.py kept) reads the unlabelled images;
-readings at or above the confidence threshold it stores (chosen on its validation split for
+Round 0 trains on the labelled images alone. After each round, its model (the one train.py kept) reads the
+unlabelled images; readings at or above the confidence threshold it stores (chosen on its validation split for
 --target_precision), and within the lengths of the labels people typed, become pseudo-labels, written to
 --out/pseudo_labels_round_N.csv for a person to check,
 and round N trains again, from the same start, on the labelled training images plus those. Validation and
