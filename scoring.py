@@ -61,13 +61,13 @@ def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, fina
     The lowest of a few dozen validation readings over 60 epochs is often one epoch's luck. Returns "final" or
     "best checkpoint" and the two validation counts."""
     best_path = out / runstate.BEST_NAME
-    counts = {"lowest_val_cer_right": sum(p == t for p, t in zip(lowest_predictions, val_labels)),
-              "final_right": sum(p == t for p, t in zip(final_predictions, val_labels)), "val_count": len(val_labels)}
+    lowest_right = [p == t for p, t in zip(lowest_predictions, val_labels)]
+    final_right = [p == t for p, t in zip(final_predictions, val_labels)]
+    counts = {"lowest_val_cer_right": sum(lowest_right), "final_right": sum(final_right), "val_count": len(val_labels)}
     swapped = (modelmeta.read_meta(best_path) or {}).get("kept")
     if swapped:  # scored again after the swap below (a stop while scoring): what was decided then stands
         return "final", {k: v for k, v in swapped.items() if k != "model"}
-    if metrics.better_beyond_chance([p == t for p, t in zip(lowest_predictions, val_labels)],
-                                    [p == t for p, t in zip(final_predictions, val_labels)]):
+    if metrics.better_beyond_chance(lowest_right, final_right):
         (out / runstate.LOWEST_VAL_NAME).unlink(missing_ok=True)  # an earlier run's, in the same --out
         return "best checkpoint", counts
     model.copy_with_meta(best_path, out / runstate.LOWEST_VAL_NAME)
