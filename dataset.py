@@ -62,6 +62,7 @@ class ScanResult:
     decision: str = ""  # how the labels were read (printed)
     case: str = "keep"  # the fold applied to the labels
     sizes: list = field(default_factory=list)  # (width, height) of each usable image, when verified
+    saturations: list = field(default_factory=list)  # each usable image's colour_saturation, when asked (channels 0)
 
     def summary(self):
         counts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(self.skipped.items()))
@@ -71,16 +72,39 @@ class ScanResult:
         """The images' median width / height (None when the scan did not decode them)."""
         return statistics.median(w / h for w, h in self.sizes) if self.sizes else None
 
+    def channels(self):
+        """--channels auto: 3 (colour) when the median image carries colour, else 1 (gray); None when the
+        scan did not measure colour. Returns (channels, the line that says why)."""
+        if not self.saturations:
+            return None, ""
+        median = statistics.median(self.saturations)
+        colourful = sum(s >= COLOUR_SATURATION for s in self.saturations)
+        channels = 3 if median >= COLOUR_SATURATION else 1
+        return channels, (f"channels: {'colour (3)' if channels == 3 else 'gray (1)'}, decided from the images: "
+                          f"{colourful} of {len(self.saturations)} carry colour (median saturation {median:.0f}, "
+                          f"colour from {COLOUR_SATURATION}); set it with --channels 1 or 3")
+
     def skipped_lines(self):
         return [f"skipped ({reason}): {path}" for reason, paths in sorted(self.skipped.items()) for path in paths]
 
 
-def _size_or_problem(path, channels):
+# An image carries colour when a tenth of its pixels are at least this saturated (HSV, 0-255): gray images,
+# JPEG-compressed ones included, stay near 0, while coloured ink or clutter is well above it.
+COLOUR_SATURATION = 50
+
+
+def colour_saturation(image):
+    """The 90th percentile of a colour (H, W, 3) image's HSV saturation, 0-255."""
+    return float(np.percentile(cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[..., 1], 90))
+
+
+def _inspect(path, channels):
+    """(problem, (width, height), colour_saturation or None): channels 0 reads in colour and measures it."""
     try:
-        image = read_image(path, channels)
+        image = read_image(path, channels or 3)
     except ImageReadError as e:
-        return e.reason, None
-    return None, (image.shape[1], image.shape[0])
+        return e.reason, None, None
+    return None, (image.shape[1], image.shape[0]), colour_saturation(image) if not channels else None
 
 
 def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4, labels_from="auto", labels_file=None,
@@ -90,7 +114,8 @@ def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4, labe
     Labels come from labels.find_labels (`labels_from`, `labels_file`), or from a stored `source` (a
     resumed run's). case: keep, lower, upper, or auto (labels.decide_case). charset=None accepts any
     symbols; max_len=None accepts any length. verify=True decodes every image once, so a corrupt file is
-    reported here rather than crashing a training epoch, and records its size.
+    reported here rather than crashing a training epoch, and records its size; with channels=0 (--channels
+    auto) also its colour (ScanResult.channels decides).
     """
     found = (label_sources.find_labels_as(folder, source) if source is not None
              else label_sources.find_labels(folder, labels_from, labels_file))
@@ -109,18 +134,20 @@ def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4, labe
         skipped.setdefault(reason, []).append(path)
     if verify and candidates:
         with ThreadPoolExecutor(workers) as pool:  # OpenCV decodes outside the GIL
-            checked = list(pool.map(lambda p: _size_or_problem(p, channels), [p for p, _ in candidates]))
+            checked = list(pool.map(lambda p: _inspect(p, channels), [p for p, _ in candidates]))
     else:
-        checked = [(None, None)] * len(candidates)
-    samples, sizes = [], []
-    for (path, label), (problem, size) in zip(candidates, checked):
+        checked = [(None, None, None)] * len(candidates)
+    samples, sizes, saturations = [], [], []
+    for (path, label), (problem, size, saturation) in zip(candidates, checked):
         if problem:
             skipped.setdefault(problem, []).append(path)
         else:
             samples.append((path, label))
             if size:
                 sizes.append(size)
-    return ScanResult(samples, skipped, found.source, found.decision, case, sizes)
+            if saturation is not None:
+                saturations.append(saturation)
+    return ScanResult(samples, skipped, found.source, found.decision, case, sizes, saturations)
 
 
 def split_samples(samples, val_fraction=0.1, test_fraction=0.1, seed=42):
@@ -374,7 +401,7 @@ def main(argv=None):
     try:
         fixed = None if args.charset == "auto" else charset_for_labels(args.charset, [])
         result = scan_folder(args.folder, fixed, args.max_len or None, labels_from=args.labels_from,
-                             labels_file=args.labels or None, case=args.case)
+                             labels_file=args.labels or None, case=args.case, channels=0)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -385,6 +412,7 @@ def main(argv=None):
         charset = charset_for_labels(args.charset, [label for _, label in result.samples])
         print(f"charset: {len(charset.symbols)} symbols {charset.symbols!r}; labels up to "
               f"{max(len(label) for _, label in result.samples)} characters; letter case: {result.case}")
+        print(result.channels()[1])
     if args.verbose:
         print("\n".join(result.skipped_lines()))
     return 0

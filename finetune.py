@@ -77,8 +77,8 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
                            f"{len(target_layers)}: not the same architecture")
     for src, dst in zip(source_layers[:-1], target_layers[:-1]):
         weights = src.get_weights()
-        if src is source_layers[0]:  # a gray start model for a colour run: its first kernel widened
-            weights = widened_to_colour(weights, [tuple(w.shape) for w in dst.weights])
+        if src is source_layers[0]:  # a gray start model for a colour run, or a colour one for a gray run
+            weights = first_kernel_for_channels(weights, [tuple(w.shape) for w in dst.weights])
         if [w.shape for w in weights] != [tuple(w.shape) for w in dst.weights]:
             raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
                                f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
@@ -92,12 +92,15 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
     return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
 
 
-def widened_to_colour(weights, target_shapes):
-    """A gray model's first convolution kernel (3, 3, 1, F) spread over three colour channels, a third on each:
-    on a gray image given as three equal channels the widened model computes exactly what the gray one did."""
+def first_kernel_for_channels(weights, target_shapes):
+    """The first convolution's kernel for the other input channels. Gray (3, 3, 1, F) to colour: spread over the
+    three channels, a third on each; colour (3, 3, 3, F) to gray: the three summed. Either way the new model
+    computes on a gray image exactly what the old one did on that image given as three equal channels."""
     kernel, *rest = weights
     if kernel.ndim == 4 and kernel.shape[2] == 1 and tuple(target_shapes[0])[2] == 3:
         kernel = np.repeat(kernel / 3.0, 3, axis=2)
+    elif kernel.ndim == 4 and kernel.shape[2] == 3 and tuple(target_shapes[0])[2] == 1:
+        kernel = kernel.sum(axis=2, keepdims=True)
     return [kernel, *rest]
 
 
@@ -136,13 +139,17 @@ def resolve_network(cfg, recipe, scan, max_len):
     switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
     median_aspect = scan.median_aspect()
     if init_from and config is None:
-        if cfg.height or cfg.width or cfg.channels != start_options.channels:
+        if cfg.height or cfg.width or cfg.channels not in (0, start_options.channels):
             raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
                                f"and channels cannot change; drop --height, --width and --channels")
+        if not cfg.channels and scan.channels()[0] not in (None, start_options.channels):
+            print(f"channels: {start_options.channels}, as {init_from} reads (its network settings are not stored "
+                  f"in it, so they cannot change)")
         network = Network(None, dataclasses.replace(start_options, **switches), start[0].output_shape[1], init_from,
                           start)
     else:
-        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=cfg.channels,
+        channels = cfg.channels or scan.channels()[0] or 1  # --channels 0: as the scan decided
+        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=channels,
                                      median_aspect=median_aspect, start_model=init_from)
         options = (dataclasses.replace(start_options, height=config.height, width=config.width,
                                        channels=config.channels, **switches) if init_from

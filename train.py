@@ -60,8 +60,8 @@ class TrainConfig:
     #                     are folded to it, for sites that ignore case; mixed-case labels kept)
     charset: str = "auto"  # auto: the symbols the labels use; or a preset (default, digits, ...) or the symbols
     max_len: int = 0  # longest label; 0: the longest in the data
-    channels: int = 1  # 1: gray; 3: colour (text and clutter of different colours); the base model's first
-    #                    convolution is widened to colour
+    channels: int = 0  # 0 (auto): colour when the median image carries colour, else gray; 1: gray; 3: colour (the
+    #                    gray base model's first convolution is widened to colour)
     height: int = 0  # the canvas images are resized and padded to; 0: the network's (50, or the start model's)
     width: int = 0  # 0: the network's (200), or wider for a folder whose median image is wider than the canvas
     limit: int = 0  # use at most this many images (0: all)
@@ -122,8 +122,8 @@ def resolve_data(cfg):
 
 def check_config(cfg):
     """Settings that would fail only after training, refused before it."""
-    if cfg.channels not in preprocess.CHANNELS:
-        raise CaptchaError(f"--channels {cfg.channels}: 1 (gray) or 3 (colour)")
+    if cfg.channels not in (0, *preprocess.CHANNELS):
+        raise CaptchaError(f"--channels {cfg.channels}: 0 (auto), 1 (gray) or 3 (colour)")
     if not 0 < cfg.target_precision <= 1:
         raise CaptchaError(f"--target_precision {cfg.target_precision:g}: a share of right readings, in (0, 1]")
 
@@ -141,6 +141,8 @@ def load_dataset(cfg, folder, source=None):
         print("\n".join(scan.skipped_lines()))
     if not scan.samples:
         raise CaptchaError(f"{folder}: no usable labelled images ({scan.summary()})")
+    if not cfg.channels:
+        print(scan.channels()[1])
     samples = scan.samples
     if cfg.limit:
         samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]

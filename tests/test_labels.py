@@ -280,7 +280,7 @@ def test_colour_pixels_are_the_same_for_training_and_every_reading_path(tmp_path
     assert gray.shape == (50, 200, 1)
 
 
-def test_a_gray_start_model_is_widened_to_colour_and_reads_gray_the_same(tmp_path):
+def test_a_start_model_changes_channels_and_reads_gray_the_same(tmp_path):
     config = model.PRESETS["tiny"]
     gray_model = model.build_model(config, 5)
     colour_model, fresh = finetune.start_from(gray_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"),
@@ -289,6 +289,50 @@ def test_a_gray_start_model_is_widened_to_colour_and_reads_gray_the_same(tmp_pat
     x = np.random.default_rng(0).random((2, 50, 200, 1), dtype=np.float32)
     np.testing.assert_allclose(colour_model.predict_on_batch(np.repeat(x, 3, axis=-1)),
                                gray_model.predict_on_batch(x), atol=1e-5)
+    # and back: a colour start model (first kernel made uneven across the channels) for a gray run
+    first_conv = next(layer for layer in colour_model.layers if layer.weights)
+    kernel, *rest = first_conv.get_weights()
+    first_conv.set_weights([kernel * np.array([0.5, 1.0, 1.5], np.float32)[:, None], *rest])
+    narrowed, _ = finetune.start_from(colour_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"), config)
+    assert narrowed.input_shape == (None, 50, 200, 1)
+    np.testing.assert_allclose(narrowed.predict_on_batch(x), colour_model.predict_on_batch(np.repeat(x, 3, axis=-1)),
+                               atol=1e-5)
+
+
+def write_gray_images(folder, names, extension=".jpg"):
+    """Gray noise with a dark bar, saved as colour JPEGs (three equal channels), as many sites serve gray captchas."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        gray = np.random.default_rng(100 + i).integers(150, 256, (30, 90), dtype=np.uint8)
+        gray[10:20, 5 + 3 * (i % 10): 40 + 3 * (i % 10)] = 30
+        cv2.imwrite(str(folder / (name + extension)), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    return folder
+
+
+def test_channels_auto_reads_colour_images_in_colour_and_gray_ones_in_gray(tmp_path, capsys):
+    colour = write_images(tmp_path / "colour", [f"{label}.png" for label in LABELS])
+    gray = write_gray_images(tmp_path / "gray", LABELS)
+    assert dataset.scan_folder(colour, channels=0).channels()[0] == 3
+    assert dataset.scan_folder(gray, channels=0).channels()[0] == 1
+    assert dataset.scan_folder(colour).channels() == (None, "")  # with channels given, colour is not measured
+    # the median image decides: 5 colour of 12 read gray, 7 of 12 colour
+    mixed = write_gray_images(tmp_path / "mixed", LABELS[5:])
+    write_images(mixed, [f"{label}.png" for label in LABELS[:5]])
+    assert dataset.scan_folder(mixed, channels=0).channels()[0] == 1
+    write_images(tmp_path / "mixed2", [f"{label}.png" for label in LABELS[:7]])
+    write_gray_images(tmp_path / "mixed2", LABELS[7:])
+    channels, line = dataset.scan_folder(tmp_path / "mixed2", channels=0).channels()
+    assert channels == 3 and "7 of 12 carry colour" in line
+    # a run with no --channels trains on the decision, says it, and stores it for every reader
+    for folder, channels, said in ((colour, 3, "colour (3)"), (gray, 1, "gray (1)")):
+        out = tmp_path / f"run{channels}"
+        assert train.main(["--data_dir", str(folder), "--preset", "tiny", "--init_from", "none", "--epochs", "1",
+                           "--batch_size", "4", "--workers", "1", "--out", str(out)]) == 0
+        assert f"channels: {said}, decided from the images" in capsys.readouterr().out
+        assert modelmeta.read_meta(out / runstate.BEST_NAME)["preprocess"]["channels"] == channels
+        assert reader.Reader(out / runstate.BEST_NAME).prepare(next(folder.iterdir()))[0].shape == (50, 200, channels)
+    assert train.main(["--data_dir", str(colour), "--channels", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "--channels 2: 0 (auto), 1 (gray) or 3 (colour)" in capsys.readouterr().err
 
 
 def test_the_canvas_widens_for_wide_captchas_and_the_check_counts_the_steps_the_text_spans(capsys):
