@@ -101,6 +101,7 @@ def test_a_stopped_pre_training_resumes_its_epochs_and_writes_the_base_model(pre
     base = run / "base.keras"
     crnn, meta = model.load_model(base, safe_mode=True)
     assert meta["charset"]["symbols"] == preprocess.DEFAULT_SYMBOLS and meta["max_len"] == 8
+    assert meta["preprocess"]["channels"] == 1  # gray, though its styles are drawn in colour: runs widen it
     with zipfile.ZipFile(base) as archive, archive.open("model.weights.h5") as weights, h5py.File(weights) as h5:
         assert "optimizer" not in h5  # the weights alone
     best, _ = model.load_model(run / runstate.BEST_NAME)
