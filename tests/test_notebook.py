@@ -6,6 +6,7 @@ import nbformat
 from nbclient import NotebookClient
 from PIL import Image
 
+import modelmeta
 from conftest import ROOT
 
 
@@ -31,6 +32,9 @@ def test_notebook_runs_end_to_end_on_tiny_settings(tmp_path):
     def printed(cell):
         return "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
 
+    data = next(cell for cell in notebook.cells if cell.cell_type == "code" and "scan.channels()" in cell.source)
+    assert "channels: colour (3), decided from the images" in printed(data)  # the captcha package draws in colour
+    assert modelmeta.read_meta(out / "crnn_ctc_best.keras")["preprocess"]["channels"] == 3  # as train.py decided
     evaluation = next(cell for cell in notebook.cells if cell.cell_type == "code" and "metrics.json" in cell.source)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in saved["test"].items()}
     assert f"test split: {shown}" in printed(evaluation)  # the notebook shows this run's own scores
