@@ -122,9 +122,8 @@ def score_heldout(model_path, heldout_dir):
 def train_config(cfg):
     # channels=1: the base reads gray, and a run on colour images widens its first convolution to colour exactly
     return train.TrainConfig(data_dir=cfg.data_dir, preset=cfg.preset, init_from=cfg.init_from, channels=1,
-                             epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, workers=cfg.workers,
-                             processes=cfg.processes, out=cfg.out)
+                             epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                             workers=cfg.workers, processes=cfg.processes, out=cfg.out)
 
 
 def run(cfg):
