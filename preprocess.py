@@ -9,6 +9,7 @@ from is labels.py; the folder scan, the split and the batch loader are dataset.p
 captcha generators are synth.py.
 """
 
+import os
 import string
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -140,13 +141,21 @@ def charset_for_labels(value, labels):
 
 
 def list_images(folder):
-    """Image files under `folder` (sub-folders too), sorted so every run sees the same order."""
+    """Image files under `folder` (sub-folders too, linked ones included), sorted so every run sees the same order."""
     folder = Path(folder)
     if not folder.exists():
         raise CaptchaError(f"{folder}: folder does not exist")
     if not folder.is_dir():
         raise CaptchaError(f"{folder}: not a folder")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found, visited = [], set()
+    for root, subfolders, files in os.walk(folder, followlinks=True):  # rglob skips linked sub-folders
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree, or a second link to one folder: listed once
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        found += [Path(root) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 # ----------------------------------------------------------------------------- image pipeline

@@ -221,7 +221,7 @@ def varied_fonts():
 def _varied_background(rng, width, height):
     """A flat colour, a gradient between two, or coloured noise smoothed into blotches; light or dark."""
     light = rng.random() < 0.75
-    low, high = (150, 256) if light else (0, 110)
+    low, high = (160, 256) if light else (0, 96)
     kind = rng.integers(3)
     if kind == 0:
         return np.full((height, width, 3), rng.integers(low, high, size=3), np.uint8), light
@@ -235,56 +235,80 @@ def _varied_background(rng, width, height):
 
 
 def _varied_ink(rng, light):
-    """A colour that stands out from a light (or dark) background."""
-    return rng.integers(0, 110, size=3) if light else rng.integers(160, 256, size=3)
+    """A colour that stands out from a light (or dark) background: every channel at least 64 levels away."""
+    return rng.integers(0, 96, size=3) if light else rng.integers(160, 256, size=3)
 
 
 def _varied_glyphs(text, rng, font_path, height):
-    """Each symbol as an alpha mask (uint8), turned, sheared and scaled on its own."""
+    """Each symbol as an alpha mask (uint8), turned, sheared and scaled a little on its own, all of one height
+    with the baseline in one row: a lower-case `o` stays smaller and lower than an `O` beside it, as in the face."""
     from PIL import Image, ImageDraw, ImageFont
 
     size = max(10, int(height * rng.uniform(0.55, 0.85)))
     font = ImageFont.truetype(font_path, size)
+    ascent, descent = font.getmetrics()
+    pad = size // 3
+    # the stroke: the face's own, bold (an outline stroke around each filled glyph) or hollow (the outline alone)
+    weight = rng.choice(["regular", "bold", "hollow"], p=[0.7, 0.15, 0.15])
+    stroke = 0 if weight == "regular" else max(1, size // (18 if weight == "bold" else 24))
     glyphs = []
     for char in text:
-        left, top, right, bottom = font.getbbox(char)
-        pad = size // 3
-        glyph = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-        ImageDraw.Draw(glyph).text((pad - left, pad - top), char, font=font, fill=255)
+        left, _, right, _ = font.getbbox(char, stroke_width=stroke)
+        glyph = Image.new("L", (right - left + 2 * pad, ascent + descent + 2 * pad), 0)
+        ImageDraw.Draw(glyph).text((pad - left, pad), char, font=font, fill=0 if weight == "hollow" else 255,
+                                   stroke_width=stroke, stroke_fill=255)  # baseline at row pad + ascent
         mask = np.asarray(glyph)
         h, w = mask.shape
-        scale = rng.uniform(0.8, 1.15)
-        turn = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-30, 30), scale)
+        # turned about the middle of the lower-case letters' height; the size varies by 8% at most, less than
+        # the gap between lower and upper case (about 25% in these faces)
+        turn = cv2.getRotationMatrix2D((w / 2, pad + 0.7 * ascent), rng.uniform(-30, 30), rng.uniform(0.92, 1.08))
         turn[0, 1] += rng.uniform(-0.3, 0.3)  # shear
         mask = cv2.warpAffine(mask, turn, (w, h))
-        ys, xs = np.nonzero(mask > 24)
-        if len(xs):  # cut to the ink
-            mask = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        columns = np.nonzero((mask > 24).any(axis=0))[0]
+        if len(columns):  # cut to the ink across; the rows stay the line's
+            mask = mask[:, columns.min() : columns.max() + 1]
         glyphs.append(mask)
+    rows = np.nonzero(np.any([(g > 24).any(axis=1) for g in glyphs], axis=0))[0]
+    if len(rows):  # the rows no symbol inks, cut from all alike
+        glyphs = [g[rows.min() : rows.max() + 1] for g in glyphs]
     return glyphs
 
 
-def _varied_warp(image, rng):
-    """One of: nothing, a perspective tilt, a sine wave along x or y, or a smooth elastic field."""
-    height, width = image.shape[:2]
+def _varied_warp(rng, width, height, margin):
+    """One of: nothing, a perspective tilt, a sine wave along x or y, or a smooth elastic field; none moves the
+    ink by more than `margin` (its distance from the canvas' edge), so no symbol is pushed off the canvas.
+    Returns (warp an image, where a point (x, y) of the picture lands), or None for nothing."""
     kind = rng.integers(4)
-    if kind == 1:
+    if kind == 1:  # the corners move inwards only: the picture is tilted and shrunk, never cut
         corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
-        moved = (corners + rng.uniform(-0.12, 0.12, size=(4, 2)) * [width, height]).astype(np.float32)
-        return cv2.warpPerspective(image, cv2.getPerspectiveTransform(corners, moved), (width, height),
-                                   borderMode=cv2.BORDER_REPLICATE)
+        inwards = np.float32([[1, 1], [-1, 1], [-1, -1], [1, -1]])
+        moved = (corners + inwards * rng.uniform(0, 0.12, size=(4, 2)) * [width, height]).astype(np.float32)
+        matrix = cv2.getPerspectiveTransform(corners, moved)
+        return (lambda image, interpolation, border: cv2.warpPerspective(
+                    image, matrix, (width, height), flags=interpolation, borderMode=border),
+                lambda points: cv2.perspectiveTransform(points[None].astype(np.float32), matrix)[0])
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    reach = max(1.0, float(margin) - 1)
     if kind == 2:
-        amplitude, period, phase = rng.uniform(1, 0.1 * height), rng.uniform(0.5, 2) * width, rng.uniform(0, 6.3)
-        ys += amplitude * np.sin(2 * np.pi * xs / period + phase)
-        xs += rng.uniform(0, 2) * np.sin(2 * np.pi * ys / height + phase)
+        amplitude = rng.uniform(1, max(1.0, min(0.1 * height, reach)))
+        period, phase = rng.uniform(0.5, 2) * width, rng.uniform(0, 6.3)
+        dy = amplitude * np.sin(2 * np.pi * xs / period + phase)
+        dx = min(reach, rng.uniform(0, 2)) * np.sin(2 * np.pi * (ys + dy) / height + phase)
     elif kind == 3:
-        field = rng.uniform(-1, 1, size=(2, 4, 8)).astype(np.float32) * rng.uniform(1, 0.08 * height)
-        xs += cv2.resize(field[0], (width, height), interpolation=cv2.INTER_CUBIC)
-        ys += cv2.resize(field[1], (width, height), interpolation=cv2.INTER_CUBIC)
+        field = rng.uniform(-1, 1, size=(2, 4, 8)).astype(np.float32) * rng.uniform(1, max(1.0, min(0.08 * height,
+                                                                                                   reach)))
+        dx = np.clip(cv2.resize(field[0], (width, height), interpolation=cv2.INTER_CUBIC), -reach, reach)
+        dy = np.clip(cv2.resize(field[1], (width, height), interpolation=cv2.INTER_CUBIC), -reach, reach)
     else:
-        return image
-    return cv2.remap(image, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return None
+    map_x, map_y = (xs + dx).astype(np.float32), (ys + dy).astype(np.float32)  # the picture's pixel that each pixel of the result shows
+
+    def land(points):  # a smooth field: a point moves by about minus the field where it is
+        x, y = np.clip(points[:, 0].astype(int), 0, width - 1), np.clip(points[:, 1].astype(int), 0, height - 1)
+        return np.stack([points[:, 0] - dx[y, x], points[:, 1] - dy[y, x]], axis=1)
+
+    return (lambda image, interpolation, border: cv2.remap(image, map_x, map_y, interpolation, borderMode=border),
+            land)
 
 
 def _varied_clutter(image, rng, ink, light):
@@ -312,12 +336,9 @@ def _varied_clutter(image, rng, ink, light):
     return image
 
 
-def _draw_varied_png(args):
-    """A captcha of any look, for pre-training to cover many: a canvas of random size (30-80 px high, 2-5 times
-    as wide), a face from `varied_fonts`, symbols each turned, sheared, scaled and placed apart or overlapping,
-    in one ink or each its own, on a flat, graded or blotched background, light or dark; lines, curves, dots
-    and blobs over it; then a perspective, wave or elastic warp, and sometimes blur, noise or JPEG artefacts."""
-    text, seed, width, height = args
+def varied_picture(text, seed, width, height):
+    """The `varied` captcha (text, seed), before its encoding: (image, [(alpha, top, left)] of each symbol as
+    placed, the fraction of each symbol's ink that the warp leaves on the canvas)."""
     rng = np.random.default_rng(seed)
     if not width or not height:
         height = int(rng.integers(30, 81))
@@ -328,23 +349,43 @@ def _draw_varied_png(args):
     glyphs = _varied_glyphs(text, rng, fonts[rng.integers(len(fonts))], height)
     gaps = [int(g.shape[1] * rng.uniform(-0.15, 0.3)) for g in glyphs[1:]] + [0]
     span = sum(g.shape[1] for g in glyphs) + sum(gaps)
-    fit = min(1.0, (width - 8) / max(span, 1), (height - 4) / max(g.shape[0] for g in glyphs))
+    fit = min(1.0, (width - 8) / max(span, 1), (height - 4) / glyphs[0].shape[0])
     if fit < 1.0:  # too wide or too tall for the canvas: all symbols shrunk alike
         glyphs = [cv2.resize(g, (max(1, int(g.shape[1] * fit)), max(1, int(g.shape[0] * fit)))) for g in glyphs]
         gaps = [int(gap * fit) for gap in gaps]
         span = sum(g.shape[1] for g in glyphs) + sum(gaps)
     x = int(rng.integers(2, max(3, width - span - 1)))
+    room = height - glyphs[0].shape[0]
+    line_top = room / 2 + rng.uniform(-0.3, 0.3) * room  # the line, up or down within the room it has
     ink, own_inks = _varied_ink(rng, light), rng.random() < 0.4
-    for glyph, gap in zip(glyphs, gaps):
-        room = height - glyph.shape[0]  # the symbol's top: about centred, up and down by up to a fifth of the height
-        top = int(np.clip(room / 2 + rng.uniform(-0.2, 0.2) * height, 0, max(0, room)))
+    placed, owner = [], np.zeros((height, width), np.uint8)  # owner: which symbol's ink each pixel shows
+    for number, (glyph, gap) in enumerate(zip(glyphs, gaps), start=1):
+        top = int(np.clip(line_top + rng.uniform(-0.05, 0.05) * height, 0, max(0, room)))  # each a little off it
         left = int(np.clip(x, 0, width - glyph.shape[1]))
         alpha = glyph[: height - top, : width - left, None] / 255.0
         region = image[top : top + alpha.shape[0], left : left + alpha.shape[1]]
         colour = _varied_ink(rng, light) if own_inks else ink
         region[:] = (region * (1 - alpha) + colour * alpha).astype(np.uint8)
+        owner[top : top + alpha.shape[0], left : left + alpha.shape[1]][alpha[..., 0] > 0.5] = number
+        placed.append((alpha[..., 0], top, left))
         x += glyph.shape[1] + gap
-    image = _varied_warp(_varied_clutter(image, rng, ink, light), rng)
+    image = _varied_clutter(image, rng, ink, light)
+    ys, xs = np.nonzero(owner)
+    margin = min(xs.min(), ys.min(), width - 1 - xs.max(), height - 1 - ys.max()) if len(xs) else 0
+    warp = _varied_warp(rng, width, height, margin)
+    kept = [1.0] * len(placed)
+    if warp is not None:
+        warp_image, land = warp
+        points = np.stack([xs, ys], axis=1).astype(np.float32)
+        landed = land(points)
+        inside = (landed[:, 0] >= 0) & (landed[:, 0] <= width - 1) & (landed[:, 1] >= 0) & (landed[:, 1] <= height - 1)
+        numbers = owner[ys, xs]
+        kept = [float(inside[numbers == n].mean()) if (numbers == n).any() else 1.0
+                for n in range(1, len(placed) + 1)]
+        if min(kept) >= 0.98:  # the bounds above keep the ink on; a warp that would still cut a symbol is not used
+            image = warp_image(image, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
+        else:
+            kept = [1.0] * len(placed)
     if rng.random() < 0.3:
         image = cv2.GaussianBlur(image, (3, 3), rng.uniform(0.3, 1.0))
     if rng.random() < 0.3:
@@ -352,7 +393,17 @@ def _draw_varied_png(args):
     if rng.random() < 0.3:
         jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 90))])[1]
         image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
-    return cv2.imencode(".png", image)[1].tobytes()
+    return image, placed, kept
+
+
+def _draw_varied_png(args):
+    """A captcha of any look, for pre-training to cover many: a canvas of random size (30-80 px high, 2-5 times
+    as wide), a face from `varied_fonts` in its own stroke, bold or hollow, symbols on one baseline, each turned,
+    sheared and a little scaled,
+    placed apart or overlapping, in one ink or each its own, on a flat, graded or blotched background, light or
+    dark; lines, curves, dots and blobs over it; then a perspective, wave or elastic warp that keeps the symbols
+    on the canvas, and sometimes blur, noise or JPEG artefacts."""
+    return cv2.imencode(".png", varied_picture(*args)[0])[1].tobytes()
 
 
 def visible_fractions(symbols, width, height):

@@ -176,6 +176,17 @@ def test_a_changed_labels_file_is_refused_for_a_stored_source(tmp_path):
 # ----------------------------------------------------------------------------- scan = train, charset, case
 
 
+def test_linked_sub_folders_are_read_and_a_link_loop_is_read_once(tmp_path):
+    # a data folder put together from links (`ln -s /big/disk/site data/site`) must not lose the linked part
+    outside = write_images(tmp_path / "elsewhere", [f"{label}.png" for label in LABELS[6:]])
+    data = write_images(tmp_path / "data" / "own", [f"{label}.png" for label in LABELS[:6]]).parent
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    (outside / "back").symlink_to(data, target_is_directory=True)  # a loop
+    paths = preprocess.list_images(data)
+    assert sorted(label_sources.label_from_filename(p) for p in paths) == sorted(LABELS)
+    assert len({p.resolve() for p in paths}) == len(paths) == len(LABELS)
+
+
 def test_the_scan_and_train_read_a_folder_alike(tmp_path, capsys):
     folder = write_images(tmp_path / "f", [f"{label}_{hashlib.md5(label.encode()).hexdigest()}.png" for label in LABELS])
     cfg = train.TrainConfig(data_dir=str(folder))

@@ -5,6 +5,7 @@ import io
 import json
 import zipfile
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -39,6 +40,39 @@ def test_varied_style_is_deterministic_labelled_and_of_many_sizes(tmp_path):
         assert 30 <= height <= 80 and 2.0 * height - 1 <= width <= 5.0 * height + 1
         sizes.add((width, height))
     assert len(sizes) > 20  # a canvas of its own size for (nearly) every image
+
+
+def test_varied_warps_keep_ink_near_the_edge_on_the_canvas():
+    # ink dots at the margin's distance from every edge must all still show after any warp the style draws
+    # (a warp that pushed the text past the canvas' edge drew labels whose symbols are not in the image)
+    width, height, margin = 200, 60, 6
+    dots = np.zeros((height, width), np.uint8)
+    spots = [(x, y) for x in (margin, width // 2, width - 1 - margin) for y in (margin, height // 2, height - 1 - margin)]
+    for x, y in spots:
+        dots[y - 1 : y + 2, x - 1 : x + 2] = 255
+    kinds = set()
+    for seed in range(200):
+        warp = synth._varied_warp(np.random.default_rng(seed), width, height, margin)
+        if warp is None:
+            continue
+        warp_image, _ = warp
+        warped = warp_image(dots, cv2.INTER_LINEAR, cv2.BORDER_CONSTANT)
+        count, _ = cv2.connectedComponents((warped > 0).astype(np.uint8))
+        kinds.add(count)
+        assert count - 1 == len(spots), f"seed {seed}: {count - 1} of {len(spots)} dots left on the canvas"
+    assert kinds  # some warps were drawn
+
+
+def test_varied_symbols_sit_on_one_line_and_keep_their_case_size():
+    # an `o` beside an `O` must stay the smaller one in every image: a size drawn at random for each symbol
+    # made case a guess; the symbols' tops follow one line, and no warp cuts one
+    for seed in range(40):
+        image, placed, kept = synth.varied_picture("oOoO", 7000 + seed, None, None)
+        heights = [np.ptp(np.nonzero((alpha > 0.5).any(axis=1))[0]) + 1 for alpha, _, _ in placed]
+        assert max(heights[0], heights[2]) < min(heights[1], heights[3]), f"seed {7000 + seed}: {heights}"
+        assert min(kept) >= 0.98
+        tops = [top for _, top, _ in placed]
+        assert max(tops) - min(tops) <= 0.1 * image.shape[0] + 1
 
 
 def test_varied_fonts_draw_every_symbol_as_its_own_glyph():
