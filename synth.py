@@ -301,7 +301,8 @@ def _varied_warp(rng, width, height, margin):
         dy = np.clip(cv2.resize(field[1], (width, height), interpolation=cv2.INTER_CUBIC), -reach, reach)
     else:
         return None
-    map_x, map_y = (xs + dx).astype(np.float32), (ys + dy).astype(np.float32)  # the picture's pixel that each pixel of the result shows
+    # the pixel of the picture that each pixel of the result shows
+    map_x, map_y = (xs + dx).astype(np.float32), (ys + dy).astype(np.float32)
 
     def land(points):  # a smooth field: a point moves by about minus the field where it is
         x, y = np.clip(points[:, 0].astype(int), 0, width - 1), np.clip(points[:, 1].astype(int), 0, height - 1)

@@ -47,7 +47,8 @@ def test_varied_warps_keep_ink_near_the_edge_on_the_canvas():
     # (a warp that pushed the text past the canvas' edge drew labels whose symbols are not in the image)
     width, height, margin = 200, 60, 6
     dots = np.zeros((height, width), np.uint8)
-    spots = [(x, y) for x in (margin, width // 2, width - 1 - margin) for y in (margin, height // 2, height - 1 - margin)]
+    columns, rows = (margin, width // 2, width - 1 - margin), (margin, height // 2, height - 1 - margin)
+    spots = [(x, y) for x in columns for y in rows]
     for x, y in spots:
         dots[y - 1 : y + 2, x - 1 : x + 2] = 255
     kinds = set()
