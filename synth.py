@@ -400,10 +400,9 @@ def varied_picture(text, seed, width, height):
 def _draw_varied_png(args):
     """A captcha of any look, for pre-training to cover many: a canvas of random size (30-80 px high, 2-5 times
     as wide), a face from `varied_fonts` in its own stroke, bold or hollow, symbols on one baseline, each turned,
-    sheared and a little scaled,
-    placed apart or overlapping, in one ink or each its own, on a flat, graded or blotched background, light or
-    dark; lines, curves, dots and blobs over it; then a perspective, wave or elastic warp that keeps the symbols
-    on the canvas, and sometimes blur, noise or JPEG artefacts."""
+    sheared and a little scaled, placed apart or overlapping, in one ink or each its own, on a flat, graded or
+    blotched background, light or dark; lines, curves, dots and blobs over it; then a perspective, wave or
+    elastic warp that keeps the symbols on the canvas, and sometimes blur, noise or JPEG artefacts."""
     return cv2.imencode(".png", varied_picture(*args)[0])[1].tobytes()
 
 
