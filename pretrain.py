@@ -4,7 +4,7 @@ resumable, that can run in slices, each continuing from the model the last one w
     python pretrain.py                                   # the recorded rebuild, from scratch, into runs/base
     python pretrain.py --resume --out runs/base          # continue it after a crash, Ctrl-C or a session's end
     python pretrain.py --init_from pretrained/base.keras --out runs/base_next   # a slice: more updates from the base
-    KERAS_BACKEND=jax python pretrain.py --batch_size 128 --processes 12         # a GPU machine with many cores
+    KERAS_BACKEND=jax python pretrain.py --batch_size 256 --processes 14 --workers 16 --cache_mb 8192  # a GPU machine
     python pretrain.py --score pretrained/base.keras     # only read the held-out sets with a model
     cp runs/base/base.keras pretrained/base.keras        # ship it
 
@@ -57,6 +57,8 @@ class PretrainConfig:
     learning_rate: float | None = None  # the default recipe's peak
     workers: int = 2  # threads that make the training batches
     processes: int = 0  # worker processes that make them (for machines with many cores feeding a GPU)
+    cache_mb: int = train.TrainConfig.cache_mb  # the decoded canvases stay in memory up to this many MiB
+    #                                             (120,000 canvases of 50x200 gray take 1.1 GiB)
     out: str = "runs/base"
     resume: bool = False  # continue the interrupted command in --out with its own settings
     score: str = ""  # a .keras file: only read the held-out sets with it (drawn first if missing), train nothing
@@ -123,7 +125,7 @@ def train_config(cfg):
     # channels=1: the base reads gray, and a run on colour images widens its first convolution to colour exactly
     return train.TrainConfig(data_dir=cfg.data_dir, preset=cfg.preset, init_from=cfg.init_from, channels=1,
                              epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                             workers=cfg.workers, processes=cfg.processes, out=cfg.out)
+                             workers=cfg.workers, processes=cfg.processes, cache_mb=cfg.cache_mb, out=cfg.out)
 
 
 def run(cfg):

@@ -100,7 +100,8 @@ def time_ratio(args):
 
 def ratio_of(args, batches, charset, keras, model):
     steps = min(args.steps, len(batches))
-    read_batches(batches, min(steps, 4), batches.workers)  # warm: worker processes started, if any
+    # warm: every worker process started (a pool starts one per batch handed out while the others are busy)
+    read_batches(batches, min(steps, max(4, 2 * args.processes)), batches.workers)
     loader_rate, _ = read_batches(batches, steps, batches.workers)
     recipe = dataclasses.replace(recipes.RECIPES[args.recipe], batch_size=args.batch_size)
     crnn = recipes.compile_model(model.build_model(model.PRESETS[args.preset], charset.num_classes), charset, recipe,

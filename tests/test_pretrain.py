@@ -107,12 +107,13 @@ def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     args = ["--data_dir", str(root / "data"), "--heldout_dir", str(root / "heldout"), "--count", "16",
             "--heldout_count", "3", "--preset", "tiny", "--epochs", "2", "--batch_size", "8", "--workers", "1",
-            "--out", str(root / "run")]
+            "--cache_mb", "0", "--out", str(root / "run")]
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(printed):
         stop_after_epoch(monkeypatch, 1)
         assert pretrain.main(args) == 130
     assert f"Continue with: python pretrain.py --resume --out {root / 'run'}" in printed.getvalue()
+    assert "over --cache_mb 0: read from disk every epoch" in printed.getvalue()  # the loader settings reach the run
     assert (root / "run" / runstate.RESUME_NAME).exists() and not (root / "run" / "base.keras").exists()
     # --count on a resume is the saved run's, not this one: its data is not redrawn
     assert pretrain.main(["--resume", "--count", "99", "--out", str(root / "run")]) == 0
