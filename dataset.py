@@ -11,6 +11,7 @@ import argparse
 import functools
 import math
 import multiprocessing
+import queue
 import signal
 import statistics
 import sys
@@ -279,40 +280,58 @@ class CaptchaBatches:
 
 class WorkerProcesses:
     """Batches of a CaptchaBatches made in `count` worker processes, each holding its own copy of the
-    loader's settings and reading the canvases from one block of shared memory.
+    loader's settings, reading the canvases from one block of shared memory and writing each batch's
+    images into a slot of another (a pickled batch of 256 images is 10 MB through a pipe; a slot
+    needs no copy on the way).
 
     The processes start from a forkserver (never a fork of a process whose TensorFlow or JAX runtime
     has started) and ignore Ctrl-C and SIGTERM, which the training process handles: it stops between
     steps and then closes them. A batch depends on (seed, epoch, index) alone, so it is the same
-    whichever process makes it, and the same as a thread makes it."""
+    whichever process makes it, and the same as a thread makes it. `slots`: the batches that may be
+    in the making at once (one per loader thread)."""
 
-    def __init__(self, samples, charset, max_len, settings, canvases, count):
+    def __init__(self, samples, charset, max_len, settings, canvases, count, slots):
         self.memory = None
         shape = None
         if canvases is not None:
             self.memory = shared_memory.SharedMemory(create=True, size=max(1, canvases.nbytes))
             np.ndarray(canvases.shape, np.uint8, self.memory.buf)[:] = canvases
             shape = canvases.shape
+        options = settings["options"]
+        slot_shape = (slots, settings["batch_size"], options.height, options.width, options.channels)
+        self.out_memory = shared_memory.SharedMemory(create=True, size=int(np.prod(slot_shape)) * 4)
+        self.out = np.ndarray(slot_shape, np.float32, self.out_memory.buf)
+        self.free_slots = queue.SimpleQueue()
+        for slot in range(slots):
+            self.free_slots.put(slot)
         self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("forkserver"),
                                         initializer=_start_worker,
                                         initargs=(samples, charset, max_len, settings,
-                                                  self.memory.name if self.memory else None, shape))
+                                                  self.memory.name if self.memory else None, shape,
+                                                  self.out_memory.name, slot_shape))
 
     def batch(self, epoch, index):
-        return self.pool.submit(_worker_batch, epoch, index).result()
+        slot = self.free_slots.get()  # waits while every slot holds a batch in the making
+        try:
+            count, labels = self.pool.submit(_worker_batch, epoch, index, slot).result()
+            return self.out[slot, :count].copy(), labels
+        finally:
+            self.free_slots.put(slot)
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.memory is not None:
-            self.memory.close()
-            self.memory.unlink()
-            self.memory = None
+        self.out = None  # the view of the slots goes first: a buffer with a view on it cannot close
+        for memory in (self.memory, self.out_memory):
+            if memory is not None:
+                memory.close()
+                memory.unlink()
+        self.memory = self.out_memory = None
 
 
-_WORKER = {}  # in a worker process: its CaptchaBatches and the shared memory it reads
+_WORKER = {}  # in a worker process: its CaptchaBatches, the shared memory it reads, and the slots it writes
 
 
-def _start_worker(samples, charset, max_len, settings, memory_name, shape):
+def _start_worker(samples, charset, max_len, settings, memory_name, shape, out_name, slot_shape):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
@@ -321,14 +340,19 @@ def _start_worker(samples, charset, max_len, settings, memory_name, shape):
         memory = shared_memory.SharedMemory(name=memory_name)  # the training process owns and unlinks it
         canvases = np.ndarray(shape, np.uint8, memory.buf)
         _WORKER["memory"] = memory
+    _WORKER["out_memory"] = shared_memory.SharedMemory(name=out_name)
+    _WORKER["out"] = np.ndarray(slot_shape, np.float32, _WORKER["out_memory"].buf)
     _WORKER["batches"] = CaptchaBatches(samples, charset, max_len, canvases=canvases, **settings)
 
 
-def _worker_batch(epoch, index):
+def _worker_batch(epoch, index, slot):
+    """Writes batch `index` of `epoch` into `slot`; returns its image count and its labels."""
     batches = _WORKER["batches"]
     if batches.epoch != epoch:
         batches.epoch = epoch
-    return batches.make_batch(index)
+    images, labels = batches.make_batch(index)
+    _WORKER["out"][slot, : len(images)] = images
+    return len(images), labels
 
 
 def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
@@ -346,7 +370,8 @@ def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_s
     batches = pydataset_class()(samples, charset, max_len, canvases=canvases, workers=max(workers, processes),
                                 use_multiprocessing=False, **settings)
     if processes:
-        batches.processes = WorkerProcesses(samples, charset, max_len, settings, canvases, processes)
+        batches.processes = WorkerProcesses(samples, charset, max_len, settings, canvases, processes,
+                                            slots=max(workers, processes))
     return batches
 
 

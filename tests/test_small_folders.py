@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
@@ -479,3 +480,21 @@ def test_worker_processes_make_the_batches_threads_make(samples, in_memory):
     finally:
         processes.close()
     assert processes.processes is None
+
+
+def test_worker_processes_hand_each_batch_back_whole_when_many_threads_ask_at_once(samples):
+    """Each batch comes back through a slot of shared memory: with more threads asking than slots, none may
+    read a slot another batch is being written into."""
+    def loader(processes):
+        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=2, shuffle=True, seed=5, workers=2,
+                                    augment="light", processes=processes)
+
+    threads, processes = loader(0), loader(2)
+    try:
+        with ThreadPoolExecutor(6) as pool:  # 6 callers, 2 slots
+            made = list(pool.map(processes.__getitem__, [i for _ in range(4) for i in range(len(processes))]))
+        for k, (images, labels) in enumerate(made):
+            expected_images, expected_labels = threads[k % len(threads)]
+            assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
+    finally:
+        processes.close()
