@@ -11,7 +11,9 @@ import argparse
 import functools
 import math
 import multiprocessing
+import os
 import queue
+import shutil
 import signal
 import statistics
 import sys
@@ -291,14 +293,15 @@ class WorkerProcesses:
     in the making at once (one per loader thread)."""
 
     def __init__(self, samples, charset, max_len, settings, canvases, count, slots):
+        options = settings["options"]
+        slot_shape = (slots, settings["batch_size"], options.height, options.width, options.channels)
+        check_shared_memory((canvases.nbytes if canvases is not None else 0) + int(np.prod(slot_shape)) * 4)
         self.memory = None
         shape = None
         if canvases is not None:
             self.memory = shared_memory.SharedMemory(create=True, size=max(1, canvases.nbytes))
             np.ndarray(canvases.shape, np.uint8, self.memory.buf)[:] = canvases
             shape = canvases.shape
-        options = settings["options"]
-        slot_shape = (slots, settings["batch_size"], options.height, options.width, options.channels)
         self.out_memory = shared_memory.SharedMemory(create=True, size=int(np.prod(slot_shape)) * 4)
         self.out = np.ndarray(slot_shape, np.float32, self.out_memory.buf)
         self.free_slots = queue.SimpleQueue()
@@ -326,6 +329,18 @@ class WorkerProcesses:
                 memory.close()
                 memory.unlink()
         self.memory = self.out_memory = None
+
+
+def check_shared_memory(needed, folder="/dev/shm"):
+    """Refuses worker processes that would need more shared memory than the system has free: on Linux a
+    write past a full /dev/shm (64 MiB in a default Docker container) kills the process with SIGBUS."""
+    if not os.path.isdir(folder):
+        return
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CaptchaError(f"--processes: the worker processes need {needed / 2**20:.0f} MiB of shared memory and "
+                           f"{folder} has {free / 2**20:.0f} MiB free; give it more (docker run --shm-size=4g), "
+                           f"lower --cache_mb or --batch_size, or use threads (--processes 0)")
 
 
 _WORKER = {}  # in a worker process: its CaptchaBatches, the shared memory it reads, and the slots it writes

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -498,3 +499,16 @@ def test_worker_processes_hand_each_batch_back_whole_when_many_threads_ask_at_on
             assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
     finally:
         processes.close()
+
+
+def test_worker_processes_without_the_shared_memory_they_need_are_refused_in_one_line(digits_folder, tmp_path,
+                                                                                      monkeypatch, capsys):
+    # a default Docker container's /dev/shm: 64 MiB; a write past it would kill the run with SIGBUS
+    monkeypatch.setattr(dataset.shutil, "disk_usage", lambda folder: SimpleNamespace(free=64 * 2**20))
+    args = ["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "1", "--batch_size", "512",
+            "--processes", "2", "--workers", "16", "--out", str(tmp_path / "run")]
+    assert train.main(args) == 2
+    error = capsys.readouterr().err
+    assert "--processes: the worker processes need" in error and "/dev/shm has 64 MiB free" in error
+    assert "Traceback" not in error
+    dataset.check_shared_memory(64 * 2**20)  # what fits is let through
