@@ -295,14 +295,15 @@ class WorkerProcesses:
     def __init__(self, samples, charset, max_len, settings, canvases, count, slots):
         options = settings["options"]
         slot_shape = (slots, settings["batch_size"], options.height, options.width, options.channels)
-        check_shared_memory((canvases.nbytes if canvases is not None else 0) + int(np.prod(slot_shape)) * 4)
+        slot_bytes = int(np.prod(slot_shape)) * np.dtype(np.float32).itemsize
+        check_shared_memory((canvases.nbytes if canvases is not None else 0) + slot_bytes)
         self.memory = None
         shape = None
         if canvases is not None:
             self.memory = shared_memory.SharedMemory(create=True, size=max(1, canvases.nbytes))
             np.ndarray(canvases.shape, np.uint8, self.memory.buf)[:] = canvases
             shape = canvases.shape
-        self.out_memory = shared_memory.SharedMemory(create=True, size=int(np.prod(slot_shape)) * 4)
+        self.out_memory = shared_memory.SharedMemory(create=True, size=slot_bytes)
         self.out = np.ndarray(slot_shape, np.float32, self.out_memory.buf)
         self.free_slots = queue.SimpleQueue()
         for slot in range(slots):
