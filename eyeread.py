@@ -54,6 +54,9 @@ def write_sheets(folder, out, count, seed, labels_from="auto", labels_file=None)
         raise CaptchaError(f"{folder}: no labelled images to sample")
     sample = random.Random(seed).sample(found.samples, min(count, len(found.samples)))
     out = Path(out)
+    form = out / READINGS_NAME
+    if form.exists() and any(m and m.group(2) for m in map(READING_LINE.match, form.read_text().splitlines())):
+        raise CaptchaError(f"{form}: holds typed readings; sheets would replace them (give another --out)")
     out.mkdir(parents=True, exist_ok=True)
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     blank = np.full((NUMBER_BAND + TILE_HEIGHT, TILE_WIDTH + 10, 3), 255, np.uint8)
@@ -64,7 +67,7 @@ def write_sheets(folder, out, count, seed, labels_from="auto", labels_file=None)
         cv2.imwrite(str(out / f"sheet_{start // per_sheet + 1}.png"), np.vstack(rows))
     (out / SAMPLE_NAME).write_text(json.dumps({"folder": str(folder), "seed": seed, "samples": [
         {"number": i + 1, "path": str(path), "label": label} for i, (path, label) in enumerate(sample)]}, indent=2))
-    (out / READINGS_NAME).write_text("".join(f"{i + 1}: \n" for i in range(len(sample))))
+    form.write_text("".join(f"{i + 1}: \n" for i in range(len(sample))))
     print(f"{len(sample)} of {len(found.samples)} labelled images of {folder} on "
           f"{-(-len(sample) // per_sheet)} sheets in {out}; type what they show into {out / READINGS_NAME}")
 

@@ -59,3 +59,14 @@ def test_a_form_without_a_line_for_every_image_is_refused_in_one_line(tmp_path, 
     assert eyeread.main(["score", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "readings.txt" in err[0] and "image(s) 3" in err[0]
+
+
+def test_sheets_never_replace_readings_typed_into_the_same_folder(tmp_path, capsys):
+    out, sample = sheets(tmp_path)
+    typed = "".join(f"{i}: {s['label']}\n" for i, s in enumerate(sample, 1))
+    (out / eyeread.READINGS_NAME).write_text(typed)
+    folder = tmp_path / "captchas"
+    assert eyeread.main(["sheets", str(folder), "--out", str(out), "--count", "5", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds typed readings" in err[0]
+    assert (out / eyeread.READINGS_NAME).read_text() == typed
