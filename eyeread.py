@@ -1,5 +1,5 @@
-"""How well a person reads a folder's captchas, beside a model on the same images: whether a score is
-short of what can be read, or of what the pictures still show.
+"""How well a person reads a folder's captchas, beside a model on the same images: it tells a model that
+reads less than its pictures show from pictures that show less than their labels.
 
     python eyeread.py sheets data/heldout_big/hershey_test2k --out runs/eye_hershey --count 96 --seed 8
     # look at runs/eye_hershey/sheet_*.png (numbered images, no labels) and type what each shows into
