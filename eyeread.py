@@ -19,6 +19,7 @@ import json
 import random
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -31,6 +32,7 @@ from preprocess import CaptchaError, read_image
 
 SHEET_COLUMNS, SHEET_ROWS = 3, 4
 TILE_HEIGHT, TILE_WIDTH, NUMBER_BAND = 110, 300, 30  # each image scaled to 110 px high, at most 300 wide
+TILE_SHAPE = (NUMBER_BAND + TILE_HEIGHT, TILE_WIDTH + 10, 3)  # a number band above the image, a margin right of it
 SAMPLE_NAME, READINGS_NAME, SCORE_NAME = "sample.json", "readings.txt", "score.json"
 READING_LINE = re.compile(r"^\s*(\d+)\s*:\s*(\S*)\s*$")
 
@@ -41,7 +43,7 @@ def tile(path, number):
     scale = min(TILE_HEIGHT / image.shape[0], TILE_WIDTH / image.shape[1])
     image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
                        interpolation=cv2.INTER_CUBIC)
-    canvas = np.full((NUMBER_BAND + TILE_HEIGHT, TILE_WIDTH + 10, 3), 255, np.uint8)
+    canvas = np.full(TILE_SHAPE, 255, np.uint8)
     canvas[NUMBER_BAND : NUMBER_BAND + image.shape[0], : image.shape[1]] = image
     cv2.putText(canvas, str(number), (4, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2)
     return canvas
@@ -59,7 +61,7 @@ def write_sheets(folder, out, count, seed, labels_from="auto", labels_file=None)
         raise CaptchaError(f"{form}: holds typed readings; sheets would replace them (give another --out)")
     out.mkdir(parents=True, exist_ok=True)
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
-    blank = np.full((NUMBER_BAND + TILE_HEIGHT, TILE_WIDTH + 10, 3), 255, np.uint8)
+    blank = np.full(TILE_SHAPE, 255, np.uint8)
     for start in range(0, len(sample), per_sheet):
         tiles = [tile(path, start + i + 1) for i, (path, _) in enumerate(sample[start : start + per_sheet])]
         tiles += [blank] * (-len(tiles) % SHEET_COLUMNS)
@@ -69,7 +71,7 @@ def write_sheets(folder, out, count, seed, labels_from="auto", labels_file=None)
         {"number": i + 1, "path": str(path), "label": label} for i, (path, label) in enumerate(sample)]}, indent=2))
     form.write_text("".join(f"{i + 1}: \n" for i in range(len(sample))))
     print(f"{len(sample)} of {len(found.samples)} labelled images of {folder} on "
-          f"{-(-len(sample) // per_sheet)} sheets in {out}; type what they show into {out / READINGS_NAME}")
+          f"{-(-len(sample) // per_sheet)} sheets in {out}; type what they show into {form}")
 
 
 def read_readings(path, numbers):
@@ -106,18 +108,15 @@ def score(out, model_readings=None):
     if model_readings:
         by_path = {str(Path(r["path"]).resolve()): r["prediction"]
                    for r in json.loads(Path(model_readings).read_text())["readings"]}
-        missing = [s["path"] for s in kept if str(Path(s["path"]).resolve()) not in by_path]
+        model_text = [by_path.get(str(Path(s["path"]).resolve())) for s in kept]
+        missing = [s["path"] for s, text in zip(kept, model_text) if text is None]
         if missing:
             raise CaptchaError(f"{model_readings}: no reading of {missing[0]} (and {len(missing) - 1} more of the "
                                f"sample); read the sample's folder with test.py --output")
-        model_text = [by_path[str(Path(s["path"]).resolve())] for s in kept]
         result["model"] = {"readings": str(model_readings), **metrics.score(model_text, truths)}
-        eye_right = [eye[s["number"]] == s["label"] for s in kept]
-        model_right = [text == s["label"] for text, s in zip(model_text, kept)]
-        result["both"] = {"right": sum(e and m for e, m in zip(eye_right, model_right)),
-                          "eye_only": sum(e and not m for e, m in zip(eye_right, model_right)),
-                          "model_only": sum(m and not e for e, m in zip(eye_right, model_right)),
-                          "neither": sum(not e and not m for e, m in zip(eye_right, model_right))}
+        outcome = Counter((eye[s["number"]] == s["label"], text == s["label"]) for s, text in zip(kept, model_text))
+        result["both"] = {"right": outcome[True, True], "eye_only": outcome[True, False],
+                          "model_only": outcome[False, True], "neither": outcome[False, False]}
         print(f"the model on the same images: exact match {result['model']['exact_match']:.4f}; both right "
               f"{result['both']['right']}, the eye only {result['both']['eye_only']}, the model only "
               f"{result['both']['model_only']}, neither {result['both']['neither']}")
