@@ -203,6 +203,12 @@ def _draw_hershey_png(args):
     return cv2.imencode(".png", image)[1].tobytes()
 
 
+# Below these, one reader could not read the `varied` style's captchas by eye (docs/results.md, "Slice g shipped; a
+# reader's eye beside the model"): eight symbols on a 30 px canvas, and the outlines of small hollow glyphs.
+VARIED_MIN_HEIGHT = 40
+HOLLOW_MIN_SIZE = 28
+
+
 @functools.lru_cache(maxsize=1)
 def varied_fonts():
     """The `varied` style's faces: every TrueType face of an installed package that draws all 62 symbols as
@@ -248,9 +254,14 @@ def _varied_glyphs(text, rng, font_path, height):
     font = ImageFont.truetype(font_path, size)
     ascent, descent = font.getmetrics()
     pad = size // 3
-    # the stroke: the face's own, bold (an outline stroke around each filled glyph) or hollow (the outline alone)
-    weight = rng.choice(["regular", "bold", "hollow"], p=[0.7, 0.15, 0.15])
-    stroke = 0 if weight == "regular" else max(1, size // (18 if weight == "bold" else 24))
+    # the stroke: the face's own, bold (an outline stroke around each filled glyph), hollow (the outline alone,
+    # only where the glyphs are large enough for an outline to read) or a pen's (the glyph's centre line, each
+    # symbol in a width of its own, as stroke fonts draw)
+    weights, chances = ["regular", "bold", "hollow", "pen"], [0.5, 0.15, 0.1, 0.25]
+    if size < HOLLOW_MIN_SIZE:
+        weights, chances = weights[:2] + weights[3:], [0.55, 0.2, 0.25]
+    weight = rng.choice(weights, p=chances)
+    stroke = 0 if weight in ("regular", "pen") else max(1, size // (18 if weight == "bold" else 24))
     glyphs = []
     for char in text:
         left, _, right, _ = font.getbbox(char, stroke_width=stroke)
@@ -258,6 +269,8 @@ def _varied_glyphs(text, rng, font_path, height):
         ImageDraw.Draw(glyph).text((pad - left, pad), char, font=font, fill=0 if weight == "hollow" else 255,
                                    stroke_width=stroke, stroke_fill=255)  # baseline at row pad + ascent
         mask = np.asarray(glyph)
+        if weight == "pen":
+            mask = _pen_stroke(mask, max(1, round(rng.uniform(0.6, 3.0) * size / 40)))
         h, w = mask.shape
         # turned about the middle of the lower-case letters' height; the size varies by 8% at most, less than
         # the gap between lower and upper case (about 25% in these faces)
@@ -272,6 +285,18 @@ def _varied_glyphs(text, rng, font_path, height):
     if len(rows):  # the rows no symbol inks, cut from all alike
         glyphs = [g[rows.min() : rows.max() + 1] for g in glyphs]
     return glyphs
+
+
+def _pen_stroke(mask, width):
+    """A filled glyph's centre line (its morphological skeleton: what is left as the glyph is worn away), drawn
+    again `width` pixels wide and softened at its edge."""
+    ink, line = (mask > 127).astype(np.uint8), np.zeros(mask.shape, np.uint8)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    while ink.any():
+        line |= ink - cv2.morphologyEx(ink, cv2.MORPH_OPEN, cross)
+        ink = cv2.erode(ink, cross)
+    line = cv2.dilate(line * 255, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+    return cv2.GaussianBlur(line, (3, 3), 0.6)
 
 
 def _varied_warp(rng, width, height, margin):
@@ -320,16 +345,17 @@ def _varied_clutter(image, rng, ink, light):
         return tuple(int(c) for c in (ink if rng.random() < 0.25 else _varied_ink(rng, light)
                                       if rng.random() < 0.5 else rng.integers(0, 256, size=3)))
 
+    # lines and curves are hair-thin: as wide as a thin stroke of the text, one in the text's ink hides it
     for _ in range(int(rng.integers(0, 6))):  # straight lines
         start, end = rng.integers(0, [width, height], size=(2, 2))
-        cv2.line(image, tuple(map(int, start)), tuple(map(int, end)), colour(), int(rng.integers(1, 3)), cv2.LINE_AA)
+        cv2.line(image, tuple(map(int, start)), tuple(map(int, end)), colour(), 1, cv2.LINE_AA)
     for _ in range(int(rng.integers(0, 3)) if rng.random() < 0.6 else 0):  # a wavy curve across the text
         xs = np.arange(0, width, 2)
         ys = height * (0.5 + rng.uniform(-0.25, 0.25)) + rng.uniform(2, 0.25 * height) * np.sin(
             2 * np.pi * xs / rng.uniform(0.3, 1.5) / width + rng.uniform(0, 6.3))
         points = np.stack([xs, ys], axis=1).astype(np.int32)[None]
-        cv2.polylines(image, points, False, colour(), int(rng.choice([1, 1, 2])), cv2.LINE_AA)
-    dots = rng.integers(0, [width, height], size=(int(rng.integers(0, width * height // 15)), 2))
+        cv2.polylines(image, points, False, colour(), 1, cv2.LINE_AA)
+    dots = rng.integers(0, [width, height], size=(int(rng.integers(0, width * height // 40)), 2))
     image[dots[:, 1], dots[:, 0]] = rng.integers(0, 256, size=(len(dots), 3))
     for _ in range(int(rng.integers(0, 4))):  # blobs
         centre = tuple(int(v) for v in rng.integers(0, [width, height]))
@@ -342,7 +368,7 @@ def varied_picture(text, seed, width, height):
     placed, the fraction of each symbol's ink that the warp leaves on the canvas)."""
     rng = np.random.default_rng(seed)
     if not width or not height:
-        height = int(rng.integers(30, 81))
+        height = int(rng.integers(VARIED_MIN_HEIGHT, 81))
         width = int(height * rng.uniform(2.0, 5.0))
     image, light = _varied_background(rng, width, height)
     image = np.ascontiguousarray(image)  # a gradient comes out of astype() with broadcast strides; OpenCV draws on none
@@ -398,11 +424,12 @@ def varied_picture(text, seed, width, height):
 
 
 def _draw_varied_png(args):
-    """A captcha of any look, for pre-training to cover many: a canvas of random size (30-80 px high, 2-5 times
-    as wide), a face from `varied_fonts` in its own stroke, bold or hollow, symbols on one baseline, each turned,
-    sheared and a little scaled, placed apart or overlapping, in one ink or each its own, on a flat, graded or
-    blotched background, light or dark; lines, curves, dots and blobs over it; then a perspective, wave or
-    elastic warp that keeps the symbols on the canvas, and sometimes blur, noise or JPEG artefacts."""
+    """A captcha of any look, for pre-training to cover many: a canvas of random size (40-80 px high, 2-5 times
+    as wide), a face from `varied_fonts` in its own stroke, bold, hollow or a pen's centre line, symbols on one
+    baseline, each turned, sheared and a little scaled, placed apart or overlapping, in one ink or each its own,
+    on a flat, graded or blotched background, light or dark; lines, curves, dots and blobs over it (those in the
+    lines hair-thin); then a perspective, wave or elastic warp that keeps the symbols on the canvas, and
+    sometimes blur, noise or JPEG artefacts."""
     return cv2.imencode(".png", varied_picture(*args)[0])[1].tobytes()
 
 
@@ -481,7 +508,7 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
 
     style "captcha": the `captcha` package's ImageCaptcha, 200x50 PNG; "gregwar": the look of the
     PHP library Gregwar/Captcha, 150x40 JPEG; "hershey": stroke fonts, 160x60 PNG; "varied": many
-    faces and looks, PNG of a random size (30-80 px high, 2-5 times as wide). Image i depends
+    faces and looks, PNG of a random size (40-80 px high, 2-5 times as wide). Image i depends
     only on (seed, i): the same call always writes the same files, with any number of workers.
     """
     if style not in SYNTH_STYLES:

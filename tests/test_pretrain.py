@@ -9,7 +9,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 import labels as label_sources
 import model
@@ -37,7 +37,7 @@ def test_varied_style_is_deterministic_labelled_and_of_many_sizes(tmp_path):
         with Image.open(path) as image:
             width, height = image.size
             assert image.mode == "RGB"
-        assert 30 <= height <= 80 and 2.0 * height - 1 <= width <= 5.0 * height + 1
+        assert synth.VARIED_MIN_HEIGHT <= height <= 80 and 2.0 * height - 1 <= width <= 5.0 * height + 1
         sizes.add((width, height))
     assert len(sizes) > 20  # a canvas of its own size for (nearly) every image
 
@@ -74,6 +74,25 @@ def test_varied_symbols_sit_on_one_line_and_keep_their_case_size():
         assert min(kept) >= 0.98
         tops = [top for _, top, _ in placed]
         assert max(tops) - min(tops) <= 0.1 * image.shape[0] + 1
+
+
+def test_varied_pen_stroke_draws_a_glyphs_centre_line_in_the_width_asked():
+    # the `pen` weight stands for stroke fonts: a filled glyph worn down to its centre line, then drawn as wide
+    # as asked; a line that kept the glyph's filled width, left the glyph or (two or more pixels wide) broke
+    # into specks would draw another look
+    font = ImageFont.truetype(synth.varied_fonts()[0], 48)
+    for symbol in "lOB8":
+        glyph = Image.new("L", (80, 80), 0)
+        ImageDraw.Draw(glyph).text((10, 5), symbol, font=font, fill=255)
+        filled = np.asarray(glyph) > 127
+        ink = {width: synth._pen_stroke(np.asarray(glyph), width) for width in (1, 2, 3)}
+        for width, line in ink.items():
+            assert (line > 127).sum() > 0 and (line > 127)[~filled].sum() < 0.5 * (line > 127).sum(), symbol
+        assert (ink[1] > 127).sum() < 0.25 * filled.sum(), symbol  # a thin line, not the filled glyph
+        assert (ink[3] > 127).sum() > 2 * (ink[1] > 127).sum(), symbol  # as wide as asked
+        for width in (2, 3):  # the pieces a reader sees (ink at a quarter of its full strength or more)
+            pieces = cv2.connectedComponents((ink[width] > 64).astype(np.uint8))[0] - 1
+            assert pieces <= 2, f"{symbol!r} at width {width}: {pieces} pieces"
 
 
 def test_varied_fonts_draw_every_symbol_as_its_own_glyph():
