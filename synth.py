@@ -203,8 +203,8 @@ def _draw_hershey_png(args):
     return cv2.imencode(".png", image)[1].tobytes()
 
 
-# Below these, one reader could not read the `varied` style's captchas by eye (docs/results.md, "Slice g shipped; a
-# reader's eye beside the model"): eight symbols on a 30 px canvas, and the outlines of small hollow glyphs.
+# The `varied` style's limits of legibility: eight symbols on a lower canvas, or the outline of a smaller glyph,
+# are where a reader stops reading the label (docs/design.md, "The pre-training set").
 VARIED_MIN_HEIGHT = 40
 HOLLOW_MIN_SIZE = 28
 
@@ -345,7 +345,7 @@ def _varied_clutter(image, rng, ink, light):
         return tuple(int(c) for c in (ink if rng.random() < 0.25 else _varied_ink(rng, light)
                                       if rng.random() < 0.5 else rng.integers(0, 256, size=3)))
 
-    # lines and curves are hair-thin: as wide as a thin stroke of the text, one in the text's ink hides it
+    # lines and curves one pixel wide: one in the text's own ink then covers no more than a thin stroke of it does
     for _ in range(int(rng.integers(0, 6))):  # straight lines
         start, end = rng.integers(0, [width, height], size=(2, 2))
         cv2.line(image, tuple(map(int, start)), tuple(map(int, end)), colour(), 1, cv2.LINE_AA)
@@ -427,9 +427,9 @@ def _draw_varied_png(args):
     """A captcha of any look, for pre-training to cover many: a canvas of random size (40-80 px high, 2-5 times
     as wide), a face from `varied_fonts` in its own stroke, bold, hollow or a pen's centre line, symbols on one
     baseline, each turned, sheared and a little scaled, placed apart or overlapping, in one ink or each its own,
-    on a flat, graded or blotched background, light or dark; lines, curves, dots and blobs over it (those in the
-    lines hair-thin); then a perspective, wave or elastic warp that keeps the symbols on the canvas, and
-    sometimes blur, noise or JPEG artefacts."""
+    on a flat, graded or blotched background, light or dark; hair-thin lines and curves, dots and blobs over it;
+    then a perspective, wave or elastic warp that keeps the symbols on the canvas, and sometimes blur, noise or
+    JPEG artefacts."""
     return cv2.imencode(".png", varied_picture(*args)[0])[1].tobytes()
 
 
