@@ -207,6 +207,7 @@ def _draw_hershey_png(args):
 # are where a reader stops reading the label (docs/design.md, "The pre-training set").
 VARIED_MIN_HEIGHT = 40
 HOLLOW_MIN_SIZE = 28
+PEN_MIN_WIDTH = 2  # a one-pixel centre line, blurred and scaled down to the network's input, fades into the background
 
 
 @functools.lru_cache(maxsize=1)
@@ -250,7 +251,7 @@ def _varied_glyphs(text, rng, font_path, height):
     with the baseline in one row: a lower-case `o` stays smaller and lower than an `O` beside it, as in the face."""
     from PIL import Image, ImageDraw, ImageFont
 
-    size = max(10, int(height * rng.uniform(0.55, 0.85)))
+    size = max(10, int(height * rng.uniform(0.65, 0.9)))
     font = ImageFont.truetype(font_path, size)
     ascent, descent = font.getmetrics()
     pad = size // 3
@@ -270,7 +271,7 @@ def _varied_glyphs(text, rng, font_path, height):
                                    stroke_width=stroke, stroke_fill=255)  # baseline at row pad + ascent
         mask = np.asarray(glyph)
         if weight == "pen":
-            mask = _pen_stroke(mask, max(1, round(rng.uniform(0.6, 3.0) * size / 40)))
+            mask = _pen_stroke(mask, max(PEN_MIN_WIDTH, round(rng.uniform(0.6, 3.0) * size / 40)))
         h, w = mask.shape
         # turned about the middle of the lower-case letters' height; the size varies by 8% at most, less than
         # the gap between lower and upper case (about 25% in these faces)
@@ -367,15 +368,18 @@ def varied_picture(text, seed, width, height):
     """The `varied` captcha (text, seed), before its encoding: (image, [(alpha, top, left)] of each symbol as
     placed, the fraction of each symbol's ink that the warp leaves on the canvas)."""
     rng = np.random.default_rng(seed)
-    if not width or not height:
+    sized = bool(width and height)
+    if not sized:
         height = int(rng.integers(VARIED_MIN_HEIGHT, 81))
         width = int(height * rng.uniform(2.0, 5.0))
-    image, light = _varied_background(rng, width, height)
-    image = np.ascontiguousarray(image)  # a gradient comes out of astype() with broadcast strides; OpenCV draws on none
     fonts = varied_fonts()
     glyphs = _varied_glyphs(text, rng, fonts[rng.integers(len(fonts))], height)
     gaps = [int(g.shape[1] * rng.uniform(-0.15, 0.3)) for g in glyphs[1:]] + [0]
     span = sum(g.shape[1] for g in glyphs) + sum(gaps)
+    if not sized:  # a canvas of the style's own choosing grows (to 5 times its height) before the symbols shrink
+        width = max(width, min(span + 8, 5 * height))
+    image, light = _varied_background(rng, width, height)
+    image = np.ascontiguousarray(image)  # a gradient comes out of astype() with broadcast strides; OpenCV draws on none
     fit = min(1.0, (width - 8) / max(span, 1), (height - 4) / glyphs[0].shape[0])
     if fit < 1.0:  # too wide or too tall for the canvas: all symbols shrunk alike
         glyphs = [cv2.resize(g, (max(1, int(g.shape[1] * fit)), max(1, int(g.shape[0] * fit)))) for g in glyphs]

@@ -76,6 +76,20 @@ def test_varied_symbols_sit_on_one_line_and_keep_their_case_size():
         assert max(tops) - min(tops) <= 0.1 * image.shape[0] + 1
 
 
+def test_varied_long_labels_grow_the_canvas_before_their_symbols_shrink(monkeypatch):
+    # eight symbols shrunk to fit a narrow canvas, or a pen's line one pixel wide, read at 0.2-0.4 where the rest
+    # of the style reads 0.6-0.7 (docs/results.md): a canvas of the style's choosing widens for the text instead
+    widths = []
+    pen_stroke = synth._pen_stroke
+    monkeypatch.setattr(synth, "_pen_stroke", lambda mask, width: widths.append(width) or pen_stroke(mask, width))
+    for seed in range(40):
+        image, placed, _ = synth.varied_picture("MWHKMWHK", 9000 + seed, None, None)
+        height, width = image.shape[:2]
+        capitals = [np.ptp(np.nonzero((alpha > 0.5).any(axis=1))[0]) + 1 for alpha, _, _ in placed]
+        assert np.median(capitals) >= 0.4 * height or width >= 5 * height - 1, f"seed {9000 + seed}: {capitals}"
+    assert widths and min(widths) >= synth.PEN_MIN_WIDTH >= 2
+
+
 def test_varied_pen_stroke_draws_a_glyphs_centre_line_in_the_width_asked():
     # the `pen` weight stands for stroke fonts: a filled glyph worn down to its centre line, then drawn as wide
     # as asked; a line that kept the glyph's filled width, left the glyph or (two or more pixels wide) broke
