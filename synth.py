@@ -206,6 +206,7 @@ def _draw_hershey_png(args):
 # The `varied` style's limits of legibility: eight symbols on a lower canvas, or the outline of a smaller glyph,
 # are where a reader stops reading the label (docs/design.md, "The pre-training set").
 VARIED_MIN_HEIGHT = 40
+VARIED_MAX_ASPECT = 5.0  # a canvas the style picks is at most this many times as wide as it is high
 HOLLOW_MIN_SIZE = 28
 PEN_MIN_WIDTH = 2  # a one-pixel centre line, blurred and scaled down to the network's input, fades into the background
 
@@ -371,13 +372,13 @@ def varied_picture(text, seed, width, height):
     sized = bool(width and height)
     if not sized:
         height = int(rng.integers(VARIED_MIN_HEIGHT, 81))
-        width = int(height * rng.uniform(2.0, 5.0))
+        width = int(height * rng.uniform(2.0, VARIED_MAX_ASPECT))
     fonts = varied_fonts()
     glyphs = _varied_glyphs(text, rng, fonts[rng.integers(len(fonts))], height)
     gaps = [int(g.shape[1] * rng.uniform(-0.15, 0.3)) for g in glyphs[1:]] + [0]
     span = sum(g.shape[1] for g in glyphs) + sum(gaps)
-    if not sized:  # a canvas of the style's own choosing grows (to 5 times its height) before the symbols shrink
-        width = max(width, min(span + 8, 5 * height))
+    if not sized:  # a canvas of the style's own choosing grows (to its widest) before the symbols shrink
+        width = max(width, min(span + 8, int(VARIED_MAX_ASPECT * height)))
     image, light = _varied_background(rng, width, height)
     image = np.ascontiguousarray(image)  # a gradient comes out of astype() with broadcast strides; OpenCV draws on none
     fit = min(1.0, (width - 8) / max(span, 1), (height - 4) / glyphs[0].shape[0])

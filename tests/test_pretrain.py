@@ -37,7 +37,7 @@ def test_varied_style_is_deterministic_labelled_and_of_many_sizes(tmp_path):
         with Image.open(path) as image:
             width, height = image.size
             assert image.mode == "RGB"
-        assert synth.VARIED_MIN_HEIGHT <= height <= 80 and 2.0 * height - 1 <= width <= 5.0 * height + 1
+        assert synth.VARIED_MIN_HEIGHT <= height <= 80 and 2.0 * height - 1 <= width <= synth.VARIED_MAX_ASPECT * height + 1
         sizes.add((width, height))
     assert len(sizes) > 20  # a canvas of its own size for (nearly) every image
 
@@ -76,17 +76,24 @@ def test_varied_symbols_sit_on_one_line_and_keep_their_case_size():
         assert max(tops) - min(tops) <= 0.1 * image.shape[0] + 1
 
 
-def test_varied_long_labels_grow_the_canvas_before_their_symbols_shrink(monkeypatch):
-    # eight symbols shrunk to fit a narrow canvas, or a pen's line one pixel wide, read at 0.2-0.4 where the rest
-    # of the style reads 0.6-0.7 (docs/results.md): a canvas of the style's choosing widens for the text instead
-    widths = []
-    pen_stroke = synth._pen_stroke
-    monkeypatch.setattr(synth, "_pen_stroke", lambda mask, width: widths.append(width) or pen_stroke(mask, width))
+def test_varied_long_labels_grow_the_canvas_before_their_symbols_shrink():
+    # eight symbols shrunk to fit a narrow canvas are among what the base reads worst (docs/results.md, "The
+    # `varied` style's second pass"): a canvas of the style's choosing widens for the text instead
     for seed in range(40):
         image, placed, _ = synth.varied_picture("MWHKMWHK", 9000 + seed, None, None)
         height, width = image.shape[:2]
         capitals = [np.ptp(np.nonzero((alpha > 0.5).any(axis=1))[0]) + 1 for alpha, _, _ in placed]
-        assert np.median(capitals) >= 0.4 * height or width >= 5 * height - 1, f"seed {9000 + seed}: {capitals}"
+        widest = synth.VARIED_MAX_ASPECT * height - 1
+        assert np.median(capitals) >= 0.4 * height or width >= widest, f"seed {9000 + seed}: {capitals}"
+
+
+def test_varied_pen_lines_are_never_one_pixel_wide(monkeypatch):
+    # a pen's line one pixel wide, blurred and scaled down to the network's input, fades into the background
+    widths = []
+    pen_stroke = synth._pen_stroke
+    monkeypatch.setattr(synth, "_pen_stroke", lambda mask, width: widths.append(width) or pen_stroke(mask, width))
+    for seed in range(40):
+        synth.varied_picture("MWHKMWHK", 9000 + seed, None, None)
     assert widths and min(widths) >= synth.PEN_MIN_WIDTH >= 2
 
 
