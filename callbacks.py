@@ -127,7 +127,7 @@ class ValidationMetrics(keras.callbacks.Callback):
         self.val_batches, self.charset, self.val_labels = val_batches, charset, val_labels
 
     def on_epoch_end(self, epoch, logs=None):
-        scores, _, _ = scoring.evaluate(self.model, self.val_batches, self.charset, self.val_labels)
+        scores, _ = scoring.evaluate(self.model, self.val_batches, self.charset, self.val_labels)
         logs["val_loss"] = scores["loss"]
         logs["val_exact_match"] = scores["exact_match"]
         logs["val_cer"] = scores["cer"]
@@ -153,19 +153,20 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 class StopWhenSettled(keras.callbacks.Callback):
     """Ends a run whose validation has settled: the same validation CER `epochs` epochs in a row while
-    it reads most images (exact match above 0.5). From there the best checkpoint only moves to a later,
-    equally good epoch, so the rest of the schedule costs time and buys nothing (docs/design.md, "The
-    settle rule"). A CER stuck at the CTC plateau,
-    where nothing reads yet, is not settled: that run may still leave it. `history`: (val_cer,
-    val_exact_match) of the epochs before a resume."""
+    it reads most images (exact match above 0.5), all of them from epoch `from_epoch` (0-based: the clean
+    finish's first) on. The run's model is its final epoch's, and a one-cycle run sharpens at its low-rate
+    end, so a run stops only there; a small validation split holds still long before (docs/design.md, "The
+    settle rule"). A CER stuck at the CTC plateau, where nothing reads yet, is not settled: that run may
+    still leave it. `history`: (val_cer, val_exact_match) of the epochs before a resume."""
 
-    def __init__(self, epochs, history=()):
+    def __init__(self, epochs, history=(), from_epoch=0):
         super().__init__()
-        self.epochs, self.history = epochs, list(history)
+        self.epochs, self.history, self.from_epoch = epochs, list(history), from_epoch
 
     def settled(self):
         last = self.history[-self.epochs:]
-        return (len(last) == self.epochs and all(exact > 0.5 for _, exact in last)  # (a CER read back from the log
+        return (len(last) == self.epochs and len(self.history) - self.epochs >= self.from_epoch
+                and all(exact > 0.5 for _, exact in last)  # (a CER read back from the log
                 and all(round(cer, 9) == round(last[0][0], 9) for cer, _ in last))  # may differ in its last bits)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -330,8 +331,9 @@ def reading_state(recipe, train_batches):
 
 
 def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset, val_labels, epochs_done=0,
-                  best_score=np.inf, steps_left=0, resumed=False):
-    """A run's callbacks, in their order: what each epoch's end means is this list."""
+                  best_score=np.inf, steps_left=0, resumed=False, settle_from=0):
+    """A run's callbacks, in their order: what each epoch's end means is this list. settle_from: the first
+    epoch (0-based) a settled validation may end the run at the end of (StopWhenSettled)."""
     log = keras.callbacks.CSVLogger(str(out / runstate.LOG_NAME), append=resumed)
     best = BestCheckpoint(out / runstate.BEST_NAME, meta, recipe.monitor, best_score)
     resume = ResumeCheckpoint(out / runstate.RESUME_NAME, meta, cfg, best, epochs_done)
@@ -343,8 +345,8 @@ def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset
         ValidationMetrics(val_batches, charset, val_labels),  # the rest read its numbers
         best,
         early_stopping(recipe),
-        StopWhenSettled(recipe.settle_epochs, runstate.validation_history(out / runstate.LOG_NAME) if resumed else ())
-        if recipe.settle_epochs else None,
+        StopWhenSettled(recipe.settle_epochs, runstate.validation_history(out / runstate.LOG_NAME) if resumed else (),
+                        settle_from) if recipe.settle_epochs else None,
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=recipe.plateau_patience,
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself

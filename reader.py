@@ -11,6 +11,11 @@ server that uses one starts in a second and stays small; only a .keras file load
 Confidence: with greedy decoding, the probability of the decoded path, i.e. the product over the
 time steps of the highest class probability at each (blanks included). With beam search, the
 beam's probability of its text. Both lie in (0, 1]; a wrong reading usually has a low one.
+
+Lengths: a model stores the lengths of the labels people typed for it. A reading of another length is
+wrong however confident (CTC dropped a faint symbol under its neighbour, or merged a doubled one), so
+it is decoded again: the likeliest text of a typed length from a CTC beam search. It stays marked
+low_confidence (Decoded.refit): it is a better guess, not a trusted reading.
 """
 
 import dataclasses
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import threading
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -169,36 +175,53 @@ def restrict(probs, charset, allowed=None, case=None):
     return probs / np.maximum(probs.sum(axis=-1, keepdims=True), 1e-12)
 
 
-def decode_with_confidence(probs, charset, beam_width=0, case=None):
-    """Softmax output (batch, T, classes) -> (texts, confidences). beam_width 0 or 1: greedy."""
+REFIT_BEAM_WIDTH = 16  # wide enough that texts one symbol longer than the greedy one stay in the beam
+
+
+class Decoded(typing.NamedTuple):
+    """Texts read from a batch; confidence per text; refit: read again within the typed lengths (see above)."""
+
+    texts: list
+    confidences: list
+    refit: list
+
+
+def decode_with_confidence(probs, charset, beam_width=0, case=None, lengths=None):
+    """Softmax output (batch, T, classes) -> Decoded. beam_width 0 or 1: greedy. lengths (shortest, longest):
+    a reading of another length is replaced by the likeliest text of an allowed length the beam search finds."""
     probs = np.asarray(probs, dtype=np.float32)
     if beam_width and beam_width > 1:
-        texts, confidences = _beam_search(probs, charset, beam_width)
+        texts, confidences, refit = _beam_search(probs, charset, beam_width, lengths)
     else:
         best = probs.argmax(axis=-1)  # (batch, T)
         confidences = np.exp(np.log(np.clip(probs.max(axis=-1).astype(np.float64), 1e-30, 1.0)).sum(axis=-1))
-        texts = []
+        texts, refit = [], [False] * len(probs)
         for path in best:
             kept = path[np.insert(path[1:] != path[:-1], 0, True)]  # repeats merge; then blanks go
             texts.append(charset.decode(kept[kept != charset.blank_index]))
+        for i, text in enumerate(texts):
+            if not length_allowed(text, lengths):  # rare: the beam search only for these
+                (texts[i],), (confidences[i],), (refit[i],) = _beam_search(probs[i : i + 1], charset,
+                                                                          REFIT_BEAM_WIDTH, lengths)
     if case is not None:  # symbols the model reads in one case only
         texts = [preprocess.fold_case(text, case) for text in texts]
-    return texts, [float(c) for c in confidences]
+    return Decoded(texts, [float(c) for c in confidences], list(refit))
 
 
 def decode(probs, charset, beam_width=0):
     """Softmax output (batch, T, classes) -> list of strings. beam_width 0 or 1: greedy."""
-    return decode_with_confidence(probs, charset, beam_width)[0]
+    return decode_with_confidence(probs, charset, beam_width).texts
 
 
-def _beam_search(probs, charset, beam_width, floor=1e-6):
+def _beam_search(probs, charset, beam_width, lengths=None, floor=1e-6):
     """CTC prefix beam search, in NumPy: the same for .keras, .onnx and .tflite models, none of which then
     needs Keras. Each beam is a text with the probability of all the paths that read it, ending in a blank
     or not (so "aa" needs a blank between its letters); the `beam_width` likeliest texts are kept at each
     step. Classes below `floor` at a step are not tried there (they cannot lift a text into the beam).
-    Returns (texts, the best text's probability per image)."""
+    Returns (texts, each text's probability, refit): the likeliest text of a length within `lengths`, refit
+    where a text of another length was likelier; the likeliest of all where the beam holds none."""
     blank = charset.blank_index
-    texts, scores = [], []
+    texts, scores, refit = [], [], []
     for steps in np.asarray(probs, dtype=np.float64):  # (T, classes)
         beams = {(): (1.0, 0.0)}  # text (class indices) -> (p ending in blank, p ending in its last symbol)
         for p in steps:
@@ -218,10 +241,13 @@ def _beam_search(probs, charset, beam_width, floor=1e-6):
                     else:
                         add(text + (c,), 0.0, (ends_blank + ends_symbol) * p[c])
             beams = dict(sorted(grown.items(), key=lambda item: -sum(item[1]))[:beam_width])
-        best, (ends_blank, ends_symbol) = max(beams.items(), key=lambda item: sum(item[1]))
+        ranked = sorted(beams.items(), key=lambda item: -sum(item[1]))
+        fitting = [item for item in ranked if length_allowed(item[0], lengths)]
+        best, (ends_blank, ends_symbol) = (fitting or ranked)[0]
         texts.append(charset.decode(best))
         scores.append(min(1.0, ends_blank + ends_symbol))
-    return texts, np.array(scores)
+        refit.append(bool(fitting) and fitting[0] is not ranked[0])
+    return texts, np.array(scores), refit
 
 
 # ----------------------------------------------------------------------------- the reader
@@ -250,8 +276,9 @@ def describe_lengths(lengths):
 @dataclasses.dataclass(frozen=True)
 class LowConfidenceRule:
     """Which readings a caller should not trust (and fetch a new captcha instead): those below `threshold`, and
-    those of a length outside `lengths`: on a 5-letter site a 4-letter reading is wrong however confident (CTC
-    merged a doubled symbol or dropped a faint one). `description` is the line test.py and serve.py print."""
+    those whose likeliest reading had a length outside `lengths`: on a 5-letter site a 4-letter reading is wrong
+    however confident (CTC merged a doubled symbol or dropped a faint one), and its refit, the likeliest 5-letter
+    text, is a guess. `description` is the line test.py and serve.py print."""
 
     threshold: float
     lengths: tuple | None
@@ -260,8 +287,8 @@ class LowConfidenceRule:
     def length_allowed(self, text):
         return length_allowed(text, self.lengths)
 
-    def is_low(self, text, confidence):
-        return confidence < self.threshold or not self.length_allowed(text)
+    def is_low(self, text, confidence, refit=False):
+        return confidence < self.threshold or refit or not self.length_allowed(text)
 
 
 @dataclasses.dataclass
@@ -272,6 +299,7 @@ class Reading:
     text: str | None = None
     confidence: float | None = None
     error: str | None = None
+    refit: bool = False  # read again within the typed lengths (Decoded.refit): always low_confidence
 
 
 class Reader:
@@ -291,6 +319,7 @@ class Reader:
         self.charset = Charset.from_dict(self.meta["charset"])
         self.allowed = symbols_arg(allowed, self.charset) if allowed else None
         self.case, self.beam_width = case, beam_width
+        self.lengths = typed_lengths(self.meta)
         options = PreprocessOptions.from_dict(self.meta["preprocess"])  # resize mode and CLAHE settings included
         self.options = dataclasses.replace(options, auto_crop=options.auto_crop and not no_auto_crop,
                                            force_invert=options.force_invert or force_invert,
@@ -301,7 +330,7 @@ class Reader:
     def low_confidence_rule(self, given=None):
         """When a reading is marked low_confidence: below `given` (--min_confidence) if set, else below the
         model's stored threshold; and, either way, of a length no label people typed for it has."""
-        lengths = typed_lengths(self.meta)
+        lengths = self.lengths
         if given is not None:
             return LowConfidenceRule(given, lengths, f"readings below confidence {given:g} are marked low "
                                                      f"(--min_confidence){describe_lengths(lengths)}")
@@ -319,19 +348,19 @@ class Reader:
             f"overrides){describe_lengths(lengths)}"))
 
     def predict(self, images):
-        """Preprocessed images (batch, H, W, 1) -> (texts, confidences)."""
+        """Preprocessed images (batch, H, W, 1) -> Decoded (texts, confidences, refit)."""
         if self.lock is None:
             probs = self.network.predict_on_batch(images)
         else:
             with self.lock:
                 probs = self.network.predict_on_batch(images)
         probs = restrict(probs, self.charset, self.allowed, self.case)
-        return decode_with_confidence(probs, self.charset, self.beam_width, self.case)
+        return decode_with_confidence(probs, self.charset, self.beam_width, self.case, self.lengths)
 
     def read_image(self, image):
         """One decoded image (gray, or colour for a colour model: preprocess.read_image) -> (text, confidence)."""
-        texts, confidences = self.predict(preprocess.preprocess_image(image, self.options)[np.newaxis])
-        return texts[0], confidences[0]
+        decoded = self.predict(preprocess.preprocess_image(image, self.options)[np.newaxis])
+        return decoded.texts[0], decoded.confidences[0]
 
     def read_file(self, path):
         return self.read_image(preprocess.read_image(path, self.options.channels))
@@ -353,14 +382,13 @@ class Reader:
                 prepared = pending.result()
                 pending = prefetch.submit(load_batch, batches[i + 1]) if i + 1 < len(batches) else None
                 good = [image for image, error in prepared if error is None]
-                texts, confidences = self.predict(np.stack(good)) if good else ([], [])
-                results = iter(zip(texts, confidences))
+                results = iter(zip(*self.predict(np.stack(good)))) if good else iter(())
                 for path, (image, error) in zip(batch, prepared):
                     if error:
                         yield Reading(str(path), error=error)
                     else:
-                        text, confidence = next(results)
-                        yield Reading(str(path), text, confidence)
+                        text, confidence, refit = next(results)
+                        yield Reading(str(path), text, confidence, refit=refit)
 
     def prepare(self, path, debug_dir=None):
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""

@@ -16,42 +16,51 @@ import reader
 import runstate
 
 
-def evaluate(keras_model, batches, charset, labels):
+def evaluate(keras_model, batches, charset, labels, lengths=None):
     """Exact match (case-sensitive and not), CER and CTC loss of `keras_model` on every batch of
-    `batches`, from one pass of predictions. Returns (scores, predictions, confidences)."""
-    predictions, confidences, loss_sum = [], [], 0.0
+    `batches`, from one pass of predictions. lengths: the typed lengths (reader.typed_lengths), for readings
+    of another length to be refit as every reader refits them. Returns (scores, reader.Decoded)."""
+    predictions, confidences, refit, loss_sum = [], [], [], 0.0
     ctc = model.CTCLoss(charset.blank_index)
     for i in range(len(batches)):
         images, encoded = batches[i]
         probs = keras_model.predict_on_batch(images)[: len(images)]  # MirroredStrategy may pad a batch for its replicas
         loss_sum += float(keras.ops.convert_to_numpy(ctc(encoded, probs))) * len(images)
-        texts, confidence = reader.decode_with_confidence(probs, charset)
-        predictions += texts
-        confidences += confidence
-    return {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}, predictions, confidences
+        decoded = reader.decode_with_confidence(probs, charset, lengths=lengths)
+        predictions += decoded.texts
+        confidences += decoded.confidences
+        refit += decoded.refit
+    scores = {**metrics.score(predictions, labels), "loss": loss_sum / max(1, len(labels))}
+    return scores, reader.Decoded(predictions, confidences, refit)
 
 
 def store_abstention(path, val_batches, val_labels, charset, precision, keras_model=None):
     """Chooses, on the validation split, the confidence threshold above which the model at `path` (already
     loaded: `keras_model`) reads at `precision`, and stores it in the file's metadata ("abstain"), where every
-    reader finds it. Readings of a length no typed label has are marked low by every reader whatever their
+    reader finds it. Readings refit to a typed length are marked low by every reader whatever their
     confidence (reader.LowConfidenceRule), so they are left out of the choice as they will be out of use.
     Returns (the stored "abstain", the validation readings)."""
     if keras_model is None:
         keras_model, _ = model.load_model(path)
-    _, predictions, confidences = evaluate(keras_model, val_batches, charset, val_labels)
-    chosen = metrics.abstention_threshold([p == t for p, t in zip(predictions, val_labels)], confidences, precision,
-                                          length_allowed(path, predictions))
+    lengths = typed_lengths(path)
+    _, decoded = evaluate(keras_model, val_batches, charset, val_labels, lengths)
+    predictions = decoded.texts
+    chosen = metrics.abstention_threshold([p == t for p, t in zip(predictions, val_labels)], decoded.confidences,
+                                          precision, trusted_lengths(decoded, lengths))
     abstain = {"target_precision": precision, "threshold": chosen["threshold"], "val_precision": chosen["precision"],
                "val_coverage": chosen["coverage"], "val_count": chosen["count"]}
     model.update_meta(path, {"abstain": abstain})
     return abstain, predictions
 
 
-def length_allowed(path, predictions):
-    """For each reading, whether its length is one the labels typed for the model at `path` have."""
-    lengths = reader.typed_lengths(modelmeta.read_meta(path) or {})
-    return [reader.length_allowed(text, lengths) for text in predictions]
+def typed_lengths(path):
+    """The lengths of the labels typed for the model at `path` (reader.typed_lengths)."""
+    return reader.typed_lengths(modelmeta.read_meta(path) or {})
+
+
+def trusted_lengths(decoded, lengths):
+    """For each reading, whether its length is one the typed labels have and it was read so, not refit."""
+    return [reader.length_allowed(text, lengths) and not refit for text, refit in zip(decoded.texts, decoded.refit)]
 
 
 def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, final_predictions):
@@ -98,9 +107,11 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
             abstain, val_predictions = final_abstain, final_predictions
     run_model, _ = model.load_model(out / runstate.BEST_NAME)
     test_labels = [label for _, label in test_set]
-    scores, predictions, confidences = evaluate(run_model, test_batches, charset, test_labels)
+    lengths = typed_lengths(out / runstate.BEST_NAME)
+    scores, decoded = evaluate(run_model, test_batches, charset, test_labels, lengths)
+    predictions, confidences = decoded.texts, decoded.confidences
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
-                                        abstain["threshold"], length_allowed(out / runstate.BEST_NAME, predictions))
+                                        abstain["threshold"], trusted_lengths(decoded, lengths))
     abstain = {**abstain, "test_coverage": on_test["coverage"], "test_precision": on_test["precision"]}
     results = {
         "test": scores,

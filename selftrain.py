@@ -90,21 +90,20 @@ def changed_pseudo_labels(before, after):
 
 
 def pseudo_label(model_path, paths):
-    """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold whose
-    length is within the lengths of the labels people typed (a 5-letter site's 4-letter reading is wrong however
-    confident: CTC merged or dropped a symbol). Returns (kept (path, text, confidence) rows, files that could not
-    be read, confident readings of another length)."""
+    """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold that the
+    network read at a length of the labels people typed (a 5-letter site's 4-letter reading is wrong however
+    confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). Returns (kept (path, text,
+    confidence) rows, files that could not be read, readings of another length)."""
     captcha_reader = reader.Reader(model_path)
     low_rule = captcha_reader.low_confidence_rule()
     kept, unreadable, wrong_length = [], 0, 0
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
-        elif reading.text and reading.confidence >= low_rule.threshold:
-            if low_rule.length_allowed(reading.text):
-                kept.append((reading.path, reading.text, reading.confidence))
-            else:
-                wrong_length += 1
+        elif reading.refit or not low_rule.length_allowed(reading.text):
+            wrong_length += 1
+        elif reading.text and not low_rule.is_low(reading.text, reading.confidence):
+            kept.append((reading.path, reading.text, reading.confidence))
     return kept, unreadable, wrong_length
 
 
@@ -185,8 +184,8 @@ def run(cfg, train_one, config_class):
             kept, unreadable, wrong_length = pseudo_label(folder / runstate.BEST_NAME, unlabeled)
             write_pseudo_labels(next_labels, kept)
             print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
-                  + (f"; {wrong_length} confident readings of a length no typed label has left out"
-                     if wrong_length else "")
+                  + (f"; {wrong_length} reading{'s' if wrong_length != 1 else ''} of a length no typed label "
+                     "has left out" if wrong_length else "")
                   + (f"; {unreadable} could not be read" if unreadable else "") + f"; wrote {next_labels}")
         changed = changed_pseudo_labels(pseudo, read_pseudo_labels(next_labels))
         if changed < MIN_CHANGED_FRACTION * len(unlabeled):

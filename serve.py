@@ -106,9 +106,9 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
                 raise RequestError(400, str(e)) from None
         return np.stack(arrays)
 
-    def results(texts, confidences):
-        return [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": low_rule.is_low(t, c)}
-                for t, c in zip(texts, confidences)]
+    def results(readings):
+        return [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": low_rule.is_low(t, c, refit)}
+                for t, c, refit in zip(*readings)]
 
     @app.exception_handler(RequestError)
     async def request_error(request, error):
@@ -135,8 +135,8 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
         if len(images) != 1:
             raise RequestError(400, f"/read takes one image, got {len(images)}; use /read_batch")
         inputs = await run_in_threadpool(decoded, images)
-        texts, confidences = await run_in_threadpool(captcha_reader.predict, inputs)
-        return {**results(texts, confidences)[0], "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+        readings = await run_in_threadpool(captcha_reader.predict, inputs)
+        return {**results(readings)[0], "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.post("/read_batch")
     async def read_batch(request: Request):
@@ -145,8 +145,8 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
         if len(images) > max_batch:
             raise RequestError(413, f"{len(images)} images; the limit is {max_batch} per request")
         inputs = await run_in_threadpool(decoded, images)
-        texts, confidences = await run_in_threadpool(captcha_reader.predict, inputs)
-        return {"results": results(texts, confidences), "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+        readings = await run_in_threadpool(captcha_reader.predict, inputs)
+        return {"results": results(readings), "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
     return app
 

@@ -142,7 +142,7 @@ def main(argv=None):
             failures += 1
             tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
             continue
-        low = low_rule.is_low(reading.text, reading.confidence)
+        low = low_rule.is_low(reading.text, reading.confidence, reading.refit)
         tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
         label = label_of.get(reading.path)
         if label is not None:  # labels folded as the readings are

@@ -186,7 +186,8 @@ def describe_plan(cfg, recipe, epochs, steps_per_epoch, repeats, augment_epochs)
           + ("" if recipe.augment == "none" or augment_epochs >= epochs
              else f" for epochs 1-{augment_epochs}, then the images as they are" if augment_epochs
              else " (no epoch: --clean_finish 1)")
-          + (f"; ends once the validation CER holds {recipe.settle_epochs} epochs" if recipe.settle_epochs else ""))
+          + (f"; ends once the validation CER holds {recipe.settle_epochs} epochs of the clean finish"
+             if recipe.settle_epochs and epochs - augment_epochs >= recipe.settle_epochs else ""))
 
 
 def device_scope(cfg, recipe):
@@ -299,7 +300,7 @@ def train(cfg, pseudo=(), resume_command=None):
     run_callbacks = callbacks.run_callbacks(
         out, meta, cfg, recipe, train_batches=train_batches, val_batches=val_batches, charset=charset,
         val_labels=[label for _, label in val_set], epochs_done=state["epochs_done"], best_score=state["best_score"],
-        steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume)
+        steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume, settle_from=augment_epochs)
     started = time.time()
     callbacks.STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps
     try:

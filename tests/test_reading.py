@@ -43,15 +43,15 @@ def probs_of(rows, symbols="aAbB", blank=0):
 
 def test_confidence_is_the_probability_of_the_decoded_path():
     probs, charset = probs_of([{"a": 0.9}, {"-": 0.8}, {"b": 0.6}])
-    texts, confidences = reader.decode_with_confidence(probs, charset)
-    assert texts == ["ab"] and confidences[0] == pytest.approx(0.9 * 0.8 * 0.6, rel=1e-5)
+    texts, confidences, refit = reader.decode_with_confidence(probs, charset)
+    assert texts == ["ab"] and confidences[0] == pytest.approx(0.9 * 0.8 * 0.6, rel=1e-5) and refit == [False]
     unsure, _ = probs_of([{"a": 0.9}, {"-": 0.8}, {"b": 0.3}])
     assert reader.decode_with_confidence(unsure, charset)[1][0] < confidences[0]
 
 
 def test_beam_search_confidence_is_a_probability():
     probs, charset = probs_of([{"a": 0.9}, {"-": 0.8}, {"b": 0.6}])
-    texts, confidences = reader.decode_with_confidence(probs, charset, beam_width=4)
+    texts, confidences, _ = reader.decode_with_confidence(probs, charset, beam_width=4)
     # the beam sums every path that reads "ab", so at least the greedy path's probability
     assert texts == ["ab"] and 0.9 * 0.8 * 0.6 <= confidences[0] <= 1.0
 
@@ -64,7 +64,7 @@ def test_beam_search_reads_what_kerass_own_beam_search_reads():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(64, 12, charset.num_classes)) * rng.uniform(0.5, 4, size=(64, 1, 1))
     probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
-    ours, our_scores = reader.decode_with_confidence(probs, charset, beam_width=8)
+    ours, our_scores, _ = reader.decode_with_confidence(probs, charset, beam_width=8)
     decoded, scores = ops.ctc_decode(np.log(probs), np.full((64,), 12, dtype=np.int32), strategy="beam_search",
                                      beam_width=8, top_paths=1, mask_index=charset.blank_index)
     theirs = [charset.decode(row) for row in ops.convert_to_numpy(decoded)[0]]
@@ -76,11 +76,27 @@ def test_beam_search_reads_what_kerass_own_beam_search_reads():
     assert np.median(relative) < 1e-4 and relative.max() < 0.1
 
 
+def test_a_reading_of_a_length_no_typed_label_has_is_refit_by_beam_search_and_stays_low():
+    # a faint b between a and c: the likeliest path skips it (blank 0.55 > b 0.45), so greedy reads "ac"
+    probs, charset = probs_of([{"a": 0.9}, {"-": 0.9}, {"-": 0.5, "b": 0.45}, {"-": 0.9}, {"A": 0.9}])
+    assert reader.decode_with_confidence(probs, charset).texts == ["aA"]
+    for beam_width in (0, 8):
+        texts, confidences, refit = reader.decode_with_confidence(probs, charset, beam_width, lengths=(3, 3))
+        assert texts == ["abA"] and refit == [True] and 0 < confidences[0] <= 1
+        # lengths that allow the likeliest text leave it as it is
+        texts, _, refit = reader.decode_with_confidence(probs, charset, beam_width, lengths=(2, 3))
+        assert texts == ["aA"] and refit == [False]
+    # a refit reading is marked low whatever its confidence; a reading of a typed length only below the threshold
+    rule = reader.LowConfidenceRule(0.5, (3, 3), "")
+    assert rule.is_low("abA", 0.99, refit=True) and not rule.is_low("abA", 0.99) and rule.is_low("abA", 0.4)
+    assert rule.is_low("aA", 0.99)
+
+
 def test_allowed_symbols_are_masked_before_decoding():
     probs, charset = probs_of([{"a": 0.5, "b": 0.4}, {"-": 0.9}])
     assert reader.decode(probs, charset) == ["a"]
     masked = reader.restrict(probs, charset, allowed="bB")
-    texts, confidences = reader.decode_with_confidence(masked, charset)
+    texts, confidences, _ = reader.decode_with_confidence(masked, charset)
     assert texts == ["b"] and np.allclose(masked.sum(axis=-1), 1.0)  # still probabilities
     assert confidences[0] == pytest.approx(0.4 / (0.4 + probs[0, 0, charset.encode("B")[0]] + probs[0, 0, 0])
                                            * masked[0, 1].max(), rel=1e-5)

@@ -162,9 +162,9 @@ def test_a_one_cycle_run_is_never_stopped_on_patience_and_the_reference_recipe_i
 def test_a_run_ends_once_its_validation_cer_holds_while_it_reads_and_not_on_the_ctc_plateau():
     crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
 
-    def stopped_after(scores, history=()):
+    def stopped_after(scores, history=(), from_epoch=0):
         """The epoch (1-based) after which StopWhenSettled(3) stops a run with these (val_cer, val_exact_match)."""
-        callback = callbacks.StopWhenSettled(3, history)
+        callback = callbacks.StopWhenSettled(3, history, from_epoch)
         callback.set_model(crnn)
         crnn.stop_training = False
         for epoch, (cer, exact) in enumerate(scores):
@@ -179,21 +179,26 @@ def test_a_run_ends_once_its_validation_cer_holds_while_it_reads_and_not_on_the_
     assert stopped_after([(1.0, 0.0)] * 6) is None  # nothing read yet: the CTC plateau, which a run may leave
     assert stopped_after([(0.3, 0.5)] * 6) is None  # half read: not settled either
     assert stopped_after([reading], history=[reading, reading]) == 1  # epochs before a resume count
+    # held since the first epoch, but a run stops only once 3 epochs of its clean finish (from epoch 5) held
+    assert stopped_after([reading] * 8, from_epoch=4) == 7
+    assert stopped_after([reading] * 6, from_epoch=4) is None  # the clean finish too short to settle: run to the end
 
 
 def test_a_run_whose_validation_settles_ends_early_and_is_scored(digits_folder, tmp_path, monkeypatch, capsys):
     def settled_evaluate(*args):  # every pass reads 3 of 4 images right, with the same CER
-        scores, predictions, confidences = evaluate(*args)
-        return {**scores, "cer": 0.25, "exact_match": 0.75}, predictions, confidences
+        scores, decoded = evaluate(*args)
+        return {**scores, "cer": 0.25, "exact_match": 0.75}, decoded
 
     evaluate = scoring.evaluate
     monkeypatch.setattr(scoring, "evaluate", settled_evaluate)
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "6", "--settle_epochs", "2",
-                       "--batch_size", "8", "--workers", "1", "--charset", "digits", "--out", str(out)]) == 0
-    assert "validation settled: CER 0.2500 for 2 epochs; stopping after epoch 2" in capsys.readouterr().out
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2  # of 6
-    assert runstate.validation_history(out / runstate.LOG_NAME) == [(0.25, 0.75), (0.25, 0.75)]  # what a resume reads
+                       "--clean_finish", "0.5", "--batch_size", "8", "--workers", "1", "--charset", "digits",
+                       "--out", str(out)]) == 0
+    # held from the first epoch; the clean finish is epochs 4-6, so the run ends after two of them
+    assert "validation settled: CER 0.2500 for 2 epochs; stopping after epoch 5" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 5  # of 6
+    assert runstate.validation_history(out / runstate.LOG_NAME) == [(0.25, 0.75)] * 5  # what a resume reads
     assert (out / runstate.BEST_NAME).exists() and (out / runstate.FINAL_NAME).exists()
 
 
