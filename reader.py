@@ -266,6 +266,11 @@ def length_allowed(text, lengths):
     return lengths is None or lengths[0] <= len(text) <= lengths[1]
 
 
+def read_at_typed_length(text, refit, lengths):
+    """Whether a reading has a length within `lengths` as the network read it, not refit to one (Decoded.refit)."""
+    return not refit and length_allowed(text, lengths)
+
+
 def describe_lengths(lengths):
     if lengths is None:
         return ""
@@ -284,11 +289,11 @@ class LowConfidenceRule:
     lengths: tuple | None
     description: str
 
-    def length_allowed(self, text):
-        return length_allowed(text, self.lengths)
+    def read_at_typed_length(self, text, refit=False):
+        return read_at_typed_length(text, refit, self.lengths)
 
     def is_low(self, text, confidence, refit=False):
-        return confidence < self.threshold or refit or not self.length_allowed(text)
+        return confidence < self.threshold or not self.read_at_typed_length(text, refit)
 
 
 @dataclasses.dataclass

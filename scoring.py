@@ -59,8 +59,8 @@ def typed_lengths(path):
 
 
 def trusted_lengths(decoded, lengths):
-    """For each reading, whether its length is one the typed labels have and it was read so, not refit."""
-    return [reader.length_allowed(text, lengths) and not refit for text, refit in zip(decoded.texts, decoded.refit)]
+    """For each reading, whether the network read it at a length the typed labels have (not refit to one)."""
+    return [reader.read_at_typed_length(text, refit, lengths) for text, refit in zip(decoded.texts, decoded.refit)]
 
 
 def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, final_predictions):

@@ -100,9 +100,9 @@ def pseudo_label(model_path, paths):
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
-        elif reading.refit or not low_rule.length_allowed(reading.text):
+        elif not low_rule.read_at_typed_length(reading.text, reading.refit):
             wrong_length += 1
-        elif reading.text and not low_rule.is_low(reading.text, reading.confidence):
+        elif reading.text and reading.confidence >= low_rule.threshold:
             kept.append((reading.path, reading.text, reading.confidence))
     return kept, unreadable, wrong_length
 
