@@ -201,8 +201,8 @@ def decode_with_confidence(probs, charset, beam_width=0, case=None, lengths=None
             texts.append(charset.decode(kept[kept != charset.blank_index]))
         for i, text in enumerate(texts):
             if not length_allowed(text, lengths):  # rare: the beam search only for these
-                (texts[i],), (confidences[i],), (refit[i],) = _beam_search(probs[i : i + 1], charset,
-                                                                          REFIT_BEAM_WIDTH, lengths)
+                (texts[i],), (confidences[i],), _ = _beam_search(probs[i : i + 1], charset, REFIT_BEAM_WIDTH, lengths)
+                refit[i] = True  # greedy read another length, even where the beam's likeliest text has a typed one
     if case is not None:  # symbols the model reads in one case only
         texts = [preprocess.fold_case(text, case) for text in texts]
     return Decoded(texts, [float(c) for c in confidences], list(refit))

@@ -86,6 +86,14 @@ def test_a_reading_of_a_length_no_typed_label_has_is_refit_by_beam_search_and_st
         # lengths that allow the likeliest text leave it as it is
         texts, _, refit = reader.decode_with_confidence(probs, charset, beam_width, lengths=(2, 3))
         assert texts == ["aA"] and refit == [False]
+    # b or B twice, or blank: the likeliest path reads "aA", the likeliest text "abA" (b's paths add up); the
+    # greedy reading of another length is refit, so it stays low even though the beam's likeliest text fits
+    faint_b = {"-": 0.4, "b": 0.35, "B": 0.25}
+    probs, charset = probs_of([{"a": 0.9}, faint_b, faint_b, {"A": 0.9}])
+    assert reader.decode_with_confidence(probs, charset).texts == ["aA"]
+    assert reader.decode_with_confidence(probs, charset, 8, lengths=(3, 3)).refit == [False]  # beam: its likeliest
+    texts, _, refit = reader.decode_with_confidence(probs, charset, lengths=(3, 3))
+    assert texts == ["abA"] and refit == [True]
     # a refit reading is marked low whatever its confidence; a reading of a typed length only below the threshold
     rule = reader.LowConfidenceRule(0.5, (3, 3), "")
     assert rule.is_low("abA", 0.99, refit=True) and not rule.is_low("abA", 0.99) and rule.is_low("abA", 0.4)
