@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 import numpy as np
 

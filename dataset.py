@@ -170,6 +170,18 @@ def split_samples(samples, val_fraction=0.1, test_fraction=0.1, seed=42):
     return tuple([s for s in samples if part_of[s[1]] == part] for part in range(3))
 
 
+def split_in_two(samples, seed=42):
+    """A check folder's images: half validation, half test, by label as split_samples splits (seeded)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = sorted({label for _, label in samples})
+    if len(labels) < 2:
+        raise CaptchaError(f"need at least 2 different labels to split validation/test, found {len(labels)}")
+    val, _ = train_test_split(labels, test_size=len(labels) // 2, random_state=seed)
+    val = set(val)
+    return [s for s in samples if s[1] in val], [s for s in samples if s[1] not in val]
+
+
 def encode_labels(labels, charset, max_len):
     """Labels -> int32 (batch, max_len), padded with PAD_LABEL."""
     rows = np.full((len(labels), max_len), PAD_LABEL, dtype=np.int32)

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import h5py
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 import numpy as np
 

@@ -31,10 +31,10 @@ def score(predictions, labels):
 
 def unscorable_reason(label, charset, max_len):
     """Why a file-name label cannot be a label of this model (None if it can): such names
-    (`IMG_1234.png`) are not scored."""
+    (`IMG_1234.png`) are not scored. charset None: a reader of any symbol (a teacher such as ddddocr)."""
     if not label:
         return "no label in the file name"
-    unknown = charset.unknown_symbols(label)
+    unknown = charset.unknown_symbols(label) if charset is not None else ""
     if unknown:
         return f"symbols outside the model's charset ({unknown})"
     if max_len and len(label) > max_len:

@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 from keras import layers, ops
 

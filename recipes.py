@@ -4,6 +4,7 @@ checkpoint), the optimizer they build, and how many updates a run makes. The net
 import math
 from dataclasses import dataclass, replace
 
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 
 import augment

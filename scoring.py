@@ -4,6 +4,7 @@ epoch's end, and the test split at a run's end), and the run's report: metrics.j
 import dataclasses
 import json
 
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 import numpy as np
 

@@ -24,13 +24,20 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
+import dataset
 import metrics
+import model
 import preprocess
 import reader
 import runstate
 from preprocess import CaptchaError
 
 STATE_NAME = "self_training.json"
+TEACHER_READINGS_NAME = "teacher_readings.csv"  # every reading of the teacher's, before the filters
+TEACHER_CHECK_NAME = "teacher_check.csv"  # with no --check: the teacher's readings held out as validation and test
+TEACHER_CHECK_SHARE, MIN_TEACHER_CHECK = 0.1, 20
 MIN_CHANGED_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
 RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOWEST_VAL_NAME, runstate.LOG_NAME, "metrics.json",
                 "training_curves.png", "predictions.png", "confusions.png")
@@ -89,22 +96,81 @@ def changed_pseudo_labels(before, after):
     return sum(before_labels.get(path) != after_labels.get(path) for path in before_labels.keys() | after_labels.keys())
 
 
-def pseudo_label(model_path, paths):
+def pseudo_label(model_path, paths, teacher_texts=None):
     """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold that the
     network read at a length of the labels people typed (a 5-letter site's 4-letter reading is wrong however
-    confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). Returns (kept (path, text,
-    confidence) rows, files that could not be read, readings of another length)."""
+    confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). teacher_texts {path: texts}: a
+    reading below the threshold is kept too where one of the teacher's readers read the same text (two readers of
+    different make agree). Returns (kept (path, text, confidence) rows, files that could not be read, readings of
+    another length)."""
     captcha_reader = reader.Reader(model_path)
     low_rule = captcha_reader.low_confidence_rule()
+    teacher_texts = teacher_texts or {}
+
+    def teacher_agrees(reading):
+        return reading.text in {preprocess.fold_case(text, captcha_reader.case) if captcha_reader.case else text
+                                for text in teacher_texts.get(reading.path, ())}
+
     kept, unreadable, wrong_length = [], 0, 0
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
         elif not low_rule.read_at_typed_length(reading.text, reading.refit):
             wrong_length += 1
-        elif reading.text and reading.confidence >= low_rule.threshold:
+        elif reading.text and (reading.confidence >= low_rule.threshold or teacher_agrees(reading)):
             kept.append((reading.path, reading.text, reading.confidence))
     return kept, unreadable, wrong_length
+
+
+def read_teacher_texts(out):
+    """{path: the teacher's texts of it, as read (one per reader)} from a run's teacher_readings.csv."""
+    with open(Path(out) / TEACHER_READINGS_NAME, newline="") as f:
+        return {row["path"]: {text for text in (row["text"], row["second"]) if text} for row in csv.DictReader(f)}
+
+
+def teach(cfg, out, unlabeled):
+    """The teacher reads every unlabelled image (all its readings: teacher_readings.csv); the filtered ones
+    (teacher.filter_readings: the check labels' case, lengths and symbols, else typical ones) become round 0's
+    pseudo-labels. With no check folder, a seeded TEACHER_CHECK_SHARE of them is held out as the check split."""
+    import teacher as teachers  # ddddocr, when asked for, loads only here
+
+    source = teachers.load_teacher(cfg.teacher)
+    case, lengths, symbols = (cfg.case if cfg.case in ("lower", "upper", "keep") else "lower"), None, None
+    threshold = getattr(source, "threshold", None)
+    if cfg.check:
+        found = dataset.scan_folder(Path(cfg.check), labels_from=cfg.labels_from, labels_file=cfg.check_labels or None,
+                                    case=cfg.case, verify=False)
+        if not found.samples:
+            raise CaptchaError(f"--check {cfg.check}: no labelled images ({found.summary()})")
+        check_labels = [label for _, label in found.samples]
+        case, lengths, symbols = found.case, {len(s) for s in check_labels}, set("".join(check_labels))
+        truth = {str(path): label for path, label in found.samples}
+        check_readings = list(source.read_paths([path for path, _ in found.samples]))
+        threshold, measured = teachers.check_threshold(check_readings, truth, case, lengths, symbols)
+        print(measured)
+    print(f"teacher: {source.readers_described} reads {len(unlabeled)} unlabelled images")
+    readings = list(source.read_paths(unlabeled))
+    with open(out / TEACHER_READINGS_NAME, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "text", "second", "confidence"])
+        writer.writerows([r.path, r.text, "" if r.second is None else r.second,
+                          "" if r.confidence is None else f"{r.confidence:.6g}"] for r in readings)
+    filtered = teachers.filter_readings(readings, case, lengths, symbols, threshold)
+    print(f"teacher: {filtered.describe(len(readings))}; all readings in {out / TEACHER_READINGS_NAME}")
+    kept = filtered.kept
+    if not cfg.check:
+        order = np.random.default_rng(cfg.seed).permutation(len(kept))
+        held = max(MIN_TEACHER_CHECK, round(TEACHER_CHECK_SHARE * len(kept)))
+        if len(kept) < 2 * held:
+            raise CaptchaError(f"--teacher {cfg.teacher}: only {len(kept)} readings pass the filters, too few to hold "
+                               f"{held} out for checking and train on the rest; give --check a labelled folder")
+        with open(out / TEACHER_CHECK_NAME, "w", newline="") as f:
+            csv.writer(f).writerows([("file", "label")] + [(os.path.relpath(kept[i][0], cfg.unlabeled), kept[i][1])
+                                                          for i in sorted(order[:held])])
+        kept = [kept[i] for i in sorted(order[held:])]
+    if not kept:
+        raise CaptchaError(f"--teacher {cfg.teacher}: no reading passed the filters ({filtered.describe(len(readings))})")
+    write_pseudo_labels(pseudo_labels_path(out, 0), [(path, label, 1.0) for path, label in kept])
 
 
 def round_summary(number, out, added):
@@ -142,6 +208,10 @@ def start_state(cfg, config_class):
         return config_class(**{**saved, "out": cfg.out, "resume": True})
     if not Path(cfg.unlabeled).is_dir():
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
+    if not cfg.teacher and not cfg.data_dir:
+        raise CaptchaError("--unlabeled needs labelled images (--data_dir) or a --teacher to read them first")
+    if cfg.check and not Path(cfg.check).is_dir():
+        raise CaptchaError(f"--check {cfg.check}: not a folder")
     if cfg.rounds < 1:
         raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels")
     out.mkdir(parents=True, exist_ok=True)
@@ -162,14 +232,24 @@ def run(cfg, train_one, config_class):
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: no image files (png, jpg, bmp, webp, gif, tif)")
     print(f"self-training: {len(unlabeled)} unlabelled images in {cfg.unlabeled}, up to {cfg.rounds} rounds with "
           f"pseudo-labels at precision {cfg.target_precision:g} on validation")
+    teacher_texts = {}
+    if cfg.teacher:  # round 0 trains on the teacher's filtered readings
+        if not pseudo_labels_path(out, 0).exists():
+            teach(cfg, out, unlabeled)
+        teacher_texts = read_teacher_texts(out)
+        if not cfg.check:  # the teacher's held-out readings are the check split: agreement, not accuracy
+            print(f"no --check folder: the run cannot measure itself. Validation and test are {TEACHER_CHECK_NAME}, "
+                  f"readings held out from training; their scores are agreement with the teacher, not accuracy, "
+                  f"and the result stores no confidence threshold")
+            cfg = dataclasses.replace(cfg, check=cfg.unlabeled, check_labels=str(out / TEACHER_CHECK_NAME))
     summaries = []
     for number in range(cfg.rounds + 1):
-        pseudo = read_pseudo_labels(pseudo_labels_path(out, number)) if number else []
+        pseudo = read_pseudo_labels(pseudo_labels_path(out, number)) if number or cfg.teacher else []
         folder = round_dir(out, number)
         if not (folder / "metrics.json").exists():
             resumable = (folder / runstate.RESUME_NAME).exists()
             print(f"---- self-training round {number}: {'resumed' if resumable else 'started'}, {len(pseudo)} "
-                  f"pseudo-labelled images beside the labelled ones")
+                  f"pseudo-labelled images" + (" beside the labelled ones" if cfg.data_dir else ""))
             round_cfg = dataclasses.replace(cfg, out=str(folder), unlabeled="", resume=resumable)
             if train_one(round_cfg, pseudo=pseudo, resume_command=f"python train.py --resume --out {out}") is None:
                 return None
@@ -181,7 +261,7 @@ def run(cfg, train_one, config_class):
             break
         next_labels = pseudo_labels_path(out, number + 1)
         if not next_labels.exists():
-            kept, unreadable, wrong_length = pseudo_label(folder / runstate.BEST_NAME, unlabeled)
+            kept, unreadable, wrong_length = pseudo_label(folder / runstate.BEST_NAME, unlabeled, teacher_texts)
             write_pseudo_labels(next_labels, kept)
             print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
                   + (f"; {wrong_length} reading{'s' if wrong_length != 1 else ''} of a length no typed label "
@@ -192,7 +272,7 @@ def run(cfg, train_one, config_class):
             print(f"self-training ends: round {number + 1}'s pseudo-labels differ from this round's in {changed} "
                   f"images, under {MIN_CHANGED_FRACTION:.0%} of the unlabelled images")
             break
-    return finish(out, summaries)
+    return finish(out, summaries, measured=not cfg.teacher or cfg.check_labels != str(out / TEACHER_CHECK_NAME))
 
 
 def validation_correct(out, number):
@@ -219,8 +299,10 @@ def choose_round(out, summaries):
             f"it reads validation better than round {last['round']} beyond chance")
 
 
-def finish(out, summaries):
-    """The chosen round (choose_round) becomes the run's result: its models and metrics are copied to `out`."""
+def finish(out, summaries, measured=True):
+    """The chosen round (choose_round) becomes the run's result: its models and metrics are copied to `out`.
+    measured False (a teacher and no check folder): its scores are agreement with the teacher, and its models
+    keep no confidence threshold (one chosen on the teacher's readings would promise a precision never measured)."""
     chosen, why = choose_round(out, summaries)
     source = round_dir(out, chosen["round"])
     for name in RESULT_FILES:
@@ -228,6 +310,13 @@ def finish(out, summaries):
             shutil.copy2(source / name, out / name)
     results = {**json.loads((source / "metrics.json").read_text()),
                "self_training": {"chosen_round": chosen["round"], "why": why, "rounds": summaries}}
+    if not measured:
+        for name in (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOWEST_VAL_NAME):
+            if (out / name).exists():
+                model.update_meta(out / name, {"abstain": None})
+        results["scored_on"] = "the teacher's held-out readings: agreement with the teacher, not accuracy"
+        print(f"the run's scores are agreement with the teacher on {TEACHER_CHECK_NAME}, not accuracy: give "
+              f"--check a folder of images labelled by people to measure it; no confidence threshold stored")
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     print(f"self-training: round {chosen['round']} chosen ({why}); its models and metrics copied to {out}")
     return results

@@ -26,13 +26,15 @@ import labels as label_sources
 import metrics
 import preprocess
 import reader
+import teacher
 from preprocess import CaptchaError
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="saved_model/crnn_ctc_best.keras",
-                        help="a .keras file from train.py, or an .onnx/.tflite file from export_safe.py")
+                        help="a .keras file from train.py, an .onnx/.tflite file from export_safe.py, or ddddocr "
+                             "(the zero-shot teacher: pip install ddddocr)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one captcha image")
     source.add_argument("--folder", help="a folder of captcha images (sub-folders too)")
@@ -105,10 +107,13 @@ def main(argv=None):
     try:
         if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
             raise CaptchaError(f"--min_confidence {args.min_confidence}: a confidence lies between 0 and 1")
-        captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
-                                       args.no_auto_crop, args.force_invert, args.strong)
+        if args.model == teacher.DDDDOCR:  # the zero-shot teacher, to see what it reads before any training
+            captcha_reader = teacher.DdddocrReader(args.case)
+        else:
+            captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
+                                           args.no_auto_crop, args.force_invert, args.strong)
         charset, max_len = captcha_reader.charset, captcha_reader.meta.get("max_len")
-        if args.charset and preprocess.charset_from_arg(args.charset).symbols != charset.symbols:
+        if args.charset and charset is not None and preprocess.charset_from_arg(args.charset).symbols != charset.symbols:
             expected = preprocess.charset_from_arg(args.charset).symbols
             raise CaptchaError(f"{args.model}: reads {charset.symbols!r}, not the --charset you gave ({expected!r})")
         if args.image:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 import numpy as np
 
@@ -68,6 +69,11 @@ class TrainConfig:
     unlabeled: str = ""  # a folder of the site's unlabelled captchas: self-training (selftrain.py) adds the
     #                      confident readings of each round's model to the next round's training images
     rounds: int = 2  # with --unlabeled: rounds of training with pseudo-labels after the labelled-only round 0
+    teacher: str = ""  # with --unlabeled: ddddocr or a model file (.keras, .onnx, .tflite) whose filtered readings
+    #                    of the unlabelled images are round 0's pseudo-labels (teacher.py); --data_dir is optional
+    check: str = ""  # a folder of images labelled by people (labels read as --labels_from, or --check_labels), half
+    #                  the validation and half the test split instead of a split of --data_dir (all of it trains)
+    check_labels: str = ""  # a labels file for --check
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (recipes.RECIPES)
     # Settings left unset (None) take the recipe's value.
     epochs: int | None = None  # passes: 30, or more on a small folder so that training makes at least --min_steps
@@ -108,9 +114,12 @@ def parse_config(argv=None):
 
 
 def resolve_data(cfg):
-    """The folder to train on: the user's, or the built-in synthetic set (drawn on first use)."""
+    """The folder to train on: the user's, none (a teacher's pseudo-labels and a check folder alone), or the
+    built-in synthetic set (drawn on first use)."""
     if cfg.data_dir:
         return Path(cfg.data_dir)
+    if cfg.check:
+        return None
     folder = Path(cfg.synth_dir) / cfg.synth_style
     have = len(preprocess.list_images(folder)) if folder.is_dir() else 0
     if have < cfg.synth_count:
@@ -128,12 +137,12 @@ def check_config(cfg):
         raise CaptchaError(f"--target_precision {cfg.target_precision:g}: a share of right readings, in (0, 1]")
 
 
-def load_dataset(cfg, folder, source=None):
-    """Scan (labels read by --labels_from / --labels, or by a resumed run's stored `source`), pick charset
-    and label length, split. Returns (charset, max_len, train, val, test, scan)."""
+def scan_labelled(cfg, folder, labels_file=None, source=None):
+    """One folder's labelled images (labels read by --labels_from / `labels_file`, or by a resumed run's stored
+    `source`), refused when there are none."""
     fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
     scan = dataset.scan_folder(folder, fixed_charset, cfg.max_len or None, labels_from=cfg.labels_from,
-                               labels_file=cfg.labels or None, case=cfg.case, source=source, channels=cfg.channels)
+                               labels_file=labels_file or None, case=cfg.case, source=source, channels=cfg.channels)
     if scan.decision:
         print(scan.decision)
     print(f"{folder}: {scan.summary()}")
@@ -143,16 +152,30 @@ def load_dataset(cfg, folder, source=None):
         raise CaptchaError(f"{folder}: no usable labelled images ({scan.summary()})")
     if not cfg.channels:
         print(scan.channels()[1])
-    samples = scan.samples
-    if cfg.limit:
-        samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
-    labels = [label for _, label in samples]
+    return scan
+
+
+def load_dataset(cfg, folder, source=None, pseudo=()):
+    """Scan, split, and pick charset and label length (over the pseudo-labels too). With --check, its images are
+    the validation and test split and --data_dir's (if any) all train. Returns (charset, max_len, train, val, test,
+    scan), scan being the check folder's with --check."""
+    if cfg.check:
+        scan = scan_labelled(cfg, Path(cfg.check), cfg.check_labels, source)
+        val, test = dataset.split_in_two(scan.samples, cfg.seed)
+        train = scan_labelled(cfg, folder, cfg.labels).samples if folder else []
+    else:
+        scan = scan_labelled(cfg, folder, cfg.labels, source)
+        samples = scan.samples
+        if cfg.limit:
+            samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
+        train, val, test = dataset.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    labels = [label for _, label in train + val + test] + [label for _, label in pseudo]
     charset = preprocess.charset_for_labels(cfg.charset, labels)
     max_len = cfg.max_len or max(len(label) for label in labels)
-    train, val, test = dataset.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     print(f"charset: {len(charset.symbols)} symbols + blank; labels up to {max_len} characters; letter case: "
           f"{scan.case}" + (" (folded)" if scan.case != "keep" else "")
-          + f"; split {len(train)} train / {len(val)} val / {len(test)} test")
+          + f"; split {len(train)} train / {len(val)} val / {len(test)} test"
+          + (f" (validation and test: {cfg.check})" if cfg.check else ""))
     return charset, max_len, train, val, test, scan
 
 
@@ -258,9 +281,10 @@ def train(cfg, pseudo=(), resume_command=None):
         cfg, source = resume_config(cfg)
     check_config(cfg)
     folder = resolve_data(cfg)
-    if not cfg.data_dir and not cfg.limit:  # the cache may hold more than this run asked for
+    if not cfg.data_dir and not cfg.check and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
-    charset, max_len, train_set, val_set, test_set, scan = load_dataset(cfg, folder, source)
+    charset, max_len, train_set, val_set, test_set, scan = load_dataset(cfg, folder, source, pseudo)
+    folder = folder or Path(cfg.check)  # what the run's files name as its data
     typed_lengths = [len(label) for _, label in train_set + val_set]  # by people: what a pseudo-label may be
     train_set = selftrain.with_pseudo_labels(train_set, val_set, test_set, pseudo)  # to the training split only
     # ---- phase 2, the network, the recipe and the pixels
@@ -335,6 +359,8 @@ def train(cfg, pseudo=(), resume_command=None):
 def main(argv=None):
     cfg = parse_config(argv)
     try:
+        if cfg.teacher and not cfg.unlabeled and not cfg.resume:
+            raise CaptchaError(f"--teacher {cfg.teacher} reads the images of --unlabeled: give that folder too")
         with callbacks.stop_on_signals():
             self_training = cfg.unlabeled or (cfg.resume and (Path(cfg.out) / selftrain.STATE_NAME).exists())
             results = selftrain.run(cfg, train, TrainConfig) if self_training else train(cfg)

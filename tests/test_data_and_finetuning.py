@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bench
+from tools import bench
 import dataset
 import labels as label_sources
 import model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import cv2
 
-import eyeread
+from tools import eyeread
 import synth
 
 DIGITS = "0123456789"

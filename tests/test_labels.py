@@ -408,7 +408,7 @@ def test_train_help_shows_each_flags_comment(capsys):
 
 
 def test_raw_format_copies_are_read_as_the_plain_folder(tmp_path, capsys):
-    import rawformats
+    from tools import rawformats
 
     source = write_images(tmp_path / "plain", [f"{label}.png" for label in LABELS])
     assert rawformats.main([str(source), str(tmp_path / "raw")]) == 0

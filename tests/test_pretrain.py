@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 import labels as label_sources
 import model
 import preprocess
-import pretrain
+from tools import pretrain
 import reader
 import runstate
 import synth
@@ -152,7 +152,7 @@ def pretrained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(printed):
         stop_after_epoch(monkeypatch, 1)
         assert pretrain.main(args) == 130
-    assert f"Continue with: python pretrain.py --resume --out {root / 'run'}" in printed.getvalue()
+    assert f"Continue with: python tools/pretrain.py --resume --out {root / 'run'}" in printed.getvalue()
     assert "over --cache_mb 0: read from disk every epoch" in printed.getvalue()  # the loader settings reach the run
     assert (root / "run" / runstate.RESUME_NAME).exists() and not (root / "run" / "base.keras").exists()
     # --count on a resume is the saved run's, not this one: its data is not redrawn

@@ -315,7 +315,7 @@ def test_server_answers_bad_requests_with_json_errors(server, digits_folder):
 
 
 def test_speed_measures_the_server_under_concurrent_clients(server, digits_folder, capsys):
-    import speed
+    from tools import speed
 
     assert speed.main(["serve", server, "--folder", str(digits_folder), "--limit", "6", "--clients", "3"]) == 0
     assert "6 requests from 3 concurrent clients" in capsys.readouterr().out

@@ -43,7 +43,7 @@ def test_unknown_strategy_is_a_one_line_error(digits_folder, tmp_path, capsys):
 def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder, capsys):
     import re
 
-    import speed
+    from tools import speed
 
     assert speed.main(["loader", str(digits_folder), "--charset", "digits", "--batch_size", "8"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The four scripts end to end: train.py, test.py, export_safe.py, `synth.py`."""
 
 import csv
+import importlib
 import json
 import subprocess
 import sys
@@ -337,10 +338,10 @@ def test_synth_command_writes_a_labelled_folder(tmp_path):
     assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
 
 
-@pytest.mark.parametrize("script", ["train", "test", "export_safe", "dataset", "rawformats", "synth", "bench", "plots", "serve",
-                                    "speed"])
+@pytest.mark.parametrize("script", ["train", "test", "export_safe", "dataset", "synth", "plots", "serve", "tools.rawformats",
+                                    "tools.bench", "tools.speed", "tools.fewlabels", "tools.eyeread", "tools.pretrain"])
 def test_every_script_has_help(script, capsys):
-    module = __import__(script)
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out

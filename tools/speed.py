@@ -1,11 +1,11 @@
 """Measure speed and memory on this machine: the training loader alone, and reading captchas.
 
-    python speed.py loader data/synth/captcha --augment light       # loader images/s, peak memory
-    python speed.py step --preset fast --batch_size 32               # the training step alone, images/s
-    python speed.py ratio DIR --preset fast --recipe default --workers 2   # loader, step, fit() side by side
-    python speed.py inference saved_model/crnn_ctc_best.keras --folder data/synth/captcha
-    python speed.py inference runs/model.onnx --folder data/synth/captcha
-    python speed.py serve http://127.0.0.1:8000 --folder data/synth/captcha --clients 8   # serve.py running
+    python tools/speed.py loader data/synth/captcha --augment light       # loader images/s, peak memory
+    python tools/speed.py step --preset fast --batch_size 32               # the training step alone, images/s
+    python tools/speed.py ratio DIR --preset fast --recipe default --workers 2   # loader, step, fit() side by side
+    python tools/speed.py inference saved_model/crnn_ctc_best.keras --folder data/synth/captcha
+    python tools/speed.py inference runs/model.onnx --folder data/synth/captcha
+    python tools/speed.py serve http://127.0.0.1:8000 --folder data/synth/captcha --clients 8   # serve.py running
 
 `loader` scans the folder as train.py does and reads every batch of it through the same streaming
 loader (the same number of worker threads), without a model: if it is faster than training, the
@@ -24,8 +24,11 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import augment
 import cli

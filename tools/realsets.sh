@@ -2,14 +2,14 @@
 # Measures what a user gets on real captcha folders: `python train.py --data_dir FOLDER` with no other
 # flag (plus --out), one folder after another, each timed; then the scores in a table.
 #
-#   bash realsets.sh                      # the three sets in ../shared/realsets
-#   EXTRA="--limit 500" OUT=runs/real500 bash realsets.sh tjsp5   # the 500-image case, one set
+#   bash tools/realsets.sh                      # the three sets in ../shared/realsets
+#   EXTRA="--limit 500" OUT=runs/real500 bash tools/realsets.sh tjsp5   # the 500-image case, one set
 #
 # Resumable in slices: a folder whose run has written metrics.json is skipped, and one whose run was
 # interrupted (Ctrl-C, or `pkill -INT -f train.py`: train.py saves crnn_ctc_resume.keras) carries on
 # with `train.py --resume`, so after a stop the same command goes on where it was. Its wall seconds add up.
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: train.py and .venv are there
 root=${REALSETS:-../shared/realsets}
 out=${OUT:-runs/real}
 python=${PYTHON:-.venv/bin/python}

@@ -1,10 +1,10 @@
 """Copies of a labelled folder (LABEL.ext, duplicates LABEL_N.ext) named the way other captcha tools name
 theirs, to check that train.py reads each one as it reads the original (docs/results.md, "Label formats").
 
-    python rawformats.py ../shared/realsets/henan4 /tmp/raw/henan4
+    python tools/rawformats.py ../shared/realsets/henan4 /tmp/raw/henan4
     # -> /tmp/raw/henan4/{md5,id,csv,json}: LABEL_<md5 of the file>.ext, <random id>_LABEL.ext,
     #    <n>.ext + labels.csv (file,label with a header), <n>.ext + labels.json ({"<n>.ext": "LABEL"})
-    python rawformats.py ../shared/realsets/henan4 /tmp/raw/henan4 --compare
+    python tools/rawformats.py ../shared/realsets/henan4 /tmp/raw/henan4 --compare
     # train.py's scan and split of each copy (no flag but --labels) against the original's
 
 The copies are symbolic links to the original files; the numbering is a seeded shuffle, so it says
@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import cli
 import labels as label_sources

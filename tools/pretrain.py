@@ -1,11 +1,11 @@
 """Rebuild the base model that `python train.py` starts from (pretrained/base.keras): one recorded command,
 resumable, that can run in slices, each continuing from the model the last one wrote.
 
-    python pretrain.py                                   # the recorded rebuild, from scratch, into runs/base
-    python pretrain.py --resume --out runs/base          # continue it after a crash, Ctrl-C or a session's end
-    python pretrain.py --init_from pretrained/base.keras --out runs/base_next   # a slice: more updates from the base
-    KERAS_BACKEND=jax python pretrain.py --batch_size 256 --processes 14 --workers 16 --cache_mb 8192  # a GPU machine
-    python pretrain.py --score pretrained/base.keras     # only read the held-out sets with a model
+    python tools/pretrain.py                                   # the recorded rebuild, from scratch, into runs/base
+    python tools/pretrain.py --resume --out runs/base          # continue it after a crash, Ctrl-C or a session's end
+    python tools/pretrain.py --init_from pretrained/base.keras --out runs/base_next   # a slice: more updates from the base
+    KERAS_BACKEND=jax python tools/pretrain.py --batch_size 256 --processes 14 --workers 16 --cache_mb 8192  # a GPU machine
+    python tools/pretrain.py --score pretrained/base.keras     # only read the held-out sets with a model
     cp runs/base/base.keras pretrained/base.keras        # ship it
 
 1. the data: the pre-training styles (PRETRAIN_STYLES, `hershey` never among them), --count images each, labels
@@ -23,6 +23,8 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import callbacks
 import cli
@@ -153,7 +155,7 @@ def run(cfg):
     trained = cfg.resume and not stopped_in_training and (out / "metrics.json").exists()
     if not trained:
         run_config = dataclasses.replace(train_config(cfg), resume=cfg.resume and stopped_in_training)
-        if train.train(run_config, resume_command=f"python pretrain.py --resume --out {cfg.out}") is None:
+        if train.train(run_config, resume_command=f"python tools/pretrain.py --resume --out {cfg.out}") is None:
             return None  # stopped: what is saved lets --resume continue
     # ---- 3. the held-out styles, 4. the base model without its optimizer state
     best = out / runstate.BEST_NAME

@@ -1,12 +1,12 @@
 """How well a person reads a folder's captchas, beside a model on the same images: it tells a model that
 reads less than its pictures show from pictures that show less than their labels.
 
-    python eyeread.py sheets data/heldout_big/hershey_test2k --out runs/eye_hershey --count 96 --seed 8
+    python tools/eyeread.py sheets data/heldout_big/hershey_test2k --out runs/eye_hershey --count 96 --seed 8
     # look at runs/eye_hershey/sheet_*.png (numbered images, no labels) and type what each shows into
     # runs/eye_hershey/readings.txt after its number: "7: ab3k4"; nothing after the colon: could not read;
     # "-": leave this image out (you saw its label before)
     python test.py --model M --folder data/heldout_big/hershey_test2k --output runs/eye_hershey/model.json
-    python eyeread.py score runs/eye_hershey --model_readings runs/eye_hershey/model.json
+    python tools/eyeread.py score runs/eye_hershey --model_readings runs/eye_hershey/model.json
 
 `sheets` draws a seeded sample of the folder's labelled images (labels as train.py reads them) onto
 numbered sheets, and keeps the answer key in sample.json; `score` compares the typed readings with the
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import cli
 import labels as label_sources
@@ -95,7 +97,7 @@ def score(out, model_readings=None):
     """The eye's exact match (and the model's on the same images), written to score.json."""
     out = Path(out)
     if not (out / SAMPLE_NAME).exists():
-        raise CaptchaError(f"{out / SAMPLE_NAME}: missing; run `python eyeread.py sheets FOLDER --out {out}` first")
+        raise CaptchaError(f"{out / SAMPLE_NAME}: missing; run `python tools/eyeread.py sheets FOLDER --out {out}` first")
     samples = {s["number"]: s for s in json.loads((out / SAMPLE_NAME).read_text())["samples"]}
     eye = read_readings(out / READINGS_NAME, samples)
     kept = [samples[n] for n in sorted(eye)]

@@ -1,9 +1,9 @@
 """Benchmark training recipes on generated captchas: accuracy against wall-clock time, side by side.
 
-    python bench.py                                   # reference vs default, 60 minutes each
-    python bench.py --minutes 10 --runs default=fast:default
-    python bench.py --style gregwar                   # data that looks like the reference's Kaggle set
-    python bench.py --data_dir path/to/images --runs default=fast:default+base@30,kerasio=kerasio:kerasio@30
+    python tools/bench.py                                   # reference vs default, 60 minutes each
+    python tools/bench.py --minutes 10 --runs default=fast:default
+    python tools/bench.py --style gregwar                   # data that looks like the reference's Kaggle set
+    python tools/bench.py --data_dir path/to/images --runs default=fast:default+base@30,kerasio=kerasio:kerasio@30
                                                       # a real folder: train.py's split, its test part scores
 
 Each run is NAME=PRESET:RECIPE[+START][@MINUTES] (presets and recipes from model.py; START: `base`, the shipped base
@@ -27,9 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 import numpy as np
 from matplotlib.figure import Figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import callbacks
 import cli

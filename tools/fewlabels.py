@@ -1,6 +1,6 @@
 """Few labels, measured: a labelled folder split into a few labelled images, the rest unlabelled, and a test folder.
 
-    python fewlabels.py ../shared/realsets/tjsp5 /tmp/few/tjsp5 --labelled 200 500
+    python tools/fewlabels.py ../shared/realsets/tjsp5 /tmp/few/tjsp5 --labelled 200 500
 
 Writes, under OUT:
   test/          the folder's own test split (the one `train.py --data_dir SRC` scores on), names kept
@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import dataset
 from preprocess import CaptchaError

@@ -1,0 +1,79 @@
+"""The house: product code never imports a measurement tool, and a normal run prints nothing of TensorFlow's."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import READER_IMAGES, ROOT
+
+# TensorFlow's, absl's and CUDA's start-up and runtime lines (native glog-style lines start with I/W/E/F and a date)
+BACKEND_NOISE = re.compile(r"^[IWEF]\d{4} |absl|oneDNN|cuda|cuInit|cpu_feature_guard|tensorflow|retracing",
+                           re.IGNORECASE)
+
+
+def imported_modules(path):
+    """Every module name an `import` or `from ... import` in the file names, wherever it stands."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_product_module_imports_a_tool():
+    tools = {path.stem for path in (ROOT / "tools").glob("*.py")} - {"__init__"}
+    assert {"bench", "speed", "pretrain", "fewlabels", "rawformats", "eyeread"} <= tools
+    product = sorted(ROOT.glob("*.py"))
+    assert {"train.py", "test.py", "serve.py", "export_safe.py", "model.py", "preprocess.py"} <= {p.name for p in product}
+    for path in product:
+        wrong = {name for name in imported_modules(path) if name.split(".")[0] == "tools" or name in tools}
+        assert not wrong, f"{path.name} imports the tool(s) {sorted(wrong)}"
+
+
+def test_the_tools_run_from_the_repository_root_as_scripts():
+    result = subprocess.run([sys.executable, "tools/fewlabels.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def run_quietly(*args, env=None):
+    """A script as a user runs it, with no logging variable of ours or TensorFlow's set."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CAPTCHA_VERBOSE")}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**clean, **(env or {})})
+
+
+def noise(stderr):
+    return [line for line in stderr.splitlines() if BACKEND_NOISE.search(line)]
+
+
+def test_reading_one_image_prints_no_backend_lines_unless_verbose():
+    result = run_quietly("test.py", "--model", "tests/fixtures/reader.keras", "--image", READER_IMAGES[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{READER_IMAGES[0]} -> {READER_IMAGES[0].stem} ")
+    assert noise(result.stderr) == []
+    loud = run_quietly("test.py", "--model", "tests/fixtures/reader.keras", "--image", READER_IMAGES[0],
+                       env={"CAPTCHA_VERBOSE": "1"})
+    assert loud.returncode == 0 and noise(loud.stderr), "CAPTCHA_VERBOSE=1 should let TensorFlow's lines through"
+
+
+def test_a_refused_folder_prints_one_line_and_nothing_of_the_backend(tmp_path):
+    for i, image in enumerate(READER_IMAGES[:12]):
+        (tmp_path / f"{i:032x}.png").write_bytes(image.read_bytes())  # hash names: no label in them
+    result = run_quietly("train.py", "--data_dir", tmp_path, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+
+
+def test_a_whole_built_in_run_prints_no_backend_lines(tmp_path):
+    result = run_quietly("train.py", "--synth_dir", tmp_path / "synth", "--synth_count", "48", "--preset", "tiny",
+                         "--init_from", "none", "--epochs", "2", "--batch_size", "8", "--workers", "1",
+                         "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "crnn_ctc_best.keras").exists()
+    assert noise(result.stderr) == [], result.stderr
