@@ -35,6 +35,26 @@ def stop_after_epoch(monkeypatch, epoch):
     monkeypatch.setattr(callbacks.ResumeCheckpoint, "on_epoch_end", on_epoch_end)
 
 
+def run_stopped_while_round_one_is_scored(monkeypatch, flags):
+    """train.py's self-training run with `flags`, stopped (Ctrl-C) as its round 1 is scored; returns the --out
+    folders score_run was called with."""
+    import scoring
+    import train
+
+    score_run, calls = scoring.score_run, []
+
+    def interrupted_in_round_one(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score_run(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "score_run", interrupted_in_round_one)
+        assert train.main(flags) == 130
+    return calls
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
     """40 captcha-package images, digits, labels of 3 or 4 characters (so lengths vary)."""

@@ -22,7 +22,7 @@ import scoring
 import selftrain
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import READER, READER_IMAGES, ROOT
+from conftest import READER, READER_IMAGES, ROOT, run_stopped_while_round_one_is_scored
 from preprocess import Charset, PreprocessOptions
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -316,17 +316,7 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     out = tmp_path / "run"
     flags = ["--data_dir", str(labelled), "--unlabeled", str(unlabelled), "--init_from", str(READER), "--epochs", "2",
              "--rounds", "1", "--workers", "1", "--out", str(out)]
-    score_run, calls = scoring.score_run, []
-
-    def interrupted_in_round_one(*args, **kwargs):  # a stop while round 1 is scored
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return score_run(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(scoring, "score_run", interrupted_in_round_one)
-        assert train.main(flags) == 130
+    calls = run_stopped_while_round_one_is_scored(monkeypatch, flags)
     printed = capsys.readouterr().out
     assert f"python train.py --resume --out {out}\n" in printed and "Traceback" not in printed
     assert calls == [out / "round_0", out / "round_1"]

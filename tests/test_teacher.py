@@ -14,12 +14,11 @@ import model
 import modelmeta
 import reader
 import runstate
-import scoring
 import selftrain
 import teacher as teachers
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import READER, READER_IMAGES, ROOT
+from conftest import READER, READER_IMAGES, ROOT, run_stopped_while_round_one_is_scored
 from teacher import TeacherReading
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -162,17 +161,7 @@ def test_with_no_check_folder_the_run_says_it_cannot_measure_itself_and_resumes_
     out = tmp_path / "run"
     flags = ["--unlabeled", str(unlabelled), "--teacher", str(teacher_model), "--init_from", str(teacher_model),
              "--epochs", "2", "--rounds", "1", "--workers", "1", "--out", str(out)]
-    score_run, calls = scoring.score_run, []
-
-    def interrupted_in_round_one(*args, **kwargs):  # a stop while round 1 is scored
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return score_run(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(scoring, "score_run", interrupted_in_round_one)
-        assert train.main(flags) == 130
+    run_stopped_while_round_one_is_scored(monkeypatch, flags)
     printed = capsys.readouterr().out
     assert "the run cannot measure itself" in printed
     taught = (out / selftrain.TEACHER_READINGS_NAME).stat().st_mtime_ns
