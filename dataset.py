@@ -111,17 +111,17 @@ def _inspect(path, channels):
 
 
 def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4, labels_from="auto", labels_file=None,
-                case="keep", source=None, channels=1):
+                case="keep", source=None, channels=1, spaces="auto"):
     """Find labelled captchas in `folder`, skipping (and counting by reason) those that can't train.
 
-    Labels come from labels.find_labels (`labels_from`, `labels_file`), or from a stored `source` (a
+    Labels come from labels.find_labels (`labels_from`, `labels_file`, `spaces`), or from a stored `source` (a
     resumed run's). case: keep, lower, upper, or auto (labels.decide_case). charset=None accepts any
     symbols; max_len=None accepts any length. verify=True decodes every image once, so a corrupt file is
     reported here rather than crashing a training epoch, and records its size; with channels=0 (--channels
     auto) also its colour (ScanResult.channels decides).
     """
     found = (label_sources.find_labels_as(folder, source) if source is not None
-             else label_sources.find_labels(folder, labels_from, labels_file))
+             else label_sources.find_labels(folder, labels_from, labels_file, spaces))
     case = decide_case([label for _, label in found.samples], case)
     skipped = {reason: list(paths) for reason, paths in found.skipped.items()}
     candidates = []
@@ -445,6 +445,9 @@ def main(argv=None):
     scan.add_argument("--labels_from", default="auto", help="file-name rule: auto, name, prefix, suffix or "
                                                             "regex:PATTERN (labels.py)")
     scan.add_argument("--labels", default="", help="a labels file (CSV/TSV, JSON, Python dict, one per line)")
+    scan.add_argument("--label_spaces", default="auto", choices=label_sources.SPACES,
+                      help="a space between symbols: auto (joined when every label has one between each symbol), "
+                           "join, keep (a symbol)")
     scan.add_argument("--case", default="auto", choices=CASES, help="fold the labels' letter case")
     scan.add_argument("--charset", default="auto", help="auto (the symbols the labels use, as train.py), a "
                                                         "preset (default, digits, ...) or the symbols")
@@ -454,7 +457,7 @@ def main(argv=None):
     try:
         fixed = None if args.charset == "auto" else charset_for_labels(args.charset, [])
         result = scan_folder(args.folder, fixed, args.max_len or None, labels_from=args.labels_from,
-                             labels_file=args.labels or None, case=args.case, channels=0)
+                             labels_file=args.labels or None, case=args.case, channels=0, spaces=args.label_spaces)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

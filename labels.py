@@ -20,12 +20,18 @@ order: each image's name is a number, and line n labels `n.png` (line 1 labels 0
 is an image numbered 0). Keys are matched to images by path relative to the folder, then by file name,
 then by name without extension.
 
+Labels with one space between symbols, as CnOCR and PaddleOCR label files write them
+(`624.jpg<TAB>降 飞 淀 惶`), are joined (`降飞淀惶`) and the decision printed: `spaces` "auto" joins when every
+label is written that way, keeps labels without spaces as they are, and refuses a mix it cannot tell;
+"join" removes every space, "keep" keeps a space as a symbol of its own.
+
 Images without a label, entries whose image is missing, entries listed twice: all are skipped and
 counted by reason with the scan's other skips, never guessed at.
 """
 
 import ast
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,6 +43,8 @@ from pathlib import Path
 from preprocess import CaptchaError, list_images
 
 RULES = ("auto", "name", "prefix", "suffix")  # and "regex:PATTERN"
+SPACES = ("auto", "join", "keep")  # --label_spaces
+SPACED = re.compile(r"\S( \S)*")  # one symbol, or symbols each separated by one space
 DUPLICATE_SUFFIX = re.compile(r"[_-]\d{1,3}$")  # 4721_1 and 4721-12 are more images of 4721
 SEPARATOR = "_"
 HEX = re.compile(r"[0-9a-fA-F]+")
@@ -53,13 +61,14 @@ class LabelSource:
     rule: str  # name, prefix, suffix, regex:PATTERN, or file
     labels_file: str = ""
     sha256: str = ""
+    spaces: str = "keep"  # join or keep (what "auto" decided): spaces between symbols removed, or kept as symbols
 
     def to_dict(self):
-        return {"rule": self.rule, "labels_file": self.labels_file, "sha256": self.sha256}
+        return {"rule": self.rule, "labels_file": self.labels_file, "sha256": self.sha256, "spaces": self.spaces}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d.get("rule", "name"), d.get("labels_file", ""), d.get("sha256", ""))
+        return cls(d.get("rule", "name"), d.get("labels_file", ""), d.get("sha256", ""), d.get("spaces", "keep"))
 
     def describe(self):
         return f"labels file {self.labels_file}" if self.rule == "file" else f"file names, rule {self.rule!r}"
@@ -331,21 +340,56 @@ def _from_file(folder, paths, labels_file):
     return LabelledFolder(samples, skipped, source, decision)
 
 
-def find_labels(folder, labels_from="auto", labels_file=None):
-    """The labelled images of `folder` (sorted by path) and what was skipped, by file-name rule or labels file."""
+# ----------------------------------------------------------------------------- spaces between symbols
+
+
+def decide_spaces(labels, spaces="auto"):
+    """join or keep, and why (empty when no label has a space); CaptchaError when auto cannot tell."""
+    if spaces not in SPACES:
+        raise CaptchaError(f"unknown --label_spaces {spaces!r}; choose from {', '.join(SPACES)}")
+    with_space = [label for label in labels if " " in label]
+    if spaces != "auto" or not with_space:
+        return (spaces if spaces != "auto" else "keep"), ""
+    odd = [label for label in labels if not SPACED.fullmatch(label)]
+    if odd:
+        raise CaptchaError(f"{len(with_space)} labels hold spaces, but {len(odd)} are not one symbol between single "
+                           f"spaces (e.g. {odd[0]!r} beside {with_space[0]!r}): pass --label_spaces join (remove "
+                           f"every space) or keep (a space is a symbol)")
+    return "join", (f"one space between symbols in {len(with_space)} of {len(labels)} labels (the CnOCR/PaddleOCR "
+                    f"form): joined, {with_space[0]!r} -> {join_symbols(with_space[0])!r} (--label_spaces keep "
+                    f"keeps them as symbols)")
+
+
+def join_symbols(label):
+    return "".join(label.split(" "))
+
+
+def _apply_spaces(found, spaces):
+    mode, why = decide_spaces([label for _, label in found.samples], spaces)
+    if mode == "join":
+        found.samples = [(path, join_symbols(label)) for path, label in found.samples]
+    found.source = dataclasses.replace(found.source, spaces=mode)
+    if why:
+        found.decision = f"{found.decision}; spaces: {why}" if found.decision else f"labels: {why}"
+    return found
+
+
+def find_labels(folder, labels_from="auto", labels_file=None, spaces="auto"):
+    """The labelled images of `folder` (sorted by path) and what was skipped, by file-name rule or labels file;
+    `spaces` (auto, join, keep): what a space between symbols means."""
     folder = Path(folder)
     paths = list_images(folder)
     if labels_file:
-        return _from_file(folder, paths, labels_file)
-    return _from_names(folder, paths, check_rule(labels_from))
+        return _apply_spaces(_from_file(folder, paths, labels_file), spaces)
+    return _apply_spaces(_from_names(folder, paths, check_rule(labels_from)), spaces)
 
 
 def find_labels_as(folder, source):
-    """`folder` read by a stored LabelSource (a model's, a run's): the same rule, or the same labels file
-    checked to be unchanged."""
+    """`folder` read by a stored LabelSource (a model's, a run's): the same rule, the same spaces, or the same
+    labels file checked to be unchanged."""
     if source.rule != "file":
-        return find_labels(folder, source.rule)
-    found = find_labels(folder, labels_file=source.labels_file)
+        return find_labels(folder, source.rule, spaces=source.spaces)
+    found = find_labels(folder, labels_file=source.labels_file, spaces=source.spaces)
     if source.sha256 and found.source.sha256 != source.sha256:
         raise CaptchaError(f"{source.labels_file}: changed since the run started (its SHA-256 differs)")
     return found

@@ -125,12 +125,34 @@ def charset_of_labels(labels):
     return Charset(known + "".join(sorted(seen - set(known))))
 
 
+def charset_from_file(path):
+    """A dictionary file, one symbol per line (PaddleOCR's and CnOCR's format) -> the symbols, in file order."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise CaptchaError(f"{path}: not UTF-8 text (--charset FILE: one symbol per line)") from None
+    symbols = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        if len(line) != 1:
+            raise CaptchaError(f"{path}: line {number} holds {line!r}, not one symbol (--charset FILE: one per line)")
+        if line in symbols:
+            raise CaptchaError(f"{path}: line {number}: {line!r} is listed twice")
+        symbols.append(line)
+    if not symbols:
+        raise CaptchaError(f"{path}: no symbols (--charset FILE: one symbol per line)")
+    return "".join(symbols)
+
+
 def charset_from_arg(value, blank_index="first"):
-    """A preset name from CHARSET_PRESETS, or the literal symbols ("0123456789abcdef"). "auto" (the
-    symbols the labels use) is not a set of symbols: charset_for_labels resolves it."""
+    """A preset name from CHARSET_PRESETS, a file of one symbol per line, or the literal symbols
+    ("0123456789abcdef"). "auto" (the symbols the labels use) is not a set of symbols: charset_for_labels
+    resolves it."""
     if value == "auto":
         raise CaptchaError("--charset auto means the symbols the labels use; it is resolved from the labels")
-    symbols = CHARSET_PRESETS.get(value, value)
+    symbols = charset_from_file(value) if value not in CHARSET_PRESETS and Path(value).is_file() \
+        else CHARSET_PRESETS.get(value, value)
     blank = 0 if blank_index == "first" else len(symbols)
     return Charset(symbols, blank)
 

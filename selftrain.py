@@ -139,7 +139,7 @@ def teach(cfg, out, unlabeled):
     threshold = getattr(source, "threshold", None)
     if cfg.check:
         found = dataset.scan_folder(Path(cfg.check), labels_from=cfg.labels_from, labels_file=cfg.check_labels or None,
-                                    case=cfg.case, verify=False)
+                                    case=cfg.case, verify=False, spaces=cfg.label_spaces)
         if not found.samples:
             raise CaptchaError(f"--check {cfg.check}: no labelled images ({found.summary()})")
         check_labels = [label for _, label in found.samples]

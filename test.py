@@ -50,6 +50,9 @@ def parse_args(argv=None):
                                               "suffix or regex:PATTERN (default: the rule the model was trained with)")
     parser.add_argument("--labels", metavar="FILE", help="a labels file to score against (CSV/TSV, JSON, Python "
                                                          "dict, one label per line: as train.py --labels)")
+    parser.add_argument("--label_spaces", choices=label_sources.SPACES,
+                        help="a space between a label's symbols: auto, join, keep (default: as the model was trained: "
+                             "join if its labels were joined, else auto)")
     parser.add_argument("--min_confidence", type=float,
                         help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha "
                              "(default: the threshold stored in the model, chosen on its validation split for a "
@@ -75,9 +78,10 @@ def known_labels(args, meta):
     """{path: label} for the images to read, from --labels, --labels_from or the model's own rule, and why
     there are none (None if there are). A folder whose names auto cannot read as labels is read, not scored."""
     stored = meta.get("labels", {}).get("rule", "name")
+    spaces = args.label_spaces or ("join" if meta.get("labels", {}).get("spaces") == "join" else "auto")
     folder = Path(args.folder) if args.folder else Path(args.image).parent
     if args.labels:
-        found = label_sources.find_labels(folder, labels_file=args.labels)
+        found = label_sources.find_labels(folder, labels_file=args.labels, spaces=spaces)
     else:
         rule = args.labels_from or (stored if stored != "file" else "auto")
         if args.image and rule == "auto":  # one name is too few to decide from
@@ -85,9 +89,11 @@ def known_labels(args, meta):
         if args.image:
             label_sources.check_rule(rule)
             label = label_sources.label_from_filename(args.image, rule)
+            if label and spaces == "join":
+                label = label_sources.join_symbols(label)
             return ({str(Path(args.image)): label} if label else {}), None
         try:
-            found = label_sources.find_labels(folder, rule)
+            found = label_sources.find_labels(folder, rule, spaces=spaces)
         except CaptchaError as e:
             if args.labels_from:
                 raise

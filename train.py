@@ -57,9 +57,12 @@ class TrainConfig:
     labels_from: str = "auto"  # where file names hold the label: auto (decided from all the names, refused when
     #                            unclear), name, prefix (LABEL_md5.png), suffix (ID_LABEL.png) or regex:PATTERN
     labels: str = ""  # a labels file instead: CSV/TSV file,label rows, a JSON or Python dict, or one label per line
+    label_spaces: str = "auto"  # a space between symbols (CnOCR/PaddleOCR files: "降 飞 淀 惶"): auto (joined when every
+    #                             label has one between each symbol; refused when mixed), join, keep (a symbol)
     case: str = "auto"  # letter case of the labels: keep, lower, upper (folded), auto (labels typed in one case
     #                     are folded to it, for sites that ignore case; mixed-case labels kept)
-    charset: str = "auto"  # auto: the symbols the labels use; or a preset (default, digits, ...) or the symbols
+    charset: str = "auto"  # auto: the symbols the labels use; or a preset (default, digits, ...), the symbols, or a
+    #                        file of one symbol per line (PaddleOCR/CnOCR dictionaries)
     max_len: int = 0  # longest label; 0: the longest in the data
     channels: int = 0  # 0 (auto): colour when the median image carries colour, else gray; 1: gray; 3: colour (the
     #                    gray base model's first convolution is widened to colour)
@@ -142,7 +145,8 @@ def scan_labelled(cfg, folder, labels_file=None, source=None):
     `source`), refused when there are none."""
     fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
     scan = dataset.scan_folder(folder, fixed_charset, cfg.max_len or None, labels_from=cfg.labels_from,
-                               labels_file=labels_file or None, case=cfg.case, source=source, channels=cfg.channels)
+                               labels_file=labels_file or None, case=cfg.case, source=source, channels=cfg.channels,
+                               spaces=cfg.label_spaces)
     if scan.decision:
         print(scan.decision)
     print(f"{folder}: {scan.summary()}")

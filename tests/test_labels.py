@@ -163,6 +163,52 @@ def test_a_broken_labels_file_is_one_clear_error(tmp_path):
         label_sources.find_labels(folder, labels_file=tmp_path / "nope.csv")
 
 
+CJK = ["降飞淀惶", "山水火木", "金土日月", "飞降惶淀", "月日土金", "木火水山", "惶淀飞降", "水山木火",
+       "日月金土", "淀惶降飞", "火木山水", "土金月日"]
+
+
+def test_labels_with_one_space_between_symbols_are_joined_and_the_decision_said(tmp_path):
+    folder = write_images(tmp_path / "images", NUMBERED)
+    (tmp_path / "labels.txt").write_text("".join(f"{i}.png\t{' '.join(label)}\n" for i, label in
+                                                 zip(range(1, 13), CJK)), encoding="utf-8")
+    got, found = read(folder, labels_file=tmp_path / "labels.txt")
+    assert got == {f"{i}.png": label for i, label in zip(range(1, 13), CJK)}
+    assert found.source.spaces == "join" and "'降 飞 淀 惶' -> '降飞淀惶'" in found.decision
+    kept, found = read(folder, labels_file=tmp_path / "labels.txt", spaces="keep")
+    assert kept["1.png"] == "降 飞 淀 惶" and found.source.spaces == "keep"
+    # a stored source reads the folder the same way again (a resume, test.py)
+    again = label_sources.find_labels_as(folder, label_sources.LabelSource.from_dict(
+        label_sources.find_labels(folder, labels_file=tmp_path / "labels.txt").source.to_dict()))
+    assert dict(again.samples) == {str(folder / name): label for name, label in got.items()}
+    # labels without spaces are untouched and nothing is said
+    _, plain = read(write_images(tmp_path / "plain", [f"{label}.png" for label in LABELS]))
+    assert plain.source.spaces == "keep" and "space" not in plain.decision
+
+
+def test_labels_with_spaces_that_are_not_between_every_symbol_are_refused_unless_a_flag_says(tmp_path, capsys):
+    folder = write_images(tmp_path / "images", NUMBERED)
+    mixed = ["a b c d", "ab cd"] + [" ".join(label) for label in LABELS[2:]]
+    (tmp_path / "labels.csv").write_text("".join(f"{i}.png,{label}\n" for i, label in zip(range(1, 13), mixed)))
+    with pytest.raises(CaptchaError, match=r"not one symbol between single spaces \(e.g. 'ab cd'"):
+        label_sources.find_labels(folder, labels_file=tmp_path / "labels.csv")
+    got, _ = read(folder, labels_file=tmp_path / "labels.csv", spaces="join")
+    assert got["2.png"] == "abcd"
+    assert train.main(["--data_dir", str(folder), "--labels", str(tmp_path / "labels.csv"), "--preset", "tiny",
+                       "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--label_spaces join" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_a_charset_file_of_one_symbol_per_line_is_read_in_order_and_checked(tmp_path):
+    (tmp_path / "dict.txt").write_text("降\n飞\n\n淀\n", encoding="utf-8")
+    assert preprocess.charset_from_arg(str(tmp_path / "dict.txt")).symbols == "降飞淀"
+    for text, message in [("降\n降\n", "listed twice"), ("降飞\n", "line 1 holds '降飞', not one symbol"),
+                          ("\n", "no symbols")]:
+        (tmp_path / "dict.txt").write_text(text, encoding="utf-8")
+        with pytest.raises(CaptchaError, match=message):
+            preprocess.charset_from_arg(str(tmp_path / "dict.txt"))
+
+
 def test_a_changed_labels_file_is_refused_for_a_stored_source(tmp_path):
     folder = write_images(tmp_path / "images", NUMBERED)
     (tmp_path / "labels.txt").write_text("\n".join(LABELS))
