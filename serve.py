@@ -9,10 +9,18 @@ Endpoints (every answer is JSON; a bad request gets a 4xx with {"error": "..."},
                     -> {"text", "confidence", "low_confidence", "milliseconds"}
   POST /read_batch  several: multipart fields `images`, or JSON {"images": ["<base64>", ...]}
                     -> {"results": [{"text", "confidence", "low_confidence"}, ...], "milliseconds"}
+  POST /feedback    with --collect: {"id": "<an answer's id>", "accepted": true|false}, what the site said of a
+                    reading -> {"filed": "<path>"}; an unknown id gets 404, one filed before 409
   GET  /health      -> {"status": "ok"}
   GET  /model       the model's metadata: charset, label length, preprocessing, network, reading settings
 low_confidence: the confidence is below the model's stored threshold (or --min_confidence), or the text has a
 length no label typed for the model has; a caller should fetch a new captcha instead.
+
+With --collect DIR every answer carries an "id", and the image is kept (in memory, the newest --collect_max;
+the oldest is dropped) until its feedback files it: a reading the site accepted is a label, so the image goes to
+DIR/accepted/ named LABEL_ID.png (LABEL_md5 names: `train.py --data_dir DIR/accepted` reads them; every accepted
+label is also in DIR/accepted/labels.csv, for labels that cannot be file names, e.g. `3*4=?`); a rejected one goes
+to DIR/rejected/, its wrong reading in DIR/rejected/readings.csv, for the labelling page (label.py).
 
 A .keras, .onnx or .tflite model; .onnx (export_safe.py --format onnx) serves without TensorFlow and
 reads concurrent requests in parallel. The model reads one blank image before the port opens, so the
@@ -22,10 +30,16 @@ first request is not the slow one.
 import argparse
 import base64
 import binascii
+import csv
 import json
 import math
+import re
+import secrets
 import sys
+import threading
 import time
+from collections import OrderedDict, deque
+from pathlib import Path
 
 import numpy as np
 import uvicorn
@@ -38,6 +52,56 @@ from preprocess import CaptchaError
 
 MAX_IMAGE_BYTES = 2_000_000  # a captcha is a few kilobytes; anything this large is not one
 MAX_BATCH = 64
+COLLECT_MAX = 10_000  # images kept awaiting feedback: a few kilobytes each
+UNSAFE_IN_NAMES = re.compile(r'[\x00-\x1f/\\:*?"<>|_]|^[.-]|[. ]$')  # and "_", which separates the id
+IMAGE_SIGNATURES = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"GIF8": ".gif", b"BM": ".bmp", b"RIFF": ".webp"}
+
+
+class Collector:
+    """Images read, kept under an unguessable id until the caller says whether the site accepted the reading; then
+    filed under DIR/accepted (a labelled image) or DIR/rejected. Bounded: past `limit` the oldest is dropped."""
+
+    def __init__(self, folder, limit=COLLECT_MAX):
+        self.accepted, self.rejected = Path(folder) / "accepted", Path(folder) / "rejected"
+        self.accepted.mkdir(parents=True, exist_ok=True)
+        self.rejected.mkdir(parents=True, exist_ok=True)
+        self.limit = limit
+        self.waiting = OrderedDict()  # id -> (image bytes, reading)
+        self.filed = deque(maxlen=limit)  # ids already answered, to tell a repeat from an unknown id
+        self.filed_set = set()
+        self.lock = threading.Lock()
+
+    def keep(self, data, text):
+        token = secrets.token_hex(16)
+        with self.lock:
+            self.waiting[token] = (data, text)
+            while len(self.waiting) > self.limit:
+                self.waiting.popitem(last=False)
+        return token
+
+    def file(self, token, accepted):
+        with self.lock:
+            if token not in self.waiting:
+                if token in self.filed_set:
+                    raise RequestError(409, f"id {token} was filed before")
+                raise RequestError(404, f"unknown id {token!r} (never given, or dropped: the newest {self.limit} "
+                                        f"are kept)")
+            data, text = self.waiting.pop(token)
+            if len(self.filed) == self.filed.maxlen:
+                self.filed_set.discard(self.filed[0])
+            self.filed.append(token)
+            self.filed_set.add(token)
+            extension = next((e for sig, e in IMAGE_SIGNATURES.items() if data.startswith(sig)), ".png")
+            if accepted:
+                name = f"{text}_{token}{extension}" if text and not UNSAFE_IN_NAMES.search(text) else \
+                    f"{token}{extension}"
+                path, table = self.accepted / name, self.accepted / "labels.csv"
+            else:
+                path, table = self.rejected / f"{token}{extension}", self.rejected / "readings.csv"
+            path.write_bytes(data)
+            with open(table, "a", encoding="utf-8", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerow([path.name, text])
+        return path
 
 
 class RequestError(Exception):
@@ -88,8 +152,10 @@ async def images_from(request, field, limit):
     raise RequestError(415, "send multipart/form-data or application/json")
 
 
-def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH):
-    """min_confidence None: the threshold stored in the model (reader.Reader.low_confidence_rule)."""
+def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH,
+               collector=None):
+    """min_confidence None: the threshold stored in the model (reader.Reader.low_confidence_rule); collector: a
+    Collector (--collect), which gives every answer an id for /feedback."""
     low_rule = captcha_reader.low_confidence_rule(min_confidence)
     print(low_rule.description, flush=True)
     app = FastAPI(title="captcha reader", docs_url=None, redoc_url=None)
@@ -106,9 +172,13 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
                 raise RequestError(400, str(e)) from None
         return np.stack(arrays)
 
-    def results(readings):
-        return [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": low_rule.is_low(t, c, refit)}
-                for t, c, refit in zip(*readings)]
+    def results(readings, images):
+        answers = [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": low_rule.is_low(t, c, refit)}
+                   for t, c, refit in zip(*readings)]
+        if collector is not None:
+            for answer, (_, data) in zip(answers, images):
+                answer["id"] = collector.keep(data, answer["text"])
+        return answers
 
     @app.exception_handler(RequestError)
     async def request_error(request, error):
@@ -136,7 +206,7 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
             raise RequestError(400, f"/read takes one image, got {len(images)}; use /read_batch")
         inputs = await run_in_threadpool(decoded, images)
         readings = await run_in_threadpool(captcha_reader.predict, inputs)
-        return {**results(readings)[0], "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+        return {**results(readings, images)[0], "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.post("/read_batch")
     async def read_batch(request: Request):
@@ -146,7 +216,21 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
             raise RequestError(413, f"{len(images)} images; the limit is {max_batch} per request")
         inputs = await run_in_threadpool(decoded, images)
         readings = await run_in_threadpool(captcha_reader.predict, inputs)
-        return {"results": results(readings), "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+        return {"results": results(readings, images), "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+
+    @app.post("/feedback")
+    async def feedback(request: Request):
+        if collector is None:
+            raise RequestError(404, "no feedback is collected: start serve.py with --collect DIR")
+        try:
+            body = json.loads(await read_body(request, 4096))
+            token, accepted = body["id"], body["accepted"]
+        except (ValueError, KeyError, TypeError):
+            raise RequestError(400, 'send JSON {"id": "<an answer\'s id>", "accepted": true or false}') from None
+        if not isinstance(token, str) or not isinstance(accepted, bool):
+            raise RequestError(400, '"id" is a string and "accepted" true or false')
+        path = await run_in_threadpool(collector.file, token, accepted)
+        return {"filed": str(path)}
 
     return app
 
@@ -174,16 +258,24 @@ def main(argv=None):
                              "threshold); so do answers of a length no label typed for the model has")
     parser.add_argument("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES)
     parser.add_argument("--max_batch", type=int, default=MAX_BATCH, help="images per /read_batch request")
+    parser.add_argument("--collect", metavar="DIR", help="give each answer an id; POST /feedback files its image "
+                                                         "under DIR/accepted (labelled) or DIR/rejected")
+    parser.add_argument("--collect_max", type=int, default=COLLECT_MAX,
+                        help="images kept awaiting feedback; past it the oldest is dropped")
     args = parser.parse_args(argv)
     try:
         captcha_reader = reader.Reader(args.model, args.allowed, args.case)
         warm_up(captcha_reader)
-    except CaptchaError as e:
+        collector = Collector(args.collect, args.collect_max) if args.collect else None
+    except (CaptchaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {args.model} ({len(captcha_reader.charset.symbols)} symbols) on http://{args.host}:{args.port}",
           flush=True)
-    uvicorn.run(create_app(captcha_reader, args.min_confidence, args.max_image_bytes, args.max_batch),
+    if collector:
+        print(f"collecting the site's answers: accepted readings to {collector.accepted}, rejected to "
+              f"{collector.rejected}", flush=True)
+    uvicorn.run(create_app(captcha_reader, args.min_confidence, args.max_image_bytes, args.max_batch, collector),
                 host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -1,17 +1,10 @@
 """Reading in production: confidence, restricted symbols, case folding, misreads for relabelling,
-int8 ONNX, exported models read without TensorFlow, and the HTTP server (started for real)."""
+int8 ONNX, and exported models read without TensorFlow (the HTTP server: test_serve.py)."""
 
-import base64
-import contextlib
 import csv
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 
 import numpy as np
 import pytest
@@ -211,111 +204,3 @@ def test_int8_onnx_export_is_smaller_and_reads_like_the_float_one(onnx_model, tm
     assert int8.stat().st_size < onnx_model.stat().st_size
     for model_path in (onnx_model, int8):  # the committed reader's images, read exactly in both
         assert [r.text for r in reader.Reader(model_path).read_paths(READER_IMAGES)] == reader_labels()
-
-
-# ----------------------------------------------------------------------------- serve.py
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url, body=None, content_type=None):
-    """(status, JSON answer) of a GET (no body) or POST."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def multipart(field, files):
-    boundary = uuid.uuid4().hex
-    body = b""
-    for name, data in files:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
-    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-@pytest.fixture(scope="module")
-def server(onnx_model):
-    """serve.py on a free port, as a user starts it: python serve.py --model M.onnx."""
-    with serving(onnx_model, "--min_confidence", "0.5", "--max_image_bytes", "100000") as url:
-        yield url
-
-
-@contextlib.contextmanager
-def serving(model_path, *flags):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py", "--model", str(model_path), "--port", str(port), *flags],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(5000):  # until it answers: start-up speed is the machine's, so the cap is only against a hang
-        if process.poll() is not None:
-            pytest.fail(f"serve.py exited: {process.stdout.read()}")
-        try:
-            if call(f"{url}/health") == (200, {"status": "ok"}):
-                break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"serve.py never answered /health: {process.communicate()[0]}")
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def test_server_reads_files_and_base64_like_test_py(server, onnx_model):
-    paths = READER_IMAGES[:3]
-    labels = reader_labels()[:3]
-    expected = list(reader.Reader(onnx_model).read_paths(paths))
-    assert [r.text for r in expected] == labels  # the reader reads these exactly
-    status, answer = call(f"{server}/read", *multipart("image", [(paths[0].name, paths[0].read_bytes())]))
-    assert status == 200 and answer["text"] == labels[0]
-    assert answer["confidence"] == pytest.approx(expected[0].confidence, abs=1e-5)
-    assert answer["low_confidence"] == (expected[0].confidence < 0.5) and answer["milliseconds"] > 0
-    as_json = json.dumps({"image": base64.b64encode(paths[1].read_bytes()).decode()}).encode()
-    status, answer = call(f"{server}/read", as_json, "application/json")
-    assert status == 200 and answer["text"] == labels[1]
-    status, answer = call(f"{server}/read_batch", *multipart("images", [(p.name, p.read_bytes()) for p in paths]))
-    assert status == 200 and [r["text"] for r in answer["results"]] == labels
-    batch_json = json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]}).encode()
-    status, answer = call(f"{server}/read_batch", batch_json, "application/json")
-    assert status == 200 and [r["text"] for r in answer["results"]] == labels
-
-
-def test_server_describes_its_model(server):
-    status, answer = call(f"{server}/model")
-    assert status == 200 and answer["charset"]["symbols"] == "0123456789" and answer["format"] == "onnx"
-    assert answer["max_len"] == 4 and answer["preprocess"]["height"] == 50 and answer["min_confidence"] == 0.5
-
-
-def test_server_answers_bad_requests_with_json_errors(server, digits_folder):
-    image = preprocess.list_images(digits_folder)[0].read_bytes()
-    cases = [
-        (multipart("image", [("notes.txt", b"not an image")]), 400, "notes.txt: not a readable image"),
-        (multipart("image", [("big.png", image + bytes(200_000))]), 413, "limit"),
-        (multipart("other", [("x.png", image)]), 400, "form field 'image'"),
-        ((b'{"image": "@@@"}', "application/json"), 400, "not valid base64"),
-        ((b"{not json", "application/json"), 400, "base64 image in 'image'"),
-        ((image, "image/png"), 415, "multipart/form-data or application/json"),
-        (multipart("image", [("a.png", image), ("b.png", image)]), 400, "use /read_batch"),
-    ]
-    for (body, content_type), status, message in cases:
-        got_status, answer = call(f"{server}/read", body, content_type)
-        assert (got_status, message in answer["error"]) == (status, True), answer
-    assert call(f"{server}/health") == (200, {"status": "ok"})  # still serving
-
-
-def test_speed_measures_the_server_under_concurrent_clients(server, digits_folder, capsys):
-    from tools import speed
-
-    assert speed.main(["serve", server, "--folder", str(digits_folder), "--limit", "6", "--clients", "3"]) == 0
-    assert "6 requests from 3 concurrent clients" in capsys.readouterr().out
