@@ -89,27 +89,28 @@ class LabelStore:
                     f.write(name + "\n")
 
 
-def guess_reader(model, teacher):
+def guess_reader(model, teacher, case=None):
     """The reader of guesses (reader.Reader or teacher.DdddocrReader), its description and charset (None: any)."""
     if model:
         import reader
 
-        loaded = reader.Reader(model)
+        loaded = reader.Reader(model, case=case)
         return loaded, f"the model {model}", loaded.charset.symbols
     if teacher:  # ddddocr (a model file teaches through --model)
         import teacher as teachers
 
-        return teachers.DdddocrReader(), "ddddocr (the teacher)", None
+        case = "lower" if case is None else case  # as the teacher's filters fold it: most sites ignore case
+        return teachers.DdddocrReader(case), f"ddddocr (the teacher; case {case})", None
     return None, "nothing (no --model or --teacher)", None
 
 
-def read_guesses(names, paths, model, teacher, cache_path):
+def read_guesses(names, paths, model, teacher, cache_path, case=None):
     """{name: [text, confidence]} for every image, read once and cached beside the labels (while the model file is
     the same); empty with no reader."""
-    source, described, charset = guess_reader(model, teacher)
+    source, described, charset = guess_reader(model, teacher, case)
     if source is None:
         return {}, described, charset
-    key = f"{model}:{os.path.getmtime(model)}" if model else teacher
+    key = f"{model}:{os.path.getmtime(model)}:{case}" if model else f"{teacher}:{case}"
     if cache_path.is_file():
         cached = json.loads(cache_path.read_text(encoding="utf-8"))
         if cached.get("key") == key and set(cached["guesses"]) >= set(names):
@@ -125,19 +126,20 @@ def read_guesses(names, paths, model, teacher, cache_path):
 class Session:
     """The folder, its labels and the guesses; the order the page shows them in."""
 
-    def __init__(self, folder, out, model=None, teacher=None, retrain_after=RETRAIN_AFTER):
+    def __init__(self, folder, out, model=None, teacher=None, retrain_after=RETRAIN_AFTER, case=None):
         self.folder, self.out = Path(folder), Path(out)
         self.paths = images_inside(self.folder)
         self.names = list(self.paths)
         self.store = LabelStore(self.out, self.paths)
-        self.retrain_after = retrain_after
+        self.retrain_after, self.case = retrain_after, case
         self.rerank(model, teacher)
 
     def rerank(self, model=None, teacher=None):
         if model and not Path(model).is_file():
             raise CaptchaError(f"{model}: no such model file")
         cache = self.out.with_name(self.out.stem + ".guesses.json")
-        self.guesses, self.described, self.charset = read_guesses(self.names, self.paths, model, teacher, cache)
+        self.guesses, self.described, self.charset = read_guesses(self.names, self.paths, model, teacher, cache,
+                                                                  self.case)
         self.model = model
 
     def order(self):
@@ -239,6 +241,8 @@ def main(argv=None):
     guess = parser.add_mutually_exclusive_group()
     guess.add_argument("--model", help="pre-fill with this model's readings (.keras, .onnx, .tflite)")
     guess.add_argument("--teacher", choices=("ddddocr",), help="pre-fill with ddddocr's readings (pip install ddddocr)")
+    parser.add_argument("--case", choices=("lower", "upper", "keep"),
+                        help="fold the guesses' letter case (default: a model's own fold; lower for ddddocr)")
     parser.add_argument("--out", help="the labels file, CSV file,label (default: FOLDER/labels.csv)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 lets other machines label too")
     parser.add_argument("--port", type=int, default=8010)
@@ -247,7 +251,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         session = Session(args.folder, args.out or Path(args.folder) / "labels.csv", args.model, args.teacher,
-                          args.retrain_after)
+                          args.retrain_after, args.case)
     except CaptchaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,134 @@
+"""The site's answers as labels, measured: a simulated site accepts a reading when it equals the truth.
+
+    python tools/siteloop.py runs/fifty/tjsp5/crnn_ctc_best.keras /tmp/zero/tjsp5/unlabeled \
+        /tmp/zero/tjsp5/unlabeled_truth.csv /tmp/zero/tjsp5/test --serve 1000 1000 --out runs/siteloop/tjsp5
+
+Each cycle serves the next --serve N images of UNLABELED through `serve.py --collect OUT/collected` (real HTTP on
+127.0.0.1), answers every reading with POST /feedback (accepted when it equals the truth in TRUTH_CSV, file,label,
+compared under the model's letter-case fold), then retrains with `train.py --data_dir OUT/collected/accepted
+--init_from <the current model>` and scores the new model on TEST with test.py. Accepted images pile up over the
+cycles. Prints a Markdown table; a cycle whose model exists is not run again (run the same command to resume).
+"""
+
+import argparse
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
+
+from preprocess import fold_case, list_images
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url, body=None, content_type=None):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def read(url, path):
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    return call(url + "/read", body, f"multipart/form-data; boundary={boundary}")[1]
+
+
+def serve_and_answer(model, paths, truth, collect):
+    """serve.py --collect; every image read and answered as the site would. -> accepted count."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model), "--port", str(port),
+                                "--collect", str(collect)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                status, meta = call(url + "/model")
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise SystemExit(f"error: serve.py ended ({process.returncode})") from None
+                time.sleep(0.2)
+        case = meta.get("case")
+        accepted = 0
+        for path in paths:
+            answer = read(url, path)
+            right = answer["text"] == fold_case(truth[path.name], case)
+            accepted += right
+            status, _ = call(url + "/feedback", json.dumps({"id": answer["id"], "accepted": right}).encode(),
+                             "application/json")
+            assert status == 200, status
+        return accepted
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def exact_match(model, test):
+    result = subprocess.run([sys.executable, str(ROOT / "test.py"), "--model", str(model), "--folder", str(test),
+                             "--labels_from", "auto"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    line = next(line for line in result.stdout.splitlines() if "exact match" in line)
+    return line.split("exact match")[1].split()[0].rstrip(",;")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the model the site loop starts from")
+    parser.add_argument("unlabeled", help="the images the simulated site shows")
+    parser.add_argument("truth", help="their labels, CSV file,label")
+    parser.add_argument("test", help="a labelled test folder")
+    parser.add_argument("--serve", type=int, nargs="+", default=[2000], help="images served in each cycle")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--train", nargs=argparse.REMAINDER, default=[], help="more train.py flags, last")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    with open(args.truth, newline="", encoding="utf-8") as f:
+        truth = {row[0]: row[1] for row in csv.reader(f) if row and row[0] != "file"}
+    paths = [p for p in list_images(args.unlabeled) if p.name in truth]
+    model, start = Path(args.model), 0
+    print(f"start: {model}, test exact match {exact_match(model, args.test)} on {args.test}\n")
+    print("| cycle | read | accepted | accepted so far | test exact match after retraining |")
+    print("| --- | --- | --- | --- | --- |")
+    for cycle, count in enumerate(args.serve, 1):
+        served = paths[start : start + count]
+        start += count
+        cycle_out = out / f"cycle_{cycle}"
+        record = out / f"served_{cycle}.json"
+        if record.is_file():
+            accepted = json.loads(record.read_text())["accepted"]
+        else:
+            accepted = serve_and_answer(model, served, truth, out / "collected")
+            record.write_text(json.dumps({"read": len(served), "accepted": accepted}))
+        so_far = len(list_images(out / "collected" / "accepted"))
+        best = cycle_out / "crnn_ctc_best.keras"
+        if not best.is_file():
+            flags = (["--resume"] if (cycle_out / "crnn_ctc_resume.keras").is_file() else
+                     ["--data_dir", str(out / "collected" / "accepted"), "--init_from", str(model), *args.train])
+            subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(cycle_out)], cwd=ROOT,
+                           check=True, stdout=subprocess.DEVNULL)
+        model = best
+        print(f"| {cycle} | {len(served)} | {accepted} | {so_far} | {exact_match(model, args.test)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
