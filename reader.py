@@ -30,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import arithmetic
 import preprocess
 from modelmeta import META_MEMBER, check_meta_version, tflite_meta_path
 from preprocess import CaptchaError, Charset, PreprocessOptions
@@ -311,9 +312,10 @@ class Reader:
     """A model file with its preprocessing and decoding settings; reads images, files or folders."""
 
     def __init__(self, model_path, allowed=None, case=None, beam_width=0, safe_mode=True, no_auto_crop=False,
-                 force_invert=False, strong=False):
+                 force_invert=False, strong=False, answer=None):
         """case: None reads with the letter-case fold the model was trained with (stored in it, if any);
-        "lower"/"upper" fold; "keep" reads both cases as the model gives them."""
+        "lower"/"upper" fold; "keep" reads both cases as the model gives them. answer: None answers as the model
+        was trained to (its stored "answer"), "text" or "arithmetic" (answer_of computes the value)."""
         if case is not None and case not in (*CASES, "keep"):
             raise CaptchaError(f"unknown --case {case!r}; choose from {', '.join(CASES)}, keep")
         self.path = Path(model_path)
@@ -324,6 +326,7 @@ class Reader:
         self.charset = Charset.from_dict(self.meta["charset"])
         self.allowed = symbols_arg(allowed, self.charset) if allowed else None
         self.case, self.beam_width = case, beam_width
+        self.answer = arithmetic.check_answer(answer or self.meta.get("answer") or "text")
         self.lengths = typed_lengths(self.meta)
         options = PreprocessOptions.from_dict(self.meta["preprocess"])  # resize mode and CLAHE settings included
         self.options = dataclasses.replace(options, auto_crop=options.auto_crop and not no_auto_crop,

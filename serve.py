@@ -6,7 +6,8 @@
 
 Endpoints (every answer is JSON; a bad request gets a 4xx with {"error": "..."}, never a crash):
   POST /read        one image: a multipart file field `image`, or JSON {"image": "<base64>"}
-                    -> {"text", "confidence", "low_confidence", "milliseconds"}
+                    -> {"text", "confidence", "low_confidence", "milliseconds"}; with --answer arithmetic (or a
+                    model trained with it) also "answer" (the value, or null and a "reason") and "expression"
   POST /read_batch  several: multipart fields `images`, or JSON {"images": ["<base64>", ...]}
                     -> {"results": [{"text", "confidence", "low_confidence"}, ...], "milliseconds"}
   POST /feedback    with --collect: {"id": "<an answer's id>", "accepted": true|false}, what the site said of a
@@ -47,6 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+import arithmetic
 import reader
 from preprocess import CaptchaError
 
@@ -175,6 +177,12 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
     def results(readings, images):
         answers = [{"text": t, "confidence": float(f"{c:.6g}"), "low_confidence": low_rule.is_low(t, c, refit)}
                    for t, c, refit in zip(*readings)]
+        if captcha_reader.answer == "arithmetic":  # the value the site asks for, or why there is none
+            for answer in answers:
+                value = arithmetic.answer(answer["text"])
+                answer.update(answer=value.value, expression=value.expression)
+                if value.value is None:
+                    answer.update(low_confidence=True, reason=value.error)
         if collector is not None:
             for answer, (_, data) in zip(answers, images):
                 answer["id"] = collector.keep(data, answer["text"])
@@ -194,7 +202,7 @@ def create_app(captcha_reader, min_confidence=None, max_image_bytes=MAX_IMAGE_BY
         return {"model": captcha_reader.path.name, "format": captcha_reader.path.suffix.lstrip("."),
                 "charset": meta["charset"], "max_len": meta.get("max_len"), "preprocess": meta["preprocess"],
                 "model_config": meta.get("model_config"), "allowed": captcha_reader.allowed,
-                "case": captcha_reader.case,
+                "case": captcha_reader.case, "answer": captcha_reader.answer,
                 "min_confidence": low_rule.threshold if math.isfinite(low_rule.threshold) else None,
                 "label_lengths": low_rule.lengths}
 
@@ -253,6 +261,8 @@ def main(argv=None):
     parser.add_argument("--allowed", help="read only these symbols (or a preset: digits, lower, upper, ...)")
     parser.add_argument("--case", choices=(*reader.CASES, "keep"),
                         help="fold letter case, for sites that ignore it (default: the model's own fold; keep: none)")
+    parser.add_argument("--answer", choices=arithmetic.ANSWERS,
+                        help="arithmetic: answer the value of the expression read (default: as the model was trained)")
     parser.add_argument("--min_confidence", type=float,
                         help="answers below it say low_confidence (default: the model's stored threshold; 0: no "
                              "threshold); so do answers of a length no label typed for the model has")
@@ -264,7 +274,7 @@ def main(argv=None):
                         help="images kept awaiting feedback; past it the oldest is dropped")
     args = parser.parse_args(argv)
     try:
-        captcha_reader = reader.Reader(args.model, args.allowed, args.case)
+        captcha_reader = reader.Reader(args.model, args.allowed, args.case, answer=args.answer)
         warm_up(captcha_reader)
         collector = Collector(args.collect, args.collect_max) if args.collect else None
     except (CaptchaError, OSError) as e:

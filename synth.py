@@ -9,6 +9,11 @@ PHP Gregwar/Captcha (the reference's Kaggle set), JPEG, lines over a coloured ba
 OpenCV's stroke fonts, arcs and dots, kept out of the base model's pre-training so that fine-tuning
 on a look it never saw can be measured; varied: 23 TrueType faces on canvases of any size, colours,
 clutter and warps, so that pre-training sees many looks. All are seeded: the same seed draws the same files.
+
+Two more kinds of captcha, for development and tests: arithmetic (`3+5=?`, `12×4=`: one- and two-digit operands,
++ - × x ÷, whole answers; files numbered, the expressions in labels.csv beside them, since `?` `/` `*` cannot be
+file names) and cjk (4 hanzi out of CJK_SYMBOLS of GB2312's common ones, drawn with the WenQuanYi Micro Hei font,
+Apache-2.0 or GPL-3 with the font exception: `apt-get install fonts-wqy-microhei`).
 """
 
 import argparse
@@ -467,6 +472,83 @@ def hershey_visibility(text, seed, width, height):
     return visible_fractions(hershey_placements(text, seed, width, height), width, height)
 
 
+ARITHMETIC_OPERATORS = "+-×x÷"
+CJK_SYMBOLS = 1000  # hanzi the cjk style draws from (a seeded draw from GB2312's 3,755 common ones)
+CJK_FONTS = ["/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+             "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"]
+
+
+def arithmetic_expressions(count, seed):
+    """`a OP b=?` or `a OP b=`: operands of one or two digits, a whole answer of at least 0."""
+    rng = random.Random(seed)
+
+    def operand():
+        return rng.randint(0, 9) if rng.random() < 0.5 else rng.randint(10, 99)
+
+    expressions = []
+    for _ in range(count):
+        op = rng.choice(ARITHMETIC_OPERATORS)
+        if op == "÷":  # sites ask for whole answers
+            b = rng.randint(1, 9)
+            a = b * rng.randint(0, 99 // b)
+        else:
+            a, b = operand(), operand()
+            if op == "-" and a < b:
+                a, b = b, a
+        expressions.append(f"{a}{op}{b}{rng.choice(['=?', '='])}")
+    return expressions
+
+
+def common_hanzi():
+    """GB2312's level-1 hanzi (3,755: the common ones), in its order."""
+    found = []
+    for high in range(0xB0, 0xD8):
+        for low in range(0xA1, 0xFF):
+            with contextlib.suppress(UnicodeDecodeError):
+                found.append(bytes([high, low]).decode("gb2312"))
+    return "".join(found)
+
+
+def cjk_symbols(count=CJK_SYMBOLS):
+    return "".join(random.Random(0).sample(common_hanzi(), count))
+
+
+def cjk_font():
+    font = next((path for path in CJK_FONTS if Path(path).is_file()), None)
+    if font is None:
+        raise CaptchaError("the cjk style needs a CJK font: apt-get install fonts-wqy-microhei")
+    return font
+
+
+def _draw_cjk_png(args):
+    """Hanzi in dark colours, each turned and shifted, over a light background with lines and dots."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    text, seed, width, height = args
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), tuple(rng.randint(215, 255) for _ in range(3)))
+    font = ImageFont.truetype(cjk_font(), int(height * 0.62))
+    step = (width - 10) / len(text)
+    for i, symbol in enumerate(text):
+        glyph = Image.new("L", (height, height), 0)
+        ImageDraw.Draw(glyph).text((height * 0.18, height * 0.12), symbol, font=font, fill=255)
+        glyph = glyph.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
+        colour = tuple(rng.randint(0, 120) for _ in range(3))
+        x = int(5 + i * step + rng.uniform(-3, 3) - height * 0.18 + (step - height * 0.62) / 2)
+        image.paste(Image.new("RGB", glyph.size, colour), (x, int(rng.uniform(-4, 4))), glyph)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(2, 4)):
+        draw.line([(rng.randint(0, width), rng.randint(0, height)) for _ in range(2)],
+                  fill=tuple(rng.randint(60, 200) for _ in range(3)), width=1)
+    for _ in range(width * height // 60):
+        draw.point((rng.randrange(width), rng.randrange(height)), fill=tuple(rng.randint(80, 220) for _ in range(3)))
+    out = BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
 SYNTH_STYLES = {
     # style: (drawing function, file extension, default width, default height)
     "captcha": (_draw_captcha_png, ".png", IMG_WIDTH, IMG_HEIGHT),
@@ -474,6 +556,11 @@ SYNTH_STYLES = {
     "hershey": (_draw_hershey_png, ".png", 160, 60),  # never in the base model's pre-training
     "varied": (_draw_varied_png, ".png", None, None),  # a canvas of random size for each image
 }
+KIND_STYLES = {  # other kinds of captcha: labels of their own (not the --charset/--length draw)
+    "arithmetic": (_draw_captcha_png, ".png", 240, 60),
+    "cjk": (_draw_cjk_png, ".png", 200, 60),
+}
+ALL_STYLES = {**SYNTH_STYLES, **KIND_STYLES}
 
 
 def parse_length(text):
@@ -516,12 +603,16 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     faces and looks, PNG of a random size (40-80 px high, 2-5 times as wide). Image i depends
     only on (seed, i): the same call always writes the same files, with any number of workers.
     """
-    if style not in SYNTH_STYLES:
-        raise CaptchaError(f"unknown synthetic style {style!r}; choose from {sorted(SYNTH_STYLES)}")
-    draw, extension, default_width, default_height = SYNTH_STYLES[style]
+    if style not in ALL_STYLES:
+        raise CaptchaError(f"unknown synthetic style {style!r}; choose from {sorted(ALL_STYLES)}")
+    draw, extension, default_width, default_height = ALL_STYLES[style]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if style == "cjk":
+        cjk_font()  # refused here, not in a worker
     jobs = plan_synthetic(count, seed, symbols, length, width or default_width, height or default_height)
+    if style == "arithmetic":
+        jobs = [(text, *job[1:]) for text, job in zip(arithmetic_expressions(count, seed), jobs)]
     workers = workers or min(os.cpu_count() or 1, max(1, count // 500))  # a few images: not worth a pool's start
     taken = {p.name.lower() for p in out_dir.iterdir()}
     written = []
@@ -537,9 +628,13 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
 
             images = tqdm(images, total=count, desc=f"drawing {style} captchas into {out_dir}", unit="img")
         for (label, *_), data in zip(jobs, images):
-            path = out_dir / unique_filename(label, taken, extension)
+            name = label if style != "arithmetic" else f"{len(taken):06d}"  # an expression is no file name
+            path = out_dir / unique_filename(name, taken, extension)
             path.write_bytes(data)
             written.append(path)
+    if style == "arithmetic":
+        with open(out_dir / "labels.csv", "a", encoding="utf-8") as f:
+            f.writelines(f"{path.name},{label}\n" for path, (label, *_) in zip(written, jobs))
     return written
 
 
@@ -564,11 +659,12 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--charset", default="default", help=f"preset {sorted(CHARSET_PRESETS)} or symbols")
-    parser.add_argument("--length", default="5", help="label length, or a range like 4-6")
-    parser.add_argument("--style", default="captcha", choices=sorted(SYNTH_STYLES),
+    parser.add_argument("--length", help="label length, or a range like 4-6 (default: 5; cjk 4)")
+    parser.add_argument("--style", default="captcha", choices=sorted(ALL_STYLES),
                         help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha; "
                              "hershey: stroke fonts, never in the base model's pre-training; varied: many faces, "
-                             "sizes, colours, clutter and warps")
+                             "sizes, colours, clutter and warps; arithmetic: expressions (labels.csv); cjk: 4 hanzi "
+                             f"of {CJK_SYMBOLS} (--charset a file or the symbols for others)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--visibility", metavar="CSV",
                         help="hershey only: draw nothing; write, for each image this command would draw into an "
@@ -576,13 +672,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run():
-        length = parse_length(args.length)
+        length = parse_length(args.length or ("4" if args.style == "cjk" else "5"))
+        symbols = cjk_symbols() if args.style == "cjk" and args.charset == "default" else \
+            charset_from_arg(args.charset).symbols
         if args.visibility:
             write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
                              args.style)
             return
-        written = generate_synthetic(args.out, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
-                                     args.style, workers=args.workers or None)
+        written = generate_synthetic(args.out, args.count, args.seed, symbols, length, args.style,
+                                     workers=args.workers or None)
         print(f"wrote {len(written)} images to {args.out}")
 
     return cli.exit_status(run, ValueError, OSError)

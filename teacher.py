@@ -24,6 +24,7 @@ import dataclasses
 from collections import Counter
 from pathlib import Path
 
+import arithmetic
 import metrics
 import preprocess
 import reader
@@ -188,8 +189,9 @@ class DdddocrReader:
     teacher reads on a site, scored before any training. It gives no confidence the toolkit calibrates, so no
     reading is marked low by confidence."""
 
-    def __init__(self, case=None):
+    def __init__(self, case=None, answer=None):
         self.path = Path(DDDDOCR)
+        self.answer = arithmetic.check_answer(answer or "text")
         self.teacher = DdddocrTeacher()
         self.meta = {"labels": {"rule": "auto"}}  # file names read by the auto rule
         self.charset = None  # any symbol

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import arithmetic
 import labels as label_sources
 import metrics
 import preprocess
@@ -50,6 +51,9 @@ def parse_args(argv=None):
                                               "suffix or regex:PATTERN (default: the rule the model was trained with)")
     parser.add_argument("--labels", metavar="FILE", help="a labels file to score against (CSV/TSV, JSON, Python "
                                                          "dict, one label per line: as train.py --labels)")
+    parser.add_argument("--answer", choices=arithmetic.ANSWERS,
+                        help="arithmetic: the captcha shows an expression (3+5=?); print its value too, and mark a "
+                             "reading that is no expression low (default: as the model was trained)")
     parser.add_argument("--label_spaces", choices=label_sources.SPACES,
                         help="a space between a label's symbols: auto, join, keep (default: as the model was trained: "
                              "join if its labels were joined, else auto)")
@@ -108,30 +112,101 @@ def review_name(prediction, path):
     return f"{prediction.replace('/', '_').replace(chr(92), '_')}__{Path(path).name}"
 
 
+def open_reader(args):
+    """The model (or ddddocr), checked against --charset and --min_confidence."""
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise CaptchaError(f"--min_confidence {args.min_confidence}: a confidence lies between 0 and 1")
+    if args.model == teacher.DDDDOCR:  # the zero-shot teacher, to see what it reads before any training
+        return teacher.DdddocrReader(args.case, args.answer)
+    captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
+                                   args.no_auto_crop, args.force_invert, args.strong, args.answer)
+    if args.charset and preprocess.charset_from_arg(args.charset).symbols != captcha_reader.charset.symbols:
+        expected = preprocess.charset_from_arg(args.charset).symbols
+        raise CaptchaError(f"{args.model}: reads {captcha_reader.charset.symbols!r}, not the --charset you gave "
+                           f"({expected!r})")
+    return captcha_reader
+
+
+def images_to_read(args):
+    if args.image:
+        if not Path(args.image).is_file():
+            raise CaptchaError(f"{args.image}: image file does not exist")
+        return [Path(args.image)]
+    paths = preprocess.list_images(args.folder)
+    if not paths:
+        raise CaptchaError(f"{args.folder}: no image files (png, jpg, bmp, webp, gif, tif)")
+    return paths[: args.limit] if args.limit else paths
+
+
+def read_all(args, captcha_reader, paths, label_of, low_rule):
+    """Reads every image, printing a line each; -> (rows, images that could not be read, images copied to review)."""
+    charset, max_len = captcha_reader.charset, captcha_reader.meta.get("max_len")
+    rows, failures, reviewed = [], 0, 0
+    # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
+    progress = tqdm(total=len(paths), unit="img", desc="reading", disable=len(paths) < 2 or not sys.stderr.isatty())
+    for reading in captcha_reader.read_paths(paths, args.batch_size, args.save_debug):
+        progress.update()
+        if reading.error:
+            failures += 1
+            tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
+            continue
+        low = low_rule.is_low(reading.text, reading.confidence, reading.refit)
+        answer = arithmetic.answer_of(reading.text, captcha_reader.answer)
+        low = low or (answer is not None and answer.value is None)
+        shown = reading.text if answer is None else \
+            f"{reading.text} = {answer.value}" if answer.value is not None else f"{reading.text} (no answer: {answer.error})"
+        tqdm.write(f"{reading.path} -> {shown} ({reading.confidence:.3g}{', LOW' if low else ''})")
+        label = label_of.get(reading.path)
+        if label is not None:  # labels folded as the readings are
+            label = preprocess.fold_case(label, captcha_reader.case)
+        # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
+        unscorable = metrics.unscorable_reason(label, charset, max_len)
+        row = {"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),
+               "low_confidence": low, "label": None if unscorable else label, "unscorable": unscorable}
+        if answer is not None:  # a label is the expression as drawn; its value is what the site checks
+            row.update(answer=answer.value, answer_error=answer.error,
+                       label_answer=arithmetic.answer(label).value if label else None)
+        rows.append(row)
+        if args.review_dir and (low or (not unscorable and reading.text != label)):
+            shutil.copy2(reading.path, Path(args.review_dir) / review_name(reading.text, reading.path))
+            reviewed += 1
+    progress.close()
+    return rows, failures, reviewed
+
+
+def report(rows, low_rule, answer_mode):
+    """Scores against the labels (and, for arithmetic, the answers), what was not scored and why, what is low."""
+    labelled = [(row["prediction"], row["label"]) for row in rows if row["label"] is not None]
+    scores = metrics.score(*map(list, zip(*labelled))) if labelled else None
+    if scores:
+        print(f"{scores['count']} labelled image{'s' if scores['count'] != 1 else ''}: exact match "
+              f"{scores['exact_match']:.4f} ({scores['exact_match_ignore_case']:.4f} ignoring case), "
+              f"CER {scores['cer']:.4f}")
+    answered = [row for row in rows if row.get("label_answer") is not None]
+    if answered:  # --answer arithmetic, over every label that is an expression (of this model's symbols or not)
+        right = sum(row["answer"] == row["label_answer"] for row in answered)
+        scores = {**(scores or {}), "answer_accuracy": right / len(answered), "answer_count": len(answered)}
+        print(f"answers right: {right} of {len(answered)} ({right / len(answered):.4f})")
+    unscored = {}
+    for row in rows:
+        if row["unscorable"]:
+            unscored[row["unscorable"]] = unscored.get(row["unscorable"], 0) + 1
+    if unscored and len(rows) > 1:
+        print("not scored, file name not a label of this model: "
+              + ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items())))
+    if low_rule.threshold or low_rule.lengths or answer_mode == "arithmetic":
+        print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings marked low (below confidence "
+              f"{low_rule.threshold:.4g}, of a length no typed label has"
+              f"{', or with no answer' if answer_mode == 'arithmetic' else ''})")
+    return scores
+
+
 def main(argv=None):
     args = parse_args(argv)
+    # ---- the model, the images and their labels
     try:
-        if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
-            raise CaptchaError(f"--min_confidence {args.min_confidence}: a confidence lies between 0 and 1")
-        if args.model == teacher.DDDDOCR:  # the zero-shot teacher, to see what it reads before any training
-            captcha_reader = teacher.DdddocrReader(args.case)
-        else:
-            captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
-                                           args.no_auto_crop, args.force_invert, args.strong)
-        charset, max_len = captcha_reader.charset, captcha_reader.meta.get("max_len")
-        if args.charset and charset is not None and preprocess.charset_from_arg(args.charset).symbols != charset.symbols:
-            expected = preprocess.charset_from_arg(args.charset).symbols
-            raise CaptchaError(f"{args.model}: reads {charset.symbols!r}, not the --charset you gave ({expected!r})")
-        if args.image:
-            if not Path(args.image).is_file():
-                raise CaptchaError(f"{args.image}: image file does not exist")
-            paths = [Path(args.image)]
-        else:
-            paths = preprocess.list_images(args.folder)
-            if not paths:
-                raise CaptchaError(f"{args.folder}: no image files (png, jpg, bmp, webp, gif, tif)")
-            if args.limit:
-                paths = paths[: args.limit]
+        captcha_reader = open_reader(args)
+        paths = images_to_read(args)
         for folder in (args.save_debug, args.review_dir):
             if folder:
                 Path(folder).mkdir(parents=True, exist_ok=True)
@@ -143,50 +218,15 @@ def main(argv=None):
     print(low_rule.description, file=sys.stderr)
     if unlabelled_why:
         print(f"not scored: {unlabelled_why}", file=sys.stderr)
-
-    rows, failures, reviewed, started = [], 0, 0, time.perf_counter()
-    # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
-    progress = tqdm(total=len(paths), unit="img", desc="reading", disable=len(paths) < 2 or not sys.stderr.isatty())
-    for reading in captcha_reader.read_paths(paths, args.batch_size, args.save_debug):
-        progress.update()
-        if reading.error:
-            failures += 1
-            tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
-            continue
-        low = low_rule.is_low(reading.text, reading.confidence, reading.refit)
-        tqdm.write(f"{reading.path} -> {reading.text} ({reading.confidence:.3g}{', LOW' if low else ''})")
-        label = label_of.get(reading.path)
-        if label is not None:  # labels folded as the readings are
-            label = preprocess.fold_case(label, captcha_reader.case)
-        # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
-        unscorable = metrics.unscorable_reason(label, charset, max_len)
-        rows.append({"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),
-                     "low_confidence": low, "label": None if unscorable else label, "unscorable": unscorable})
-        if args.review_dir and (low or (not unscorable and reading.text != label)):
-            shutil.copy2(reading.path, Path(args.review_dir) / review_name(reading.text, reading.path))
-            reviewed += 1
-    progress.close()
+    # ---- reading
+    started = time.perf_counter()
+    rows, failures, reviewed = read_all(args, captcha_reader, paths, label_of, low_rule)
     seconds = time.perf_counter() - started
     if len(paths) > 1:
         print(f"read {len(rows)} images in {seconds:.2f} s ({len(rows) / seconds:.1f} images/s, reading files included)",
               file=sys.stderr)
-
-    labelled = [(row["prediction"], row["label"]) for row in rows if row["label"] is not None]
-    scores = metrics.score(*map(list, zip(*labelled))) if labelled else None
-    if scores:
-        print(f"{scores['count']} labelled image{'s' if scores['count'] != 1 else ''}: exact match "
-              f"{scores['exact_match']:.4f} ({scores['exact_match_ignore_case']:.4f} ignoring case), "
-              f"CER {scores['cer']:.4f}")
-    unscored = {}
-    for row in rows:
-        if row["unscorable"]:
-            unscored[row["unscorable"]] = unscored.get(row["unscorable"], 0) + 1
-    if unscored and len(rows) > 1:
-        print("not scored, file name not a label of this model: "
-              + ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items())))
-    if low_rule.threshold or low_rule.lengths:
-        print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings marked low (below confidence "
-              f"{low_rule.threshold:.4g}, or of a length no typed label has)")
+    # ---- scores and what was set aside
+    scores = report(rows, low_rule, captcha_reader.answer)
     if args.review_dir:
         print(f"copied {reviewed} images to review into {args.review_dir} (named <prediction>__<file name>)")
     if failures:
@@ -203,11 +243,12 @@ def write_output(path, rows, scores, args, low_rule):
                     "label_lengths": low_rule.lengths}
         path.write_text(json.dumps({"settings": settings, "scores": scores, "readings": rows}, indent=2))
         return
+    answers = any("answer" in row for row in rows)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "prediction", "confidence", "low_confidence", "label"])
+        writer.writerow(["path", "prediction", "confidence", "low_confidence", "label"] + ["answer"] * answers)
         writer.writerows([row["path"], row["prediction"], row["confidence"], int(row["low_confidence"]),
-                          row["label"] or ""] for row in rows)
+                          row["label"] or ""] + [row.get("answer") or ""] * answers for row in rows)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import quiet  # noqa: F401  (first: TensorFlow's start-up lines off; quiet.py)
 import keras
 import numpy as np
 
+import arithmetic
 import callbacks
 import cli
 import dataset
@@ -57,6 +58,8 @@ class TrainConfig:
     labels_from: str = "auto"  # where file names hold the label: auto (decided from all the names, refused when
     #                            unclear), name, prefix (LABEL_md5.png), suffix (ID_LABEL.png) or regex:PATTERN
     labels: str = ""  # a labels file instead: CSV/TSV file,label rows, a JSON or Python dict, or one label per line
+    answer: str = "text"  # text, or arithmetic: the labels are expressions as drawn (3+5=?, in a labels file) and
+    #                       readers give their value too (stored in the model; arithmetic.py)
     label_spaces: str = "auto"  # a space between symbols (CnOCR/PaddleOCR files: "降 飞 淀 惶"): auto (joined when every
     #                             label has one between each symbol; refused when mixed), join, keep (a symbol)
     case: str = "auto"  # letter case of the labels: keep, lower, upper (folded), auto (labels typed in one case
@@ -136,6 +139,7 @@ def check_config(cfg):
     """Settings that would fail only after training, refused before it."""
     if cfg.channels not in (0, *preprocess.CHANNELS):
         raise CaptchaError(f"--channels {cfg.channels}: 0 (auto), 1 (gray) or 3 (colour)")
+    arithmetic.check_answer(cfg.answer)
     if not 0 < cfg.target_precision <= 1:
         raise CaptchaError(f"--target_precision {cfg.target_precision:g}: a share of right readings, in (0, 1]")
 
@@ -295,7 +299,7 @@ def train(cfg, pseudo=(), resume_command=None):
     recipe = resolve_recipe(cfg)
     network = finetune.resolve_network(cfg, recipe, scan, max_len)
     meta = {**modelmeta.make_meta(charset, max_len, network.options, network.config), "labels": scan.source.to_dict(),
-            "case": scan.case, "label_lengths": [min(typed_lengths), max(typed_lengths)],
+            "case": scan.case, "label_lengths": [min(typed_lengths), max(typed_lengths)], "answer": cfg.answer,
             "run": runstate.run_identity(folder, train_set, val_set, test_set)}
     # ---- phase 3, the batches and how many updates
     epochs, repeats, augment_epochs = plan_run(cfg, recipe, len(train_set))
