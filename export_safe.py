@@ -258,7 +258,11 @@ def write_tflite(crnn, meta, dst):
 
 WRITERS = {"keras": write_keras, "onnx": write_onnx, "onnx_int8": quantize_onnx, "savedmodel": write_savedmodel,
            "tflite": write_tflite}
-INT8_TOLERANCE = 0.25  # int8 weights move probabilities by design; a broken export moves them by far more
+# int8 weights move probabilities by design: on the parity batch (noise, where the model is unsure) a few time steps
+# flip their likeliest symbol. So int8 is held to the average difference and to the share of time steps whose
+# likeliest symbol is unchanged; a broken export misses both by far.
+INT8_MEAN_TOLERANCE = 0.01
+INT8_AGREEMENT = 0.9
 
 
 def export(args):
@@ -278,10 +282,17 @@ def export(args):
     expected = crnn.predict_on_batch(batch)
     dst.parent.mkdir(parents=True, exist_ok=True)
     predict = WRITERS[args.format](crnn, meta, dst)
-    diff = float(np.max(np.abs(predict(batch) - expected)))
+    got = predict(batch)
+    diff = float(np.max(np.abs(got - expected)))
     # Other runtimes order float sums differently; int8 is measured by its accuracy (test.py on a test split).
-    tolerance = {"keras": PARITY_TOLERANCE, "onnx_int8": INT8_TOLERANCE}.get(args.format, 1e-4)
-    if diff > tolerance:
+    if args.format == "onnx_int8":
+        mean, agreement = float(np.mean(np.abs(got - expected))), float(np.mean(got.argmax(-1) == expected.argmax(-1)))
+        failed = mean > INT8_MEAN_TOLERANCE or agreement < INT8_AGREEMENT
+        print(f"int8 against the model: mean abs difference {mean:.2e} (at most {INT8_MEAN_TOLERANCE:g}), likeliest "
+              f"symbol unchanged at {agreement:.1%} of time steps (at least {INT8_AGREEMENT:.0%})")
+    else:
+        failed = diff > {"keras": PARITY_TOLERANCE}.get(args.format, 1e-4)
+    if failed:
         if dst.is_dir():
             shutil.rmtree(dst)
         else:

@@ -204,3 +204,20 @@ def test_int8_onnx_export_is_smaller_and_reads_like_the_float_one(onnx_model, tm
     assert int8.stat().st_size < onnx_model.stat().st_size
     for model_path in (onnx_model, int8):  # the committed reader's images, read exactly in both
         assert [r.text for r in reader.Reader(model_path).read_paths(READER_IMAGES)] == reader_labels()
+
+
+def test_int8_onnx_export_of_the_default_network_keeps_parity_and_reads_like_the_float_one(tmp_path, capsys):
+    import synth
+
+    base = ROOT / "pretrained" / "base.keras"  # the default (fast) preset, as every default run trains it
+    paths = {}
+    for format_ in ("onnx", "onnx_int8"):
+        paths[format_] = tmp_path / f"base_{format_}.onnx"
+        assert export_safe.main(["--in_keras", str(base), "--out_keras", str(paths[format_]), "--format",
+                                 format_]) == 0
+    assert "likeliest symbol unchanged at" in capsys.readouterr().out
+    assert paths["onnx_int8"].stat().st_size < paths["onnx"].stat().st_size / 2
+    images = synth.generate_synthetic(tmp_path / "captchas", 24, seed=4, workers=1, progress=False)
+    readings = {f: [r.text for r in reader.Reader(p).read_paths(images)] for f, p in paths.items()}
+    same = sum(a == b for a, b in zip(readings["onnx"], readings["onnx_int8"]))
+    assert same >= 22, readings  # int8 reads as the float network, but for a rare unsure symbol

@@ -136,7 +136,13 @@ def time_training_step(args):
 
     import model
 
-    charset = preprocess.charset_from_arg(args.charset)
+    if args.symbols:  # a large alphabet: that many hanzi (synth.py's cjk style draws from them)
+        import synth
+
+        charset = preprocess.Charset(synth.cjk_symbols(args.symbols) if args.symbols <= 3755 else
+                                     "".join(chr(0x4E00 + i) for i in range(args.symbols)))
+    else:
+        charset = preprocess.charset_from_arg(args.charset)
     config = model.PRESETS[args.preset]
     keras.mixed_precision.set_dtype_policy(args.dtype_policy)
     crnn = recipes.compile_model(model.build_model(config, charset.num_classes), charset, recipes.RECIPES[args.recipe],
@@ -152,9 +158,12 @@ def time_training_step(args):
     float(np.asarray(loss))  # the last step has finished (JAX and TensorFlow may run ahead of Python)
     seconds = time.perf_counter() - started
     devices = ", ".join(model.gpu_names()) or "CPU"
-    print(f"training step: preset {args.preset}, batch {args.batch_size}, {args.dtype_policy}: "
+    output = crnn.layers[-1].count_params()
+    print(f"training step: preset {args.preset}, {len(charset.symbols)} symbols (output layer {output:,} of "
+          f"{crnn.count_params():,} weights), batch {args.batch_size}, {args.dtype_policy}: "
           f"{1000 * seconds / args.steps:.1f} ms a step "
-          f"= {args.steps * args.batch_size / seconds:.0f} images/s (Keras {keras.backend.backend()} on {devices})")
+          f"= {args.steps * args.batch_size / seconds:.0f} images/s (Keras {keras.backend.backend()} on {devices}); "
+          f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 def time_inference(args):
@@ -236,6 +245,7 @@ def main(argv=None):
     step.add_argument("--preset", default="fast")
     step.add_argument("--recipe", default="default")
     step.add_argument("--charset", default="default")
+    step.add_argument("--symbols", type=int, default=0, help="a charset of this many hanzi instead (large alphabets)")
     step.add_argument("--length", type=int, default=5, help="label length (default 5)")
     step.add_argument("--batch_size", type=int, default=32)
     step.add_argument("--steps", type=int, default=50)
