@@ -14,13 +14,19 @@ batch. With --trust_input (only for files you trust: it runs the Lambda's stored
 original model is loaded too and the two must agree.
 """
 
+import sys
+
+import precheck
+
+if __name__ == "__main__":  # a missing checkpoint is refused before TensorFlow loads
+    precheck.exit_on_bad_input(precheck.files_exist, "--in_keras", "model file")
+
 import argparse
 import copy
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path

@@ -205,8 +205,8 @@ def main(argv=None):
     args = parse_args(argv)
     # ---- the model, the images and their labels
     try:
+        paths = images_to_read(args)  # before the model: a wrong folder is refused before TensorFlow loads
         captcha_reader = open_reader(args)
-        paths = images_to_read(args)
         for folder in (args.save_debug, args.review_dir):
             if folder:
                 Path(folder).mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,15 @@ A run, top to bottom (train()): 1. the data, 2. the network, recipe and pixels, 
 Callbacks and their order: callbacks.py; start models and freezing: finetune.py; run files: runstate.py.
 """
 
+import sys
+
+import precheck
+
+if __name__ == "__main__":  # a folder or labels file that cannot train is refused before TensorFlow loads
+    precheck.exit_on_bad_input(precheck.train_inputs)
+
 import contextlib
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

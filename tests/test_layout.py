@@ -69,6 +69,28 @@ def test_a_refused_folder_prints_one_line_and_nothing_of_the_backend(tmp_path):
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
 
 
+BLOCK_BACKENDS = "import sys, runpy; sys.modules.update(keras=None, tensorflow=None, jax=None); sys.argv = sys.argv[1:]; " \
+                 "runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def test_bad_input_is_refused_before_keras_or_tensorflow_is_imported(tmp_path):
+    """With Keras, TensorFlow and JAX made unimportable, each refusal is still its one line (precheck.py)."""
+    for i, image in enumerate(READER_IMAGES[:8]):
+        (tmp_path / f"{i:032x}.png").write_bytes(image.read_bytes())
+    cases = [(["train.py", "--data_dir", tmp_path], "the file names do not look like labels"),
+             (["train.py", "--data_dir", tmp_path / "nope"], "folder does not exist"),
+             (["train.py", "--data_dir", tmp_path, "--labels", tmp_path / "nope.csv"], "labels file does not exist"),
+             (["train.py", "--unlabeled", tmp_path / "nope", "--teacher", "ddddocr"], "folder does not exist"),
+             (["export_safe.py", "--in_keras", tmp_path / "nope.keras", "--out_keras", tmp_path / "x.keras"],
+              "model file does not exist"),
+             (["test.py", "--model", "tests/fixtures/reader.keras", "--folder", tmp_path / "nope"],
+              "folder does not exist")]
+    for args, message in cases:
+        result = run_quietly("-c", BLOCK_BACKENDS, *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, \
+            (args, result.stderr)
+
+
 def test_a_whole_built_in_run_prints_no_backend_lines(tmp_path):
     result = run_quietly("train.py", "--synth_dir", tmp_path / "synth", "--synth_count", "48", "--preset", "tiny",
                          "--init_from", "none", "--epochs", "2", "--batch_size", "8", "--workers", "1",
