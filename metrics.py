@@ -99,3 +99,12 @@ def better_beyond_chance(correct_a, correct_b, alpha=0.05):
     only_a = sum(a and not b for a, b in zip(correct_a, correct_b))
     only_b = sum(b and not a for a, b in zip(correct_a, correct_b))
     return only_a > 0 and binomtest(only_a, only_a + only_b, 0.5, alternative="greater").pvalue < alpha
+
+
+def earlier_better(latest_right, earlier_rights):
+    """The rule a run keeps its model by, and self-training its round: the latest model (the final epoch, the last
+    round) is kept unless an earlier one reads the validation images better beyond chance (better_beyond_chance,
+    image by image: a few dozen validation images cannot tell one error from noise). latest_right: for each
+    validation image, whether the latest model read it right; earlier_rights: the same for each earlier model.
+    Returns the indices of the earlier models that are better beyond chance ([]: keep the latest)."""
+    return [i for i, right in enumerate(earlier_rights) if better_beyond_chance(right, latest_right)]

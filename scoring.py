@@ -75,9 +75,9 @@ def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, fina
     final_right = [p == t for p, t in zip(final_predictions, val_labels)]
     counts = {"lowest_val_cer_right": sum(lowest_right), "final_right": sum(final_right), "val_count": len(val_labels)}
     swapped = (modelmeta.read_meta(best_path) or {}).get("kept")
-    if swapped:  # scored again after the swap below (a stop while scoring): what was decided then stands
+    if swapped:  # chosen again after the swap below (a stop while scoring): what was decided then stands
         return "final", {k: v for k, v in swapped.items() if k != "model"}
-    if metrics.better_beyond_chance(lowest_right, final_right):
+    if metrics.earlier_better(final_right, [lowest_right]):
         (out / runstate.LOWEST_VAL_NAME).unlink(missing_ok=True)  # an earlier run's, in the same --out
         return "best checkpoint", counts
     model.copy_with_meta(best_path, out / runstate.LOWEST_VAL_NAME)
@@ -85,27 +85,55 @@ def keep_final_unless_lowest_is_better(out, val_labels, lowest_predictions, fina
     return "final", counts
 
 
-def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batches, *, val_set, val_batches,
-              epochs_run, trained, train_seconds, repeats=1, prefer_final=False):
-    """The run's model on the test split, which chose nothing (validation chose the model and the confidence
-    threshold stored in it), so this is a clean score; metrics.json and the plots. The run's model is the
-    checkpoint of lowest validation CER, or with `prefer_final` (a one-cycle schedule) the final epoch's unless
-    that checkpoint reads validation better beyond chance (keep_final_unless_lowest_is_better)."""
+@dataclasses.dataclass
+class RunModel:
+    """Which model a run kept (choose_run_model) and what validation said of it."""
+
+    kept: str  # "final" or "best checkpoint"
+    counts: dict | None  # validation images right at the final epoch and at the lowest CER (one-cycle runs)
+    abstain: dict  # the confidence threshold stored in it
+    val_predictions: list
+
+
+def choose_run_model(out, val_set, val_batches, charset, target_precision, prefer_final=False):
+    """The run's model, in crnn_ctc_best.keras: the checkpoint of lowest validation CER, or with `prefer_final` (a
+    one-cycle schedule) the final epoch's unless that checkpoint reads validation better beyond chance
+    (keep_final_unless_lowest_is_better, which swaps the files). Each candidate's confidence threshold is chosen
+    on validation and stored in it. Returns a RunModel."""
     val_labels = [label for _, label in val_set]
     final_abstain, final_predictions = store_abstention(out / runstate.FINAL_NAME, val_batches, val_labels, charset,
-                                                        cfg.target_precision)
+                                                        target_precision)
     abstain, val_predictions = store_abstention(out / runstate.BEST_NAME, val_batches, val_labels, charset,
-                                                cfg.target_precision)
-    kept, counts = "best checkpoint", None
-    if prefer_final:
-        kept, counts = keep_final_unless_lowest_is_better(out, val_labels, val_predictions, final_predictions)
-        right = (f"validation: {counts['final_right']} of {counts['val_count']} right at the final epoch, "
-                 f"{counts['lowest_val_cer_right']} at the lowest CER")
-        print(f"the run's model, {out / runstate.BEST_NAME}: " + (
-            f"the final epoch's ({right}: not better beyond chance; that epoch is kept as {runstate.LOWEST_VAL_NAME})"
-            if kept == "final" else f"the epoch of lowest validation CER ({right}: better beyond chance)"))
-        if kept == "final":
-            abstain, val_predictions = final_abstain, final_predictions
+                                                target_precision)
+    if not prefer_final:
+        return RunModel("best checkpoint", None, abstain, val_predictions)
+    kept, counts = keep_final_unless_lowest_is_better(out, val_labels, val_predictions, final_predictions)
+    right = (f"validation: {counts['final_right']} of {counts['val_count']} right at the final epoch, "
+             f"{counts['lowest_val_cer_right']} at the lowest CER")
+    print(f"the run's model, {out / runstate.BEST_NAME}: " + (
+        f"the final epoch's ({right}: not better beyond chance; that epoch is kept as {runstate.LOWEST_VAL_NAME})"
+        if kept == "final" else f"the epoch of lowest validation CER ({right}: better beyond chance)"))
+    if kept == "final":
+        return RunModel(kept, counts, final_abstain, final_predictions)
+    return RunModel(kept, counts, abstain, val_predictions)
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What metrics.json records of how the run trained, beside its scores."""
+
+    folder: object
+    config: object  # the TrainConfig
+    epochs_run: int
+    trained: int  # epochs trained in this session
+    train_seconds: float
+    repeats: int = 1  # passes over the training images in an epoch
+
+
+def score_run(out, chosen, record, charset, options, train_set, val_set, test_set, test_batches):
+    """The run's model (`chosen`, a RunModel) on the test split, which chose nothing (validation chose the model
+    and its threshold), so this is a clean score; writes metrics.json and the plots, and moves no file."""
+    abstain = chosen.abstain
     run_model, _ = model.load_model(out / runstate.BEST_NAME)
     test_labels = [label for _, label in test_set]
     lengths = typed_lengths(out / runstate.BEST_NAME)
@@ -114,24 +142,26 @@ def score_run(out, folder, cfg, charset, options, train_set, test_set, test_batc
     on_test = metrics.abstention_scores([p == t for p, t in zip(predictions, test_labels)], confidences,
                                         abstain["threshold"], trusted_lengths(decoded, lengths))
     abstain = {**abstain, "test_coverage": on_test["coverage"], "test_precision": on_test["precision"]}
+    seconds = max(record.train_seconds, 1e-6)
     results = {
         "test": scores,
         "abstain": abstain,
         "confidence": metrics.confidence_ranking(predictions, test_labels, confidences),
         "checkpoint": str(out / runstate.BEST_NAME),
-        "kept": {"model": kept, **(counts or {})},
-        "epochs_run": epochs_run,
-        "train_seconds_this_session": round(train_seconds, 1),
-        "images_per_second_with_validation": round(len(train_set) * repeats * trained / train_seconds, 1),
-        "data_dir": str(folder),
-        "config": dataclasses.asdict(cfg),
+        "kept": {"model": chosen.kept, **(chosen.counts or {})},
+        "epochs_run": record.epochs_run,
+        "train_seconds_this_session": round(seconds, 1),
+        "images_per_second_with_validation": round(len(train_set) * record.repeats * record.trained / seconds, 1),
+        "data_dir": str(record.folder),
+        "config": dataclasses.asdict(record.config),
         "log": str(out / runstate.LOG_NAME),
         "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
         # every test image's reading: plots.py redraws a run from these, and the misread ones are there to look at
         "readings": [{"path": str(path), "truth": t, "prediction": p, "confidence": float(f"{c:.6g}")}
                      for (path, t), p, c in zip(test_set, predictions, confidences)],
         # the validation split's readings: self-training compares its rounds on them, image by image
-        "val_readings": [{"path": str(path), "truth": t, "prediction": p} for (path, t), p in zip(val_set, val_predictions)],
+        "val_readings": [{"path": str(path), "truth": t, "prediction": p}
+                         for (path, t), p in zip(val_set, chosen.val_predictions)],
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     shown = np.stack([preprocess.load_image(path, options) for path, _ in test_set[:24]])

@@ -288,10 +288,10 @@ def choose_round(out, summaries):
     last = summaries[-1]
     last_correct = validation_correct(out, last["round"])
     better = []
-    for summary in summaries[:-1]:
+    for summary in summaries[:-1]:  # each against the last on the validation images both read
         correct = validation_correct(out, summary["round"])
         shared = sorted(set(correct) & set(last_correct))
-        if metrics.better_beyond_chance([correct[p] for p in shared], [last_correct[p] for p in shared]):
+        if metrics.earlier_better([last_correct[p] for p in shared], [[correct[p] for p in shared]]):
             better.append(summary)
     if not better:
         return last, "the last round; no earlier round reads validation better beyond chance"

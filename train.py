@@ -358,10 +358,11 @@ def train(cfg, pseudo=(), resume_command=None):
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
-        results = scoring.score_run(out, folder, cfg, charset, network.options, train_set, test_set, test_batches,
-                                    val_set=val_set, val_batches=val_batches, epochs_run=state["epochs_done"] + trained,
-                                    trained=trained, train_seconds=max(time.time() - started, 1e-6), repeats=repeats,
-                                    prefer_final=recipe.schedule == "onecycle")
+        chosen = scoring.choose_run_model(out, val_set, val_batches, charset, cfg.target_precision,
+                                          prefer_final=recipe.schedule == "onecycle")
+        record = scoring.RunRecord(folder, cfg, state["epochs_done"] + trained, trained, time.time() - started, repeats)
+        results = scoring.score_run(out, chosen, record, charset, network.options, train_set, val_set, test_set,
+                                    test_batches)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
               f"{resume_command}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_reading import call, multipart, serving
+from test_serve import call, multipart, serving
 
 import dataset
 import export_safe
