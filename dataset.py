@@ -215,8 +215,8 @@ def fill_canvases(paths, options, workers=2):
 class CaptchaBatches:
     """(images, labels) batches of a split, from canvases kept in memory or streamed from disk.
 
-    Built by `make_batches`, which mixes in keras.utils.PyDataset so Keras can prefetch batches on
-    worker threads while the model trains. The decoded, resized 8-bit canvases (preprocess.make_canvas)
+    Built by `make_batches` as a CaptchaPyDataset (the same with keras.utils.PyDataset mixed in), so Keras can
+    prefetch batches on worker threads while the model trains. The decoded, resized 8-bit canvases (preprocess.make_canvas)
     are the same every epoch: with `canvases` (fill_canvases) they are read from memory, else from
     disk each time; either way an item is preprocess.finish_canvas of its canvas, the same functions
     in the same order as a reader's, so the pixels are identical.
@@ -230,8 +230,11 @@ class CaptchaBatches:
     """
 
     def __init__(self, samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, augment="none", repeats=1, augment_epochs=None, canvases=None, **pydataset_kwargs):
+                 seed=0, augment="none", repeats=1, augment_epochs=None, canvases=None, processes=None,
+                 **pydataset_kwargs):
+        """processes: a WorkerProcesses that makes the batches (None: this process makes them)."""
         super().__init__(**pydataset_kwargs)
+        self.processes = processes
         if augment not in augment_module.CHOICES:
             raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
         self.augment = augment
@@ -265,7 +268,7 @@ class CaptchaBatches:
         return self.canvases[i] if self.canvases is not None else load_canvas(self.paths[i], self.options)
 
     def __getitem__(self, index):
-        if getattr(self, "processes", None) is not None:  # made by a worker process, for this epoch
+        if self.processes is not None:  # made by a worker process, for this epoch
             return self.processes.batch(self.epoch, index)
         return self.make_batch(index)
 
@@ -287,7 +290,7 @@ class CaptchaBatches:
 
     def close(self):
         """Stops the worker processes, if any (threads need nothing)."""
-        if getattr(self, "processes", None) is not None:
+        if self.processes is not None:
             self.processes.close()
             self.processes = None
 
@@ -383,7 +386,7 @@ def _worker_batch(epoch, index, slot):
     return len(images), labels
 
 
-def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_size=64, shuffle=False,
+def make_batches(samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
                  seed=0, workers=2, augment="none", repeats=1, augment_epochs=None, in_memory=False, processes=0):
     """A CaptchaBatches that is also a keras.utils.PyDataset (prefetched on `workers` threads).
     in_memory=True reads every canvas once, now (fill_canvases), and keeps them. processes > 0: the
@@ -395,21 +398,22 @@ def make_batches(samples, charset, max_len, options=PreprocessOptions(), batch_s
     canvases = fill_canvases([p for p, _ in samples], options, workers) if in_memory and samples else None
     settings = dict(options=options, batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
                     repeats=repeats, augment_epochs=augment_epochs)
-    batches = pydataset_class()(samples, charset, max_len, canvases=canvases, workers=max(workers, processes),
-                                use_multiprocessing=False, **settings)
-    if processes:
-        batches.processes = WorkerProcesses(samples, charset, max_len, settings, canvases, processes,
-                                            slots=max(workers, processes))
-    return batches
+    made_by = WorkerProcesses(samples, charset, max_len, settings, canvases, processes,
+                              slots=max(workers, processes)) if processes else None
+    return pydataset_class()(samples, charset, max_len, canvases=canvases, processes=made_by,
+                             workers=max(workers, processes), use_multiprocessing=False, **settings)
 
 
 @functools.cache
 def pydataset_class():
-    """CaptchaBatches mixed with keras.utils.PyDataset, made once. Keras is imported here, not at the top:
+    """CaptchaBatches mixed with keras.utils.PyDataset, defined once. Keras is imported here, not at the top:
     `synth.py` and `dataset.py scan` start without TensorFlow."""
     import keras
 
-    return type("CaptchaPyDataset", (CaptchaBatches, keras.utils.PyDataset), {})
+    class CaptchaPyDataset(CaptchaBatches, keras.utils.PyDataset):
+        """CaptchaBatches that Keras prefetches on worker threads."""
+
+    return CaptchaPyDataset
 
 
 def split_batches(train_set, val_set, test_set, charset, max_len, options, *, batch_size, augmentation, repeats=1,
@@ -424,10 +428,10 @@ def split_batches(train_set, val_set, test_set, charset, max_len, options, *, ba
     started = time.perf_counter()
 
     def batches(samples, training):
-        return make_batches(samples, charset, max_len, options, batch_size, training, seed, workers,
-                            augmentation if training else "none", repeats if training else 1,
-                            augment_epochs if training else None, in_memory=in_memory,
-                            processes=processes if training else 0)
+        return make_batches(samples, charset, max_len, options=options, batch_size=batch_size, shuffle=training,
+                            seed=seed, workers=workers, augment=augmentation if training else "none",
+                            repeats=repeats if training else 1, augment_epochs=augment_epochs if training else None,
+                            in_memory=in_memory, processes=processes if training else 0)
 
     made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
     print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"

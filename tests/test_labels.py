@@ -325,7 +325,7 @@ def test_colour_pixels_are_the_same_for_training_and_every_reading_path(tmp_path
     options = colour_reader.options
     assert options.channels == 3
     samples = [(str(folder / "ab12.png"), "ab12"), (str(folder / "cd34.png"), "cd34")]
-    batch, _ = dataset.make_batches(samples, charset, 4, options, batch_size=2, workers=1)[0]
+    batch, _ = dataset.make_batches(samples, charset, 4, options=options, batch_size=2, workers=1)[0]
     assert batch.shape == (2, 50, 200, 3)
     for image, (file, _) in zip(batch, samples):
         prepared, error = colour_reader.prepare(file)

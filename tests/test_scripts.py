@@ -132,7 +132,7 @@ def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
     samples = dataset.scan_folder(digits_folder).samples[:4]
     charset = Charset.from_dict(meta["charset"])
     training_options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
-    train_images, _ = dataset.make_batches(samples, charset, 4, training_options, batch_size=4, workers=1)[0]
+    train_images, _ = dataset.make_batches(samples, charset, 4, options=training_options, batch_size=4, workers=1)[0]
     as_read = reader.Reader(model_path)  # what test.py and serve.py read with, without flags
     for (path, _), train_image in zip(samples, train_images):
         test_image, error = as_read.prepare(path)

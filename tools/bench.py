@@ -109,8 +109,8 @@ class Contender:
         else:
             self.source, self.model_config = None, model.PRESETS[preset]
             self.options = self.recipe.preprocess_options(self.model_config)
-        self.batches = dataset.make_batches(train_samples, charset, max_len, self.options, self.recipe.batch_size,
-                                            shuffle=True, seed=cfg.seed, workers=1, augment=self.recipe.augment)
+        self.batches = dataset.make_batches(train_samples, charset, max_len, options=self.options,
+                                            batch_size=self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1, augment=self.recipe.augment)
         self.budget = minutes * 60
         self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
         self.pool = ThreadPoolExecutor(2)

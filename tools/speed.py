@@ -57,7 +57,7 @@ def loader_batches(args):
     print(f"scan: {scan.summary()} in {scanned - started:.1f} s")
     options = PreprocessOptions()
     in_memory = dataset.canvas_bytes(len(scan.samples), options) <= args.cache_mb * 2**20
-    batches = dataset.make_batches(scan.samples, charset, max_len, options, args.batch_size, shuffle=True,
+    batches = dataset.make_batches(scan.samples, charset, max_len, options=options, batch_size=args.batch_size, shuffle=True,
                                    workers=args.workers, augment=args.augment, in_memory=in_memory,
                                    processes=args.processes)
     print(f"canvases: {'in memory, read' if in_memory else 'streamed from disk (over --cache_mb)'} in "
