@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from test_serve import call, multipart, serving
 
 import arithmetic
 import labels as label_sources
@@ -11,7 +12,6 @@ import model
 import synth
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 from conftest import READER, READER_IMAGES
-from test_serve import call, multipart, serving
 
 
 @pytest.mark.parametrize("reading, expression, value", [

@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -74,6 +73,21 @@ class LabelServer:
 
 
 @pytest.fixture
+def start_server():
+    """LabelServer's constructor; every server it started is killed at the end, whatever the test did."""
+    started = []
+
+    def start(folder, *flags):
+        started.append(LabelServer(folder, *flags))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
 def captchas(tmp_path):
     """20 digit captchas named by their text, copied unnamed (0.png ...) into a folder to label; -> folder, truth."""
     named = synth.generate_synthetic(tmp_path / "named", 20, seed=5, symbols="0123456789", length=4, workers=1,
@@ -131,12 +145,13 @@ def saved_labels(path):
 
 
 @browser_needed
-def test_labels_typed_in_the_browser_survive_a_killed_server_and_train_py_reads_them(captchas, browser, tmp_path):
+def test_labels_typed_in_the_browser_survive_a_killed_server_and_train_py_reads_them(captchas, browser, tmp_path,
+                                                                                       start_server):
     from selenium.webdriver.common.keys import Keys
 
     folder, truth = captchas
     out = tmp_path / "labels.csv"
-    server = LabelServer(folder, "--model", READER, "--out", out, "--retrain_after", "15")
+    server = start_server(folder, "--model", READER, "--out", out, "--retrain_after", "15")
     open_page(browser, server)
     # the guess is pre-filled and selected, the least confident first
     guesses = json.loads(server.get("/api/state")[1])["queue"]
@@ -162,7 +177,7 @@ def test_labels_typed_in_the_browser_survive_a_killed_server_and_train_py_reads_
     assert saved_labels(out) == typed  # each label is on disk as soon as it is entered
     server.kill()
 
-    server = LabelServer(folder, "--model", READER, "--out", out, "--retrain_after", "15")
+    server = start_server(folder, "--model", READER, "--out", out, "--retrain_after", "15")
     open_page(browser, server)
     state = json.loads(server.get("/api/state")[1])
     assert state["labelled"] == 8 and state["queue"][-1]["name"] == skipped  # skipped ones come last
@@ -183,12 +198,12 @@ def test_labels_typed_in_the_browser_survive_a_killed_server_and_train_py_reads_
 
 @browser_needed
 def test_a_label_with_an_unknown_symbol_or_a_new_length_is_flagged_and_saved_on_a_second_enter(captchas, browser,
-                                                                                           tmp_path):
+                                                                                           tmp_path, start_server):
     from selenium.webdriver.common.keys import Keys
 
     folder, truth = captchas
     out = tmp_path / "labels.csv"
-    server = LabelServer(folder, "--model", READER, "--out", out)
+    server = start_server(folder, "--model", READER, "--out", out)
     open_page(browser, server)
     for _ in range(5):
         type_label(browser, truth[shown(browser)])
@@ -206,12 +221,12 @@ def test_a_label_with_an_unknown_symbol_or_a_new_length_is_flagged_and_saved_on_
     server.kill()
 
 
-def test_only_the_folders_own_images_are_served(captchas, tmp_path):
+def test_only_the_folders_own_images_are_served(captchas, tmp_path, start_server):
     folder, _ = captchas
     outside = tmp_path / "secret.png"
     shutil.copy(folder / "0.png", outside)
     os.symlink(outside, folder / "link.png")  # a link inside the folder to an image outside it
-    server = LabelServer(folder, "--out", tmp_path / "labels.csv")
+    server = start_server(folder, "--out", tmp_path / "labels.csv")
     assert server.get("/image/0.png")[0] == 200
     for path in ("/image/../secret.png", "/image/%2e%2e/secret.png", "/image/..%2Fsecret.png", "/image/link.png",
                  f"/image/{outside}", f"/image/%2F{str(outside).lstrip('/')}", "/image/../../../../etc/passwd",
@@ -235,6 +250,6 @@ def test_only_the_folders_own_images_are_served(captchas, tmp_path):
 def test_a_bad_folder_or_model_is_one_line(tmp_path):
     for args, message in [([tmp_path / "nope"], "folder does not exist"),
                           ([tmp_path], "no images to label")]:
-        result = subprocess.run([sys.executable, str(ROOT / "label.py"), *map(str, args)], cwd=ROOT,
+        result = subprocess.run([sys.executable, str(ROOT / "label.py"), *map(str, args)], cwd=ROOT, check=False,
                                 capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -201,7 +202,7 @@ def test_a_simulated_site_drives_the_loop_and_train_py_learns_from_the_accepted_
     found = label_sources.find_labels(collect / "accepted")
     truths = {path.read_bytes(): truth for path, truth in site.items()}
     assert len(found.samples) == accepted >= len(images) and accepted < len(site)
-    assert all(truths[open(path, "rb").read()] == label for path, label in found.samples)  # every label is right
+    assert all(truths[Path(path).read_bytes()] == label for path, label in found.samples)  # every label is right
     assert len(list((collect / "rejected").glob("*.png"))) == len(site) - accepted
     out = tmp_path / "retrained"
     assert train.main(["--data_dir", str(collect / "accepted"), "--init_from", str(READER), "--epochs", "2",

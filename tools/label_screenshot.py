@@ -7,6 +7,7 @@ base model, labels the first 6 by their truth, types 3 symbols of the next (a le
 it), and saves the page as it then stands.
 """
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -14,15 +15,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
-sys.path.insert(0, str(ROOT / "tools"))
 
 import synth
-from keystrokes import start_page
+from tools.keystrokes import start_page
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0] if argv else "docs/label_page.png")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", default="docs/label_page.png", help="the PNG to write")
+    out = Path(parser.parse_args(argv).out)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.keys import Keys
