@@ -6,7 +6,6 @@ CER: total edit distance over total label characters, the reference's definition
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
-from scipy.stats import binomtest
 
 
 def character_error_rate(predictions, truths):
@@ -98,6 +97,8 @@ def better_beyond_chance(correct_a, correct_b, alpha=0.05):
     under `alpha` (an exact one-sided sign test, McNemar's test for paired readings)."""
     only_a = sum(a and not b for a, b in zip(correct_a, correct_b))
     only_b = sum(b and not a for a, b in zip(correct_a, correct_b))
+    from scipy.stats import binomtest  # here: scipy.stats takes about a second to import, and readers never need it
+
     return only_a > 0 and binomtest(only_a, only_a + only_b, 0.5, alternative="greater").pvalue < alpha
 
 
