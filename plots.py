@@ -144,13 +144,30 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
     return out_path
 
 
+def text_fonts():
+    """Matplotlib's font, then a CJK one where it is installed (synth.CJK_FONTS), so hanzi labels are drawn."""
+    from matplotlib import font_manager
+
+    import synth
+
+    families = ["DejaVu Sans"]
+    installed = next((path for path in synth.CJK_FONTS if Path(path).is_file()), None)
+    if installed:
+        font_manager.fontManager.addfont(installed)
+        families.append(font_manager.FontProperties(fname=installed).get_name())
+    return {"font.family": families}
+
+
 def write_run_plots(out_dir, log_path, images, truths, predictions):
+    import matplotlib
+
     out_dir = Path(out_dir)
-    return [
-        training_curves(log_path, out_dir / "training_curves.png"),
-        prediction_grid(images, truths, predictions, out_dir / "predictions.png"),
-        confusion_chart(truths, predictions, out_dir / "confusions.png"),
-    ]
+    with matplotlib.rc_context(text_fonts()):  # for these figures only: a notebook's own settings stay
+        return [
+            training_curves(log_path, out_dir / "training_curves.png"),
+            prediction_grid(images, truths, predictions, out_dir / "predictions.png"),
+            confusion_chart(truths, predictions, out_dir / "confusions.png"),
+        ]
 
 
 def main(argv=None):

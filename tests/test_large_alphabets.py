@@ -47,3 +47,19 @@ def test_a_thousand_symbol_charset_trains_from_spaced_labels_exports_to_onnx_and
     assert keras_probs.shape[-1] == 1001  # 1,000 symbols and the blank
     np.testing.assert_allclose(from_onnx.network.predict_on_batch(images), keras_probs, atol=1e-4)
     assert [r.text for r in from_onnx.read_paths(paths)] == [r.text for r in from_keras.read_paths(paths)]
+
+
+@cjk_font_needed
+def test_a_runs_plots_draw_hanzi_with_the_installed_cjk_font(tmp_path):
+    import warnings
+
+    import plots
+
+    log = tmp_path / "train_log.csv"
+    log.write_text("epoch,loss,val_loss,val_exact_match,val_cer\n0,1.0,1.2,0.5,0.1\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = plots.write_run_plots(tmp_path, log, np.zeros((2, 50, 200, 1)), ["降飞淀惶", "山水火木"],
+                                        ["降飞淀惶", "山水火水"])
+    assert all(path.is_file() for path in written)
+    assert not [w for w in caught if "missing from font" in str(w.message)]

@@ -54,9 +54,12 @@ def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder,
     assert re.search(r"loader: 40 images in .* augmentation light\)", capsys.readouterr().out)
 
     assert speed.main(["step", "--preset", "tiny", "--batch_size", "4", "--steps", "2", "--warmup", "1"]) == 0
-    stepped = re.search(r"training step: preset tiny, batch 4, float32: [\d.]+ ms a step = (\d+) images/s",
-                        capsys.readouterr().out)
-    assert stepped and int(stepped[1]) > 0
+    stepped = re.search(r"training step: preset tiny, 62 symbols \(output layer [\d,]+ of [\d,]+ weights\), batch 4, "
+                        r"float32: [\d.]+ ms a step = (\d+) images/s .* peak memory (\d+) MB", capsys.readouterr().out)
+    assert stepped and int(stepped[1]) > 0 and int(stepped[2]) > 0
+    assert speed.main(["step", "--preset", "tiny", "--symbols", "1000", "--batch_size", "4", "--steps", "1",
+                       "--warmup", "1"]) == 0  # a large alphabet's output layer
+    assert "preset tiny, 1000 symbols" in capsys.readouterr().out
     assert speed.main(["ratio", str(digits_folder), "--preset", "tiny", "--batch_size", "8", "--steps", "3"]) == 0
     row = re.search(r"\| \S+ \| tiny \| default \| 2 threads \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \|",
                     capsys.readouterr().out)

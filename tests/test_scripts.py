@@ -228,6 +228,7 @@ def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
     legacy = tmp_path / "legacy.keras"
     model.build_model(TINY, 63, legacy_lambda=True).save(legacy)
     image = tmp_path / "x.png"
+    image.write_bytes(READER_IMAGES[0].read_bytes())  # a readable image: the model is what is wrong
     assert_one_line_error(run_script("test.py", "--model", tmp_path / "none.keras", "--image", image),
                           "none.keras", "does not exist")
     assert_one_line_error(run_script("test.py", "--model", legacy, "--image", image), "legacy.keras", "export_safe.py")
