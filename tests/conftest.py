@@ -21,6 +21,19 @@ READER = ROOT / "tests" / "fixtures" / "reader.keras"
 READER_IMAGES = sorted((ROOT / "tests" / "fixtures" / "images").glob("*.png"))  # each named by its text
 
 
+def as_unlabelled(drawn, unlabelled):
+    """The images of `drawn` (named by their text) copied into `unlabelled` as 0000.png, 0001.png, ...: no label in
+    the names. Returns their truth {new name: text}, kept aside to check pseudo-labels."""
+    import shutil
+
+    unlabelled.mkdir(parents=True)
+    truth = {}
+    for i, path in enumerate(sorted(Path(drawn).iterdir())):
+        shutil.copy(path, unlabelled / f"{i:04d}.png")
+        truth[f"{i:04d}.png"] = path.stem
+    return truth
+
+
 def stop_after_epoch(monkeypatch, epoch):
     """Ctrl-C as epoch `epoch` (counted from 1) ends, right after its resume checkpoint is written."""
     import callbacks

@@ -22,7 +22,7 @@ import scoring
 import selftrain
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import READER, READER_IMAGES, ROOT, run_stopped_while_round_one_is_scored
+from conftest import READER, READER_IMAGES, ROOT, as_unlabelled, run_stopped_while_round_one_is_scored
 from preprocess import Charset, PreprocessOptions
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -301,11 +301,8 @@ def few_and_unlabelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("few")
     draw_folder(root / "labelled", 60, seed=21)
     draw_folder(root / "drawn", 120, seed=22)
-    unlabelled, truth = root / "unlabelled", {}
-    unlabelled.mkdir()
-    for i, path in enumerate(sorted((root / "drawn").iterdir())):
-        shutil.copy(path, unlabelled / f"{i:04d}.png")
-        truth[f"{i:04d}.png"] = path.stem
+    unlabelled = root / "unlabelled"
+    truth = as_unlabelled(root / "drawn", unlabelled)
     shutil.copy(sorted((root / "labelled").iterdir())[0], unlabelled / "copy.png")
     return root / "labelled", unlabelled, truth
 

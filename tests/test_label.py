@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import pytest
 import labels as label_sources
 import synth
 from conftest import READER, ROOT
+from tools.localhttp import free_port
 
 CHROMEDRIVER = shutil.which("chromedriver")
 browser_needed = pytest.mark.skipif(CHROMEDRIVER is None, reason="needs chromium and chromium-driver (apt-get; "
                                                                   ".ci/run installs them)")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LabelServer:

@@ -4,14 +4,12 @@ collected as labels (--collect, POST /feedback)."""
 import base64
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,31 +19,7 @@ import preprocess
 import reader
 import train
 from conftest import READER, READER_IMAGES, ROOT, reader_labels
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url, body=None, content_type=None):
-    """(status, JSON answer) of a GET (no body) or POST."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def multipart(field, files):
-    boundary = uuid.uuid4().hex
-    body = b""
-    for name, data in files:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
-    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+from tools.localhttp import call, free_port, multipart
 
 
 @pytest.fixture(scope="module")

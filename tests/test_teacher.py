@@ -18,7 +18,7 @@ import selftrain
 import teacher as teachers
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import READER, READER_IMAGES, ROOT, run_stopped_while_round_one_is_scored
+from conftest import READER, READER_IMAGES, ROOT, as_unlabelled, run_stopped_while_round_one_is_scored
 from teacher import TeacherReading
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -119,11 +119,8 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
     draw_folder(root / "check", 60, seed=21)
     draw_folder(root / "drawn", 120, seed=22)
-    unlabelled, truth = root / "unlabelled", {}
-    unlabelled.mkdir()
-    for i, path in enumerate(sorted((root / "drawn").iterdir())):
-        shutil.copy(path, unlabelled / f"{i:04d}.png")
-        truth[f"{i:04d}.png"] = path.stem
+    unlabelled = root / "unlabelled"
+    truth = as_unlabelled(root / "drawn", unlabelled)
     shutil.copy(sorted((root / "check").iterdir())[0], unlabelled / "copy_of_a_check_image.png")
     return root / "check", unlabelled, truth, degraded_copy(root / "teacher.keras", scale=3.0)
 
@@ -174,9 +171,7 @@ def test_a_student_reads_a_new_look_far_better_than_its_teacher(tmp_path):
         draw_folder(tmp_path / name, count, seed=seed)
         with_a_new_look(tmp_path / name, seed)
     unlabelled = tmp_path / "unlabelled"
-    unlabelled.mkdir()
-    for i, path in enumerate(sorted((tmp_path / "drawn").iterdir())):
-        shutil.copy(path, unlabelled / f"{i:04d}.png")
+    as_unlabelled(tmp_path / "drawn", unlabelled)
     out = tmp_path / "run"
     assert train.main(["--unlabeled", str(unlabelled), "--teacher", str(READER), "--check", str(tmp_path / "check"),
                        "--init_from", str(READER), "--epochs", "10", "--rounds", "1", "--workers", "1",

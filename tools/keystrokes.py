@@ -12,7 +12,6 @@ where the page flags the label). The page's own keystroke counter is read at the
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,7 @@ sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
 
 import labels as label_sources
 from preprocess import CaptchaError
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tools.localhttp import free_port
 
 
 def start_page(folder, prefill, out):

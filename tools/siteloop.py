@@ -13,42 +13,20 @@ cycles. Prints a Markdown table; a cycle whose model exists is not run again (ru
 import argparse
 import csv
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
 
 from preprocess import fold_case, list_images
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url, body=None, content_type=None):
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+from tools.localhttp import call, free_port, multipart
 
 
 def read(url, path):
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
-        f"\r\n--{boundary}--\r\n".encode()
-    return call(url + "/read", body, f"multipart/form-data; boundary={boundary}")[1]
+    return call(url + "/read", *multipart("image", [(path.name, path.read_bytes())]))[1]
 
 
 def serve_and_answer(model, paths, truth, collect):

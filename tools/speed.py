@@ -191,17 +191,15 @@ def time_inference(args):
 def time_server(args):
     import json
     import urllib.request
-    import uuid
+
+    from tools.localhttp import multipart
 
     paths = preprocess.list_images(args.folder)[: args.limit]
     if not paths:
         raise CaptchaError(f"{args.folder}: no image files")
     bodies = []
     for path in paths:  # multipart bodies made up front: the clients time the server, not this
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes()
-        bodies.append((body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"))
+        bodies.append(multipart("image", [(path.name, path.read_bytes())]))
 
     def post(item):
         body, content_type = item
