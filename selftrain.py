@@ -2,6 +2,7 @@
 
     python train.py --data_dir LABELLED --unlabeled UNLABELLED        # rounds in --out/round_0, round_1, ...
     python train.py --resume --out saved_model                        # an interrupted self-training run
+    python train.py --resume --out saved_model --rounds 4             # a finished one, two rounds more
 
 Round 0 trains on the labelled images alone. After each round, its model (the one train.py kept) reads the
 unlabelled images; readings at or above the confidence threshold it stores (chosen on its validation split for
@@ -38,6 +39,7 @@ STATE_NAME = "self_training.json"
 TEACHER_READINGS_NAME = "teacher_readings.csv"  # every reading of the teacher's, before the filters
 TEACHER_CHECK_NAME = "teacher_check.csv"  # with no --check: the teacher's readings held out as validation and test
 TEACHER_CHECK_SHARE, MIN_TEACHER_CHECK = 0.1, 20
+DEFAULT_ROUNDS = 2
 MIN_CHANGED_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
 RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOWEST_VAL_NAME, runstate.LOG_NAME, "metrics.json",
                 "training_curves.png", "predictions.png", "confusions.png")
@@ -205,15 +207,22 @@ def start_state(cfg, config_class):
             raise CaptchaError(f"{state_path}: no self-training run to resume in {out}")
         saved = json.loads(state_path.read_text())["config"]
         print(f"resuming the self-training run in {out} with its saved settings")
-        return config_class(**{**saved, "out": cfg.out, "resume": True})
+        rounds = saved["rounds"] or DEFAULT_ROUNDS
+        if cfg.rounds and cfg.rounds != rounds:  # a finished run goes on where it ended (or stops sooner)
+            print(f"--rounds {cfg.rounds} over the run's {rounds}: rounds done are kept, later ones trained")
+            rounds = cfg.rounds
+            state = json.loads(state_path.read_text())
+            state_path.write_text(json.dumps({**state, "config": {**saved, "rounds": rounds}}, indent=2))
+        return config_class(**{**saved, "out": cfg.out, "resume": True, "rounds": rounds})
     if not Path(cfg.unlabeled).is_dir():
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
     if not cfg.teacher and not cfg.data_dir:
         raise CaptchaError("--unlabeled needs labelled images (--data_dir) or a --teacher to read them first")
     if cfg.check and not Path(cfg.check).is_dir():
         raise CaptchaError(f"--check {cfg.check}: not a folder")
-    if cfg.rounds < 1:
-        raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels")
+    if cfg.rounds < 0:
+        raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels (0: {DEFAULT_ROUNDS})")
+    cfg = dataclasses.replace(cfg, rounds=cfg.rounds or DEFAULT_ROUNDS)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("round_*"), *out.glob("pseudo_labels_round_*.csv")]:
         print(f"removing the earlier run's {old}")

@@ -11,7 +11,7 @@ on a look it never saw can be measured; varied: 23 TrueType faces on canvases of
 clutter and warps, so that pre-training sees many looks. All are seeded: the same seed draws the same files.
 
 Two more kinds of captcha, for development and tests: arithmetic (`3+5=?`, `12×4=`: one- and two-digit operands,
-+ - × x ÷, whole answers; files numbered, the expressions in labels.csv beside them, since `?` `/` `*` cannot be
++ - × x ÷, whole answers, the captcha package's look with operators nearly upright; files numbered, the expressions in labels.csv beside them, since `?` `/` `*` cannot be
 file names) and cjk (4 hanzi out of CJK_SYMBOLS of GB2312's common ones, drawn with the WenQuanYi Micro Hei font,
 Apache-2.0 or GPL-3 with the font exception: `apt-get install fonts-wqy-microhei`).
 """
@@ -59,7 +59,28 @@ class _SeededSecrets:
         return self._rng.choice(seq)
 
 
-def _draw_captcha_png(args):
+OPERATOR_TURN = 8  # degrees either way: the captcha package turns glyphs up to 30, and + turned 30 is × turned -15
+
+
+def _upright_operator_captcha(width, height, font_sizes):
+    """The captcha package's ImageCaptcha with operators and `=?` turned at most OPERATOR_TURN degrees.
+
+    Its glyphs turn up to 30 degrees either way, so a + and a × (a + turned 45) can be drawn alike and
+    no reader can tell them apart; digits keep the package's turn. The draw of random numbers is the
+    package's, so the same seed still draws the same image.
+    """
+    import captcha.image
+
+    class UprightOperators(captcha.image.ImageCaptcha):
+        def _draw_character(self, c, draw, color):
+            turn = OPERATOR_TURN if c in ARITHMETIC_OPERATORS + "=?" else 30
+            self.character_rotate = (-turn, turn)
+            return super()._draw_character(c, draw, color)
+
+    return UprightOperators(width=width, height=height, font_sizes=font_sizes)
+
+
+def _draw_captcha_png(args, upright_operators=False):
     text, seed, width, height = args
     from io import BytesIO
 
@@ -67,9 +88,12 @@ def _draw_captcha_png(args):
 
     captcha.image.secrets = _SeededSecrets(seed)
     font_sizes = tuple(round(s * height / 60) for s in (42, 50, 56))  # the package's sizes, scaled
-    image = captcha.image.ImageCaptcha(width=width, height=height, font_sizes=font_sizes).generate_image(text)
+    if upright_operators:
+        generator = _upright_operator_captcha(width, height, font_sizes)
+    else:
+        generator = captcha.image.ImageCaptcha(width=width, height=height, font_sizes=font_sizes)
     out = BytesIO()
-    image.save(out, format="PNG")
+    generator.generate_image(text).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -557,7 +581,7 @@ SYNTH_STYLES = {
     "varied": (_draw_varied_png, ".png", None, None),  # a canvas of random size for each image
 }
 KIND_STYLES = {  # other kinds of captcha: labels of their own (not the --charset/--length draw)
-    "arithmetic": (_draw_captcha_png, ".png", 240, 60),
+    "arithmetic": (functools.partial(_draw_captcha_png, upright_operators=True), ".png", 240, 60),
     "cjk": (_draw_cjk_png, ".png", 200, 60),
 }
 ALL_STYLES = {**SYNTH_STYLES, **KIND_STYLES}

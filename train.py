@@ -80,7 +80,8 @@ class TrainConfig:
     limit: int = 0  # use at most this many images (0: all)
     unlabeled: str = ""  # a folder of the site's unlabelled captchas: self-training (selftrain.py) adds the
     #                      confident readings of each round's model to the next round's training images
-    rounds: int = 2  # with --unlabeled: rounds of training with pseudo-labels after the labelled-only round 0
+    rounds: int = 0  # with --unlabeled: rounds of training with pseudo-labels after the round-0 (0: 2); with
+    #                  --resume, more rounds for a finished or interrupted self-training run (0: its own)
     teacher: str = ""  # with --unlabeled: ddddocr or a model file (.keras, .onnx, .tflite) whose filtered readings
     #                    of the unlabelled images are round 0's pseudo-labels (teacher.py); --data_dir is optional
     check: str = ""  # a folder of images labelled by people (labels read as --labels_from, or --check_labels), half

@@ -53,6 +53,31 @@ def test_the_synthetic_style_draws_every_operator_and_labels_each_image_in_a_lab
     assert {len(e.split("=")[0]) for e in expressions} >= {3, 5}  # one- and two-digit operands
 
 
+def test_the_synthetic_style_turns_operators_little_and_digits_as_the_captcha_package_does(tmp_path, monkeypatch):
+    """A + turned 30 degrees is a × turned -15: operators are drawn nearly upright, so that they can be told apart."""
+    import captcha.image
+    from PIL import Image
+
+    turns, drawing = [], []
+    draw_character, rotate = captcha.image.ImageCaptcha._draw_character, Image.Image.rotate
+
+    def spy_draw(self, c, *args):
+        drawing.append(c)
+        return draw_character(self, c, *args)
+
+    def spy_rotate(self, angle, *args, **kwargs):
+        turns.append((drawing[-1], angle))
+        return rotate(self, angle, *args, **kwargs)
+
+    monkeypatch.setattr(captcha.image.ImageCaptcha, "_draw_character", spy_draw)
+    monkeypatch.setattr(Image.Image, "rotate", spy_rotate)
+    synth.generate_synthetic(tmp_path / "a", 40, seed=3, style="arithmetic", workers=1, progress=False)
+    operators = [abs(angle) for c, angle in turns if c in synth.ARITHMETIC_OPERATORS + "=?"]
+    digits = [abs(angle) for c, angle in turns if c.isdigit()]
+    assert len(operators) >= 80 and max(operators) <= synth.OPERATOR_TURN
+    assert max(digits) > 20  # digits keep the package's turn of up to 30 degrees
+
+
 @pytest.fixture
 def expressions_folder(tmp_path):
     """The reader's images labelled with expressions whose value is what the image shows (one drawn otherwise)."""

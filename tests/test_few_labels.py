@@ -345,3 +345,13 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     chosen = out / f"round_{results['self_training']['chosen_round']}"
     assert (out / runstate.BEST_NAME).read_bytes() == (chosen / runstate.BEST_NAME).read_bytes()
     assert not (out / "round_1" / runstate.RESUME_NAME).exists()
+
+    round_one = (out / "round_1" / "metrics.json").stat().st_mtime_ns
+    assert train.main(["--resume", "--out", str(out), "--rounds", "2"]) == 0  # the finished run, a round more
+    printed = capsys.readouterr().out
+    assert "--rounds 2 over the run's 1" in printed
+    assert (out / "round_0" / "metrics.json").stat().st_mtime_ns == round_zero
+    assert (out / "round_1" / "metrics.json").stat().st_mtime_ns == round_one
+    assert selftrain.pseudo_labels_path(out, 2).exists()  # round 1's model read the unlabelled images
+    assert "self-training round 2: started" in printed or "self-training ends: round 2's" in printed
+    assert json.loads((out / selftrain.STATE_NAME).read_text())["config"]["rounds"] == 2  # a later --resume too
