@@ -87,6 +87,18 @@ class LabelledFolder:
 # ----------------------------------------------------------------------------- file-name rules
 
 
+REJECTED_READINGS_NAME = "readings.csv"  # serve.py --collect: the readings the site rejected, file,text
+
+
+def rejected_readings(folder):
+    """{file name: a reading the site rejected} from FOLDER/readings.csv (serve.py --collect's rejected/), or {}."""
+    path = Path(folder) / REJECTED_READINGS_NAME
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row[0]: row[1] for row in csv.reader(f) if len(row) == 2 and row[1]}
+
+
 def label_from_name(stem, rule):
     """The label a file name (without extension) gives under `rule`, or None if the rule finds none."""
     if rule == "name":

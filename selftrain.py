@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import dataset
+import labels as label_sources
 import metrics
 import model
 import preprocess
@@ -98,13 +99,14 @@ def changed_pseudo_labels(before, after):
     return sum(before_labels.get(path) != after_labels.get(path) for path in before_labels.keys() | after_labels.keys())
 
 
-def pseudo_label(model_path, paths, teacher_texts=None):
+def pseudo_label(model_path, paths, teacher_texts=None, rejected=None):
     """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold that the
     network read at a length of the labels people typed (a 5-letter site's 4-letter reading is wrong however
     confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). teacher_texts {path: texts}: a
     reading below the threshold is kept too where one of the teacher's readers read the same text (two readers of
-    different make agree). Returns (kept (path, text, confidence) rows, files that could not be read, readings of
-    another length)."""
+    different make agree). rejected {file name: text}: readings the site said were wrong (serve.py --collect), never
+    kept. Returns (kept (path, text, confidence) rows, files that could not be read, readings of another length,
+    readings the site rejected)."""
     captcha_reader = reader.Reader(model_path)
     low_rule = captcha_reader.low_confidence_rule()
     teacher_texts = teacher_texts or {}
@@ -113,15 +115,19 @@ def pseudo_label(model_path, paths, teacher_texts=None):
         return reading.text in {preprocess.fold_case(text, captcha_reader.case) if captcha_reader.case else text
                                 for text in teacher_texts.get(reading.path, ())}
 
-    kept, unreadable, wrong_length = [], 0, 0
+    rejected = rejected or {}
+    kept, unreadable, wrong_length, known_wrong = [], 0, 0, 0
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
         elif not low_rule.read_at_typed_length(reading.text, reading.refit):
             wrong_length += 1
+        elif reading.text == preprocess.fold_case(rejected.get(Path(reading.path).name, ""), captcha_reader.case) \
+                and reading.text:
+            known_wrong += 1
         elif reading.text and (reading.confidence >= low_rule.threshold or teacher_agrees(reading)):
             kept.append((reading.path, reading.text, reading.confidence))
-    return kept, unreadable, wrong_length
+    return kept, unreadable, wrong_length, known_wrong
 
 
 def read_teacher_texts(out):
@@ -241,6 +247,10 @@ def run(cfg, train_one, config_class):
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: no image files (png, jpg, bmp, webp, gif, tif)")
     print(f"self-training: {len(unlabeled)} unlabelled images in {cfg.unlabeled}, up to {cfg.rounds} rounds with "
           f"pseudo-labels at precision {cfg.target_precision:g} on validation")
+    rejected = label_sources.rejected_readings(cfg.unlabeled)
+    if rejected:
+        print(f"{len(rejected)} readings the site rejected ({Path(cfg.unlabeled) / label_sources.REJECTED_READINGS_NAME})"
+              f": never a pseudo-label")
     teacher_texts = {}
     if cfg.teacher:  # round 0 trains on the teacher's filtered readings
         if not pseudo_labels_path(out, 0).exists():
@@ -270,11 +280,13 @@ def run(cfg, train_one, config_class):
             break
         next_labels = pseudo_labels_path(out, number + 1)
         if not next_labels.exists():
-            kept, unreadable, wrong_length = pseudo_label(folder / runstate.BEST_NAME, unlabeled, teacher_texts)
+            kept, unreadable, wrong_length, known_wrong = pseudo_label(folder / runstate.BEST_NAME, unlabeled,
+                                                                       teacher_texts, rejected)
             write_pseudo_labels(next_labels, kept)
             print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
                   + (f"; {wrong_length} reading{'s' if wrong_length != 1 else ''} of a length no typed label "
                      "has left out" if wrong_length else "")
+                  + (f"; {known_wrong} the site rejected left out" if known_wrong else "")
                   + (f"; {unreadable} could not be read" if unreadable else "") + f"; wrote {next_labels}")
         changed = changed_pseudo_labels(pseudo, read_pseudo_labels(next_labels))
         if changed < MIN_CHANGED_FRACTION * len(unlabeled):

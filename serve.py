@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import arithmetic
+import labels
 import reader
 from preprocess import CaptchaError
 
@@ -99,7 +100,7 @@ class Collector:
                     f"{token}{extension}"
                 path, table = self.accepted / name, self.accepted / "labels.csv"
             else:
-                path, table = self.rejected / f"{token}{extension}", self.rejected / "readings.csv"
+                path, table = self.rejected / f"{token}{extension}", self.rejected / labels.REJECTED_READINGS_NAME
             path.write_bytes(data)
             with open(table, "a", encoding="utf-8", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerow([path.name, text])

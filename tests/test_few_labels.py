@@ -13,6 +13,7 @@ from test_serve import call, multipart, serving
 
 import dataset
 import export_safe
+import labels as label_sources
 import metrics
 import model
 import modelmeta
@@ -279,10 +280,29 @@ def test_readings_of_a_length_no_typed_label_has_are_no_pseudo_labels(tmp_path):
     shutil.copy(READER, path)
     for typed, kept_lengths in (([4, 4], {4}), ([3, 4], {3, 4})):
         model.update_meta(path, {"label_lengths": typed})
-        kept, unreadable, wrong_length = selftrain.pseudo_label(path, READER_IMAGES)
+        kept, unreadable, wrong_length, known_wrong = selftrain.pseudo_label(path, READER_IMAGES)
         assert [(Path(p).name, text) for p, text, _ in kept] == [
             (image.name, image.stem) for image in READER_IMAGES if len(image.stem) in kept_lengths]
-        assert unreadable == 0 and wrong_length == len(READER_IMAGES) - len(kept)
+        assert unreadable == 0 and wrong_length == len(READER_IMAGES) - len(kept) and known_wrong == 0
+
+
+def test_readings_the_site_rejected_are_no_pseudo_labels(tmp_path):
+    """serve.py --collect files a rejected reading in rejected/readings.csv; self-training on that folder never
+    takes the same reading as a pseudo-label (another reading of the image may still be one)."""
+    folder = tmp_path / "rejected"
+    folder.mkdir()
+    for image in READER_IMAGES:
+        shutil.copy(image, folder / image.name)
+    first, second = READER_IMAGES[0], READER_IMAGES[1]
+    with open(folder / label_sources.REJECTED_READINGS_NAME, "w", encoding="utf-8") as f:
+        f.write(f"{first.name},{first.stem}\n{second.name},{second.stem[::-1]}x\n")  # the reader's reading; another
+    assert label_sources.rejected_readings(folder) == {first.name: first.stem, second.name: second.stem[::-1] + "x"}
+    paths = [folder / image.name for image in READER_IMAGES]
+    kept, _, _, known_wrong = selftrain.pseudo_label(READER, paths,
+                                                     rejected=label_sources.rejected_readings(folder))
+    assert known_wrong == 1 and first.name not in {Path(p).name for p, _, _ in kept}
+    assert second.name in {Path(p).name for p, _, _ in kept}
+    assert label_sources.rejected_readings(tmp_path) == {}  # no readings file: nothing rejected
 
 
 def test_rounds_go_on_while_the_pseudo_labels_change():

@@ -6,7 +6,7 @@
 Each cycle serves the next --serve N images of UNLABELED through `serve.py --collect OUT/collected` (real HTTP on
 127.0.0.1), answers every reading with POST /feedback (accepted when it equals the truth in TRUTH_CSV, file,label,
 compared under the model's letter-case fold), then retrains with `train.py --data_dir OUT/collected/accepted
---init_from <the current model>` and scores the new model on TEST with test.py. Accepted images pile up over the
+--init_from <the current model>` (and `--unlabeled OUT/collected/rejected` with --with_rejected) and scores the new model on TEST with test.py. Accepted images pile up over the
 cycles. Prints a Markdown table; a cycle whose model exists is not run again (run the same command to resume).
 """
 
@@ -76,6 +76,9 @@ def main(argv=None):
     parser.add_argument("test", help="a labelled test folder")
     parser.add_argument("--serve", type=int, nargs="+", default=[2000], help="images served in each cycle")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--with_rejected", action="store_true",
+                        help="retrain with the rejected images too, as unlabelled (self-training, train.py "
+                             "--unlabeled): a reading the site rejected is never their pseudo-label")
     parser.add_argument("--train", nargs=argparse.REMAINDER, default=[], help="more train.py flags, last")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -99,8 +102,11 @@ def main(argv=None):
         so_far = len(list_images(out / "collected" / "accepted"))
         best = cycle_out / "crnn_ctc_best.keras"
         if not best.is_file():
-            flags = (["--resume"] if (cycle_out / "crnn_ctc_resume.keras").is_file() else
-                     ["--data_dir", str(out / "collected" / "accepted"), "--init_from", str(model), *args.train])
+            interrupted = (cycle_out / "crnn_ctc_resume.keras").is_file() or (cycle_out / "self_training.json").is_file()
+            rejected = ["--unlabeled", str(out / "collected" / "rejected")] if args.with_rejected else []
+            flags = (["--resume"] if interrupted else
+                     ["--data_dir", str(out / "collected" / "accepted"), "--init_from", str(model), *rejected,
+                      *args.train])
             subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(cycle_out)], cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL)
         model = best
