@@ -5,16 +5,26 @@ compare texts across formats, the server and test.py use READER instead: a small
 the images it reads exactly (tests/fixtures/make_reader.py rebuilds both)."""
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))  # make_reader: the committed reader's look, and its rebuild
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import dataset  # noqa: E402
+import export_safe  # noqa: E402
+import model  # noqa: E402
+import reader  # noqa: E402
 import synth  # noqa: E402
+from preprocess import Charset  # noqa: E402
 
 DIGITS = "0123456789"
 READER = ROOT / "tests" / "fixtures" / "reader.keras"
@@ -100,3 +110,83 @@ def onnx_model(tmp_path_factory):
 
 def reader_labels():
     return [path.stem for path in READER_IMAGES]
+
+
+# ---- shared by several test modules
+
+
+@pytest.fixture(scope="module")
+def samples(digits_folder):
+    return dataset.scan_folder(digits_folder, Charset(DIGITS), 4).samples[:8]
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume_data")
+    synth.generate_synthetic(folder, 160, seed=2, symbols=DIGITS, length=4, workers=1, progress=False)
+    return folder
+
+
+TINY = model.PRESETS["tiny"]
+
+
+def run_script(*args):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+@pytest.fixture(scope="module")
+def thresholded_reader(tmp_path_factory):
+    """The committed reader with a stored threshold between its images' confidences, as .keras and .onnx."""
+    folder = tmp_path_factory.mktemp("thresholded")
+    path = folder / "reader.keras"
+    shutil.copy(READER, path)
+    confidences = sorted(reading.confidence for reading in reader.Reader(READER).read_paths(READER_IMAGES))
+    threshold = (confidences[3] + confidences[4]) / 2  # four readings below it, four above
+    model.update_meta(path, {"abstain": {"target_precision": 0.99, "threshold": threshold, "val_precision": 1.0,
+                                         "val_coverage": 0.5, "val_count": 8}})
+    onnx_path = folder / "reader.onnx"
+    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
+    return path, folder / "reader.onnx", threshold
+
+
+@pytest.fixture(scope="module")
+def four_symbol_reader(tmp_path_factory):
+    """The committed reader told that people typed it labels of 4 symbols only, as .keras and .onnx: of the
+    fixture images it reads right, those of 3 symbols are of a length no typed label has."""
+    folder = tmp_path_factory.mktemp("four_symbols")
+    path = folder / "reader.keras"
+    shutil.copy(READER, path)
+    model.update_meta(path, {"label_lengths": [4, 4]})
+    assert export_safe.main(["--in_keras", str(path), "--out_keras", str(folder / "reader.onnx"), "--format",
+                             "onnx"]) == 0
+    return path, folder / "reader.onnx"
+
+
+cjk_font_needed = pytest.mark.skipif(not any(__import__("pathlib").Path(p).is_file() for p in synth.CJK_FONTS),
+                                     reason="needs a CJK font: apt-get install fonts-wqy-microhei (.ci/run does)")
+
+
+def captcha_like(height=60, width=160, seed=0):
+    """Dark strokes on a light, slightly noisy background."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(220, 256, (60, 160), dtype=np.uint8)
+    cv2.putText(image, "aB3", (10, 45), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 40, 3)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def one_hot_probs(classes, num_classes=63, confidence=0.99):
+    """(1, T, num_classes) softmax output that puts `confidence` on classes[t] at step t."""
+    probs = np.full((1, len(classes), num_classes), (1 - confidence) / (num_classes - 1), np.float32)
+    for t, c in enumerate(classes):
+        probs[0, t, c] = confidence
+    return probs

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import cv2
 
-from tools import eyeread
 import synth
+from tools import eyeread
 
 DIGITS = "0123456789"
 

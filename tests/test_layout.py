@@ -1,12 +1,28 @@
-"""The house: product code never imports a measurement tool, and a normal run prints nothing of TensorFlow's."""
+"""The layout: entry points at the top, tools in tools/ that no product module imports, every script's --help,
+and a quiet start (no backend lines; bad input refused before Keras is imported)."""
 
 import ast
+import importlib
 import os
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import READER_IMAGES, ROOT
+
+
+@pytest.mark.parametrize("script", ["train", "test", "export_safe", "dataset", "synth", "plots", "serve", "label",
+                                    "tools.rawformats", "tools.bench", "tools.speed", "tools.fewlabels", "tools.eyeread",
+                                    "tools.pretrain", "tools.siteloop", "tools.keystrokes", "tools.teacher_filters",
+                                    "tools.label_screenshot"])
+def test_every_script_has_help(script, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
 
 # TensorFlow's, absl's and CUDA's start-up and runtime lines (native glog-style lines start with I/W/E/F and a date)
 BACKEND_NOISE = re.compile(r"^[IWEF]\d{4} |absl|oneDNN|cuda|cuInit|cpu_feature_guard|tensorflow|retracing",

@@ -1,3 +1,5 @@
+"""preprocess.py: the one pixel path for training and reading, image formats, and the charset."""
+
 import cv2
 import numpy as np
 import pytest
@@ -7,17 +9,27 @@ import dataset
 import labels as label_sources
 import model
 import preprocess
+import reader
 import recipes
-import synth
+import runstate
+from conftest import captcha_like
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
 
-def captcha_like(height=60, width=160, seed=0):
-    """Dark strokes on a light, slightly noisy background."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(220, 256, (60, 160), dtype=np.uint8)
-    cv2.putText(image, "aB3", (10, 45), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 40, 3)
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
+    model_path = trained_run / runstate.BEST_NAME
+    _, meta = model.load_model(model_path)
+    samples = dataset.scan_folder(digits_folder).samples[:4]
+    charset = Charset.from_dict(meta["charset"])
+    training_options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
+    train_images, _ = dataset.make_batches(samples, charset, 4, options=training_options, batch_size=4, workers=1)[0]
+    as_read = reader.Reader(model_path)  # what test.py and serve.py read with, without flags
+    for (path, _), train_image in zip(samples, train_images):
+        test_image, error = as_read.prepare(path)
+        assert error is None and np.array_equal(test_image, train_image)
+    # and the flags do change them
+    changed, _ = reader.Reader(model_path, strong=True).prepare(samples[0][0])
+    assert not np.array_equal(changed, train_images[0])
 
 
 def test_pipeline_output_shape_dtype_and_range():
@@ -135,103 +147,3 @@ def test_label_from_filename():
     assert label_sources.label_from_filename("aB3xQ_12.jpg") == "aB3xQ"
     assert label_sources.label_from_filename("aB3xQ-1.png") == "aB3xQ"
     assert label_sources.label_from_filename("12345.png") == "12345"
-
-
-def test_scan_counts_bad_files_by_reason_and_keeps_good_ones(tmp_path):
-    good = captcha_like()
-    cv2.imwrite(str(tmp_path / "aB3xQ.png"), good)
-    cv2.imwrite(str(tmp_path / "aB3xQ_1.png"), good)  # duplicate label
-    (tmp_path / "nested").mkdir()
-    cv2.imwrite(str(tmp_path / "nested" / "Zz9Yy.jpg"), good)
-    cv2.imwrite(str(tmp_path / "ab#cd.png"), good)  # symbol outside the charset
-    cv2.imwrite(str(tmp_path / "toolong.png"), good)  # 7 > max_len 5
-    (tmp_path / "zero5.png").write_bytes(b"")
-    (tmp_path / "texts.png").write_text("hello")
-    png = (tmp_path / "aB3xQ.png").read_bytes()
-    (tmp_path / "trunc.png").write_bytes(png[: len(png) // 3])
-    (tmp_path / "notes.txt").write_text("ignored: not an image extension")
-
-    result = dataset.scan_folder(tmp_path, Charset(), max_len=5)
-    assert sorted(label for _, label in result.samples) == ["Zz9Yy", "aB3xQ", "aB3xQ"]
-    counts = {reason: len(paths) for reason, paths in result.skipped.items()}
-    assert counts == {"symbols outside the charset": 1, "labels longer than 5": 1, "empty file": 1,
-                      "not a readable image": 2}
-    assert "3 usable images" in result.summary() and "2 not a readable image" in result.summary()
-
-
-def test_scan_of_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(CaptchaError, match="does not exist"):
-        dataset.scan_folder(tmp_path / "nope")
-
-
-def test_split_is_fixed_by_seed_and_disjoint():
-    samples = [(f"{i}.png", str(i)) for i in range(100)]
-    train, val, test = dataset.split_samples(samples, 0.1, 0.1, seed=3)
-    assert (len(train), len(val), len(test)) == (80, 10, 10)
-    assert set(train) | set(val) | set(test) == set(samples)
-    assert not set(train) & set(test) and not set(val) & set(test)
-    assert dataset.split_samples(samples, 0.1, 0.1, seed=3) == (train, val, test)
-    assert dataset.split_samples(samples, 0.1, 0.1, seed=4)[2] != test
-
-
-def test_synthetic_generator_is_deterministic_and_labels_files(tmp_path):
-    a = synth.generate_synthetic(tmp_path / "a", 12, seed=5, workers=1, progress=False)
-    b = synth.generate_synthetic(tmp_path / "b", 12, seed=5, workers=2, progress=False)
-    c = synth.generate_synthetic(tmp_path / "c", 12, seed=6, workers=1, progress=False)
-    assert [p.name for p in a] == [p.name for p in b]
-    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
-    assert [p.name for p in a] != [p.name for p in c]
-    for path in a:
-        label = label_sources.label_from_filename(path)
-        assert len(label) == 5 and not Charset().unknown_symbols(label)
-        assert preprocess.read_gray(path).shape == (50, 200)
-
-
-def test_unique_filename_avoids_case_blind_collisions():
-    taken = set()
-    assert synth.unique_filename("aB3xQ", taken) == "aB3xQ.png"
-    assert synth.unique_filename("Ab3xq", taken) == "Ab3xq_1.png"  # one file with aB3xQ.png on macOS
-    assert synth.unique_filename("AB3XQ", taken) == "AB3XQ_2.png"
-    assert synth.unique_filename("zZ9", taken) == "zZ9.png"
-    assert label_sources.label_from_filename("AB3XQ_2.png") == "AB3XQ"
-
-
-def test_batches_stream_padded_labels(digits_folder):
-    samples = dataset.scan_folder(digits_folder).samples
-    charset = preprocess.charset_from_arg("digits")
-    batches = dataset.make_batches(samples, charset, 4, batch_size=16, shuffle=True, seed=1, workers=1)
-    assert len(batches) == 3
-    images, labels = batches[0]
-    assert images.shape == (16, 50, 200, 1) and labels.shape == (16, 4) and labels.dtype == np.int32
-    lengths = (labels != preprocess.PAD_LABEL).sum(axis=1)
-    assert set(lengths) <= {3, 4} and 3 in set((batches.labels != -1).sum(axis=1))
-    first_order = batches.order.copy()
-    batches.on_epoch_end()
-    assert sorted(batches.order) == sorted(first_order) and list(batches.order) != list(first_order)
-    last_images, _ = batches[2]
-    assert len(last_images) == 40 - 32
-
-
-def test_scan_command_summarises_and_lists_skipped_files(tmp_path, capsys):
-    cv2.imwrite(str(tmp_path / "aB3xQ.png"), captcha_like())
-    (tmp_path / "zero5.png").write_bytes(b"")
-    assert dataset.main(["scan", str(tmp_path), "--verbose"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["labels: file names, rule 'name' (auto, from all 2 names: aB3xQ.png -> 'aB3xQ', zero5.png -> "
-                   "'zero5')", "1 usable images; skipped 1 empty file",
-                   "charset: 5 symbols 'BQax3'; labels up to 5 characters; letter case: keep",
-                   "channels: gray (1), decided from the images: 0 of 1 carry colour (median saturation 0, colour "
-                   "from 50); set it with --channels 1 or 3",
-                   f"skipped (empty file): {tmp_path / 'zero5.png'}"]
-    assert dataset.main(["scan", str(tmp_path / "missing")]) == 2
-    assert "missing: folder does not exist" in capsys.readouterr().err
-
-
-def test_split_keeps_every_image_of_a_label_on_one_side():
-    samples = [(f"{i % 40}_{i // 40}.png", str(i % 40)) for i in range(120)]  # 40 labels, 3 images each
-    parts = dataset.split_samples(samples, 0.1, 0.1, seed=1)
-    labels = [{label for _, label in part} for part in parts]
-    assert not labels[0] & labels[2] and not labels[1] & labels[2] and not labels[0] & labels[1]
-    assert [len(part) for part in parts] == [96, 12, 12] and sum(parts, []) != [] and set(sum(parts, [])) == set(samples)
-    with pytest.raises(CaptchaError, match="at least 3 different labels"):
-        dataset.split_samples([("a.png", "a"), ("a_1.png", "a"), ("b.png", "b")])

@@ -14,11 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 import labels as label_sources
 import model
 import preprocess
-from tools import pretrain
 import reader
 import runstate
 import synth
 from conftest import stop_after_epoch
+from tools import pretrain
 
 
 def test_varied_style_is_deterministic_labelled_and_of_many_sizes(tmp_path):

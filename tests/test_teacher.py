@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from make_reader import draw_folder  # the fixture reader's own look
 
 import model
 import modelmeta
@@ -18,11 +19,8 @@ import selftrain
 import teacher as teachers
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import READER, READER_IMAGES, ROOT, as_unlabelled, run_stopped_while_round_one_is_scored
+from conftest import READER, READER_IMAGES, as_unlabelled, run_stopped_while_round_one_is_scored
 from teacher import TeacherReading
-
-sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from make_reader import draw_folder  # noqa: E402  (the fixture reader's own look)
 
 # ----------------------------------------------------------------------------- the filters
 

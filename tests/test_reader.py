@@ -1,22 +1,74 @@
-"""Reading in production: confidence, restricted symbols, case folding, misreads for relabelling,
-int8 ONNX, and exported models read without TensorFlow (the HTTP server: test_serve.py)."""
+"""reader.py: decoding and confidence (greedy and beam search), allowed symbols, letter case, the stored threshold
+and the length rule applied by every reader (Keras, ONNX, test.py, serve.py)."""
 
-import csv
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from test_serve import call, multipart, serving
 
-import export_safe
-import metrics
+import model
 import preprocess
 import reader
-import runstate
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
-from conftest import READER, READER_IMAGES, ROOT, reader_labels
+from conftest import READER, READER_IMAGES, ROOT, one_hot_probs
 from preprocess import Charset
+
+
+def test_a_stored_threshold_keeps_the_weights_and_is_applied_by_keras_and_onnx_readers(thresholded_reader):
+    keras_path, onnx_path, threshold = thresholded_reader
+    weights = [model.load_model(path)[0].get_weights() for path in (keras_path, READER)]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+    for path in (keras_path, onnx_path):
+        assert reader.Reader(path).low_confidence_rule().threshold == threshold
+        assert reader.Reader(path).low_confidence_rule(0.25).threshold == 0.25  # --min_confidence overrides
+    assert reader.Reader(READER).low_confidence_rule().threshold == 0.0  # a model without one marks none by it
+
+
+def test_serve_py_marks_low_answers_by_the_stored_threshold(thresholded_reader):
+    _, onnx_path, threshold = thresholded_reader
+    with serving(onnx_path) as url:
+        status, answer = call(f"{url}/model")
+        assert status == 200 and answer["min_confidence"] == pytest.approx(threshold)
+        status, answer = call(f"{url}/read_batch", *multipart("images", [(p.name, p.read_bytes())
+                                                                          for p in READER_IMAGES]))
+    assert status == 200 and [r["text"] for r in answer["results"]] == [p.stem for p in READER_IMAGES]
+    assert [r["low_confidence"] for r in answer["results"]] == [r["confidence"] < threshold for r in answer["results"]]
+    assert sum(r["low_confidence"] for r in answer["results"]) == 4
+
+
+def assert_refit_as_four(readings):
+    """(text, low_confidence) per fixture image, read by the four-symbol reader: the 4-symbol images read as
+    named and trusted; the 3-symbol ones (which the network reads right) refit to 4 symbols and marked low."""
+    assert {len(path.stem) for path in READER_IMAGES} == {3, 4}
+    for (text, low), path in zip(readings, READER_IMAGES, strict=True):
+        if len(path.stem) == 4:
+            assert (text, low) == (path.stem, False)
+        else:
+            assert len(text) == 4 and low, (path.name, text)
+
+
+def test_readings_of_a_length_no_typed_label_has_are_refit_and_marked_low_by_test_py(four_symbol_reader, tmp_path):
+    keras_path, _ = four_symbol_reader
+    for flags in ([], ["--min_confidence", "0"]):  # the length rule stands whatever the confidence threshold
+        output = tmp_path / "readings.json"
+        assert read_captchas.main(["--model", str(keras_path), "--folder", str(READER_IMAGES[0].parent),
+                                   "--output", str(output), *flags]) == 0
+        rows = json.loads(output.read_text())["readings"]
+        assert_refit_as_four([(row["prediction"], row["low_confidence"]) for row in rows])
+
+
+def test_readings_of_a_length_no_typed_label_has_are_refit_and_marked_low_by_serve_py(four_symbol_reader):
+    _, onnx_path = four_symbol_reader
+    with serving(onnx_path) as url:
+        status, answer = call(f"{url}/model")
+        assert status == 200 and answer["label_lengths"] == [4, 4]
+        status, answer = call(f"{url}/read_batch", *multipart("images", [(p.name, p.read_bytes())
+                                                                          for p in READER_IMAGES]))
+    assert status == 200
+    assert_refit_as_four([(r["text"], r["low_confidence"]) for r in answer["results"]])
 
 
 def probs_of(rows, symbols="aAbB", blank=0):
@@ -29,9 +81,6 @@ def probs_of(rows, symbols="aAbB", blank=0):
         rest = probs[0, t] == 0
         probs[0, t, rest] = (1 - probs[0, t].sum()) / max(1, rest.sum())
     return probs, charset
-
-
-# ----------------------------------------------------------------------------- decoding
 
 
 def test_confidence_is_the_probability_of_the_decoded_path():
@@ -118,70 +167,6 @@ def test_case_folding_adds_each_letters_two_cases():
     assert reader.decode_with_confidence(probs, only_upper, case="lower")[0] == ["a"]
 
 
-def test_confidence_ranking_splits_the_most_confident_readings():
-    ranked = metrics.confidence_ranking(["a", "b", "c", "x"], ["a", "b", "c", "d"], [0.9, 0.8, 0.7, 0.1], keep=0.75)
-    assert ranked["exact_match_confident"] == 1.0 and ranked["exact_match_rest"] == 0.0
-    assert ranked["threshold"] == pytest.approx(0.7) and (ranked["count_confident"], ranked["count_rest"]) == (3, 1)
-
-
-# ----------------------------------------------------------------------------- test.py
-
-
-def test_json_output_confidence_threshold_and_review_folder(tmp_path, capsys):
-    # the committed reader reads its images right and at lengths it allows, so only the threshold marks them low
-    folder = READER_IMAGES[0].parent
-    review = tmp_path / "review"
-    args = ["--model", str(READER), "--folder", str(folder)]
-    assert read_captchas.main([*args, "--output", str(tmp_path / "all.json")]) == 0
-    readings = json.loads((tmp_path / "all.json").read_text())["readings"]
-    confidences = sorted(r["confidence"] for r in readings)
-    middle = len(confidences) // 2
-    assert confidences[middle - 1] < confidences[middle]
-    threshold = (confidences[middle - 1] + confidences[middle]) / 2  # half fall below it, none on it
-    capsys.readouterr()
-    assert read_captchas.main([*args, "--min_confidence", str(threshold), "--review_dir", str(review),
-                               "--output", str(tmp_path / "out.json")]) == 0
-    out = capsys.readouterr().out
-    saved = json.loads((tmp_path / "out.json").read_text())
-    rows = saved["readings"]
-    assert [r["confidence"] for r in rows] == [r["confidence"] for r in readings]
-    assert all(0.0 < r["confidence"] <= 1.0 for r in rows)
-    assert [r["low_confidence"] for r in rows] == [r["confidence"] < threshold for r in rows]
-    low = sum(r["low_confidence"] for r in rows)
-    assert 0 < low < len(rows) and f"{low} of {len(READER_IMAGES)} readings marked low" in out
-    assert saved["scores"]["count"] == len(READER_IMAGES) and saved["settings"]["min_confidence"] == threshold
-    expected = sorted(f"{r['prediction']}__{r['path'].split('/')[-1]}" for r in rows
-                      if r["low_confidence"] or r["prediction"] != r["label"])
-    assert expected and sorted(p.name for p in review.iterdir()) == expected
-    copied = review / expected[0]
-    assert copied.read_bytes() == (folder / expected[0].split("__", 1)[1]).read_bytes()
-
-
-def test_an_image_that_cannot_be_read_is_one_line_and_a_failure(onnx_model, tmp_path, capsys):
-    broken = tmp_path / "1234.png"
-    broken.write_bytes(b"not an image")
-    assert read_captchas.main(["--model", str(onnx_model), "--image", str(broken)]) == 2
-    captured = capsys.readouterr()
-    assert f"skipped: {broken}: not a readable image" in captured.err and " -> " not in captured.out
-
-
-def test_csv_output_has_confidence_and_allowed_symbols_restrict_test_py(trained_run, digits_folder, tmp_path, capsys):
-    model_path = trained_run / runstate.BEST_NAME
-    args = ["--model", str(model_path), "--folder", str(digits_folder), "--limit", "12"]
-    assert read_captchas.main([*args, "--allowed", "12", "--output", str(tmp_path / "out.csv")]) == 0
-    with open(tmp_path / "out.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "prediction", "confidence", "low_confidence", "label"]
-    assert len(rows) == 12 and all(set(r["prediction"]) <= set("12") for r in rows)
-    assert all(0.0 < float(r["confidence"]) <= 1.0 for r in rows)
-    capsys.readouterr()
-    assert read_captchas.main([*args, "--allowed", "12a"]) == 2
-    assert "--allowed '12a': the model cannot read 'a'" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------- exported models
-
-
 def test_reading_onnx_loads_neither_keras_nor_tensorflow(onnx_model, digits_folder):
     image = preprocess.list_images(digits_folder)[0]
     code = ("import sys, test; code = test.main(['--model', sys.argv[1], '--image', sys.argv[2], '--beam_width', '4']); "
@@ -193,31 +178,13 @@ def test_reading_onnx_loads_neither_keras_nor_tensorflow(onnx_model, digits_fold
     assert f"{image} -> " in result.stdout and "LOADED []" in result.stdout
 
 
-def test_int8_onnx_export_is_smaller_and_reads_like_the_float_one(onnx_model, tmp_path):
-    int8 = tmp_path / "model_int8.onnx"
-    assert export_safe.main(["--in_keras", str(READER), "--out_keras", str(int8), "--format", "onnx_int8"]) == 0
-    import onnx
-
-    operators = {node.op_type for node in onnx.load(str(int8)).graph.node}
-    # int8 LSTMs and dense layers; float convolutions (onnxruntime's int8 ones read slower)
-    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= operators and "ConvInteger" not in operators
-    assert int8.stat().st_size < onnx_model.stat().st_size
-    for model_path in (onnx_model, int8):  # the committed reader's images, read exactly in both
-        assert [r.text for r in reader.Reader(model_path).read_paths(READER_IMAGES)] == reader_labels()
-
-
-def test_int8_onnx_export_of_the_default_network_keeps_parity_and_reads_like_the_float_one(tmp_path, capsys):
-    import synth
-
-    base = ROOT / "pretrained" / "base.keras"  # the default (fast) preset, as every default run trains it
-    paths = {}
-    for format_ in ("onnx", "onnx_int8"):
-        paths[format_] = tmp_path / f"base_{format_}.onnx"
-        assert export_safe.main(["--in_keras", str(base), "--out_keras", str(paths[format_]), "--format",
-                                 format_]) == 0
-    assert "likeliest symbol unchanged at" in capsys.readouterr().out
-    assert paths["onnx_int8"].stat().st_size < paths["onnx"].stat().st_size / 2
-    images = synth.generate_synthetic(tmp_path / "captchas", 24, seed=4, workers=1, progress=False)
-    readings = {f: [r.text for r in reader.Reader(p).read_paths(images)] for f, p in paths.items()}
-    same = sum(a == b for a, b in zip(readings["onnx"], readings["onnx_int8"]))
-    assert same >= 22, readings  # int8 reads as the float network, but for a rare unsure symbol
+@pytest.mark.parametrize("blank", [0, 62])
+@pytest.mark.parametrize("beam_width", [0, 8])
+def test_decode_honours_the_blank_position(blank, beam_width):
+    charset = Charset(blank_index=blank)
+    a, b, x = charset.encode("abx")
+    # a a _ b b x _ x  ->  "abxx": repeats merge, a blank separates a real double letter
+    probs = one_hot_probs([a, a, blank, b, b, x, blank, x])
+    assert reader.decode(probs, charset, beam_width) == ["abxx"]
+    wrong = Charset(blank_index=62 - blank)  # misreading the blank position garbles the text
+    assert reader.decode(probs, wrong, beam_width) != ["abxx"]
