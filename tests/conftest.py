@@ -24,6 +24,7 @@ import export_safe  # noqa: E402
 import model  # noqa: E402
 import reader  # noqa: E402
 import synth  # noqa: E402
+from make_reader import draw_folder  # noqa: E402  (the committed reader's look)
 from preprocess import Charset  # noqa: E402
 
 DIGITS = "0123456789"
@@ -190,3 +191,15 @@ def one_hot_probs(classes, num_classes=63, confidence=0.99):
     for t, c in enumerate(classes):
         probs[0, t, c] = confidence
     return probs
+
+
+def labelled_and_unlabelled(root, labelled_name, copy_name):
+    """60 labelled images of the fixture reader's look in ROOT/LABELLED_NAME and 120 more under numbers in
+    ROOT/unlabelled (their truth kept aside), among them a copy of a labelled image named COPY_NAME.
+    -> (labelled folder, unlabelled folder, {number file: truth})"""
+    draw_folder(root / labelled_name, 60, seed=21)
+    draw_folder(root / "drawn", 120, seed=22)
+    unlabelled = root / "unlabelled"
+    truth = as_unlabelled(root / "drawn", unlabelled)
+    shutil.copy(sorted((root / labelled_name).iterdir())[0], unlabelled / copy_name)
+    return root / labelled_name, unlabelled, truth

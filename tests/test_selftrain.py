@@ -16,7 +16,12 @@ import modelmeta
 import runstate
 import selftrain
 import train
-from conftest import READER, READER_IMAGES, as_unlabelled, run_stopped_while_round_one_is_scored
+from conftest import (
+    READER,
+    READER_IMAGES,
+    labelled_and_unlabelled,
+    run_stopped_while_round_one_is_scored,
+)
 
 
 def write_round(out, number, wrong, count=20):
@@ -97,13 +102,7 @@ def test_rounds_go_on_while_the_pseudo_labels_change():
 def few_and_unlabelled(tmp_path_factory):
     """60 labelled images of the fixture reader's look, and 120 more under numbers, with their truth; one of
     them a copy of a labelled image."""
-    root = tmp_path_factory.mktemp("few")
-    draw_folder(root / "labelled", 60, seed=21)
-    draw_folder(root / "drawn", 120, seed=22)
-    unlabelled = root / "unlabelled"
-    truth = as_unlabelled(root / "drawn", unlabelled)
-    shutil.copy(sorted((root / "labelled").iterdir())[0], unlabelled / "copy.png")
-    return root / "labelled", unlabelled, truth
+    return labelled_and_unlabelled(tmp_path_factory.mktemp("few"), "labelled", "copy.png")
 
 
 def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_its_round(few_and_unlabelled,

@@ -19,7 +19,13 @@ import selftrain
 import teacher as teachers
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from conftest import READER, READER_IMAGES, as_unlabelled, run_stopped_while_round_one_is_scored
+from conftest import (
+    READER,
+    READER_IMAGES,
+    as_unlabelled,
+    labelled_and_unlabelled,
+    run_stopped_while_round_one_is_scored,
+)
 from teacher import TeacherReading
 
 # ----------------------------------------------------------------------------- the filters
@@ -115,12 +121,8 @@ def site(tmp_path_factory):
     """A check folder of 60 labelled images, 120 unlabelled ones under numbers (their truth kept aside) plus a copy
     of a check image, and a stand-in teacher that reads the look partly right."""
     root = tmp_path_factory.mktemp("site")
-    draw_folder(root / "check", 60, seed=21)
-    draw_folder(root / "drawn", 120, seed=22)
-    unlabelled = root / "unlabelled"
-    truth = as_unlabelled(root / "drawn", unlabelled)
-    shutil.copy(sorted((root / "check").iterdir())[0], unlabelled / "copy_of_a_check_image.png")
-    return root / "check", unlabelled, truth, degraded_copy(root / "teacher.keras", scale=3.0)
+    check, unlabelled, truth = labelled_and_unlabelled(root, "check", "copy_of_a_check_image.png")
+    return check, unlabelled, truth, degraded_copy(root / "teacher.keras", scale=3.0)
 
 
 def exact_match(model_path, paths):
