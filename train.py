@@ -201,8 +201,9 @@ def resolve_recipe(cfg):
 
 
 def cpu_sized(cfg):
-    """The built-in run on a machine without a GPU is sized for a laptop, unless --epochs says otherwise."""
-    return not cfg.data_dir and not cfg.epochs and not model.gpu_names()
+    """The built-in run on a machine without a GPU is sized for a laptop, unless --epochs says otherwise. A run on
+    a teacher's pseudo-labels and a check folder has no --data_dir either, but is no built-in run (resolve_data)."""
+    return not cfg.data_dir and not cfg.check and not cfg.epochs and not model.gpu_names()
 
 
 def plan_run(cfg, recipe, train_images):

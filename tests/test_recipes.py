@@ -72,3 +72,13 @@ def test_the_built_in_run_on_a_cpu_is_sized_in_steps():
     assert recipes.cpu_builtin_epochs(16000, 32) == 6  # 500 steps an epoch: 3,000 steps
     assert recipes.cpu_builtin_epochs(100, 32) == 750  # 4 steps an epoch
     assert recipes.cpu_builtin_epochs(10**6, 32) == 1
+
+
+def test_only_the_built_in_run_is_sized_for_a_cpu(monkeypatch):
+    monkeypatch.setattr(train.model, "gpu_names", lambda: [])
+    assert train.cpu_sized(train.TrainConfig())  # no folder: the built-in synthetic captchas
+    assert not train.cpu_sized(train.TrainConfig(epochs=6))
+    assert not train.cpu_sized(train.TrainConfig(data_dir="site"))
+    assert not train.cpu_sized(train.TrainConfig(check="checked"))  # a teacher's pseudo-labels: sized as any folder
+    monkeypatch.setattr(train.model, "gpu_names", lambda: ["GPU:0"])
+    assert not train.cpu_sized(train.TrainConfig())
