@@ -115,15 +115,14 @@ def pseudo_label(model_path, paths, teacher_texts=None, rejected=None):
         return reading.text in {preprocess.fold_case(text, captcha_reader.case) if captcha_reader.case else text
                                 for text in teacher_texts.get(reading.path, ())}
 
-    rejected = rejected or {}
+    rejected = {name: preprocess.fold_case(text, captcha_reader.case) for name, text in (rejected or {}).items()}
     kept, unreadable, wrong_length, known_wrong = [], 0, 0, 0
     for reading in captcha_reader.read_paths(paths):
         if reading.error:
             unreadable += 1
         elif not low_rule.read_at_typed_length(reading.text, reading.refit):
             wrong_length += 1
-        elif reading.text == preprocess.fold_case(rejected.get(Path(reading.path).name, ""), captcha_reader.case) \
-                and reading.text:
+        elif reading.text == rejected.get(Path(reading.path).name):  # a rejected text is never empty
             known_wrong += 1
         elif reading.text and (reading.confidence >= low_rule.threshold or teacher_agrees(reading)):
             kept.append((reading.path, reading.text, reading.confidence))
@@ -208,26 +207,25 @@ def start_state(cfg, config_class):
     """The run's settings: saved at a fresh start (earlier rounds in --out are removed), read on --resume."""
     out = Path(cfg.out)
     state_path = out / STATE_NAME
+    if cfg.rounds < 0:
+        raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels (0: {DEFAULT_ROUNDS})")
     if cfg.resume:
         if not state_path.exists():
             raise CaptchaError(f"{state_path}: no self-training run to resume in {out}")
-        saved = json.loads(state_path.read_text())["config"]
+        state = json.loads(state_path.read_text())
+        saved = state["config"]
         print(f"resuming the self-training run in {out} with its saved settings")
-        rounds = saved["rounds"] or DEFAULT_ROUNDS
-        if cfg.rounds and cfg.rounds != rounds:  # a finished run goes on where it ended (or stops sooner)
-            print(f"--rounds {cfg.rounds} over the run's {rounds}: rounds done are kept, later ones trained")
-            rounds = cfg.rounds
-            state = json.loads(state_path.read_text())
-            state_path.write_text(json.dumps({**state, "config": {**saved, "rounds": rounds}}, indent=2))
-        return config_class(**{**saved, "out": cfg.out, "resume": True, "rounds": rounds})
+        if cfg.rounds and cfg.rounds != saved["rounds"]:  # a finished run goes on where it ended (or stops sooner)
+            print(f"--rounds {cfg.rounds} over the run's {saved['rounds']}: rounds done are kept, later ones trained")
+            saved = {**saved, "rounds": cfg.rounds}
+            state_path.write_text(json.dumps({**state, "config": saved}, indent=2))
+        return config_class(**{**saved, "out": cfg.out, "resume": True})
     if not Path(cfg.unlabeled).is_dir():
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
     if not cfg.teacher and not cfg.data_dir:
         raise CaptchaError("--unlabeled needs labelled images (--data_dir) or a --teacher to read them first")
     if cfg.check and not Path(cfg.check).is_dir():
         raise CaptchaError(f"--check {cfg.check}: not a folder")
-    if cfg.rounds < 0:
-        raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels (0: {DEFAULT_ROUNDS})")
     cfg = dataclasses.replace(cfg, rounds=cfg.rounds or DEFAULT_ROUNDS)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("round_*"), *out.glob("pseudo_labels_round_*.csv")]:

@@ -11,9 +11,10 @@ on a look it never saw can be measured; varied: 23 TrueType faces on canvases of
 clutter and warps, so that pre-training sees many looks. All are seeded: the same seed draws the same files.
 
 Two more kinds of captcha, for development and tests: arithmetic (`3+5=?`, `12×4=`: one- and two-digit operands,
-+ - × x ÷, whole answers, the captcha package's look with operators nearly upright; files numbered, the expressions in labels.csv beside them, since `?` `/` `*` cannot be
-file names) and cjk (4 hanzi out of CJK_SYMBOLS of GB2312's common ones, drawn with the WenQuanYi Micro Hei font,
-Apache-2.0 or GPL-3 with the font exception: `apt-get install fonts-wqy-microhei`).
++ - × x ÷, whole answers, the captcha package's look with operators nearly upright; files numbered, the
+expressions in labels.csv beside them, since `?` `/` `*` cannot be file names) and cjk (4 hanzi out of
+CJK_SYMBOLS of GB2312's common ones, drawn with the WenQuanYi Micro Hei font, Apache-2.0 or GPL-3 with the font
+exception: `apt-get install fonts-wqy-microhei`).
 """
 
 import argparse

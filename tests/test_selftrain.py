@@ -153,3 +153,6 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     assert selftrain.pseudo_labels_path(out, 2).exists()  # round 1's model read the unlabelled images
     assert "self-training round 2: started" in printed or "self-training ends: round 2's" in printed
     assert json.loads((out / selftrain.STATE_NAME).read_text())["config"]["rounds"] == 2  # a later --resume too
+    assert train.main(["--resume", "--out", str(out), "--rounds", "-1"]) == 2  # refused in one line, nothing saved
+    assert "--rounds -1: at least 1 round" in capsys.readouterr().err
+    assert json.loads((out / selftrain.STATE_NAME).read_text())["config"]["rounds"] == 2

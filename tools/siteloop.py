@@ -6,8 +6,8 @@
 Each cycle serves the next --serve N images of UNLABELED through `serve.py --collect OUT/collected` (real HTTP on
 127.0.0.1), answers every reading with POST /feedback (accepted when it equals the truth in TRUTH_CSV, file,label,
 compared under the model's letter-case fold), then retrains with `train.py --data_dir OUT/collected/accepted
---init_from <the current model>` (and `--unlabeled OUT/collected/rejected` with --with_rejected) and scores the new model on TEST with test.py. Accepted images pile up over the
-cycles. Prints a Markdown table; a cycle whose model exists is not run again (run the same command to resume).
+--init_from <the current model>` (and `--unlabeled OUT/collected/rejected` with --with_rejected) and scores the
+new model on TEST with test.py. Accepted images pile up over the cycles. Prints a Markdown table; a cycle whose model exists is not run again (run the same command to resume).
 """
 
 import argparse
