@@ -377,13 +377,15 @@ class Reader:
         """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable."""
         return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.channels), self.options)
 
-    def read_paths(self, paths, batch_size=64, debug_dir=None):
-        """Yield a Reading per path, in order; reads the next batch's files while predicting this one."""
+    def read_paths(self, paths, batch_size=64, debug_dir=None, augmentation_for=None):
+        """Yield a Reading per path, in order; reads the next batch's files while predicting this one.
+        augmentation_for(path): a function of the 8-bit canvas (augment.augment, seeded per image) that alters it
+        before reading, or None: for readings of altered copies (selftrain's agreement filter)."""
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         # One thread prepares the next batch, spreading its images over two more (OpenCV frees the GIL).
         with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(2) as pool:
             def load_batch(batch):
-                return list(pool.map(lambda p: self.prepare(p, debug_dir), batch))
+                return list(pool.map(lambda p: self.prepare(p, debug_dir, augmentation_for), batch))
 
             pending = prefetch.submit(load_batch, batches[0]) if batches else None
             for i, batch in enumerate(batches):
@@ -398,11 +400,12 @@ class Reader:
                         text, confidence, refit = next(results)
                         yield Reading(str(path), text, confidence, refit=refit)
 
-    def prepare(self, path, debug_dir=None):
+    def prepare(self, path, debug_dir=None, augmentation_for=None):
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""
         try:
             stages = {} if debug_dir else None
-            image = preprocess.preprocess_image(preprocess.read_image(path, self.options.channels), self.options, stages)
+            image = preprocess.preprocess_image(preprocess.read_image(path, self.options.channels), self.options, stages,
+                                                augmentation_for(path) if augmentation_for else None)
         except CaptchaError as e:
             return None, str(e)
         if debug_dir:

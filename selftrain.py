@@ -3,12 +3,13 @@
     python train.py --data_dir LABELLED --unlabeled UNLABELLED        # rounds in --out/round_0, round_1, ...
     python train.py --resume --out saved_model                        # an interrupted self-training run
     python train.py --resume --out saved_model --rounds 4             # a finished one, two rounds more
+    python train.py ... --augmented_agreement 3                       # kept only where 3 altered copies agree
 
 Round 0 trains on the labelled images alone. After each round, its model (the one train.py kept) reads the
 unlabelled images; readings at or above the confidence threshold it stores (chosen on its validation split for
 --target_precision), and within the lengths of the labels people typed, become pseudo-labels, written to
---out/pseudo_labels_round_N.csv for a person to check,
-and round N trains again, from the same start, on the labelled training images plus those. Validation and
+--out/pseudo_labels_round_N.csv for a person to check (with --augmented_agreement N, only the readings that N
+copies of the image, altered by the light training augmentation, read the same), and round N trains again, from the same start, on the labelled training images plus those. Validation and
 test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
 any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
 typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
@@ -23,10 +24,13 @@ import hashlib
 import json
 import os
 import shutil
+import typing
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+import augment
 import dataset
 import labels as label_sources
 import metrics
@@ -99,14 +103,32 @@ def changed_pseudo_labels(before, after):
     return sum(before_labels.get(path) != after_labels.get(path) for path in before_labels.keys() | after_labels.keys())
 
 
-def pseudo_label(model_path, paths, teacher_texts=None, rejected=None):
+class PseudoLabels(typing.NamedTuple):
+    kept: list  # (path, text, confidence) rows
+    unreadable: int  # files that could not be read
+    wrong_length: int  # readings of a length no typed label has
+    known_wrong: int  # readings the site rejected
+    unsteady: int  # readings an augmented copy read otherwise
+
+
+def augmentation_for(seed, copy):
+    """path -> the light training augmentation, seeded by (seed, copy, the file's name): a copy of an image is
+    altered the same way whatever the order or batch it is read in."""
+    def for_path(path):
+        rng = np.random.default_rng([seed, copy, zlib.crc32(Path(path).name.encode())])
+        return lambda canvas: augment.augment(canvas, "light", rng)
+    return for_path
+
+
+def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented_copies=0, seed=0):
     """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold that the
     network read at a length of the labels people typed (a 5-letter site's 4-letter reading is wrong however
     confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). teacher_texts {path: texts}: a
     reading below the threshold is kept too where one of the teacher's readers read the same text (two readers of
     different make agree). rejected {file name: text}: readings the site said were wrong (serve.py --collect), never
-    kept. Returns (kept (path, text, confidence) rows, files that could not be read, readings of another length,
-    readings the site rejected)."""
+    kept. augmented_copies N: a reading is kept only where N copies of the image, each altered by the light training
+    augmentation, read the same (a confident reading that a small turn or blur changes is more often wrong).
+    Returns PseudoLabels."""
     captcha_reader = reader.Reader(model_path)
     low_rule = captcha_reader.low_confidence_rule()
     teacher_texts = teacher_texts or {}
@@ -126,7 +148,11 @@ def pseudo_label(model_path, paths, teacher_texts=None, rejected=None):
             known_wrong += 1
         elif reading.text and (reading.confidence >= low_rule.threshold or teacher_agrees(reading)):
             kept.append((reading.path, reading.text, reading.confidence))
-    return kept, unreadable, wrong_length, known_wrong
+    before = len(kept)
+    for copy in range(augmented_copies):
+        copies = captcha_reader.read_paths([path for path, _, _ in kept], augmentation_for=augmentation_for(seed, copy))
+        kept = [row for row, reading in zip(kept, copies) if reading.text == row[1]]
+    return PseudoLabels(kept, unreadable, wrong_length, known_wrong, before - len(kept))
 
 
 def read_teacher_texts(out):
@@ -209,16 +235,22 @@ def start_state(cfg, config_class):
     state_path = out / STATE_NAME
     if cfg.rounds < 0:
         raise CaptchaError(f"--rounds {cfg.rounds}: at least 1 round with pseudo-labels (0: {DEFAULT_ROUNDS})")
+    if cfg.augmented_agreement < 0:
+        raise CaptchaError(f"--augmented_agreement {cfg.augmented_agreement}: a number of augmented copies, 0 or more")
     if cfg.resume:
         if not state_path.exists():
             raise CaptchaError(f"{state_path}: no self-training run to resume in {out}")
         state = json.loads(state_path.read_text())
         saved = state["config"]
         print(f"resuming the self-training run in {out} with its saved settings")
-        if cfg.rounds and cfg.rounds != saved["rounds"]:  # a finished run goes on where it ended (or stops sooner)
-            print(f"--rounds {cfg.rounds} over the run's {saved['rounds']}: rounds done are kept, later ones trained")
-            saved = {**saved, "rounds": cfg.rounds}
-            state_path.write_text(json.dumps({**state, "config": saved}, indent=2))
+        for name, given in (("rounds", cfg.rounds), ("augmented_agreement", cfg.augmented_agreement)):
+            # settings of the rounds still to come: a finished run goes on where it ended (or stops sooner), and
+            # its next pseudo-labels are filtered as asked
+            if given and given != saved.get(name):
+                print(f"--{name} {given} over the run's {saved.get(name, 0)}: rounds done are kept, later ones "
+                      f"trained with it")
+                saved = {**saved, name: given}
+                state_path.write_text(json.dumps({**state, "config": saved}, indent=2))
         return config_class(**{**saved, "out": cfg.out, "resume": True})
     if not Path(cfg.unlabeled).is_dir():
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
@@ -278,14 +310,15 @@ def run(cfg, train_one, config_class):
             break
         next_labels = pseudo_labels_path(out, number + 1)
         if not next_labels.exists():
-            kept, unreadable, wrong_length, known_wrong = pseudo_label(folder / runstate.BEST_NAME, unlabeled,
-                                                                       teacher_texts, rejected)
-            write_pseudo_labels(next_labels, kept)
-            print(f"round {number}'s model pseudo-labels {len(kept)} of {len(unlabeled)} unlabelled images"
-                  + (f"; {wrong_length} reading{'s' if wrong_length != 1 else ''} of a length no typed label "
-                     "has left out" if wrong_length else "")
-                  + (f"; {known_wrong} the site rejected left out" if known_wrong else "")
-                  + (f"; {unreadable} could not be read" if unreadable else "") + f"; wrote {next_labels}")
+            found = pseudo_label(folder / runstate.BEST_NAME, unlabeled, teacher_texts, rejected,
+                                 cfg.augmented_agreement, cfg.seed)
+            write_pseudo_labels(next_labels, found.kept)
+            print(f"round {number}'s model pseudo-labels {len(found.kept)} of {len(unlabeled)} unlabelled images"
+                  + (f"; {found.wrong_length} reading{'s' if found.wrong_length != 1 else ''} of a length no typed "
+                     "label has left out" if found.wrong_length else "")
+                  + (f"; {found.known_wrong} the site rejected left out" if found.known_wrong else "")
+                  + (f"; {found.unsteady} that an augmented copy read otherwise left out" if found.unsteady else "")
+                  + (f"; {found.unreadable} could not be read" if found.unreadable else "") + f"; wrote {next_labels}")
         changed = changed_pseudo_labels(pseudo, read_pseudo_labels(next_labels))
         if changed < MIN_CHANGED_FRACTION * len(unlabeled):
             print(f"self-training ends: round {number + 1}'s pseudo-labels differ from this round's in {changed} "

@@ -82,6 +82,9 @@ class TrainConfig:
     #                      confident readings of each round's model to the next round's training images
     rounds: int = 0  # with --unlabeled: rounds of training with pseudo-labels after the round-0 (0: 2); with
     #                  --resume, more rounds for a finished or interrupted self-training run (0: its own)
+    augmented_agreement: int = 0  # with --unlabeled: a student's reading becomes a pseudo-label only where this many
+    #                               augmented copies of the image read the same (0: off); with --resume, from the
+    #                               next round's pseudo-labels on
     teacher: str = ""  # with --unlabeled: ddddocr or a model file (.keras, .onnx, .tflite) whose filtered readings
     #                    of the unlabelled images are round 0's pseudo-labels (teacher.py); --data_dir is optional
     check: str = ""  # a folder of images labelled by people (labels read as --labels_from, or --check_labels), half

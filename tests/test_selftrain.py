@@ -64,10 +64,11 @@ def test_readings_of_a_length_no_typed_label_has_are_no_pseudo_labels(tmp_path):
     shutil.copy(READER, path)
     for typed, kept_lengths in (([4, 4], {4}), ([3, 4], {3, 4})):
         model.update_meta(path, {"label_lengths": typed})
-        kept, unreadable, wrong_length, known_wrong = selftrain.pseudo_label(path, READER_IMAGES)
-        assert [(Path(p).name, text) for p, text, _ in kept] == [
+        found = selftrain.pseudo_label(path, READER_IMAGES)
+        assert [(Path(p).name, text) for p, text, _ in found.kept] == [
             (image.name, image.stem) for image in READER_IMAGES if len(image.stem) in kept_lengths]
-        assert unreadable == 0 and wrong_length == len(READER_IMAGES) - len(kept) and known_wrong == 0
+        assert found.unreadable == 0 and found.wrong_length == len(READER_IMAGES) - len(found.kept)
+        assert found.known_wrong == 0 and found.unsteady == 0
 
 
 def test_readings_the_site_rejected_are_no_pseudo_labels(tmp_path):
@@ -82,11 +83,28 @@ def test_readings_the_site_rejected_are_no_pseudo_labels(tmp_path):
         f.write(f"{first.name},{first.stem}\n{second.name},{second.stem[::-1]}x\n")  # the reader's reading; another
     assert label_sources.rejected_readings(folder) == {first.name: first.stem, second.name: second.stem[::-1] + "x"}
     paths = [folder / image.name for image in READER_IMAGES]
-    kept, _, _, known_wrong = selftrain.pseudo_label(READER, paths,
-                                                     rejected=label_sources.rejected_readings(folder))
-    assert known_wrong == 1 and first.name not in {Path(p).name for p, _, _ in kept}
-    assert second.name in {Path(p).name for p, _, _ in kept}
+    found = selftrain.pseudo_label(READER, paths, rejected=label_sources.rejected_readings(folder))
+    assert found.known_wrong == 1 and first.name not in {Path(p).name for p, _, _ in found.kept}
+    assert second.name in {Path(p).name for p, _, _ in found.kept}
     assert label_sources.rejected_readings(tmp_path) == {}  # no readings file: nothing rejected
+
+
+def test_readings_an_augmented_copy_reads_otherwise_are_no_pseudo_labels(monkeypatch):
+    every = selftrain.pseudo_label(READER, READER_IMAGES)
+    assert len(every.kept) == len(READER_IMAGES)  # the reader reads its fixture images right
+    # the light augmentation, seeded per image: the same copies whatever the order
+    steady = selftrain.pseudo_label(READER, READER_IMAGES, augmented_copies=2, seed=5)
+    assert steady == selftrain.pseudo_label(READER, READER_IMAGES, augmented_copies=2, seed=5)
+    backwards = selftrain.pseudo_label(READER, READER_IMAGES[::-1], augmented_copies=2, seed=5)
+    assert sorted(backwards.kept) == sorted(steady.kept)
+    assert steady.unsteady == len(every.kept) - len(steady.kept) and set(steady.kept) <= set(every.kept)
+    # copies of two images blanked: their readings change, so they are left out, and only they
+    blanked = {READER_IMAGES[0].name, READER_IMAGES[3].name}
+    monkeypatch.setattr(selftrain, "augmentation_for", lambda seed, copy: lambda path: (
+        (lambda canvas: np.full_like(canvas, 255)) if Path(path).name in blanked else (lambda canvas: canvas)))
+    found = selftrain.pseudo_label(READER, READER_IMAGES, augmented_copies=1)
+    assert found.unsteady == 2 and {Path(p).name for p, _, _ in found.kept} == {
+        image.name for image in READER_IMAGES} - blanked
 
 
 def test_rounds_go_on_while_the_pseudo_labels_change():
@@ -145,14 +163,16 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     assert not (out / "round_1" / runstate.RESUME_NAME).exists()
 
     round_one = (out / "round_1" / "metrics.json").stat().st_mtime_ns
-    assert train.main(["--resume", "--out", str(out), "--rounds", "2"]) == 0  # the finished run, a round more
+    # the finished run, a round more, its pseudo-labels filtered by agreement over augmented copies
+    assert train.main(["--resume", "--out", str(out), "--rounds", "2", "--augmented_agreement", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "--rounds 2 over the run's 1" in printed
+    assert "--rounds 2 over the run's 1" in printed and "--augmented_agreement 2 over the run's 0" in printed
     assert (out / "round_0" / "metrics.json").stat().st_mtime_ns == round_zero
     assert (out / "round_1" / "metrics.json").stat().st_mtime_ns == round_one
     assert selftrain.pseudo_labels_path(out, 2).exists()  # round 1's model read the unlabelled images
     assert "self-training round 2: started" in printed or "self-training ends: round 2's" in printed
-    assert json.loads((out / selftrain.STATE_NAME).read_text())["config"]["rounds"] == 2  # a later --resume too
+    saved = json.loads((out / selftrain.STATE_NAME).read_text())["config"]
+    assert saved["rounds"] == 2 and saved["augmented_agreement"] == 2  # a later --resume too
     assert train.main(["--resume", "--out", str(out), "--rounds", "-1"]) == 2  # refused in one line, nothing saved
     assert "--rounds -1: at least 1 round" in capsys.readouterr().err
     assert json.loads((out / selftrain.STATE_NAME).read_text())["config"]["rounds"] == 2
