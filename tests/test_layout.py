@@ -15,7 +15,7 @@ from conftest import READER_IMAGES, ROOT
 
 @pytest.mark.parametrize("script", ["train", "test", "export_safe", "dataset", "synth", "plots", "serve", "label",
                                     "tools.rawformats", "tools.bench", "tools.speed", "tools.fewlabels", "tools.eyeread",
-                                    "tools.pretrain", "tools.siteloop", "tools.keystrokes", "tools.teacher_filters",
+                                    "tools.pretrain", "tools.siteloop", "tools.keystrokes", "tools.teacher_filters", "tools.student_filters",
                                     "tools.label_screenshot"])
 def test_every_script_has_help(script, capsys):
     module = importlib.import_module(script)

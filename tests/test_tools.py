@@ -1,6 +1,7 @@
 """The measuring tools: tools/bench.py (recipes against each other) and tools/speed.py (loader, step, server)."""
 
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -10,8 +11,8 @@ import model
 import preprocess
 import runstate
 import train
-from conftest import DIGITS
-from tools import bench
+from conftest import DIGITS, READER, READER_IMAGES
+from tools import bench, student_filters
 
 
 def test_speed_script_times_the_loader_and_inference(trained_run, digits_folder, capsys):
@@ -101,3 +102,26 @@ def test_bench_names_a_missing_start_model_in_one_line(digits_folder, tmp_path, 
                        str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{missing}: no such model file to start from" in error
+
+
+def test_student_filters_counts_the_pseudo_labels_each_rule_keeps_and_how_many_are_right(tmp_path, capsys):
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for image in READER_IMAGES:
+        shutil.copy(image, folder / image.name)
+    truth = tmp_path / "truth.csv"
+    rows = ["file,label"] + [f"{image.name},{image.stem}" for image in READER_IMAGES]
+    rows[1] = f"{READER_IMAGES[0].name},zz{READER_IMAGES[0].stem}"  # one label the reader cannot match
+    truth.write_text("\n".join(rows) + "\n")
+    assert student_filters.main([str(READER), str(folder), str(truth), "--copies", "1"]) == 0
+    table = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:3] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and "---" not in line}
+    count = len(READER_IMAGES)
+    assert table["every reading"] == [str(count), str(count - 1)]  # the reader reads its images right
+    steady = table["and 1 augmented copies read the same (--augmented_agreement 1)"]
+    assert int(steady[0]) <= count and int(steady[1]) <= int(steady[0])
+
+    truth.write_text("\n".join(rows[:-1]) + "\n")  # an image with no label: refused in one line
+    assert student_filters.main([str(READER), str(folder), str(truth)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {truth}: no label for 1 images")
