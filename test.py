@@ -193,7 +193,8 @@ def report(rows, low_rule, answer_mode):
             unscored.setdefault(row["unscorable"], []).append(Path(row["path"]).name)
     if unscored and len(rows) > 1:  # counts by reason with an example each: one line however many files
         print("not scored, file name not a label of this model: "
-              + ", ".join(f"{len(names)} {reason} (e.g. {names[0]})" for reason, names in sorted(unscored.items())))
+              + ", ".join(f"{len(names)} {reason} (e.g. {names[0]})" for reason, names in sorted(unscored.items()))
+              + "; --labels FILE or --labels_from RULE scores them otherwise")
     if low_rule.threshold or low_rule.lengths or answer_mode == "arithmetic":
         print(f"{sum(row['low_confidence'] for row in rows)} of {len(rows)} readings marked low (below confidence "
               f"{low_rule.threshold:.4g}, of a length no typed label has"

@@ -74,7 +74,8 @@ def test_only_file_names_that_are_labels_of_the_model_are_scored(trained_run, di
     exact = float(text == label_sources.label_from_filename(image))
     assert f"1 labelled image: exact match {exact:.4f} ({exact:.4f} ignoring case)" in out
     assert ("not scored, file name not a label of this model: 1 longer than the model's 4 characters "
-            "(e.g. 12345.png), 1 symbols outside the model's charset (GIM_) (e.g. IMG_1234.png)") in out
+            "(e.g. 12345.png), 1 symbols outside the model's charset (GIM_) (e.g. IMG_1234.png); --labels FILE or "
+            "--labels_from RULE scores them otherwise") in out
 
 
 def test_test_py_user_errors_are_one_line(trained_run, tmp_path):
