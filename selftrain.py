@@ -9,9 +9,9 @@ Round 0 trains on the labelled images alone. After each round, its model (the on
 unlabelled images; readings at or above the confidence threshold it stores (chosen on its validation split for
 --target_precision), and within the lengths of the labels people typed, become pseudo-labels, written to
 --out/pseudo_labels_round_N.csv for a person to check (with --augmented_agreement N, only the readings that N
-copies of the image, altered by the light training augmentation, read the same), and round N trains again, from the same start, on the labelled training images plus those. Validation and
-test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops
-any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
+copies of the image, altered by the light training augmentation, read the same), and round N trains again, from
+the same start, on the labelled training images plus those. Validation and test stay the labelled images' own
+splits (train.py adds pseudo-labels to the training split only, and drops any unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people
 typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
 than MIN_CHANGED_FRACTION of the unlabelled images newly labelled, relabelled or no longer labelled).
 The last round is copied to --out as the run's result, unless an earlier round reads the validation images
@@ -148,11 +148,17 @@ def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented
             known_wrong += 1
         elif reading.text and (reading.confidence >= low_rule.threshold or teacher_agrees(reading)):
             kept.append((reading.path, reading.text, reading.confidence))
-    before = len(kept)
-    for copy in range(augmented_copies):
-        copies = captcha_reader.read_paths([path for path, _, _ in kept], augmentation_for=augmentation_for(seed, copy))
-        kept = [row for row, reading in zip(kept, copies) if reading.text == row[1]]
-    return PseudoLabels(kept, unreadable, wrong_length, known_wrong, before - len(kept))
+    steady = steady_readings(captcha_reader, kept, augmented_copies, seed)
+    return PseudoLabels(steady, unreadable, wrong_length, known_wrong, len(kept) - len(steady))
+
+
+def steady_readings(captcha_reader, kept, copies, seed):
+    """The (path, text, confidence) rows of `kept` that `copies` altered copies of the image (augmentation_for)
+    also read as `text`."""
+    for copy in range(copies):
+        readings = captcha_reader.read_paths([path for path, _, _ in kept], augmentation_for=augmentation_for(seed, copy))
+        kept = [row for row, reading in zip(kept, readings) if reading.text == row[1]]
+    return kept
 
 
 def read_teacher_texts(out):

@@ -52,13 +52,13 @@ def main(argv=None):
     readings = [r for r in student.read_paths(paths) if not r.error]
     typed = [r for r in readings if student.low_confidence_rule().read_at_typed_length(r.text, r.refit)]
     confident = selftrain.pseudo_label(args.model, paths)
-    steady = selftrain.pseudo_label(args.model, paths, augmented_copies=args.copies, seed=args.seed)
+    steady = selftrain.steady_readings(student, confident.kept, args.copies, args.seed)
     rows = [("every reading", [(r.path, r.text) for r in readings]),
             ("of a typed length", [(r.path, r.text) for r in typed]),
             ("and at or above the stored threshold (a round's pseudo-labels)",
              [(path, text) for path, text, _ in confident.kept]),
             (f"and {args.copies} augmented copies read the same (--augmented_agreement {args.copies})",
-             [(path, text) for path, text, _ in steady.kept])]
+             [(path, text) for path, text, _ in steady])]
     print(f"{args.model} on {len(paths)} images of {args.unlabeled}\n")
     print("| readings kept | kept | right | share right |\n| --- | --- | --- | --- |")
     for name, kept in rows:
