@@ -11,11 +11,12 @@ unlabelled images; readings at or above the confidence threshold it stores (chos
 --out/pseudo_labels_round_N.csv for a person to check (with --augmented_agreement N, only the readings that N
 copies of the image, altered by the light training augmentation, read the same), and round N trains again, from
 the same start, on the labelled training images plus those. Validation and test stay the labelled images' own
-splits (train.py adds pseudo-labels to the training split only, and drops any unlabelled file that is a copy of
-a labelled one), so every round is chosen and scored on labels people typed. Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer
-than MIN_CHANGED_FRACTION of the unlabelled images newly labelled, relabelled or no longer labelled).
-The last round is copied to --out as the run's result, unless an earlier round reads the validation images
-better beyond chance (an exact sign test on the images only one of them reads right).
+splits (train.py adds pseudo-labels to the training split only, and drops any unlabelled file that is a copy of a
+labelled one), so every round is chosen and scored on labels people typed. Rounds go on up to --rounds, and end
+earlier once a round's pseudo-labels would barely change (fewer than MIN_CHANGED_FRACTION of the unlabelled images
+newly labelled, relabelled or no longer labelled). The last round is copied to --out as the run's result, unless
+an earlier round reads the validation images better beyond chance (an exact sign test on the images only one of
+them reads right).
 """
 
 import csv
