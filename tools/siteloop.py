@@ -7,7 +7,9 @@ Each cycle serves the next --serve N images of UNLABELED through `serve.py --col
 127.0.0.1), answers every reading with POST /feedback (accepted when it equals the truth in TRUTH_CSV, file,label,
 compared under the model's letter-case fold), then retrains with `train.py --data_dir OUT/collected/accepted
 --init_from <the current model>` (and `--unlabeled OUT/collected/rejected` with --with_rejected) and scores the
-new model on TEST with test.py. Accepted images pile up over the cycles. Prints a Markdown table; a cycle whose model exists is not run again (run the same command to resume).
+new model on TEST with test.py. Accepted images pile up over the cycles. Prints a Markdown table; each retraining's
+output goes to OUT/cycle_N.log (with --with_rejected, its self-training lines say how many readings the site's
+rejections kept out). A cycle whose model exists is not run again (run the same command to resume).
 """
 
 import argparse
@@ -107,8 +109,9 @@ def main(argv=None):
             flags = (["--resume"] if interrupted else
                      ["--data_dir", str(out / "collected" / "accepted"), "--init_from", str(model), *rejected,
                       *args.train])
-            subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(cycle_out)], cwd=ROOT,
-                           check=True, stdout=subprocess.DEVNULL)
+            with open(out / f"cycle_{cycle}.log", "a") as log:
+                subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(cycle_out)], cwd=ROOT,
+                               check=True, stdout=log)
         model = best
         print(f"| {cycle} | {len(served)} | {accepted} | {so_far} | {exact_match(model, args.test)} |", flush=True)
     return 0
