@@ -122,7 +122,14 @@ def augmentation_for(seed, copy):
 
 
 def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented_copies=0, seed=0):
-    """Reads `paths` with the model at `model_path`; keeps the readings at or above its stored threshold that the
+    """Reads `paths` with the model at `model_path` and selects its pseudo-labels (select_pseudo_labels)."""
+    captcha_reader = reader.Reader(model_path)
+    return select_pseudo_labels(captcha_reader, captcha_reader.read_paths(paths), teacher_texts, rejected,
+                                augmented_copies, seed)
+
+
+def select_pseudo_labels(captcha_reader, readings, teacher_texts=None, rejected=None, augmented_copies=0, seed=0):
+    """Of `readings` (captcha_reader's Readings), keeps the readings at or above its stored threshold that the
     network read at a length of the labels people typed (a 5-letter site's 4-letter reading is wrong however
     confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). teacher_texts {path: texts}: a
     reading below the threshold is kept too where one of the teacher's readers read the same text (two readers of
@@ -130,7 +137,6 @@ def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented
     kept. augmented_copies N: a reading is kept only where N copies of the image, each altered by the light training
     augmentation, read the same (a confident reading that a small turn or blur changes is more often wrong).
     Returns PseudoLabels."""
-    captcha_reader = reader.Reader(model_path)
     low_rule = captcha_reader.low_confidence_rule()
     teacher_texts = teacher_texts or {}
 
@@ -140,7 +146,7 @@ def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented
 
     rejected = {name: preprocess.fold_case(text, captcha_reader.case) for name, text in (rejected or {}).items()}
     kept, unreadable, wrong_length, known_wrong = [], 0, 0, 0
-    for reading in captcha_reader.read_paths(paths):
+    for reading in readings:
         if reading.error:
             unreadable += 1
         elif not low_rule.read_at_typed_length(reading.text, reading.refit):

@@ -49,9 +49,10 @@ def main(argv=None):
         return sum(text == preprocess.fold_case(truth[Path(path).name], student.case) if student.case else
                    text == truth[Path(path).name] for path, text in texts)
 
-    readings = [r for r in student.read_paths(paths) if not r.error]
+    every = list(student.read_paths(paths))
+    readings = [r for r in every if not r.error]
     typed = [r for r in readings if student.low_confidence_rule().read_at_typed_length(r.text, r.refit)]
-    confident = selftrain.pseudo_label(args.model, paths)
+    confident = selftrain.select_pseudo_labels(student, every)
     steady = selftrain.steady_readings(student, confident.kept, args.copies, args.seed)
     rows = [("every reading", [(r.path, r.text) for r in readings]),
             ("of a typed length", [(r.path, r.text) for r in typed]),
