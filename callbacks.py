@@ -178,6 +178,67 @@ class StopWhenSettled(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class HoldWhileValidationPays(keras.callbacks.Callback):
+    """The stable phase of a run whose length follows its validation (runlength.py): stops fit() once `checks`
+    validations in a row have not read better beyond chance than the last one that did, or when what is left of
+    the step ceiling or the time budget only covers the anneal. Better beyond chance: fewer character errors than
+    that check, by more than the square root of its count (about how far the errors of two equal models spread
+    on the same images); while most validation images are still misread (exact match under 0.5: the CTC plateau,
+    where the CER hardly moves) a validation loss 5% lower counts too. Writes its decision into `anneal`
+    ({"from_epoch", "why"}), which the resume checkpoint after it saves.
+
+    anneal_epochs(epochs_done): how many epochs the anneal takes after that many; max_epochs: the ceiling on
+    stable and anneal epochs together; seconds: the time budget (0: none), counted from this session's start;
+    history: (val_cer, val_exact_match, val_loss) of the epochs before a resume."""
+
+    LOSS_FACTOR = 0.95  # on the CTC plateau, a loss this much lower is progress
+
+    def __init__(self, checks, val_chars, anneal, anneal_epochs, max_epochs, seconds=0.0, history=(),
+                 clock=time.perf_counter):
+        super().__init__()
+        self.clock = clock
+        self.checks, self.val_chars, self.anneal = checks, max(1, val_chars), anneal
+        self.anneal_epochs, self.max_epochs = anneal_epochs, max_epochs
+        self.seconds = seconds
+        self.reference, self.since = None, 0  # the last check that paid: (errors, loss); checks since it
+        self.began = self.epochs_timed = None
+        for cer, exact, loss in history:
+            self.paid(cer, exact, loss)
+
+    def paid(self, cer, exact, loss):
+        """Whether this check reads better beyond chance than the reference; updates the reference and the count."""
+        errors = round(cer * self.val_chars)
+        better = self.reference is None or errors < self.reference[0] - max(1.0, self.reference[0] ** 0.5) or (
+            exact < 0.5 and loss < self.LOSS_FACTOR * self.reference[1])
+        if better:
+            self.reference, self.since = (errors, loss), 0
+        else:
+            self.since += 1
+        return better
+
+    def on_train_begin(self, logs=None):
+        self.began, self.epochs_timed = self.clock(), 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.paid(logs["val_cer"], logs["val_exact_match"], logs["val_loss"])
+        self.epochs_timed += 1
+        done = epoch + 1
+        spent = self.clock() - self.began
+        per_epoch = spent / self.epochs_timed  # validation and checkpoints included
+        steps = self.params.get("steps") or 0
+        if self.since >= self.checks:
+            why = (f"validation settled at step {done * steps}: {self.checks} checks without fewer errors beyond "
+                   f"chance")
+        elif done + self.anneal_epochs(done) >= self.max_epochs:
+            why = f"the step ceiling: {self.max_epochs * steps} steps"
+        elif self.seconds and spent + per_epoch * (1 + self.anneal_epochs(done + 1)) > self.seconds:
+            why = f"the time budget: {spent / 60:.1f} of {self.seconds / 60:g} minutes spent, the anneal takes the rest"
+        else:
+            return
+        self.anneal.update(from_epoch=done, why=why)
+        self.model.stop_training = True
+
+
 class EpochClock(keras.callbacks.Callback):
     """Adds to the epoch logs (so train_log.csv has them) the seconds the epoch's steps took and the
     seconds its end took, from the first epoch-end callback to `self.stop` (placed just before the CSV
@@ -215,9 +276,10 @@ class DurationEstimate(keras.callbacks.Callback):
 
     LAST_STEP = 25
 
-    def __init__(self, steps_left, first=5, last=LAST_STEP):
+    def __init__(self, steps_left, first=5, last=LAST_STEP, bound=False):
+        """bound: `steps_left` is a ceiling (a run whose length follows validation usually ends well before)."""
         super().__init__()
-        self.steps_left, self.first, self.last = steps_left, first, last
+        self.steps_left, self.first, self.last, self.bound = steps_left, first, last, bound
         self.started, self.done = None, False
 
     def on_train_batch_end(self, batch, logs=None):
@@ -227,8 +289,11 @@ class DurationEstimate(keras.callbacks.Callback):
             self.started = time.perf_counter()
         elif batch + 1 == self.last and self.started is not None:
             seconds = (time.perf_counter() - self.started) / (self.last - self.first)
-            print(f"\nexpected: about {seconds * self.steps_left / 60:.0f} min for the {self.steps_left} steps planned "
-                  f"on this device ({1000 * seconds:.0f} ms a step over steps {self.first + 1}-{self.last}; "
+            planned = (f"at most {seconds * self.steps_left / 60:.0f} min for at most {self.steps_left} steps (it ends "
+                       f"once validation stops paying)" if self.bound
+                       else f"about {seconds * self.steps_left / 60:.0f} min for the {self.steps_left} steps planned")
+            print(f"\nexpected: {planned} on this device ({1000 * seconds:.0f} ms a step over steps "
+                  f"{self.first + 1}-{self.last}; "
                   f"validation and checkpoints not counted); Ctrl-C stops and --resume continues")
             self.done = True
 
@@ -296,10 +361,11 @@ class ResumeCheckpoint(keras.callbacks.Callback):
     """After every epoch, saves what `--resume` needs: the model with its optimizer state (learning
     rate included), the epochs done, the best val_cer so far and the run's settings."""
 
-    def __init__(self, path, meta, cfg, best_checkpoint, epochs_done=0):
+    def __init__(self, path, meta, cfg, best_checkpoint, epochs_done=0, anneal=None):
         super().__init__()
         self.path, self.meta, self.cfg, self.best_checkpoint = path, meta, cfg, best_checkpoint
         self.epochs_done = epochs_done
+        self.anneal = anneal if anneal is not None else {}  # a run whose length follows validation: when it anneals
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs_done = epoch + 1
@@ -308,7 +374,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
     def save(self, finished=False):
         """finished=True: training is over (all epochs, or stopped early); only scoring is left."""
         state = {"epochs_done": self.epochs_done, "best_score": self.best_checkpoint.best,
-                 "config": dataclasses.asdict(self.cfg), "finished": finished}
+                 "config": dataclasses.asdict(self.cfg), "finished": finished, "anneal": self.anneal}
         model.save_model(self.model, self.path, {**self.meta, "resume": state})
 
 
@@ -332,12 +398,13 @@ def reading_state(recipe, train_batches):
 
 
 def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset, val_labels, epochs_done=0,
-                  best_score=np.inf, steps_left=0, resumed=False, settle_from=0):
+                  best_score=np.inf, steps_left=0, resumed=False, settle_from=0, hold=None):
     """A run's callbacks, in their order: what each epoch's end means is this list. settle_from: the first
-    epoch (0-based) a settled validation may end the run at the end of (StopWhenSettled)."""
+    epoch (0-based) a settled validation may end the run at the end of (StopWhenSettled). hold: a run whose
+    length follows validation, its HoldWhileValidationPays (runlength.py); steps_left is then a ceiling."""
     log = keras.callbacks.CSVLogger(str(out / runstate.LOG_NAME), append=resumed)
     best = BestCheckpoint(out / runstate.BEST_NAME, meta, recipe.monitor, best_score)
-    resume = ResumeCheckpoint(out / runstate.RESUME_NAME, meta, cfg, best, epochs_done)
+    resume = ResumeCheckpoint(out / runstate.RESUME_NAME, meta, cfg, best, epochs_done, hold.anneal if hold else None)
     before, after = reading_state(recipe, train_batches)
     clock = EpochClock()
     ordered = [
@@ -347,13 +414,14 @@ def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset
         best,
         early_stopping(recipe),
         StopWhenSettled(recipe.settle_epochs, runstate.validation_history(out / runstate.LOG_NAME) if resumed else (),
-                        settle_from) if recipe.settle_epochs else None,
+                        settle_from) if recipe.settle_epochs and not hold else None,
+        hold,  # a run whose length follows validation: whether its peak is held one more check
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=recipe.plateau_patience,
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         clock.stop,
         log,
-        DurationEstimate(steps_left) if len(train_batches) > DurationEstimate.LAST_STEP else None,
+        DurationEstimate(steps_left, bound=hold is not None) if len(train_batches) > DurationEstimate.LAST_STEP else None,
         *after,  # training goes on from the trained weights, and resumes from them
         resume,  # it records what the others decided
         STOP,  # last: a stop asked for during the epoch's end waits until its checkpoints are written

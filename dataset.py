@@ -225,13 +225,16 @@ class CaptchaBatches:
     from (seed, epoch): different every epoch, the same in every rerun and after a resume, whichever
     worker loads it. `repeats` > 1 passes over the samples that many times per epoch (each pass
     altered anew), so a small folder's epoch is long enough that validation and checkpoints stay a
-    small part of it. `augment_epochs`: only the epochs before this one are altered (None: every
-    epoch); the epoch is the loader's own count, so prefetching workers and a resumed run agree on it.
+    small part of it. `epoch_steps` instead makes every epoch that many batches, taken in turn from an
+    endless run of passes, each shuffled and altered from (seed, pass): a run whose length follows its
+    validation checks it every `epoch_steps` steps, whatever the folder's size. `augment_epochs`: only
+    the epochs before this one are altered (None: every epoch); the epoch is the loader's own count, so
+    prefetching workers and a resumed run agree on it.
     """
 
     def __init__(self, samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, augment="none", repeats=1, augment_epochs=None, canvases=None, processes=None,
-                 **pydataset_kwargs):
+                 seed=0, augment="none", repeats=1, epoch_steps=None, augment_epochs=None, canvases=None,
+                 processes=None, **pydataset_kwargs):
         """processes: a WorkerProcesses that makes the batches (None: this process makes them)."""
         super().__init__(**pydataset_kwargs)
         self.processes = processes
@@ -246,6 +249,7 @@ class CaptchaBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.repeats = repeats
+        self.epoch_steps = epoch_steps
         self.canvases = canvases
         self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
 
@@ -262,27 +266,38 @@ class CaptchaBatches:
             np.random.default_rng([self.seed, value]).shuffle(self.order)
 
     def __len__(self):
-        return math.ceil(len(self.order) / self.batch_size)
+        return self.epoch_steps or math.ceil(len(self.order) / self.batch_size)
+
+    def pass_order(self, number):
+        """With `epoch_steps`: the order of the images in pass `number` of the endless run."""
+        order = np.arange(len(self.paths))
+        if self.shuffle:
+            np.random.default_rng([self.seed, number]).shuffle(order)
+        return order
 
     def canvas(self, i):
         return self.canvases[i] if self.canvases is not None else load_canvas(self.paths[i], self.options)
 
     def __getitem__(self, index):
         if self.processes is not None:  # made by a worker process, for this epoch
-            return self.processes.batch(self.epoch, index)
+            return self.processes.batch(self.epoch, index, self.augment_epochs)
         return self.make_batch(index)
 
     def make_batch(self, index):
+        order, draw = self.order, self.epoch  # what orders the batch, and what its augmentation is drawn from
+        if self.epoch_steps:  # batch `index` of this epoch is batch `index` of some pass of the endless run
+            draw, index = divmod(self.epoch * self.epoch_steps + index, math.ceil(len(self.paths) / self.batch_size))
+            order = self.pass_order(draw)
         start = index * self.batch_size
-        rows = self.order[start : start + self.batch_size]
-        images = np.stack([finish_canvas(self.canvas(i), self.options, augmentation=self._augmentation(start + k))
+        rows = order[start : start + self.batch_size]
+        images = np.stack([finish_canvas(self.canvas(i), self.options, augmentation=self._augmentation(draw, start + k))
                            for k, i in enumerate(rows)])
         return images, self.labels[rows]
 
-    def _augmentation(self, position):
+    def _augmentation(self, draw, position):
         if self.augment == "none" or (self.augment_epochs is not None and self.epoch >= self.augment_epochs):
             return None
-        rng = np.random.default_rng([self.seed, self.epoch, position])
+        rng = np.random.default_rng([self.seed, draw, position])
         return lambda image: augment_module.augment(image, self.augment, rng)
 
     def on_epoch_end(self):
@@ -329,10 +344,10 @@ class WorkerProcesses:
                                                   self.memory.name if self.memory else None, shape,
                                                   self.out_memory.name, slot_shape))
 
-    def batch(self, epoch, index):
+    def batch(self, epoch, index, augment_epochs):
         slot = self.free_slots.get()  # waits while every slot holds a batch in the making
         try:
-            count, labels = self.pool.submit(_worker_batch, epoch, index, slot).result()
+            count, labels = self.pool.submit(_worker_batch, epoch, index, augment_epochs, slot).result()
             return self.out[slot, :count].copy(), labels
         finally:
             self.free_slots.put(slot)
@@ -376,9 +391,11 @@ def _start_worker(samples, charset, max_len, settings, memory_name, shape, out_n
     _WORKER["batches"] = CaptchaBatches(samples, charset, max_len, canvases=canvases, **settings)
 
 
-def _worker_batch(epoch, index, slot):
-    """Writes batch `index` of `epoch` into `slot`; returns its image count and its labels."""
+def _worker_batch(epoch, index, augment_epochs, slot):
+    """Writes batch `index` of `epoch` into `slot`; returns its image count and its labels. `augment_epochs` as the
+    training process has it now (a run whose length follows validation decides it as it goes)."""
     batches = _WORKER["batches"]
+    batches.augment_epochs = augment_epochs
     if batches.epoch != epoch:
         batches.epoch = epoch
     images, labels = batches.make_batch(index)
@@ -387,7 +404,8 @@ def _worker_batch(epoch, index, slot):
 
 
 def make_batches(samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2, augment="none", repeats=1, augment_epochs=None, in_memory=False, processes=0):
+                 seed=0, workers=2, augment="none", repeats=1, epoch_steps=None, augment_epochs=None, in_memory=False,
+                 processes=0):
     """A CaptchaBatches that is also a keras.utils.PyDataset (prefetched on `workers` threads).
     in_memory=True reads every canvas once, now (fill_canvases), and keeps them. processes > 0: the
     threads hand each batch to one of that many worker processes (WorkerProcesses); call close()
@@ -397,7 +415,7 @@ def make_batches(samples, charset, max_len, *, options=PreprocessOptions(), batc
     cv2.setNumThreads(1)
     canvases = fill_canvases([p for p, _ in samples], options, workers) if in_memory and samples else None
     settings = dict(options=options, batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
-                    repeats=repeats, augment_epochs=augment_epochs)
+                    repeats=repeats, epoch_steps=epoch_steps, augment_epochs=augment_epochs)
     made_by = WorkerProcesses(samples, charset, max_len, settings, canvases, processes,
                               slots=max(workers, processes)) if processes else None
     return pydataset_class()(samples, charset, max_len, canvases=canvases, processes=made_by,
@@ -417,9 +435,9 @@ def pydataset_class():
 
 
 def split_batches(train_set, val_set, test_set, charset, max_len, options, *, batch_size, augmentation, repeats=1,
-                  augment_epochs=None, seed=0, workers=2, processes=0, cache_mb=CACHE_MB):
+                  epoch_steps=None, augment_epochs=None, seed=0, workers=2, processes=0, cache_mb=CACHE_MB):
     """Batches of the three splits. Only the training batches are shuffled, augmented (the epochs before
-    `augment_epochs`, None: all) and repeated: validation and test read the plain pipeline's pixels, the
+    `augment_epochs`, None: all) and repeated (or drawn `epoch_steps` an epoch): validation and test read the plain pipeline's pixels, the
     same ones test.py reads. The images' canvases are read once into memory when all three splits' fit
     in `cache_mb` MiB; else every epoch streams them from disk. Only the training batches are made by
     `processes` worker processes, if any."""
@@ -430,8 +448,8 @@ def split_batches(train_set, val_set, test_set, charset, max_len, options, *, ba
     def batches(samples, training):
         return make_batches(samples, charset, max_len, options=options, batch_size=batch_size, shuffle=training,
                             seed=seed, workers=workers, augment=augmentation if training else "none",
-                            repeats=repeats if training else 1, augment_epochs=augment_epochs if training else None,
-                            in_memory=in_memory, processes=processes if training else 0)
+                            repeats=repeats if training else 1, epoch_steps=epoch_steps if training else None,
+                            augment_epochs=augment_epochs if training else None, in_memory=in_memory, processes=processes if training else 0)
 
     made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
     print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"

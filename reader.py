@@ -32,6 +32,7 @@ import numpy as np
 
 import arithmetic
 import preprocess
+import twin
 from modelmeta import META_MEMBER, check_meta_version, tflite_meta_path
 from preprocess import CaptchaError, Charset, PreprocessOptions
 
@@ -127,13 +128,22 @@ def load_tflite(path):
 
 
 def load(path, safe_mode=True):
-    """(network with predict_on_batch, metadata) from a .keras, .onnx or .tflite file."""
+    """(network with predict_on_batch, metadata) from a .keras, .onnx or .tflite file. A .keras file is read
+    through its ONNX twin (twin.py) while that is the same model, without Keras."""
     path = Path(path)
     exported = {".onnx": load_onnx, ".tflite": load_tflite}.get(path.suffix.lower())
     if exported:
         if not path.exists():
             raise CaptchaError(f"{path}: model file does not exist")
         return exported(path)
+    twin_path = twin.twin_path(path)
+    if safe_mode and path.exists() and twin_path.exists():
+        try:
+            network, meta = load_onnx(twin_path)
+        except CaptchaError:  # an unreadable twin is no twin: the .keras file is read
+            network, meta = None, {}
+        if twin.is_twin_of(meta, path):
+            return network, meta
     import model  # Keras, and with it TensorFlow, load only for .keras files
 
     return model.load_model(path, safe_mode=safe_mode)

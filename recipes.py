@@ -13,7 +13,9 @@ from preprocess import CLAHE_CLIP, CaptchaError, PreprocessOptions
 
 DEFAULT_EPOCHS = 30  # passes over the training images when --epochs is unset; small folders get more (--min_steps)
 MIN_EPOCH_STEPS = 50  # with --epochs unset, a small folder's epoch passes over its images more than once
-CPU_BUILTIN_STEPS = 3000  # on a CPU, `python train.py` on the built-in data makes about this many steps
+CPU_BUILTIN_STEPS = 3000  # on a CPU, `python train.py` on the built-in data makes at most about this many steps
+FIXED_MIN_STEPS = 3000  # a fixed-length run with --epochs unset makes at least this many steps (--min_steps); it is
+#                         also the ceiling of a run whose length follows validation
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,16 @@ class Recipe:
     learning_rate: float = 3e-3  # the peak, for "onecycle"
     weight_decay: float = 1e-4  # adamw only
     clipnorm: float = 1.0  # 0: no clipping
-    schedule: str = "onecycle"  # "onecycle": linear warm-up, then cosine decay to ~0 over the run;
-    #                             "plateau": constant, halved when val_loss stalls; "constant"
+    schedule: str = "onecycle"  # "onecycle": linear warm-up, then cosine decay to ~0 over the run (a run whose
+    #                             length follows validation holds the peak until validation stalls, then decays:
+    #                             runlength.py); "plateau": constant, halved when val_loss stalls; "constant"
     warmup_fraction: float = 0.05
+    check_every: int = 50  # a run whose length follows validation: validated every this many steps (its epoch);
+    #                        the warm-up lasts one such check
+    stall_checks: int = 4  # ... the peak is held until this many checks in a row read validation no better beyond
+    #                        chance (callbacks.HoldWhileValidationPays)
+    anneal_fraction: float = 0.25  # ... then the rate decays to ~0 over this fraction of the steps made so far,
+    min_anneal_steps: int = 100  # and at least this many, on the images as they are
     batch_size: int = 32
     monitor: str = "val_cer"  # what picks the best checkpoint and stops early: val_cer or val_loss
     stop_patience: int = 0  # epochs without improvement before stopping; 0: train.py's --patience
@@ -65,14 +74,36 @@ RECIPES = {
 }
 
 
-def make_optimizer(recipe, total_steps):
-    """The recipe's optimizer; `total_steps` (batches in the whole run) shapes the one-cycle schedule."""
+def one_cycle(recipe, total_steps):
+    """Linear warm-up from a tenth of the peak over `warmup_fraction` of the steps, then cosine decay to 1% of it
+    by `total_steps`."""
+    warmup = max(1, int(total_steps * recipe.warmup_fraction))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=recipe.learning_rate / 10, warmup_target=recipe.learning_rate, warmup_steps=warmup,
+        decay_steps=max(1, total_steps - warmup), alpha=0.01)
+
+
+def held_peak(recipe):
+    """The stable phase of a run whose length follows validation: the one-cycle warm-up over one check's steps,
+    then the peak, held (a cosine with alpha 1 does not decay)."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=recipe.learning_rate / 10, warmup_target=recipe.learning_rate,
+        warmup_steps=recipe.check_every, decay_steps=1, alpha=1.0)
+
+
+def anneal_from(recipe, first_step, steps):
+    """Its anneal: the peak until `first_step`, then cosine decay to 1% of it over `steps` (the one-cycle's end)."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=recipe.learning_rate, warmup_target=recipe.learning_rate, warmup_steps=first_step,
+        decay_steps=max(1, steps), alpha=0.01)
+
+
+def make_optimizer(recipe, total_steps=None):
+    """The recipe's optimizer; `total_steps` (batches in the whole run) shapes the one-cycle schedule, and None
+    holds its peak (held_peak) for a run whose length follows validation."""
     learning_rate = recipe.learning_rate
     if recipe.schedule == "onecycle":
-        warmup = max(1, int(total_steps * recipe.warmup_fraction))
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=recipe.learning_rate / 10, warmup_target=recipe.learning_rate,
-            warmup_steps=warmup, decay_steps=max(1, total_steps - warmup), alpha=0.01)
+        learning_rate = held_peak(recipe) if total_steps is None else one_cycle(recipe, total_steps)
     elif recipe.schedule not in ("plateau", "constant"):
         raise CaptchaError(f"unknown schedule {recipe.schedule!r}: use 'onecycle', 'plateau' or 'constant'")
     options = {"clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
@@ -86,6 +117,7 @@ def make_optimizer(recipe, total_steps):
 
 
 def compile_model(model, charset, recipe=RECIPES["reference"], total_steps=1):
+    """total_steps None: the peak held until runlength.py starts the anneal."""
     model.compile(optimizer=make_optimizer(recipe, total_steps), loss=CTCLoss(charset.blank_index))
     return model
 
@@ -117,6 +149,8 @@ def with_flags(name, *, patience=None, **flags):
         raise CaptchaError(f"unknown --augment {recipe.augment!r}; choose from {', '.join(augment.CHOICES)}")
     if not 0 <= recipe.clean_finish <= 1:
         raise CaptchaError(f"--clean_finish {recipe.clean_finish:g}: a fraction of the epochs, from 0 to 1")
+    if recipe.check_every < 1:
+        raise CaptchaError(f"--check_every {recipe.check_every}: a number of steps, at least 1")
     if not 0 <= recipe.ema_momentum < 1:
         raise CaptchaError(f"--ema_momentum {recipe.ema_momentum:g}: from 0 (off) to below 1, e.g. 0.995")
     if patience is not None and recipe.schedule == "onecycle":

@@ -48,9 +48,11 @@ def keep_log_rows_before(log_path, epoch):
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
-def validation_history(log_path):
-    """(val_cer, val_exact_match) of each epoch in a run's log, for callbacks that look back after a resume."""
+def validation_history(log_path, with_loss=False):
+    """(val_cer, val_exact_match[, val_loss]) of each epoch in a run's log, for callbacks that look back after a
+    resume."""
     if not log_path.exists():
         return []
+    columns = ("val_cer", "val_exact_match") + (("val_loss",) if with_loss else ())
     with open(log_path) as f:
-        return [(float(row["val_cer"]), float(row["val_exact_match"])) for row in csv.DictReader(f)]
+        return [tuple(float(row[column]) for column in columns) for row in csv.DictReader(f)]

@@ -127,7 +127,8 @@ class RunRecord:
     epochs_run: int
     trained: int  # epochs trained in this session
     train_seconds: float
-    repeats: int = 1  # passes over the training images in an epoch
+    images_per_epoch: int = 0
+    steps_run: int = 0  # optimizer steps in all the run's epochs  # training images an epoch (repeated passes, or a run that follows validation's steps)
 
 
 def score_run(out, chosen, record, charset, options, train_set, val_set, test_set, test_batches):
@@ -150,8 +151,9 @@ def score_run(out, chosen, record, charset, options, train_set, val_set, test_se
         "checkpoint": str(out / runstate.BEST_NAME),
         "kept": {"model": chosen.kept, **(chosen.counts or {})},
         "epochs_run": record.epochs_run,
+        "steps_run": record.steps_run,
         "train_seconds_this_session": round(seconds, 1),
-        "images_per_second_with_validation": round(len(train_set) * record.repeats * record.trained / seconds, 1),
+        "images_per_second_with_validation": round(record.images_per_epoch * record.trained / seconds, 1),
         "data_dir": str(record.folder),
         "config": dataclasses.asdict(record.config),
         "log": str(out / runstate.LOG_NAME),

@@ -10,10 +10,10 @@ unlabelled images; readings at or above the confidence threshold it stores (chos
 --target_precision), and within the lengths of the labels people typed, become pseudo-labels, written to
 --out/pseudo_labels_round_N.csv for a person to check (with --augmented_agreement N, only the readings that N
 copies of the image, altered by the light training augmentation, read the same), and round N trains again, from
-the same start, on the labelled training images plus those. Validation and test stay the labelled images' own
-splits (train.py adds pseudo-labels to the training split only, and drops any unlabelled file that is a copy of a
-labelled one), so every round is chosen and scored on labels people typed. Rounds go on up to --rounds, and end
-earlier once a round's pseudo-labels would barely change (fewer than MIN_CHANGED_FRACTION of the unlabelled images
+round N-1's model, on the labelled training images plus those, for as long as its validation pays. Validation and
+test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops any
+unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people typed.
+Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer than MIN_CHANGED_FRACTION of the unlabelled images
 newly labelled, relabelled or no longer labelled). The last round is copied to --out as the run's result, unless
 an earlier round reads the validation images better beyond chance (an exact sign test on the images only one of
 them reads right).
@@ -39,6 +39,7 @@ import model
 import preprocess
 import reader
 import runstate
+import twin
 from preprocess import CaptchaError
 
 STATE_NAME = "self_training.json"
@@ -311,8 +312,12 @@ def run(cfg, train_one, config_class):
         if not (folder / "metrics.json").exists():
             resumable = (folder / runstate.RESUME_NAME).exists()
             print(f"---- self-training round {number}: {'resumed' if resumable else 'started'}, {len(pseudo)} "
-                  f"pseudo-labelled images" + (" beside the labelled ones" if cfg.data_dir else ""))
-            round_cfg = dataclasses.replace(cfg, out=str(folder), unlabeled="", resume=resumable)
+                  f"pseudo-labelled images" + (" beside the labelled ones" if cfg.data_dir else "")
+                  + (f"; it starts from round {number - 1}'s model" if number else ""))
+            # a round builds on the last: it starts from the previous round's model, which already reads the site,
+            # and trains as long as its own validation pays (runlength.py); round 0 starts as the run was told
+            start = str(round_dir(out, number - 1) / runstate.BEST_NAME) if number else cfg.init_from
+            round_cfg = dataclasses.replace(cfg, out=str(folder), unlabeled="", resume=resumable, init_from=start)
             if train_one(round_cfg, pseudo=pseudo, resume_command=f"python train.py --resume --out {out}") is None:
                 return None
         summaries.append(round_summary(number, out, len(pseudo)))
@@ -384,4 +389,5 @@ def finish(out, summaries, measured=True):
               f"--check a folder of images labelled by people to measure it; no confidence threshold stored")
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     print(f"self-training: round {chosen['round']} chosen ({why}); its models and metrics copied to {out}")
+    twin.write_twin(out / runstate.BEST_NAME)
     return results

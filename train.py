@@ -43,10 +43,12 @@ import model
 import modelmeta
 import preprocess
 import recipes
+import runlength
 import runstate
 import scoring
 import selftrain
 import synth
+import twin
 from preprocess import CaptchaError
 
 
@@ -92,9 +94,14 @@ class TrainConfig:
     check_labels: str = ""  # a labels file for --check
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (recipes.RECIPES)
     # Settings left unset (None) take the recipe's value.
-    epochs: int | None = None  # passes: 30, or more on a small folder so that training makes at least --min_steps
-    #                            updates (on a CPU, the built-in run makes about 3,000 steps)
-    min_steps: int = 3000  # with --epochs unset: the fewest optimizer steps (batches) a run makes
+    epochs: int | None = None  # a fixed length in passes over the training images; unset: the run trains as long as
+    #                            its validation pays (runlength.py), at most 30 passes or 3,000 steps
+    min_steps: int = 0  # a fixed length instead: 30 passes, or more on a small folder so that training makes at
+    #                     least this many optimizer steps (0: unset)
+    minutes: float = 0  # a time budget for a run that follows its validation: its peak is held no longer than
+    #                     leaves time for the anneal, and it ends within it (0: none; counted from this session's start)
+    check_every: int | None = None  # a run that follows its validation validates every this many steps (the
+    #                                 recipe's: 50)
     augment: str | None = None  # on-the-fly training augmentation: none, light, strong (the recipe's: light or none)
     clean_finish: float | None = None  # the last fraction of the epochs without augmentation (the recipe's: 0.25)
     ema_momentum: float | None = None  # evaluate and save a moving average of the weights, e.g. 0.995 (0: off;
@@ -199,37 +206,9 @@ def load_dataset(cfg, folder, source=None, pseudo=()):
 
 def resolve_recipe(cfg):
     return recipes.with_flags(cfg.recipe, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                              check_every=cfg.check_every,
                               augment=cfg.augment, settle_epochs=cfg.settle_epochs, clean_finish=cfg.clean_finish,
                               ema_momentum=cfg.ema_momentum, patience=cfg.patience)
-
-
-def cpu_sized(cfg):
-    """The built-in run on a machine without a GPU is sized for a laptop, unless --epochs says otherwise. A run on
-    a teacher's pseudo-labels and a check folder has no --data_dir either, but is no built-in run (resolve_data)."""
-    return not cfg.data_dir and not cfg.check and not cfg.epochs and not model.gpu_names()
-
-
-def plan_run(cfg, recipe, train_images):
-    """(epochs, passes over the training images per epoch, the epochs before the clean finish)."""
-    epochs, repeats = recipes.plan_epochs(cfg.epochs, cfg.min_steps, train_images, recipe.batch_size)
-    if cpu_sized(cfg):
-        epochs = recipes.cpu_builtin_epochs(train_images * repeats, recipe.batch_size)
-        print(f"no GPU: the built-in run is sized for a CPU, {epochs} epochs (about {recipes.CPU_BUILTIN_STEPS} steps); "
-              f"--epochs {recipes.DEFAULT_EPOCHS} makes the full run a GPU makes")
-    return epochs, repeats, epochs - round(epochs * recipe.clean_finish)
-
-
-def describe_plan(cfg, recipe, epochs, steps_per_epoch, repeats, augment_epochs):
-    print(f"{epochs} epochs of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer steps"
-          + (f" ({repeats} passes over the training images an epoch)" if repeats > 1 else "")
-          + ("" if cfg.epochs or cpu_sized(cfg)
-             else f" (at least --min_steps {cfg.min_steps}, at least {recipes.DEFAULT_EPOCHS} passes)")
-          + f"; augmentation: {recipe.augment}"
-          + ("" if recipe.augment == "none" or augment_epochs >= epochs
-             else f" for epochs 1-{augment_epochs}, then the images as they are" if augment_epochs
-             else " (no epoch: --clean_finish 1)")
-          + (f"; ends once the validation CER holds {recipe.settle_epochs} epochs of the clean finish"
-             if recipe.settle_epochs and epochs - augment_epochs >= recipe.settle_epochs else ""))
 
 
 def device_scope(cfg, recipe):
@@ -312,13 +291,15 @@ def train(cfg, pseudo=(), resume_command=None):
     meta = {**modelmeta.make_meta(charset, max_len, network.options, network.config), "labels": scan.source.to_dict(),
             "case": scan.case, "label_lengths": [min(typed_lengths), max(typed_lengths)], "answer": cfg.answer,
             "run": runstate.run_identity(folder, train_set, val_set, test_set)}
-    # ---- phase 3, the batches and how many updates
-    epochs, repeats, augment_epochs = plan_run(cfg, recipe, len(train_set))
+    # ---- phase 3, the batches and how many updates: a fixed length, or as long as validation pays (runlength.py)
+    length = runlength.plan(cfg, recipe, len(train_set))
+    epochs = length.epochs
     train_batches, val_batches, test_batches = dataset.split_batches(
         train_set, val_set, test_set, charset, max_len, network.options, batch_size=recipe.batch_size,
-        augmentation=recipe.augment, repeats=repeats, augment_epochs=augment_epochs, seed=cfg.seed,
-        workers=cfg.workers, processes=cfg.processes, cache_mb=cfg.cache_mb)
-    describe_plan(cfg, recipe, epochs, len(train_batches), repeats, augment_epochs)
+        augmentation=recipe.augment, repeats=length.repeats, epoch_steps=length.epoch_steps,
+        augment_epochs=length.augment_epochs, seed=cfg.seed, workers=cfg.workers, processes=cfg.processes,
+        cache_mb=cfg.cache_mb)
+    print(runlength.describe(cfg, recipe, length, len(train_batches)))
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
     in_scope = device_scope(cfg, recipe)
@@ -326,30 +307,41 @@ def train(cfg, pseudo=(), resume_command=None):
     out.mkdir(parents=True, exist_ok=True)
     frozen_until = cfg.freeze_cnn_epochs if network.init_from else 0
 
-    def compile_for(first_epoch, last_epoch):
+    def compile_for(first_epoch, last_epoch):  # total_steps None: the peak held, for a run that follows validation
         with in_scope():
-            recipes.compile_model(crnn, charset, recipe, total_steps=(last_epoch - first_epoch) * len(train_batches))
+            recipes.compile_model(crnn, charset, recipe, total_steps=None if length.follows_validation
+                                  else (last_epoch - first_epoch) * len(train_batches))
 
-    state = {"epochs_done": 0, "best_score": np.inf, "finished": False}
+    state = {"epochs_done": 0, "best_score": np.inf, "finished": False, "anneal": {}}
     if cfg.resume:  # compiled as saved: its optimizer state, and its frozen layers
         crnn = resumed_model(out, meta, folder, in_scope, state)
         train_batches.epoch = state["epochs_done"]  # the order and augmentation of the next epoch, as if unbroken
+        if state["anneal"].get("from_epoch") is not None:  # stopped within the anneal
+            runlength.start_anneal(crnn, train_batches, recipe, state["anneal"], length.epoch_steps)
     else:
         crnn = new_model(network, charset, in_scope)
         finetune.set_cnn_trainable(crnn, not frozen_until)  # frozen first, with --freeze_cnn_epochs
         compile_for(0, frozen_until or epochs)
     describe_model(cfg, recipe, network, crnn)
     # ---- phase 5, training
+    val_labels = [label for _, label in val_set]
     run_callbacks = callbacks.run_callbacks(
         out, meta, cfg, recipe, train_batches=train_batches, val_batches=val_batches, charset=charset,
-        val_labels=[label for _, label in val_set], epochs_done=state["epochs_done"], best_score=state["best_score"],
-        steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume, settle_from=augment_epochs)
+        val_labels=val_labels, epochs_done=state["epochs_done"], best_score=state["best_score"],
+        steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume,
+        settle_from=length.augment_epochs, hold=runlength.hold_callback(cfg, recipe, length, val_labels,
+                                                                        state["anneal"], out, cfg.resume))
     started = time.time()
     callbacks.STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps
     try:
-        trained = 0 if state["finished"] else finetune.fit_in_phases(
-            crnn, train_batches, run_callbacks, first_epoch=state["epochs_done"], frozen_until=frozen_until,
-            epochs=epochs, compile_for=compile_for)
+        if state["finished"]:
+            trained = 0
+        elif length.follows_validation:
+            trained = runlength.fit(crnn, train_batches, run_callbacks, first_epoch=state["epochs_done"],
+                                    length=length, recipe=recipe, anneal=state["anneal"])
+        else:
+            trained = finetune.fit_in_phases(crnn, train_batches, run_callbacks, first_epoch=state["epochs_done"],
+                                             frozen_until=frozen_until, epochs=epochs, compile_for=compile_for)
     except KeyboardInterrupt:
         run_callbacks.resume.save()  # this epoch's progress too; the epoch itself runs again on resume
         print(f"\ninterrupted after {run_callbacks.resume.epochs_done} complete epochs; saved "
@@ -359,13 +351,19 @@ def train(cfg, pseudo=(), resume_command=None):
         callbacks.STOP.in_fit = False
         train_batches.close()  # its worker processes, if any
     # ---- phase 6, the final model, the run's model chosen on validation, and its test score
+    print(f"trained {(state['epochs_done'] + trained) * len(train_batches)} steps in all, "
+          f"{(time.time() - started) / 60:.1f} min in this session")
     if not state["finished"]:
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
         chosen = scoring.choose_run_model(out, val_set, val_batches, charset, cfg.target_precision,
                                           prefer_final=recipe.schedule == "onecycle")
-        record = scoring.RunRecord(folder, cfg, state["epochs_done"] + trained, trained, time.time() - started, repeats)
+        epochs_run = state["epochs_done"] + trained
+        record = scoring.RunRecord(folder, cfg, epochs_run, trained, time.time() - started,
+                                   images_per_epoch=min(len(train_batches) * recipe.batch_size,
+                                                        len(train_set) * length.repeats),
+                                   steps_run=epochs_run * len(train_batches))
         results = scoring.score_run(out, chosen, record, charset, network.options, train_set, val_set, test_set,
                                     test_batches)
     except KeyboardInterrupt:
@@ -373,6 +371,7 @@ def train(cfg, pseudo=(), resume_command=None):
               f"{resume_command}")
         return None
     (out / runstate.RESUME_NAME).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    twin.write_twin(out / runstate.BEST_NAME)  # test.py and serve.py then read the run's model without TensorFlow
     return results
 
 

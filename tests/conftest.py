@@ -109,6 +109,23 @@ def onnx_model(tmp_path_factory):
     return path
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "twin: the test writes ONNX twins (twin.py), which the others skip")
+    # Keras calls np.array(x) on its own tensors under NumPy 2; only that third-party warning is silenced, so that
+    # any other shows
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword"
+                                              ":DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def no_onnx_twin(request, monkeypatch):
+    """A run's ONNX twin (twin.py) takes seconds to convert; only the tests marked `twin` write it."""
+    if "twin" not in request.keywords:
+        import twin
+
+        monkeypatch.setattr(twin, "write_twin", lambda keras_path: None)
+
+
 def reader_labels():
     return [path.stem for path in READER_IMAGES]
 

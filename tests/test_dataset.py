@@ -66,6 +66,37 @@ def test_the_clean_finish_reads_the_images_as_they_are(samples):
     assert not np.array_equal(batch_pixels(batches), plain)
 
 
+def test_epochs_of_a_fixed_number_of_steps_run_through_shuffled_passes(samples):
+    """A run that follows validation checks it every few steps: its epochs are `epoch_steps` batches of an endless
+    run of passes, each pass every image once in its own order, the same in every rerun and after a resume."""
+    def labels_of_epochs(batches, epochs):
+        rows = []
+        for epoch in range(epochs):
+            batches.epoch = epoch
+            rows += [tuple(label) for index in range(len(batches)) for label in batches[index][1]]
+        return rows
+
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, seed=5, workers=1, shuffle=True,
+                                   augment="light", epoch_steps=5)
+    assert len(batches) == 5  # 8 images, batches of 3: a pass is 3 batches (3, 3, 2); an epoch is 5 batches
+    seen = labels_of_epochs(batches, 3)  # 15 batches: 5 passes
+    assert len(seen) == 5 * 8
+    everyone = sorted(tuple(label) for label in dataset.encode_labels([label for _, label in samples],
+                                                                      Charset(DIGITS), 4))
+    passes = [seen[i * 8:(i + 1) * 8] for i in range(5)]
+    assert all(sorted(one) == everyone for one in passes)  # each pass: every image once
+    assert len({tuple(one) for one in passes}) > 1  # in an order of its own
+    again = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, seed=5, workers=1, shuffle=True,
+                                 augment="light", epoch_steps=5)
+    again.epoch = batches.epoch = 2  # a resumed run: epoch 2 reads as it did
+    assert np.array_equal(again[1][0], batches[1][0])
+    assert not np.array_equal(again[1][0], np.stack([preprocess.load_image(p) for p, _ in samples])[:3])
+    again.augment_epochs = 2  # the anneal: from epoch 2 on, the images as they are
+    pixels = again[0][0]
+    order = again.pass_order((2 * 5) // 3)[(2 * 5) % 3 * 3:][:3]
+    assert np.array_equal(pixels, np.stack([preprocess.load_image(samples[i][0]) for i in order]))
+
+
 @pytest.mark.parametrize("level", ["light", "strong"])
 def test_augmentation_keeps_the_canvas_and_is_mild(level):
     gray = np.full((50, 200), 230, np.uint8)

@@ -133,6 +133,11 @@ def test_self_training_adds_confident_readings_to_training_only_and_resumes_in_i
     printed = capsys.readouterr().out
     assert f"python train.py --resume --out {out}\n" in printed and "Traceback" not in printed
     assert calls == [out / "round_0", out / "round_1"]
+    # round 1 builds on round 0: it starts from round 0's model, every symbol's output row carried over
+    assert "self-training round 1: started" in printed and "it starts from round 0's model" in printed
+    assert f"starting from {out / 'round_0' / runstate.BEST_NAME} (every symbol's output row carried over)" in printed
+    assert (modelmeta.read_meta(out / "round_1" / runstate.RESUME_NAME)["charset"]
+            == modelmeta.read_meta(out / "round_0" / runstate.BEST_NAME)["charset"])
     round_zero = (out / "round_0" / "metrics.json").stat().st_mtime_ns
     typed = [len(path.stem) for path in labelled.iterdir()]
     assert modelmeta.read_meta(out / "round_0" / runstate.BEST_NAME)["label_lengths"] == [min(typed), max(typed)]

@@ -1,0 +1,142 @@
+"""How long a run trains: a fixed length, or as long as its validation pays.
+
+Fixed (--epochs or --min_steps given, --freeze_cnn_epochs, or a recipe that is not one-cycle): the epochs
+planned, one cycle of the learning rate over them, the last `clean_finish` of them on unaltered images.
+
+Following validation (the default recipe without those flags): warmup-stable-decay. An epoch is one check,
+`check_every` steps that the loader draws from an endless run of shuffled passes, so a folder of any size is
+validated as often. The rate warms up over the first check and is then held at its peak while validation reads
+better beyond chance (callbacks.HoldWhileValidationPays); once `stall_checks` checks in a row have not, it decays
+to ~0 over `anneal_fraction` of the steps made so far (at least `min_anneal_steps`) on the images as they are, and
+the run ends. The ceiling is the fixed length the run would make otherwise; `--minutes` fits the held phase and
+the anneal into a time budget. Why this and not a fixed cycle: docs/design.md, "A run's length".
+"""
+
+import math
+import sys
+from dataclasses import dataclass
+
+import callbacks
+import model
+import recipes
+import runstate
+from preprocess import CaptchaError
+
+
+@dataclass(frozen=True)
+class Length:
+    epochs: int  # fixed: the epochs; following validation: the ceiling, the anneal included
+    repeats: int = 1  # fixed: passes over the training images in an epoch
+    augment_epochs: int | None = None  # fixed: the epochs before the clean finish
+    epoch_steps: int | None = None  # following validation: the steps of an epoch (one check)
+    ceiling_why: str = ""  # following validation: where the ceiling comes from
+
+    @property
+    def follows_validation(self):
+        return self.epoch_steps is not None
+
+
+def cpu_sized(cfg):
+    """The built-in run on a machine without a GPU is sized for a laptop, unless --epochs says otherwise. A run on
+    a teacher's pseudo-labels and a check folder has no --data_dir either, but is no built-in run."""
+    return not cfg.data_dir and not cfg.check and not cfg.epochs and not model.gpu_names()
+
+
+def follows_validation(cfg, recipe):
+    return recipe.schedule == "onecycle" and not cfg.epochs and not cfg.min_steps and not cfg.freeze_cnn_epochs
+
+
+def plan(cfg, recipe, train_images):
+    """The run's Length, from its flags, its recipe and the training images (pseudo-labelled ones included)."""
+    if cfg.minutes < 0:
+        raise CaptchaError(f"--minutes {cfg.minutes:g}: a time budget in minutes, above 0 (0: none)")
+    if cfg.minutes and not follows_validation(cfg, recipe):
+        raise CaptchaError(f"--minutes {cfg.minutes:g} fits the length of a run that follows its validation (the "
+                           f"default recipe, no --epochs, --min_steps or --freeze_cnn_epochs)")
+    epochs, repeats = recipes.plan_epochs(cfg.epochs, cfg.min_steps or recipes.FIXED_MIN_STEPS, train_images,
+                                          recipe.batch_size)
+    steps = epochs * math.ceil(train_images * repeats / recipe.batch_size)
+    if cpu_sized(cfg):
+        epochs = recipes.cpu_builtin_epochs(train_images * repeats, recipe.batch_size)
+        steps = epochs * math.ceil(train_images * repeats / recipe.batch_size)
+        print(f"no GPU: the built-in run is sized for a CPU, at most about {recipes.CPU_BUILTIN_STEPS} steps; "
+              f"--epochs {recipes.DEFAULT_EPOCHS} makes the full run a GPU makes")
+    if follows_validation(cfg, recipe):
+        why = ("the CPU-sized built-in run" if cpu_sized(cfg) else
+               f"{recipes.DEFAULT_EPOCHS} passes or {recipes.FIXED_MIN_STEPS} steps, whichever is more")
+        return Length(math.ceil(steps / recipe.check_every), epoch_steps=recipe.check_every, ceiling_why=why)
+    return Length(epochs, repeats, epochs - round(epochs * recipe.clean_finish))
+
+
+def anneal_epochs(recipe, epochs_done, epoch_steps):
+    """The epochs of the anneal that starts after `epochs_done` epochs of `epoch_steps` steps."""
+    steps = max(recipe.min_anneal_steps, recipe.anneal_fraction * epochs_done * epoch_steps)
+    return math.ceil(steps / epoch_steps)
+
+
+def describe(cfg, recipe, length, steps_per_epoch):
+    """The plan line: how long the run trains, and what it waits for."""
+    if length.follows_validation:
+        return (f"length: as long as validation pays. Validated every {length.epoch_steps} steps; the learning rate "
+                f"warms up over the first {length.epoch_steps}, is held at its peak until {recipe.stall_checks} checks "
+                f"in a row read validation no better beyond chance, then anneals over {recipe.anneal_fraction:.0%} of "
+                f"the steps made (at least {recipe.min_anneal_steps}) on the images as they are; augmentation "
+                f"{recipe.augment} until then"
+                + (f"; within {cfg.minutes:g} minutes" if cfg.minutes else "")
+                + f"; at most {length.epochs * length.epoch_steps} steps ({length.ceiling_why})")
+    epochs, augment_epochs = length.epochs, length.augment_epochs
+    return (f"{epochs} epochs of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer steps"
+            + (f" ({length.repeats} passes over the training images an epoch)" if length.repeats > 1 else "")
+            + f"; augmentation: {recipe.augment}"
+            + ("" if recipe.augment == "none" or augment_epochs >= epochs
+               else f" for epochs 1-{augment_epochs}, then the images as they are" if augment_epochs
+               else " (no epoch: --clean_finish 1)")
+            + (f"; ends once the validation CER holds {recipe.settle_epochs} epochs of the clean finish"
+               if recipe.settle_epochs and epochs - augment_epochs >= recipe.settle_epochs else ""))
+
+
+def hold_callback(cfg, recipe, length, val_labels, anneal, out, resumed):
+    """A run that follows validation: its HoldWhileValidationPays, with the checks before a resume read back
+    from the log. `anneal` is the run's state of it (from the resume checkpoint), which the callback fills."""
+    if not length.follows_validation:
+        return None
+    history = runstate.validation_history(out / runstate.LOG_NAME, with_loss=True) if resumed else ()
+    return callbacks.HoldWhileValidationPays(
+        recipe.stall_checks, sum(len(label) for label in val_labels), anneal,
+        lambda done: anneal_epochs(recipe, done, length.epoch_steps), length.epochs, seconds=60 * cfg.minutes,
+        history=history)
+
+
+def start_anneal(crnn, train_batches, recipe, anneal, epoch_steps):
+    """From the epoch `anneal["from_epoch"]` on: the learning rate decays from its peak, and the images train as
+    they are. Called when the hold ends, and again on a resume within the anneal (the saved optimizer may hold
+    the peak's schedule: the stop came between the two)."""
+    first = anneal["from_epoch"]
+    anneal.setdefault("epochs", anneal_epochs(recipe, first, epoch_steps))
+    crnn.optimizer.learning_rate = recipes.anneal_from(recipe, first * epoch_steps, anneal["epochs"] * epoch_steps)
+    crnn.make_train_function(force=True)  # the schedule is read inside the compiled step
+    train_batches.augment_epochs = first
+
+
+def fit(crnn, train_batches, run_callbacks, *, first_epoch, length, recipe, anneal):
+    """Training as long as validation pays: fit() while the peak is held, then the anneal's epochs. Returns the
+    epochs trained."""
+    arguments = dict(verbose=1 if sys.stdout.isatty() else 2, shuffle=False)  # the loader shuffles (finetune.py)
+    trained = 0
+    if anneal.get("from_epoch") is None:
+        history = crnn.fit(train_batches, epochs=length.epochs, initial_epoch=first_epoch,
+                           callbacks=run_callbacks.all, **arguments)
+        trained = len(history.history.get("loss", []))
+        first_epoch += trained
+        if anneal.get("from_epoch") is None:  # fit() ran to the ceiling before the hold's own check said so
+            anneal.update(from_epoch=first_epoch, why=f"the step ceiling: {first_epoch * length.epoch_steps} steps")
+        start_anneal(crnn, train_batches, recipe, anneal, length.epoch_steps)
+        run_callbacks.log.append = True  # the anneal's rows follow
+    end = anneal["from_epoch"] + anneal["epochs"]
+    print(f"{anneal['why']}; annealing over {(end - anneal['from_epoch']) * length.epoch_steps} steps "
+          f"(epochs {anneal['from_epoch'] + 1}-{end}) on the images as they are")
+    if first_epoch >= end:
+        return trained
+    history = crnn.fit(train_batches, epochs=end, initial_epoch=first_epoch, callbacks=[
+        c for c in run_callbacks.all if not isinstance(c, callbacks.HoldWhileValidationPays)], **arguments)
+    return trained + len(history.history.get("loss", []))
