@@ -32,6 +32,8 @@ class Recipe:
     warmup_fraction: float = 0.05
     check_every: int = 50  # a run whose length follows validation: validated every this many steps (its epoch);
     #                        the warm-up lasts one such check
+    check_images: int = 512  # ... each check reads at most this many validation images (the run's model is still
+    #                          chosen on all of them): a check of 2,000 cost more than its 50 steps on a CPU
     stall_checks: int = 4  # ... the peak is held until this many checks in a row read validation no better beyond
     #                        chance (callbacks.HoldWhileValidationPays)
     anneal_fraction: float = 0.25  # ... then the rate decays to ~0 over this fraction of the steps made so far,

@@ -74,10 +74,11 @@ def anneal_epochs(recipe, epochs_done, epoch_steps):
     return math.ceil(steps / epoch_steps)
 
 
-def describe(cfg, recipe, length, steps_per_epoch):
+def describe(cfg, recipe, length, steps_per_epoch, check_images):
     """The plan line: how long the run trains, and what it waits for."""
     if length.follows_validation:
-        return (f"length: as long as validation pays. Validated every {length.epoch_steps} steps; the learning rate "
+        return (f"length: as long as validation pays. Validated every {length.epoch_steps} steps on {check_images} "
+                f"images; the learning rate "
                 f"warms up over the first {length.epoch_steps}, is held at its peak until {recipe.stall_checks} checks "
                 f"in a row read validation no better beyond chance, then anneals over {recipe.anneal_fraction:.0%} of "
                 f"the steps made (at least {recipe.min_anneal_steps}) on the images as they are; augmentation "

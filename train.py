@@ -244,8 +244,9 @@ def resumed_model(out, meta, folder, in_scope, state):
     return crnn
 
 
-def describe_model(cfg, recipe, network, crnn):
-    schedule = {"onecycle": "one-cycle peak", "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
+def describe_model(cfg, recipe, network, crnn, length):
+    schedule = {"onecycle": "peak held, then annealed:" if length.follows_validation else "one-cycle peak",
+                "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
     architecture = f"as {network.init_from}" if network.init_from else f"preset {cfg.preset}, from scratch"
     options = network.options
     print(f"model: {architecture}, {crnn.count_params():,} parameters, input {options.width}x{options.height} "
@@ -299,7 +300,11 @@ def train(cfg, pseudo=(), resume_command=None):
         augmentation=recipe.augment, repeats=length.repeats, epoch_steps=length.epoch_steps,
         augment_epochs=length.augment_epochs, seed=cfg.seed, workers=cfg.workers, processes=cfg.processes,
         cache_mb=cfg.cache_mb)
-    print(runlength.describe(cfg, recipe, length, len(train_batches)))
+    check_set = val_set[: recipe.check_images] if length.follows_validation else val_set  # what each check reads
+    check_batches = val_batches if len(check_set) == len(val_set) else dataset.make_batches(
+        check_set, charset, max_len, options=network.options, batch_size=recipe.batch_size, workers=cfg.workers,
+        in_memory=True)
+    print(runlength.describe(cfg, recipe, length, len(train_batches), len(check_set)))
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
     in_scope = device_scope(cfg, recipe)
@@ -322,14 +327,14 @@ def train(cfg, pseudo=(), resume_command=None):
         crnn = new_model(network, charset, in_scope)
         finetune.set_cnn_trainable(crnn, not frozen_until)  # frozen first, with --freeze_cnn_epochs
         compile_for(0, frozen_until or epochs)
-    describe_model(cfg, recipe, network, crnn)
+    describe_model(cfg, recipe, network, crnn, length)
     # ---- phase 5, training
-    val_labels = [label for _, label in val_set]
+    check_labels = [label for _, label in check_set]
     run_callbacks = callbacks.run_callbacks(
-        out, meta, cfg, recipe, train_batches=train_batches, val_batches=val_batches, charset=charset,
-        val_labels=val_labels, epochs_done=state["epochs_done"], best_score=state["best_score"],
+        out, meta, cfg, recipe, train_batches=train_batches, val_batches=check_batches, charset=charset,
+        val_labels=check_labels, epochs_done=state["epochs_done"], best_score=state["best_score"],
         steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume,
-        settle_from=length.augment_epochs, hold=runlength.hold_callback(cfg, recipe, length, val_labels,
+        settle_from=length.augment_epochs, hold=runlength.hold_callback(cfg, recipe, length, check_labels,
                                                                         state["anneal"], out, cfg.resume))
     started = time.time()
     callbacks.STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps

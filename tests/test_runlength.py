@@ -135,7 +135,7 @@ def test_a_run_stops_early_on_a_folder_it_learns_at_once_and_goes_on_while_it_cl
     scripted_validation(monkeypatch, [0.1])  # learnt at once: the same reading every check
     assert tiny_run(digits_folder, tmp_path / "flat") == 0
     printed = capsys.readouterr().out
-    assert "length: as long as validation pays. Validated every 10 steps" in printed
+    assert "length: as long as validation pays. Validated every 10 steps on 4 images" in printed
     # held for the first check and 4 that did not pay, then an anneal of the minimum 100 steps (10 checks)
     assert "validation settled at step 50: 4 checks without fewer errors beyond chance; annealing over 100 steps " \
            "(epochs 6-15)" in printed

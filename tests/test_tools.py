@@ -1,14 +1,17 @@
-"""The measuring tools: tools/bench.py (recipes against each other) and tools/speed.py (loader, step, server)."""
+"""The measuring tools: tools/bench.py (recipes against each other), tools/speed.py (loader, step, server) and
+tools/oneimage.py (one captcha read by a new process)."""
 
 import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import dataset
 import model
 import preprocess
+import reader
 import runstate
 import train
 from conftest import DIGITS, READER, READER_IMAGES
@@ -125,3 +128,22 @@ def test_student_filters_counts_the_pseudo_labels_each_rule_keeps_and_how_many_a
     assert student_filters.main([str(READER), str(folder), str(truth)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {truth}: no label for 1 images")
+
+
+@pytest.mark.twin
+def test_oneimage_reads_through_the_twin_and_through_keras_and_puts_the_twin_back(tmp_path, capsys):
+    import re
+
+    import twin
+    from tools import oneimage
+
+    path = tmp_path / "reader.keras"
+    shutil.copy(READER, path)
+    assert oneimage.main([str(path), "--image", str(READER_IMAGES[0]), "--repeats", "1"]) == 2  # no twin yet
+    assert "its ONNX twin reader.onnx beside it" in capsys.readouterr().err
+    twin.write_twin(path)
+    assert oneimage.main([str(path), "--image", str(READER_IMAGES[0]), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("its ONNX twin", r"Keras \(the twin set aside\)"):
+        assert re.search(rf"through {variant}: median [\d.]+ s a process .* peak memory \d+ MB", out), out
+    assert twin.is_twin_of(reader.load_onnx(twin.twin_path(path))[1], path)  # put back, unchanged
