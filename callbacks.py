@@ -206,15 +206,14 @@ class HoldWhileValidationPays(keras.callbacks.Callback):
             self.paid(cer, exact, loss)
 
     def paid(self, cer, exact, loss):
-        """Whether this check reads better beyond chance than the reference; updates the reference and the count."""
+        """Counts a check: it becomes the reference if it reads better beyond chance than the reference, else it
+        is one more check since."""
         errors = round(cer * self.val_chars)
-        better = self.reference is None or errors < self.reference[0] - max(1.0, self.reference[0] ** 0.5) or (
-            exact < 0.5 and loss < self.LOSS_FACTOR * self.reference[1])
-        if better:
+        if self.reference is None or errors < self.reference[0] - max(1.0, self.reference[0] ** 0.5) or (
+                exact < 0.5 and loss < self.LOSS_FACTOR * self.reference[1]):
             self.reference, self.since = (errors, loss), 0
         else:
             self.since += 1
-        return better
 
     def on_train_begin(self, logs=None):
         self.began, self.epochs_timed = self.clock(), 0
@@ -421,7 +420,8 @@ def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         clock.stop,
         log,
-        DurationEstimate(steps_left, bound=hold is not None) if len(train_batches) > DurationEstimate.LAST_STEP else None,
+        DurationEstimate(steps_left, bound=hold is not None)
+        if len(train_batches) > DurationEstimate.LAST_STEP else None,
         *after,  # training goes on from the trained weights, and resumes from them
         resume,  # it records what the others decided
         STOP,  # last: a stop asked for during the epoch's end waits until its checkpoints are written

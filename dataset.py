@@ -437,9 +437,9 @@ def pydataset_class():
 def split_batches(train_set, val_set, test_set, charset, max_len, options, *, batch_size, augmentation, repeats=1,
                   epoch_steps=None, augment_epochs=None, seed=0, workers=2, processes=0, cache_mb=CACHE_MB):
     """Batches of the three splits. Only the training batches are shuffled, augmented (the epochs before
-    `augment_epochs`, None: all) and repeated (or drawn `epoch_steps` an epoch): validation and test read the plain pipeline's pixels, the
-    same ones test.py reads. The images' canvases are read once into memory when all three splits' fit
-    in `cache_mb` MiB; else every epoch streams them from disk. Only the training batches are made by
+    `augment_epochs`, None: all) and repeated (or drawn `epoch_steps` an epoch): validation and test read the
+    plain pipeline's pixels, the same ones test.py reads. The images' canvases are read once into memory when
+    all three splits' fit in `cache_mb` MiB; else every epoch streams them from disk. Only the training batches are made by
     `processes` worker processes, if any."""
     size = canvas_bytes(len(train_set) + len(val_set) + len(test_set), options)
     in_memory = size <= cache_mb * 2**20
@@ -449,7 +449,8 @@ def split_batches(train_set, val_set, test_set, charset, max_len, options, *, ba
         return make_batches(samples, charset, max_len, options=options, batch_size=batch_size, shuffle=training,
                             seed=seed, workers=workers, augment=augmentation if training else "none",
                             repeats=repeats if training else 1, epoch_steps=epoch_steps if training else None,
-                            augment_epochs=augment_epochs if training else None, in_memory=in_memory, processes=processes if training else 0)
+                            augment_epochs=augment_epochs if training else None, in_memory=in_memory,
+                            processes=processes if training else 0)
 
     made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
     print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"

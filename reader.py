@@ -136,10 +136,10 @@ def load(path, safe_mode=True):
         if not path.exists():
             raise CaptchaError(f"{path}: model file does not exist")
         return exported(path)
-    twin_path = twin.twin_path(path)
-    if safe_mode and path.exists() and twin_path.exists():
+    twin_file = twin.twin_path(path)
+    if safe_mode and path.exists() and twin_file.exists():
         try:
-            network, meta = load_onnx(twin_path)
+            network, meta = load_onnx(twin_file)
         except CaptchaError:  # an unreadable twin is no twin: the .keras file is read
             network, meta = None, {}
         if twin.is_twin_of(meta, path):

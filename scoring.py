@@ -127,8 +127,8 @@ class RunRecord:
     epochs_run: int
     trained: int  # epochs trained in this session
     train_seconds: float
-    images_per_epoch: int = 0
-    steps_run: int = 0  # optimizer steps in all the run's epochs  # training images an epoch (repeated passes, or a run that follows validation's steps)
+    images_per_epoch: int = 0  # training images an epoch (its passes, or the steps of a run that follows validation)
+    steps_run: int = 0  # optimizer steps in all the run's epochs
 
 
 def score_run(out, chosen, record, charset, options, train_set, val_set, test_set, test_batches):

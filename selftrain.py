@@ -13,10 +13,10 @@ copies of the image, altered by the light training augmentation, read the same),
 round N-1's model, on the labelled training images plus those, for as long as its validation pays. Validation and
 test stay the labelled images' own splits (train.py adds pseudo-labels to the training split only, and drops any
 unlabelled file that is a copy of a labelled one), so every round is chosen and scored on labels people typed.
-Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer than MIN_CHANGED_FRACTION of the unlabelled images
-newly labelled, relabelled or no longer labelled). The last round is copied to --out as the run's result, unless
-an earlier round reads the validation images better beyond chance (an exact sign test on the images only one of
-them reads right).
+Rounds go on up to --rounds, and end earlier once a round's pseudo-labels would barely change (fewer than
+MIN_CHANGED_FRACTION of the unlabelled images newly labelled, relabelled or no longer labelled). The last round is
+copied to --out as the run's result, unless an earlier round reads the validation images better beyond chance (an
+exact sign test on the images only one of them reads right).
 """
 
 import csv
@@ -48,8 +48,9 @@ TEACHER_CHECK_NAME = "teacher_check.csv"  # with no --check: the teacher's readi
 TEACHER_CHECK_SHARE, MIN_TEACHER_CHECK = 0.1, 20
 DEFAULT_ROUNDS = 2
 MIN_CHANGED_FRACTION = 0.05  # fewer added, changed or dropped pseudo-labels than this share of the folder: no further round
-RESULT_FILES = (runstate.BEST_NAME, runstate.FINAL_NAME, runstate.LOWEST_VAL_NAME, runstate.LOG_NAME, "metrics.json",
-                "training_curves.png", "predictions.png", "confusions.png")
+RESULT_FILES = (runstate.BEST_NAME, twin.twin_path(runstate.BEST_NAME).name, runstate.FINAL_NAME,
+                runstate.LOWEST_VAL_NAME, runstate.LOG_NAME, "metrics.json", "training_curves.png", "predictions.png",
+                "confusions.png")
 
 
 def round_dir(out, number):
@@ -389,5 +390,5 @@ def finish(out, summaries, measured=True):
               f"--check a folder of images labelled by people to measure it; no confidence threshold stored")
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     print(f"self-training: round {chosen['round']} chosen ({why}); its models and metrics copied to {out}")
-    twin.write_twin(out / runstate.BEST_NAME)
+    twin.write_twin(out / runstate.BEST_NAME)  # the round's own, unless the metadata changed above
     return results

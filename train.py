@@ -356,18 +356,18 @@ def train(cfg, pseudo=(), resume_command=None):
         callbacks.STOP.in_fit = False
         train_batches.close()  # its worker processes, if any
     # ---- phase 6, the final model, the run's model chosen on validation, and its test score
-    print(f"trained {(state['epochs_done'] + trained) * len(train_batches)} steps in all, "
-          f"{(time.time() - started) / 60:.1f} min in this session")
+    epochs_run = state["epochs_done"] + trained
+    print(f"trained {epochs_run * len(train_batches)} steps in all, {(time.time() - started) / 60:.1f} min in this "
+          f"session")
     if not state["finished"]:
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
         chosen = scoring.choose_run_model(out, val_set, val_batches, charset, cfg.target_precision,
                                           prefer_final=recipe.schedule == "onecycle")
-        epochs_run = state["epochs_done"] + trained
-        record = scoring.RunRecord(folder, cfg, epochs_run, trained, time.time() - started,
-                                   images_per_epoch=min(len(train_batches) * recipe.batch_size,
-                                                        len(train_set) * length.repeats),
+        images_per_epoch = (len(train_batches) * recipe.batch_size if length.follows_validation
+                            else len(train_set) * length.repeats)
+        record = scoring.RunRecord(folder, cfg, epochs_run, trained, time.time() - started, images_per_epoch,
                                    steps_run=epochs_run * len(train_batches))
         results = scoring.score_run(out, chosen, record, charset, network.options, train_set, val_set, test_set,
                                     test_batches)

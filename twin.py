@@ -34,12 +34,20 @@ def is_twin_of(meta, keras_path):
 
 def write_twin(keras_path):
     """Writes the twin of the .keras file at `keras_path`; returns its path, or None (said in one line) when no
-    twin that reads alike could be written. An older twin that is no longer the same model is removed."""
-    import export_safe  # Keras, TensorFlow and the converter: only where a twin is written
-    import model
+    twin that reads alike could be written. A twin already there that is the same model is kept as it is (a
+    self-training run copies its chosen round's); an older one that is not is replaced or removed."""
     import reader
 
     keras_path, path = Path(keras_path), twin_path(keras_path)
+    if path.exists():
+        try:
+            if is_twin_of(reader.load_onnx(path)[1], keras_path):
+                return path
+        except reader.CaptchaError:  # unreadable: written anew below
+            pass
+    import export_safe  # Keras, TensorFlow and the converter: only where a twin is written
+    import model
+
     crnn, meta = model.load_model(keras_path)
     batch = export_safe.parity_batch(crnn)
     expected = crnn.predict_on_batch(batch)  # (a model is exported once it has been called)

@@ -73,3 +73,13 @@ def test_a_run_writes_the_twin_of_its_model(digits_folder, tmp_path):
     best = out / runstate.BEST_NAME
     assert twin.is_twin_of(reader.load_onnx(best.with_suffix(".onnx"))[1], best)
     assert json.loads((out / "metrics.json").read_text())["checkpoint"] == str(best)
+
+
+def test_a_twin_that_is_already_the_same_model_is_not_converted_again(with_twin, monkeypatch):
+    import export_safe
+
+    def no_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(export_safe, "save_onnx", no_conversion)
+    assert twin.write_twin(with_twin) == with_twin.with_suffix(".onnx")  # the self-training run's copied twin
