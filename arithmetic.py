@@ -18,7 +18,7 @@ import unicodedata
 from fractions import Fraction
 from typing import NamedTuple
 
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 ANSWERS = ("text", "arithmetic")  # what a reading answers (--answer): its text, or the value of its expression
 MAX_LENGTH = 40  # a drawn expression is a few symbols; longer readings are refused before parsing

@@ -358,11 +358,11 @@ def stopped_status():
 
 class ResumeCheckpoint(keras.callbacks.Callback):
     """After every epoch, saves what `--resume` needs: the model with its optimizer state (learning
-    rate included), the epochs done, the best val_cer so far and the run's settings."""
+    rate included), the epochs done, the best val_cer so far and the run's settings (a dict of its flags)."""
 
-    def __init__(self, path, meta, cfg, best_checkpoint, epochs_done=0, anneal=None):
+    def __init__(self, path, meta, settings, best_checkpoint, epochs_done=0, anneal=None):
         super().__init__()
-        self.path, self.meta, self.cfg, self.best_checkpoint = path, meta, cfg, best_checkpoint
+        self.path, self.meta, self.settings, self.best_checkpoint = path, meta, settings, best_checkpoint
         self.epochs_done = epochs_done
         self.anneal = anneal if anneal is not None else {}  # a run whose length follows validation: when it anneals
 
@@ -373,7 +373,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
     def save(self, finished=False):
         """finished=True: training is over (all epochs, or stopped early); only scoring is left."""
         state = {"epochs_done": self.epochs_done, "best_score": self.best_checkpoint.best,
-                 "config": dataclasses.asdict(self.cfg), "finished": finished, "anneal": self.anneal}
+                 "config": self.settings, "finished": finished, "anneal": self.anneal}
         model.save_model(self.model, self.path, {**self.meta, "resume": state})
 
 
@@ -396,31 +396,54 @@ def reading_state(recipe, train_batches):
     return [c for c in before if c is not None], [c for c in after if c is not None]
 
 
-def run_callbacks(out, meta, cfg, recipe, *, train_batches, val_batches, charset, val_labels, epochs_done=0,
-                  best_score=np.inf, steps_left=0, resumed=False, settle_from=0, hold=None):
-    """A run's callbacks, in their order: what each epoch's end means is this list. settle_from: the first
-    epoch (0-based) a settled validation may end the run at the end of (StopWhenSettled). hold: a run whose
-    length follows validation, its HoldWhileValidationPays (runlength.py); steps_left is then a ceiling."""
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What each epoch's end reads: the validation batches, the charset, and the labels in the batches' order."""
+
+    batches: object
+    charset: object
+    labels: list
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """Where training starts: after `epochs_done` epochs (a resume) with the best score so far, `steps_left` to make
+    (a ceiling when the length follows validation), and the first epoch a settled validation may end the run at
+    (`settle_from`, StopWhenSettled)."""
+
+    epochs_done: int = 0
+    best_score: float = np.inf
+    steps_left: int = 0
+    resumed: bool = False
+    settle_from: int = 0
+
+
+def run_callbacks(out, meta, settings, recipe, train_batches, validation, start=RunStart(), hold=None):
+    """A run's callbacks, in their order: what each epoch's end means is this list. settings: the run's flags as a
+    dict, saved for --resume; validation: a Validation; start: a RunStart. hold: a run whose length follows
+    validation, its HoldWhileValidationPays (runlength.py)."""
+    epochs_done, resumed = start.epochs_done, start.resumed
     log = keras.callbacks.CSVLogger(str(out / runstate.LOG_NAME), append=resumed)
-    best = BestCheckpoint(out / runstate.BEST_NAME, meta, recipe.monitor, best_score)
-    resume = ResumeCheckpoint(out / runstate.RESUME_NAME, meta, cfg, best, epochs_done, hold.anneal if hold else None)
+    best = BestCheckpoint(out / runstate.BEST_NAME, meta, recipe.monitor, start.best_score)
+    resume = ResumeCheckpoint(out / runstate.RESUME_NAME, meta, settings, best, epochs_done,
+                              hold.anneal if hold else None)
     before, after = reading_state(recipe, train_batches)
     clock = EpochClock()
     ordered = [
         clock,  # first: it times the steps, and the epoch's end from here to clock.stop
         *before,  # the model as it is read: validation and checkpoints see it
-        ValidationMetrics(val_batches, charset, val_labels),  # the rest read its numbers
+        ValidationMetrics(validation.batches, validation.charset, validation.labels),  # the rest read its numbers
         best,
         early_stopping(recipe),
         StopWhenSettled(recipe.settle_epochs, runstate.validation_history(out / runstate.LOG_NAME) if resumed else (),
-                        settle_from) if recipe.settle_epochs and not hold else None,
+                        start.settle_from) if recipe.settle_epochs and not hold else None,
         hold,  # a run whose length follows validation: whether its peak is held one more check
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=recipe.plateau_patience,
                                           min_lr=1e-5, verbose=1)
         if recipe.schedule == "plateau" else None,  # a one-cycle schedule sets the rate itself
         clock.stop,
         log,
-        DurationEstimate(steps_left, bound=hold is not None)
+        DurationEstimate(start.steps_left, bound=hold is not None)
         if len(train_batches) > DurationEstimate.LAST_STEP else None,
         *after,  # training goes on from the trained weights, and resumes from them
         resume,  # it records what the others decided

@@ -1,6 +1,6 @@
 """A config dataclass as command-line flags: every field a `--flag`, its comment in the class its --help.
 
-    cfg = cli.parse(TrainConfig, argv, description=__doc__)
+    cfg = cli.parse(SomeConfig, argv, description=__doc__)   # a dataclass: each field a flag
 
 `int | None` fields parse as int and stay None when not given (the scripts read None as "the
 recipe's value"); bool fields get --flag / --no-flag. `exit_status` is the scripts' one way of
@@ -14,7 +14,7 @@ import re
 import sys
 import typing
 
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 def field_comments(cls):
@@ -45,12 +45,24 @@ def parse(cls, argv=None, description=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+def restored(cls, saved, **overrides):
+    """A config of class `cls` from the settings a run saved (its resume checkpoint, a self-training state), with
+    `overrides`; settings an older release saved that `cls` no longer has are dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{name: value for name, value in saved.items() if name in names}, **overrides})
+
+
+def user_error(problem):
+    """The one way a script refuses: `error: PROBLEM` as one line on stderr; returns the exit status, 2."""
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
 def exit_status(action, *user_errors):
     """Runs `action()`: 0, or 2 with one `error: ...` line on stderr for a CaptchaError or one of `user_errors`
     (bad input is a line naming the file and the problem, never a traceback)."""
     try:
         action()
     except (CaptchaError, *user_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e)
     return 0

@@ -19,25 +19,19 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
 import cv2
 import numpy as np
 
+import cli
 import augment as augment_module  # `augment` is also the loader's option name
 import labels as label_sources
-from preprocess import (
-    PAD_LABEL,
-    CaptchaError,
-    ImageReadError,
-    PreprocessOptions,
-    charset_for_labels,
-    finish_canvas,
-    fold_case,
-    load_canvas,
-    read_image,
-)
+from charsets import PAD_LABEL, charset_for_labels, fold_case
+from errors import CaptchaError
+from preprocess import ImageReadError, PreprocessOptions, finish_canvas, load_canvas, read_image
 
 CASES = ("auto", "keep", "lower", "upper")
 
@@ -110,18 +104,17 @@ def _inspect(path, channels):
     return None, (image.shape[1], image.shape[0]), colour_saturation(image) if not channels else None
 
 
-def scan_folder(folder, charset=None, max_len=None, verify=True, workers=4, labels_from="auto", labels_file=None,
-                case="keep", source=None, channels=1, spaces="auto"):
+def scan_folder(folder, charset=None, max_len=None, labels=label_sources.LabelSource.given(), case="keep", channels=1,
+                verify=True, workers=4):
     """Find labelled captchas in `folder`, skipping (and counting by reason) those that can't train.
 
-    Labels come from labels.find_labels (`labels_from`, `labels_file`, `spaces`), or from a stored `source` (a
-    resumed run's). case: keep, lower, upper, or auto (labels.decide_case). charset=None accepts any
+    Labels are read as `labels` says (a LabelSource: the flags' LabelSource.given, or a resumed run's stored
+    one; labels.find_labels_as). case: keep, lower, upper, or auto (labels.decide_case). charset=None accepts any
     symbols; max_len=None accepts any length. verify=True decodes every image once, so a corrupt file is
     reported here rather than crashing a training epoch, and records its size; with channels=0 (--channels
     auto) also its colour (ScanResult.channels decides).
     """
-    found = (label_sources.find_labels_as(folder, source) if source is not None
-             else label_sources.find_labels(folder, labels_from, labels_file, spaces))
+    found = label_sources.find_labels_as(folder, labels)
     case = decide_case([label for _, label in found.samples], case)
     skipped = {reason: list(paths) for reason, paths in found.skipped.items()}
     candidates = []
@@ -212,6 +205,36 @@ def fill_canvases(paths, options, workers=2):
     return canvases
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a split's images become batches (CaptchaBatches below says what each does). Training batches are
+    shuffled, altered and repeated; `for_reading()` is the same pixels as they are, in order, for validation and
+    test."""
+
+    options: PreprocessOptions = PreprocessOptions()  # the pixels: canvas, channels, resize, CLAHE
+    batch_size: int = 64
+    shuffle: bool = False
+    seed: int = 0
+    augment: str = "none"
+    repeats: int = 1
+    epoch_steps: int | None = None
+    augment_epochs: int | None = None
+
+    def for_reading(self):
+        return dataclasses.replace(self, shuffle=False, augment="none", repeats=1, epoch_steps=None,
+                                   augment_epochs=None)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """Who makes the batches and from where: `workers` threads, `processes` worker processes for the training
+    batches (0: the threads), the canvases kept in memory when the splits' fit in `cache_mb` MiB."""
+
+    workers: int = 2
+    processes: int = 0
+    cache_mb: int = CACHE_MB
+
+
 class CaptchaBatches:
     """(images, labels) batches of a split, from canvases kept in memory or streamed from disk.
 
@@ -232,24 +255,25 @@ class CaptchaBatches:
     prefetching workers and a resumed run agree on it.
     """
 
-    def __init__(self, samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, augment="none", repeats=1, epoch_steps=None, augment_epochs=None, canvases=None,
-                 processes=None, **pydataset_kwargs):
-        """processes: a WorkerProcesses that makes the batches (None: this process makes them)."""
+    def __init__(self, samples, charset, max_len, batching=Batching(), canvases=None, processes=None,
+                 **pydataset_kwargs):
+        """batching: a Batching; processes: a WorkerProcesses that makes the batches (None: this process makes
+        them)."""
         super().__init__(**pydataset_kwargs)
         self.processes = processes
-        if augment not in augment_module.CHOICES:
-            raise CaptchaError(f"unknown augmentation {augment!r}; choose from {', '.join(augment_module.CHOICES)}")
-        self.augment = augment
-        self.augment_epochs = augment_epochs
-        self.seed = seed
+        if batching.augment not in augment_module.CHOICES:
+            raise CaptchaError(f"unknown augmentation {batching.augment!r}; choose from "
+                               f"{', '.join(augment_module.CHOICES)}")
+        self.augment = batching.augment
+        self.augment_epochs = batching.augment_epochs  # a run that follows validation sets it when its anneal starts
+        self.seed = batching.seed
         self.paths = [p for p, _ in samples]
         self.labels = encode_labels([label for _, label in samples], charset, max_len)
-        self.options = options
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.repeats = repeats
-        self.epoch_steps = epoch_steps
+        self.options = batching.options
+        self.batch_size = batching.batch_size
+        self.shuffle = batching.shuffle
+        self.repeats = batching.repeats
+        self.epoch_steps = batching.epoch_steps
         self.canvases = canvases
         self.epoch = 0  # on_epoch_end counts it; a resumed run sets it to the epochs already done
 
@@ -322,9 +346,9 @@ class WorkerProcesses:
     whichever process makes it, and the same as a thread makes it. `slots`: the batches that may be
     in the making at once (one per loader thread)."""
 
-    def __init__(self, samples, charset, max_len, settings, canvases, count, slots):
-        options = settings["options"]
-        slot_shape = (slots, settings["batch_size"], options.height, options.width, options.channels)
+    def __init__(self, samples, charset, max_len, batching, canvases, count, slots):
+        options = batching.options
+        slot_shape = (slots, batching.batch_size, options.height, options.width, options.channels)
         slot_bytes = int(np.prod(slot_shape)) * np.dtype(np.float32).itemsize
         check_shared_memory((canvases.nbytes if canvases is not None else 0) + slot_bytes)
         self.memory = None
@@ -340,7 +364,7 @@ class WorkerProcesses:
             self.free_slots.put(slot)
         self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("forkserver"),
                                         initializer=_start_worker,
-                                        initargs=(samples, charset, max_len, settings,
+                                        initargs=(samples, charset, max_len, batching,
                                                   self.memory.name if self.memory else None, shape,
                                                   self.out_memory.name, slot_shape))
 
@@ -377,7 +401,7 @@ def check_shared_memory(needed, folder="/dev/shm"):
 _WORKER = {}  # in a worker process: its CaptchaBatches, the shared memory it reads, and the slots it writes
 
 
-def _start_worker(samples, charset, max_len, settings, memory_name, shape, out_name, slot_shape):
+def _start_worker(samples, charset, max_len, batching, memory_name, shape, out_name, slot_shape):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
@@ -388,7 +412,7 @@ def _start_worker(samples, charset, max_len, settings, memory_name, shape, out_n
         _WORKER["memory"] = memory
     _WORKER["out_memory"] = shared_memory.SharedMemory(name=out_name)
     _WORKER["out"] = np.ndarray(slot_shape, np.float32, _WORKER["out_memory"].buf)
-    _WORKER["batches"] = CaptchaBatches(samples, charset, max_len, canvases=canvases, **settings)
+    _WORKER["batches"] = CaptchaBatches(samples, charset, max_len, batching, canvases)
 
 
 def _worker_batch(epoch, index, augment_epochs, slot):
@@ -403,23 +427,19 @@ def _worker_batch(epoch, index, augment_epochs, slot):
     return len(images), labels
 
 
-def make_batches(samples, charset, max_len, *, options=PreprocessOptions(), batch_size=64, shuffle=False,
-                 seed=0, workers=2, augment="none", repeats=1, epoch_steps=None, augment_epochs=None, in_memory=False,
-                 processes=0):
-    """A CaptchaBatches that is also a keras.utils.PyDataset (prefetched on `workers` threads).
-    in_memory=True reads every canvas once, now (fill_canvases), and keeps them. processes > 0: the
-    threads hand each batch to one of that many worker processes (WorkerProcesses); call close()
-    when done with it."""
+def make_batches(samples, charset, max_len, batching=Batching(), *, workers=2, in_memory=False, processes=0):
+    """A CaptchaBatches (`batching`: a Batching) that is also a keras.utils.PyDataset (prefetched on `workers`
+    threads). in_memory=True reads every canvas once, now (fill_canvases), and keeps them. processes > 0: the
+    threads hand each batch to one of that many worker processes (WorkerProcesses); call close() when done
+    with it."""
     # Each loader thread runs its own OpenCV calls; OpenCV's own thread pool inside each would only
     # oversubscribe the cores that the training step also needs.
     cv2.setNumThreads(1)
-    canvases = fill_canvases([p for p, _ in samples], options, workers) if in_memory and samples else None
-    settings = dict(options=options, batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment,
-                    repeats=repeats, epoch_steps=epoch_steps, augment_epochs=augment_epochs)
-    made_by = WorkerProcesses(samples, charset, max_len, settings, canvases, processes,
+    canvases = fill_canvases([p for p, _ in samples], batching.options, workers) if in_memory and samples else None
+    made_by = WorkerProcesses(samples, charset, max_len, batching, canvases, processes,
                               slots=max(workers, processes)) if processes else None
-    return pydataset_class()(samples, charset, max_len, canvases=canvases, processes=made_by,
-                             workers=max(workers, processes), use_multiprocessing=False, **settings)
+    return pydataset_class()(samples, charset, max_len, batching, canvases, made_by, workers=max(workers, processes),
+                             use_multiprocessing=False)
 
 
 @functools.cache
@@ -434,27 +454,22 @@ def pydataset_class():
     return CaptchaPyDataset
 
 
-def split_batches(train_set, val_set, test_set, charset, max_len, options, *, batch_size, augmentation, repeats=1,
-                  epoch_steps=None, augment_epochs=None, seed=0, workers=2, processes=0, cache_mb=CACHE_MB):
-    """Batches of the three splits. Only the training batches are shuffled, augmented (the epochs before
-    `augment_epochs`, None: all) and repeated (or drawn `epoch_steps` an epoch): validation and test read the
-    plain pipeline's pixels, the same ones test.py reads. The images' canvases are read once into memory when
-    all three splits' fit in `cache_mb` MiB; else every epoch streams them from disk. Only the training batches are made by
-    `processes` worker processes, if any."""
-    size = canvas_bytes(len(train_set) + len(val_set) + len(test_set), options)
-    in_memory = size <= cache_mb * 2**20
+def split_batches(splits, charset, max_len, batching, loading=Loading()):
+    """Batches of the three splits (train, val, test): the training ones as `batching` says (shuffled, augmented
+    the epochs before its `augment_epochs`, repeated or drawn `epoch_steps` an epoch), validation and test as
+    `batching.for_reading()`: the plain pipeline's pixels, the same ones test.py reads. The canvases are read once
+    into memory when all three splits' fit in `loading.cache_mb` MiB; else every epoch streams them from disk.
+    Only the training batches are made by `loading.processes` worker processes, if any."""
+    size = canvas_bytes(sum(len(split) for split in splits), batching.options)
+    in_memory = size <= loading.cache_mb * 2**20
     started = time.perf_counter()
-
-    def batches(samples, training):
-        return make_batches(samples, charset, max_len, options=options, batch_size=batch_size, shuffle=training,
-                            seed=seed, workers=workers, augment=augmentation if training else "none",
-                            repeats=repeats if training else 1, epoch_steps=epoch_steps if training else None,
-                            augment_epochs=augment_epochs if training else None, in_memory=in_memory,
-                            processes=processes if training else 0)
-
-    made = batches(train_set, True), batches(val_set, False), batches(test_set, False)
+    train_set, val_set, test_set = splits
+    made = (make_batches(train_set, charset, max_len, batching, workers=loading.workers, in_memory=in_memory,
+                         processes=loading.processes),
+            *(make_batches(split, charset, max_len, batching.for_reading(), workers=loading.workers,
+                           in_memory=in_memory) for split in (val_set, test_set)))
     print(f"canvases: {size / 2**20:.0f} MiB, " + (f"read into memory in {time.perf_counter() - started:.1f} s"
-                                                    if in_memory else f"over --cache_mb {cache_mb}: read from "
+                                                    if in_memory else f"over --cache_mb {loading.cache_mb}: read from "
                                                                       f"disk every epoch"))
     return made
 
@@ -465,12 +480,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     scan = commands.add_parser("scan", help="count the usable and skipped images of a folder")
     scan.add_argument("folder")
-    scan.add_argument("--labels_from", default="auto", help="file-name rule: auto, name, prefix, suffix or "
-                                                            "regex:PATTERN (labels.py)")
-    scan.add_argument("--labels", default="", help="a labels file (CSV/TSV, JSON, Python dict, one per line)")
-    scan.add_argument("--label_spaces", default="auto", choices=label_sources.SPACES,
-                      help="a space between symbols: auto (joined when every label has one between each symbol), "
-                           "join, keep (a symbol)")
+    label_sources.add_label_flags(scan, unset="auto", unset_means="auto, as train.py")
     scan.add_argument("--case", default="auto", choices=CASES, help="fold the labels' letter case")
     scan.add_argument("--charset", default="auto", help="auto (the symbols the labels use, as train.py), a "
                                                         "preset (default, digits, ...) or the symbols")
@@ -479,11 +489,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         fixed = None if args.charset == "auto" else charset_for_labels(args.charset, [])
-        result = scan_folder(args.folder, fixed, args.max_len or None, labels_from=args.labels_from,
-                             labels_file=args.labels or None, case=args.case, channels=0, spaces=args.label_spaces)
+        result = scan_folder(args.folder, fixed, args.max_len or None,
+                             label_sources.LabelSource.given(args.labels_from, args.labels, args.label_spaces),
+                             case=args.case, channels=0)
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
     if result.decision:
         print(result.decision)
     print(result.summary())

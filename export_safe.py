@@ -16,6 +16,7 @@ original model is loaded too and the two must agree.
 
 import sys
 
+import cli
 import precheck
 
 if __name__ == "__main__":  # a missing checkpoint is refused before TensorFlow loads
@@ -38,9 +39,11 @@ import numpy as np
 
 import model
 import modelmeta
+import charsets
 import preprocess
 import reader
-from preprocess import CaptchaError, Charset
+from charsets import Charset
+from errors import CaptchaError
 
 PARITY_TOLERANCE = 1e-5
 ONNX_TOLERANCE = 1e-4  # other runtimes (ONNX, TFLite, SavedModel) order float sums otherwise
@@ -145,7 +148,7 @@ def rebuild_safely(src, config, args):
 
     meta = modelmeta.read_meta(src)
     if meta is None:
-        charset = preprocess.charset_from_arg(args.charset, args.blank)
+        charset = charsets.charset_from_arg(args.charset, args.blank)
         if rebuilt.output_shape[-1] != charset.num_classes:
             raise CaptchaError(f"{src}: model has {rebuilt.output_shape[-1]} output classes but --charset gives "
                                f"{charset.num_classes} (symbols + blank)")
@@ -319,8 +322,7 @@ def main(argv=None):
     try:
         return export(args)
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import numpy as np
 
 import model
 import preprocess
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
 BASE_PRESET = "fast"  # the network of the base model

@@ -25,7 +25,9 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from preprocess import CaptchaError, list_images
+import cli
+from errors import CaptchaError
+from imagefiles import list_images
 
 PAGE = Path(__file__).resolve().parent / "web" / "label.html"
 RETRAIN_AFTER = 50  # labels before the page offers a retrain: about what a model needs to beat a zero-shot guess
@@ -94,7 +96,7 @@ def guess_reader(model, teacher, case=None):
     if model:
         import reader
 
-        loaded = reader.Reader(model, case=case)
+        loaded = reader.Reader.load(model, case=case)
         return loaded, f"the model {model}", loaded.charset.symbols
     if teacher:  # ddddocr (a model file teaches through --model)
         import teacher as teachers
@@ -253,8 +255,7 @@ def main(argv=None):
         session = Session(args.folder, args.out or Path(args.folder) / "labels.csv", args.model, args.teacher,
                           args.retrain_after, args.case)
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
     import uvicorn
 
     print(f"{session.state()['labelled']} of {len(session.names)} images labelled in {session.out}; guesses from "

@@ -40,11 +40,13 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocess import CaptchaError, list_images
+from errors import CaptchaError
+from imagefiles import list_images
 
 RULES = ("auto", "name", "prefix", "suffix")  # and "regex:PATTERN"
 SPACES = ("auto", "join", "keep")  # --label_spaces
 SPACED = re.compile(r"\S( \S)*")  # one symbol, or symbols each separated by one space
+ODD_SHARE = 0.05  # labels written unlike the rest (spaces), up to this share, are skipped as odd ones out
 DUPLICATE_SUFFIX = re.compile(r"[_-]\d{1,3}$")  # 4721_1 and 4721-12 are more images of 4721
 SEPARATOR = "_"
 HEX = re.compile(r"[0-9a-fA-F]+")
@@ -72,6 +74,13 @@ class LabelSource:
 
     def describe(self):
         return f"labels file {self.labels_file}" if self.rule == "file" else f"file names, rule {self.rule!r}"
+
+    @classmethod
+    def given(cls, labels_from="auto", labels_file=None, spaces="auto"):
+        """What the flags ask for (--labels_from, --labels, --label_spaces), before a folder decides "auto"."""
+        if labels_file:
+            return cls("file", str(labels_file), spaces=spaces or "auto")
+        return cls(labels_from or "auto", spaces=spaces or "auto")
 
 
 @dataclass
@@ -356,20 +365,33 @@ def _from_file(folder, paths, labels_file):
 
 
 def decide_spaces(labels, spaces="auto"):
-    """join or keep, and why (empty when no label has a space); CaptchaError when auto cannot tell."""
+    """(join or keep, why, {odd label: why skipped}): what a space between symbols means. Under auto, a few labels
+    (at most ODD_SHARE of them) that are not written as the rest are odd ones out, skipped by reason like any
+    unusable file: a label with a space where the others have none (`bad name!.png` in a folder of names), or one
+    without one symbol between single spaces where the others have (a CnOCR file). A real mix is refused
+    (CaptchaError), since either reading would train some labels wrongly."""
     if spaces not in SPACES:
         raise CaptchaError(f"unknown --label_spaces {spaces!r}; choose from {', '.join(SPACES)}")
     with_space = [label for label in labels if " " in label]
     if spaces != "auto" or not with_space:
-        return (spaces if spaces != "auto" else "keep"), ""
+        return (spaces if spaces != "auto" else "keep"), "", {}
+    few = ODD_SHARE * len(labels)
+    if len(with_space) <= few:
+        reason = f"a space in the label, where {len(labels) - len(with_space)} of {len(labels)} have none"
+        return "keep", (f"{len(with_space)} of {len(labels)} labels hold a space and the others none: skipped as odd "
+                        f"ones out (e.g. {with_space[0]!r}; --label_spaces keep trains them, a space as a symbol)"), \
+            {label: reason for label in with_space}
     odd = [label for label in labels if not SPACED.fullmatch(label)]
-    if odd:
+    if len(odd) > few:
         raise CaptchaError(f"{len(with_space)} labels hold spaces, but {len(odd)} are not one symbol between single "
                            f"spaces (e.g. {odd[0]!r} beside {with_space[0]!r}): pass --label_spaces join (remove "
                            f"every space) or keep (a space is a symbol)")
-    return "join", (f"one space between symbols in {len(with_space)} of {len(labels)} labels (the CnOCR/PaddleOCR "
-                    f"form): joined, {with_space[0]!r} -> {join_symbols(with_space[0])!r} (--label_spaces keep "
-                    f"keeps them as symbols)")
+    why = (f"one space between symbols in {len(with_space)} of {len(labels)} labels (the CnOCR/PaddleOCR form): "
+           f"joined, {with_space[0]!r} -> {join_symbols(with_space[0])!r} (--label_spaces keep keeps them as symbols)")
+    if odd:
+        why += f"; {len(odd)} not written so skipped as odd ones out (e.g. {odd[0]!r})"
+    reason = f"not one symbol between single spaces, where {len(labels) - len(odd)} of {len(labels)} are"
+    return "join", why, {label: reason for label in odd}
 
 
 def join_symbols(label):
@@ -377,13 +399,30 @@ def join_symbols(label):
 
 
 def _apply_spaces(found, spaces):
-    mode, why = decide_spaces([label for _, label in found.samples], spaces)
+    mode, why, odd = decide_spaces([label for _, label in found.samples], spaces)
+    for path, label in found.samples:
+        if label in odd:
+            _skip(found.skipped, odd[label], path)
+    found.samples = [(path, label) for path, label in found.samples if label not in odd]
     if mode == "join":
         found.samples = [(path, join_symbols(label)) for path, label in found.samples]
     found.source = dataclasses.replace(found.source, spaces=mode)
     if why:
         found.decision = f"{found.decision}; spaces: {why}" if found.decision else f"labels: {why}"
     return found
+
+
+def add_label_flags(parser, unset=None, unset_means="auto"):
+    """The flags that say how a folder's labels are read, the same in every script: --labels_from, --labels,
+    --label_spaces. `unset`: the rule's and the spaces' value when not given (None: the script decides, e.g.
+    test.py from the model); `unset_means`: what the help says that is."""
+    parser.add_argument("--labels_from", default=unset, help=f"how file names give the labels: auto, name, prefix, "
+                                                             f"suffix or regex:PATTERN (default: {unset_means})")
+    parser.add_argument("--labels", metavar="FILE", help="a labels file instead: CSV/TSV file,label rows, a JSON or "
+                                                         "Python dict, one label per line")
+    parser.add_argument("--label_spaces", default=unset, choices=SPACES,
+                        help=f"a space between a label's symbols: auto (joined when every label has one between each "
+                             f"symbol), join, keep (a symbol) (default: {unset_means})")
 
 
 def find_labels(folder, labels_from="auto", labels_file=None, spaces="auto"):

@@ -21,7 +21,9 @@ import keras
 from keras import layers, ops
 
 from modelmeta import META_MEMBER, lambda_layer_names, read_meta, reference_meta
-from preprocess import IMG_HEIGHT, IMG_WIDTH, PAD_LABEL, CaptchaError, Charset
+from charsets import PAD_LABEL, Charset
+from errors import CaptchaError
+from preprocess import IMG_HEIGHT, IMG_WIDTH
 
 
 @dataclass(frozen=True)

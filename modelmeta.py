@@ -10,7 +10,9 @@ import json
 import zipfile
 from pathlib import Path
 
-from preprocess import REFERENCE_PREPROCESSING, CaptchaError, Charset
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import REFERENCE_PREPROCESSING
 
 META_MEMBER = "captcha_meta.json"
 META_VERSION = 2  # 2: preprocessing has resize mode and CLAHE settings (files without them mean the defaults)

@@ -94,8 +94,7 @@ def style_samples(out_path, count=6, seed=1):
     axes = fig.subplots(len(styles), count, squeeze=False)
     with tempfile.TemporaryDirectory() as tmp:
         for row, style in zip(axes, styles):
-            paths = synth.generate_synthetic(Path(tmp) / style, count, seed=seed, style=style, workers=1,
-                                             progress=False)
+            paths = synth.generate_synthetic(Path(tmp) / style, count, synth.Drawing(style=style), seed=seed, workers=1, progress=False)
             for ax, path in zip(row, paths):
                 ax.imshow(preprocess.read_gray(path), cmap="gray", vmin=0, vmax=255)
                 ax.set_title(f"{style}: {label_sources.label_from_filename(path)}", fontsize=9)
@@ -111,6 +110,7 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
     built-in synthetic style."""
     import tempfile
 
+    import charsets
     import dataset
     import labels as label_sources
     import preprocess
@@ -118,20 +118,18 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
 
     levels = ["light", "strong"]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = list(image_paths) or [synth.generate_synthetic(Path(tmp) / style, 1, seed=seed + 3, style=style,
-                                                                    workers=1, progress=False)[0]
+        paths = list(image_paths) or [synth.generate_synthetic(Path(tmp) / style, 1, synth.Drawing(style=style), seed=seed + 3, workers=1, progress=False)[0]
                                       for style in sorted(synth.SYNTH_STYLES)]
         columns = 1 + epochs * len(levels)
         fig = Figure(figsize=(2.2 * columns, 0.8 * len(paths) + 0.3))
         axes = fig.subplots(len(paths), columns, squeeze=False)
         for row, path in zip(axes, paths):
             label = label_sources.label_from_filename(path)
-            charset = preprocess.charset_of_labels([label])
+            charset = charsets.charset_of_labels([label])
             row[0].imshow(preprocess.load_image(path).squeeze(), cmap="gray", vmin=0, vmax=1)
             row[0].set_title(f"{label}: as read", fontsize=8)
             for i, level in enumerate(levels):  # the training loader itself, epoch after epoch
-                batches = dataset.make_batches([(str(path), label)], charset, len(label), batch_size=1,
-                                                  seed=seed, workers=1, augment=level)
+                batches = dataset.make_batches([(str(path), label)], charset, len(label), dataset.Batching(batch_size=1, seed=seed, augment=level), workers=1)
                 for epoch in range(epochs):
                     ax = row[1 + i * epochs + epoch]
                     ax.imshow(batches[0][0][0].squeeze(), cmap="gray", vmin=0, vmax=1)
@@ -177,10 +175,11 @@ def main(argv=None):
     in metrics.json, and the preprocessing stored in its best checkpoint."""
     import argparse
     import json
-    import sys
 
     import numpy as np
 
+    import cli
+    import errors
     import modelmeta
     import preprocess
 
@@ -203,24 +202,23 @@ def main(argv=None):
     try:
         metrics_path = run / "metrics.json"
         if not metrics_path.exists():
-            raise preprocess.CaptchaError(f"{metrics_path}: not found; is {run} a finished train.py run?")
+            raise errors.CaptchaError(f"{metrics_path}: not found; is {run} a finished train.py run?")
         results = json.loads(metrics_path.read_text())
         if "readings" not in results:
-            raise preprocess.CaptchaError(f"{metrics_path}: written by an older release, without the test split's "
+            raise errors.CaptchaError(f"{metrics_path}: written by an older release, without the test split's "
                                           f"readings to draw")
         readings = results["readings"]
         checkpoint = run / Path(results["checkpoint"]).name
         meta = modelmeta.read_meta(checkpoint)
         if meta is None:
-            raise preprocess.CaptchaError(f"{checkpoint}: no metadata; not a checkpoint of this run")
+            raise errors.CaptchaError(f"{checkpoint}: no metadata; not a checkpoint of this run")
         options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
         shown = readings[:24]  # the test images themselves: one gone or unreadable is named and refused
         images = np.stack([preprocess.load_image(r["path"], options) for r in shown]) if shown else np.zeros((0,))
         written = write_run_plots(run, run / Path(results["log"]).name, images, [r["truth"] for r in readings],
                                   [r["prediction"] for r in readings])
-    except preprocess.CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except errors.CaptchaError as e:
+        return cli.user_error(e)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -10,22 +10,28 @@ import argparse
 import sys
 from pathlib import Path
 
+import cli
 import labels as label_sources
-from preprocess import CaptchaError, list_images
+from errors import CaptchaError
+from imagefiles import list_images
+
+
+def teacher_reads_unlabeled(teacher, unlabeled):
+    if teacher and not unlabeled:
+        raise CaptchaError(f"--teacher {teacher} reads the images of --unlabeled: give that folder too")
 
 
 def train_inputs(argv):
     """train.py: the folders it reads and how their labels are read."""
     parser = argparse.ArgumentParser(add_help=False)
-    for flag in ("--data_dir", "--labels", "--labels_from", "--label_spaces", "--unlabeled", "--check",
-                 "--check_labels", "--teacher"):
+    label_sources.add_label_flags(parser, unset="")
+    for flag in ("--data_dir", "--unlabeled", "--check", "--check_labels", "--teacher"):
         parser.add_argument(flag, default="")
     parser.add_argument("--resume", action="store_true")
     args, _ = parser.parse_known_args(argv)
     if args.resume or "-h" in argv or "--help" in argv:
         return  # a resumed run reads its folder as it was stored
-    if args.teacher and not args.unlabeled:
-        raise CaptchaError(f"--teacher {args.teacher} reads the images of --unlabeled: give that folder too")
+    teacher_reads_unlabeled(args.teacher, args.unlabeled)
     if args.data_dir:
         label_sources.find_labels(args.data_dir, args.labels_from or "auto", args.labels or None,
                                   args.label_spaces or "auto")
@@ -52,5 +58,4 @@ def exit_on_bad_input(check, *args):
     try:
         check(sys.argv[1:], *args)
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(cli.user_error(e))

@@ -1,7 +1,8 @@
 """Read captchas with any model this project writes: .keras (Keras), .onnx (onnxruntime), .tflite (LiteRT).
 
-    reader = Reader("saved_model/crnn_ctc_best.onnx", allowed="digits")
-    text, confidence = reader.read_file("captcha.png")
+    from reader import Reader
+    reader = Reader.load("saved_model/crnn_ctc_best.onnx")
+    reading = reader.read(image_bytes)  # or a path, or a decoded image -> Reading(text, confidence, low, answer)
 
 One reading path for test.py, serve.py and speed.py: the model's own preprocessing (from its
 metadata), the network, then greedy CTC decoding (or beam search) with a confidence per text.
@@ -31,10 +32,13 @@ import cv2
 import numpy as np
 
 import arithmetic
+import charsets
 import preprocess
 import twin
 from modelmeta import META_MEMBER, check_meta_version, tflite_meta_path
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 CASES = ("lower", "upper")  # folds; "keep" (no fold) overrides a model's stored one
 
@@ -54,6 +58,9 @@ class OnnxNetwork:
             raise CaptchaError(f"{path}: reading .onnx models needs onnxruntime (pip install onnxruntime)") from None
         options = onnxruntime.SessionOptions()
         options.enable_cpu_mem_arena = False  # the arena keeps a batch's peak for good: 58 MB more at batch 64
+        # Idle worker threads wait instead of spinning: a server's sessions (one per model) would otherwise spin
+        # against each other and against the request threads.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
@@ -155,7 +162,7 @@ def load(path, safe_mode=True):
 def symbols_arg(value, charset, flag="--allowed"):
     """The symbols of --allowed (a charset preset name such as digits, or the symbols themselves), checked
     against what the model reads."""
-    symbols = preprocess.CHARSET_PRESETS.get(value, value)
+    symbols = charsets.CHARSET_PRESETS.get(value, value)
     missing = "".join(sorted(set(symbols) - set(charset.symbols)))
     if missing:
         raise CaptchaError(f"{flag} {value!r}: the model cannot read {missing!r} (it reads {charset.symbols!r})")
@@ -175,7 +182,7 @@ def restrict(probs, charset, allowed=None, case=None):
     index = {symbol: charset.encode(symbol)[0] for symbol in charset.symbols}
     if case is not None:
         for symbol, i in index.items():
-            folded = preprocess.fold_case(symbol, case)
+            folded = charsets.fold_case(symbol, case)
             if folded != symbol and folded in index:
                 probs[:, :, index[folded]] += probs[:, :, i]
                 probs[:, :, i] = 0.0
@@ -215,7 +222,7 @@ def decode_with_confidence(probs, charset, beam_width=0, case=None, lengths=None
                 (texts[i],), (confidences[i],), _ = _beam_search(probs[i : i + 1], charset, REFIT_BEAM_WIDTH, lengths)
                 refit[i] = True  # greedy read another length, even where the beam's likeliest text has a typed one
     if case is not None:  # symbols the model reads in one case only
-        texts = [preprocess.fold_case(text, case) for text in texts]
+        texts = [charsets.fold_case(text, case) for text in texts]
     return Decoded(texts, [float(c) for c in confidences], list(refit))
 
 
@@ -289,6 +296,12 @@ def describe_lengths(lengths):
     return f", and so are readings of other than {shown} characters"
 
 
+def checked_min_confidence(value):
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise CaptchaError(f"--min_confidence {value:g}: a confidence lies between 0 and 1")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class LowConfidenceRule:
     """Which readings a caller should not trust (and fetch a new captcha instead): those below `threshold`, and
@@ -307,9 +320,32 @@ class LowConfidenceRule:
         return confidence < self.threshold or not self.read_at_typed_length(text, refit)
 
 
+class Reading(typing.NamedTuple):
+    """What a caller gets for one captcha (judged): the text read, its confidence, whether not to trust it (fetch a
+    new captcha instead: LowConfidenceRule, or an arithmetic reading with no value), and what to type: the text, or
+    for a model trained with --answer arithmetic the expression's value (None where it has none, then `reason`)."""
+
+    text: str
+    confidence: float
+    low: bool
+    answer: str | None
+    expression: str | None = None  # arithmetic: the expression as computed
+    reason: str | None = None  # arithmetic: why there is no answer
+
+
+def judged(text, confidence, refit, low_rule, answer_mode):
+    """The one rule for a Reading: low by `low_rule` (LowConfidenceRule), or, answering arithmetic
+    (`answer_mode`), when the expression read has no value."""
+    low = low_rule.is_low(text, confidence, refit)
+    value = arithmetic.answer_of(text, answer_mode)
+    if value is None:
+        return Reading(text, confidence, low, text)
+    return Reading(text, confidence, low or value.value is None, value.value, value.expression, value.error)
+
+
 @dataclasses.dataclass
-class Reading:
-    """One image's result: text and confidence, or the reason it could not be read."""
+class FileReading:
+    """One file's result in a folder: text and confidence, or the reason it could not be read."""
 
     path: str
     text: str | None = None
@@ -318,14 +354,27 @@ class Reading:
     refit: bool = False  # read again within the typed lengths (Decoded.refit): always low_confidence
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadSettings:
+    """How a Reader reads, past what its model stores (test.py's and serve.py's flags of the same names)."""
+
+    allowed: str | None = None  # read only these symbols (a preset name such as digits, or the symbols)
+    case: str | None = None  # None: the model's own letter-case fold; "lower"/"upper" fold; "keep": none
+    answer: str | None = None  # None: as the model was trained (its stored "answer"); "text" or "arithmetic"
+    min_confidence: float | None = None  # readings below it are low (None: the model's stored threshold)
+    beam_width: int = 0  # 0 or 1: greedy decoding; more: a CTC beam search
+    no_auto_crop: bool = False
+    force_invert: bool = False
+    strong: bool = False
+
+
 class Reader:
     """A model file with its preprocessing and decoding settings; reads images, files or folders."""
 
-    def __init__(self, model_path, allowed=None, case=None, beam_width=0, safe_mode=True, no_auto_crop=False,
-                 force_invert=False, strong=False, answer=None):
-        """case: None reads with the letter-case fold the model was trained with (stored in it, if any);
-        "lower"/"upper" fold; "keep" reads both cases as the model gives them. answer: None answers as the model
-        was trained to (its stored "answer"), "text" or "arithmetic" (answer_of computes the value)."""
+    def __init__(self, model_path, settings=ReadSettings(), *, safe_mode=True, warm=False):
+        """settings: a ReadSettings. warm: read a blank image at once, so that the first caller waits no longer
+        than the next (a server's)."""
+        case = settings.case
         if case is not None and case not in (*CASES, "keep"):
             raise CaptchaError(f"unknown --case {case!r}; choose from {', '.join(CASES)}, keep")
         self.path = Path(model_path)
@@ -334,16 +383,41 @@ class Reader:
             case = self.meta.get("case")
         case = case if case in CASES else None
         self.charset = Charset.from_dict(self.meta["charset"])
-        self.allowed = symbols_arg(allowed, self.charset) if allowed else None
-        self.case, self.beam_width = case, beam_width
-        self.answer = arithmetic.check_answer(answer or self.meta.get("answer") or "text")
+        self.allowed = symbols_arg(settings.allowed, self.charset) if settings.allowed else None
+        self.case, self.beam_width = case, settings.beam_width
+        self.answer = arithmetic.check_answer(settings.answer or self.meta.get("answer") or "text")
         self.lengths = typed_lengths(self.meta)
         options = PreprocessOptions.from_dict(self.meta["preprocess"])  # resize mode and CLAHE settings included
-        self.options = dataclasses.replace(options, auto_crop=options.auto_crop and not no_auto_crop,
-                                           force_invert=options.force_invert or force_invert,
-                                           strong=options.strong or strong)
+        self.options = dataclasses.replace(options, auto_crop=options.auto_crop and not settings.no_auto_crop,
+                                           force_invert=options.force_invert or settings.force_invert,
+                                           strong=options.strong or settings.strong)
+        self.low_rule = self.low_confidence_rule(checked_min_confidence(settings.min_confidence))
         # Keras models and the TFLite interpreter keep state between calls: one call at a time.
         self.lock = threading.Lock() if not getattr(self.network, "thread_safe", False) else None
+        if warm:
+            blank = cv2.imencode(".png", np.full((50, 200), 255, np.uint8))[1].tobytes()
+            self.predict(self.prepare_encoded(blank, "warm-up")[np.newaxis])
+
+    @classmethod
+    def load(cls, model_path, *, safe_mode=True, warm=False, **settings):
+        """The reader of a model file (.onnx, .tflite, or .keras, read through its ONNX twin when it has one);
+        `settings`: ReadSettings' fields, by keyword (allowed=, case=, answer=, min_confidence=, ...)."""
+        return cls(model_path, ReadSettings(**settings), safe_mode=safe_mode, warm=warm)
+
+    def read(self, image):
+        """One captcha -> Reading. `image`: its encoded bytes (png, jpg, ...: what a scraper downloads), a file
+        path, or a decoded image (preprocess.read_image)."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            prepared = self.prepare_encoded(bytes(image), "image")
+        elif isinstance(image, (str, os.PathLike)):
+            prepared = preprocess.preprocess_image(preprocess.read_image(image, self.options.channels), self.options)
+        else:
+            prepared = preprocess.preprocess_image(np.asarray(image), self.options)
+        return self.judge(self.predict(prepared[np.newaxis]))[0]
+
+    def judge(self, decoded):
+        """Decoded (from predict) -> [Reading], by this reader's low-confidence rule and answer mode."""
+        return [judged(text, confidence, refit, self.low_rule, self.answer) for text, confidence, refit in zip(*decoded)]
 
     def low_confidence_rule(self, given=None):
         """When a reading is marked low_confidence: below `given` (--min_confidence) if set, else below the
@@ -375,20 +449,12 @@ class Reader:
         probs = restrict(probs, self.charset, self.allowed, self.case)
         return decode_with_confidence(probs, self.charset, self.beam_width, self.case, self.lengths)
 
-    def read_image(self, image):
-        """One decoded image (gray, or colour for a colour model: preprocess.read_image) -> (text, confidence)."""
-        decoded = self.predict(preprocess.preprocess_image(image, self.options)[np.newaxis])
-        return decoded.texts[0], decoded.confidences[0]
-
-    def read_file(self, path):
-        return self.read_image(preprocess.read_image(path, self.options.channels))
-
     def prepare_encoded(self, data, name):
         """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable."""
         return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.channels), self.options)
 
     def read_paths(self, paths, batch_size=64, debug_dir=None, augmentation_for=None):
-        """Yield a Reading per path, in order; reads the next batch's files while predicting this one.
+        """Yield a FileReading per path, in order; reads the next batch's files while predicting this one.
         augmentation_for(path): a function of the 8-bit canvas (augment.augment, seeded per image) that alters it
         before reading, or None: for readings of altered copies (selftrain's agreement filter)."""
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -405,10 +471,10 @@ class Reader:
                 results = iter(zip(*self.predict(np.stack(good)))) if good else iter(())
                 for path, (image, error) in zip(batch, prepared):
                     if error:
-                        yield Reading(str(path), error=error)
+                        yield FileReading(str(path), error=error)
                     else:
                         text, confidence, refit = next(results)
-                        yield Reading(str(path), text, confidence, refit=refit)
+                        yield FileReading(str(path), text, confidence, refit=refit)
 
     def prepare(self, path, debug_dir=None, augmentation_for=None):
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""

@@ -9,7 +9,8 @@ import keras
 
 import augment
 from model import CTCLoss
-from preprocess import CLAHE_CLIP, CaptchaError, PreprocessOptions
+from errors import CaptchaError
+from preprocess import CLAHE_CLIP, PreprocessOptions
 
 DEFAULT_EPOCHS = 30  # passes over the training images when --epochs is unset; small folders get more (--min_steps)
 MIN_EPOCH_STEPS = 50  # with --epochs unset, a small folder's epoch passes over its images more than once

@@ -7,8 +7,8 @@ Following validation (the default recipe without those flags): warmup-stable-dec
 `check_every` steps that the loader draws from an endless run of shuffled passes, so a folder of any size is
 validated as often. The rate warms up over the first check and is then held at its peak while validation reads
 better beyond chance (callbacks.HoldWhileValidationPays); once `stall_checks` checks in a row have not, it decays
-to ~0 over `anneal_fraction` of the steps made so far (at least `min_anneal_steps`) on the images as they are, and
-the run ends. The ceiling is the fixed length the run would make otherwise; `--minutes` fits the held phase and
+to ~0 over `anneal_fraction` of the steps made so far (at least `min_anneal_steps`, and at least one pass over the
+training images) on the images as they are, and the run ends. The ceiling is the fixed length the run would make otherwise; `--minutes` fits the held phase and
 the anneal into a time budget. Why this and not a fixed cycle: docs/design.md, "A run's length".
 """
 
@@ -20,7 +20,7 @@ import callbacks
 import model
 import recipes
 import runstate
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Length:
     repeats: int = 1  # fixed: passes over the training images in an epoch
     augment_epochs: int | None = None  # fixed: the epochs before the clean finish
     epoch_steps: int | None = None  # following validation: the steps of an epoch (one check)
+    pass_steps: int = 0  # following validation: the steps of one pass over the training images (at most half the
+    #                      ceiling: a huge folder's pass would leave no room for the hold)
     ceiling_why: str = ""  # following validation: where the ceiling comes from
 
     @property
@@ -64,13 +66,16 @@ def plan(cfg, recipe, train_images):
     if follows_validation(cfg, recipe):
         why = ("the CPU-sized built-in run" if cpu_sized(cfg) else
                f"{recipes.DEFAULT_EPOCHS} passes or {recipes.FIXED_MIN_STEPS} steps, whichever is more")
-        return Length(math.ceil(steps / recipe.check_every), epoch_steps=recipe.check_every, ceiling_why=why)
+        return Length(math.ceil(steps / recipe.check_every), epoch_steps=recipe.check_every,
+                      pass_steps=min(math.ceil(train_images / recipe.batch_size), steps // 2), ceiling_why=why)
     return Length(epochs, repeats, epochs - round(epochs * recipe.clean_finish))
 
 
-def anneal_epochs(recipe, epochs_done, epoch_steps):
-    """The epochs of the anneal that starts after `epochs_done` epochs of `epoch_steps` steps."""
-    steps = max(recipe.min_anneal_steps, recipe.anneal_fraction * epochs_done * epoch_steps)
+def anneal_epochs(recipe, epochs_done, epoch_steps, pass_steps=0):
+    """The epochs of the anneal that starts after `epochs_done` epochs of `epoch_steps` steps: a quarter of the
+    steps made, at least the recipe's minimum, and at least one pass over the training images (`pass_steps`), so
+    that each is seen as the rate comes down."""
+    steps = max(recipe.min_anneal_steps, recipe.anneal_fraction * epochs_done * epoch_steps, pass_steps)
     return math.ceil(steps / epoch_steps)
 
 
@@ -81,7 +86,8 @@ def describe(cfg, recipe, length, steps_per_epoch, check_images):
                 f"images; the learning rate "
                 f"warms up over the first {length.epoch_steps}, is held at its peak until {recipe.stall_checks} checks "
                 f"in a row read validation no better beyond chance, then anneals over {recipe.anneal_fraction:.0%} of "
-                f"the steps made (at least {recipe.min_anneal_steps}) on the images as they are; augmentation "
+                f"the steps made (at least {max(recipe.min_anneal_steps, length.pass_steps)}: {recipe.min_anneal_steps}, or a "
+                f"pass over the training images) on the images as they are; augmentation "
                 f"{recipe.augment} until then"
                 + (f"; within {cfg.minutes:g} minutes" if cfg.minutes else "")
                 + f"; at most {length.epochs * length.epoch_steps} steps ({length.ceiling_why})")
@@ -104,16 +110,17 @@ def hold_callback(cfg, recipe, length, val_labels, anneal, out, resumed):
     history = runstate.validation_history(out / runstate.LOG_NAME, with_loss=True) if resumed else ()
     return callbacks.HoldWhileValidationPays(
         recipe.stall_checks, sum(len(label) for label in val_labels), anneal,
-        lambda done: anneal_epochs(recipe, done, length.epoch_steps), length.epochs, seconds=60 * cfg.minutes,
+        lambda done: anneal_epochs(recipe, done, length.epoch_steps, length.pass_steps), length.epochs,
+        seconds=60 * cfg.minutes,
         history=history)
 
 
-def start_anneal(crnn, train_batches, recipe, anneal, epoch_steps):
+def start_anneal(crnn, train_batches, recipe, anneal, length):
     """From the epoch `anneal["from_epoch"]` on: the learning rate decays from its peak, and the images train as
     they are. Called when the hold ends, and again on a resume within the anneal (the saved optimizer may hold
     the peak's schedule: the stop came between the two)."""
-    first = anneal["from_epoch"]
-    anneal.setdefault("epochs", anneal_epochs(recipe, first, epoch_steps))
+    first, epoch_steps = anneal["from_epoch"], length.epoch_steps
+    anneal.setdefault("epochs", anneal_epochs(recipe, first, epoch_steps, length.pass_steps))
     crnn.optimizer.learning_rate = recipes.anneal_from(recipe, first * epoch_steps, anneal["epochs"] * epoch_steps)
     crnn.make_train_function(force=True)  # the schedule is read inside the compiled step
     train_batches.augment_epochs = first
@@ -131,7 +138,7 @@ def fit(crnn, train_batches, run_callbacks, *, first_epoch, length, recipe, anne
         first_epoch += trained
         if anneal.get("from_epoch") is None:  # fit() ran to the ceiling before the hold's own check said so
             anneal.update(from_epoch=first_epoch, why=f"the step ceiling: {first_epoch * length.epoch_steps} steps")
-        start_anneal(crnn, train_batches, recipe, anneal, length.epoch_steps)
+        start_anneal(crnn, train_batches, recipe, anneal, length)
         run_callbacks.log.append = True  # the anneal's rows follow
     end = anneal["from_epoch"] + anneal["epochs"]
     print(f"{anneal['why']}; annealing over {(end - anneal['from_epoch']) * length.epoch_steps} steps "

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 BEST_NAME = "crnn_ctc_best.keras"
 FINAL_NAME = "crnn_ctc_final.keras"

@@ -123,7 +123,7 @@ class RunRecord:
     """What metrics.json records of how the run trained, beside its scores."""
 
     folder: object
-    config: object  # the TrainConfig
+    config: dict  # the run's flags, as a dict
     epochs_run: int
     trained: int  # epochs trained in this session
     train_seconds: float
@@ -131,7 +131,7 @@ class RunRecord:
     steps_run: int = 0  # optimizer steps in all the run's epochs
 
 
-def score_run(out, chosen, record, charset, options, train_set, val_set, test_set, test_batches):
+def score_run(out, chosen, record, charset, options, val_set, test_set, test_batches):
     """The run's model (`chosen`, a RunModel) on the test split, which chose nothing (validation chose the model
     and its threshold), so this is a clean score; writes metrics.json and the plots, and moves no file."""
     abstain = chosen.abstain
@@ -155,7 +155,7 @@ def score_run(out, chosen, record, charset, options, train_set, val_set, test_se
         "train_seconds_this_session": round(seconds, 1),
         "images_per_second_with_validation": round(record.images_per_epoch * record.trained / seconds, 1),
         "data_dir": str(record.folder),
-        "config": dataclasses.asdict(record.config),
+        "config": record.config,
         "log": str(out / runstate.LOG_NAME),
         "examples": [{"truth": t, "prediction": p} for t, p in list(zip(test_labels, predictions))[:20]],
         # every test image's reading: plots.py redraws a run from these, and the misread ones are there to look at

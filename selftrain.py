@@ -31,16 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import augment
 import dataset
 import labels as label_sources
 import metrics
 import model
-import preprocess
+import charsets
+import imagefiles
 import reader
 import runstate
 import twin
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 STATE_NAME = "self_training.json"
 TEACHER_READINGS_NAME = "teacher_readings.csv"  # every reading of the teacher's, before the filters
@@ -143,10 +145,10 @@ def select_pseudo_labels(captcha_reader, readings, teacher_texts=None, rejected=
     teacher_texts = teacher_texts or {}
 
     def teacher_agrees(reading):
-        return reading.text in {preprocess.fold_case(text, captcha_reader.case) if captcha_reader.case else text
+        return reading.text in {charsets.fold_case(text, captcha_reader.case) if captcha_reader.case else text
                                 for text in teacher_texts.get(reading.path, ())}
 
-    rejected = {name: preprocess.fold_case(text, captcha_reader.case) for name, text in (rejected or {}).items()}
+    rejected = {name: charsets.fold_case(text, captcha_reader.case) for name, text in (rejected or {}).items()}
     kept, unreadable, wrong_length, known_wrong = [], 0, 0, 0
     for reading in readings:
         if reading.error:
@@ -186,8 +188,8 @@ def teach(cfg, out, unlabeled):
     case, lengths, symbols = (cfg.case if cfg.case in ("lower", "upper", "keep") else "lower"), None, None
     threshold = getattr(source, "threshold", None)
     if cfg.check:
-        found = dataset.scan_folder(Path(cfg.check), labels_from=cfg.labels_from, labels_file=cfg.check_labels or None,
-                                    case=cfg.case, verify=False, spaces=cfg.label_spaces)
+        found = dataset.scan_folder(Path(cfg.check), labels=label_sources.LabelSource.given(
+            cfg.labels_from, cfg.check_labels, cfg.label_spaces), case=cfg.case, verify=False)
         if not found.samples:
             raise CaptchaError(f"--check {cfg.check}: no labelled images ({found.summary()})")
         check_labels = [label for _, label in found.samples]
@@ -244,7 +246,7 @@ def describe_round(summary):
                f"{precision:.4f}"))
 
 
-def start_state(cfg, config_class):
+def start_state(cfg):
     """The run's settings: saved at a fresh start (earlier rounds in --out are removed), read on --resume."""
     out = Path(cfg.out)
     state_path = out / STATE_NAME
@@ -266,7 +268,7 @@ def start_state(cfg, config_class):
                       f"trained with it")
                 saved = {**saved, name: given}
                 state_path.write_text(json.dumps({**state, "config": saved}, indent=2))
-        return config_class(**{**saved, "out": cfg.out, "resume": True})
+        return cli.restored(type(cfg), saved, out=cfg.out, resume=True)
     if not Path(cfg.unlabeled).is_dir():
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
     if not cfg.teacher and not cfg.data_dir:
@@ -282,12 +284,12 @@ def start_state(cfg, config_class):
     return cfg
 
 
-def run(cfg, train_one, config_class):
+def run(cfg, train_one):
     """Self-training rounds; `train_one(cfg, pseudo, resume_command)` is train.train. Returns the chosen round's
     results (its metrics, with the rounds' log), or None if interrupted (resumable)."""
-    cfg = start_state(cfg, config_class)
+    cfg = start_state(cfg)
     out = Path(cfg.out)
-    unlabeled = preprocess.list_images(cfg.unlabeled)
+    unlabeled = imagefiles.list_images(cfg.unlabeled)
     if not unlabeled:
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: no image files (png, jpg, bmp, webp, gif, tif)")
     print(f"self-training: {len(unlabeled)} unlabelled images in {cfg.unlabeled}, up to {cfg.rounds} rounds with "

@@ -19,6 +19,7 @@ exception: `apt-get install fonts-wqy-microhei`).
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -30,14 +31,9 @@ import cv2
 import numpy as np
 
 import cli
-from preprocess import (
-    CHARSET_PRESETS,
-    DEFAULT_SYMBOLS,
-    IMG_HEIGHT,
-    IMG_WIDTH,
-    CaptchaError,
-    charset_from_arg,
-)
+from charsets import CHARSET_PRESETS, DEFAULT_SYMBOLS, charset_from_arg
+from errors import CaptchaError
+from preprocess import IMG_HEIGHT, IMG_WIDTH
 
 
 class _SeededSecrets:
@@ -619,15 +615,27 @@ def plan_synthetic(count, seed, symbols, length, width, height):
     return [(label, seed * 1_000_003 + i, width, height) for i, label in enumerate(labels)]
 
 
-def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, length=5, style="captcha",
-                       width=None, height=None, workers=None, progress=True):
-    """Draw `count` labelled captchas into `out_dir`, each named by its text.
+@dataclasses.dataclass(frozen=True)
+class Drawing:
+    """What generate_synthetic draws: a style's look, texts of `length` symbols (an int, or (shortest, longest))
+    from `symbols`, on images of the style's size unless `width`/`height` say otherwise."""
+
+    style: str = "captcha"
+    symbols: str = DEFAULT_SYMBOLS
+    length: object = 5
+    width: int | None = None
+    height: int | None = None
+
+
+def generate_synthetic(out_dir, count, drawing=Drawing(), seed=1234, workers=None, progress=True):
+    """Draw `count` labelled captchas (`drawing`: a Drawing) into `out_dir`, each named by its text.
 
     style "captcha": the `captcha` package's ImageCaptcha, 200x50 PNG; "gregwar": the look of the
     PHP library Gregwar/Captcha, 150x40 JPEG; "hershey": stroke fonts, 160x60 PNG; "varied": many
     faces and looks, PNG of a random size (40-80 px high, 2-5 times as wide). Image i depends
     only on (seed, i): the same call always writes the same files, with any number of workers.
     """
+    style = drawing.style
     if style not in ALL_STYLES:
         raise CaptchaError(f"unknown synthetic style {style!r}; choose from {sorted(ALL_STYLES)}")
     draw, extension, default_width, default_height = ALL_STYLES[style]
@@ -635,7 +643,8 @@ def generate_synthetic(out_dir, count, seed=1234, symbols=DEFAULT_SYMBOLS, lengt
     out_dir.mkdir(parents=True, exist_ok=True)
     if style == "cjk":
         cjk_font()  # refused here, not in a worker
-    jobs = plan_synthetic(count, seed, symbols, length, width or default_width, height or default_height)
+    jobs = plan_synthetic(count, seed, drawing.symbols, drawing.length, drawing.width or default_width,
+                          drawing.height or default_height)
     if style == "arithmetic":
         jobs = [(text, *job[1:]) for text, job in zip(arithmetic_expressions(count, seed), jobs)]
     workers = workers or min(os.cpu_count() or 1, max(1, count // 500))  # a few images: not worth a pool's start
@@ -704,7 +713,7 @@ def main(argv=None):
             write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols, length,
                              args.style)
             return
-        written = generate_synthetic(args.out, args.count, args.seed, symbols, length, args.style,
+        written = generate_synthetic(args.out, args.count, Drawing(args.style, symbols, length), args.seed,
                                      workers=args.workers or None)
         print(f"wrote {len(written)} images to {args.out}")
 

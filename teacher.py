@@ -26,9 +26,9 @@ from pathlib import Path
 
 import arithmetic
 import metrics
-import preprocess
+import charsets
 import reader
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 DDDDOCR = "ddddocr"
 TYPICAL_LENGTH_SHARE = 0.10
@@ -100,7 +100,7 @@ def load_teacher(spec):
 
 
 def fold(text, case):
-    return preprocess.fold_case(text, case) if case in ("lower", "upper") else text
+    return charsets.fold_case(text, case) if case in ("lower", "upper") else text
 
 
 def typical_lengths(texts):
@@ -189,13 +189,14 @@ class DdddocrReader:
     teacher reads on a site, scored before any training. It gives no confidence the toolkit calibrates, so no
     reading is marked low by confidence."""
 
-    def __init__(self, case=None, answer=None):
+    def __init__(self, case=None, answer=None, min_confidence=None):
         self.path = Path(DDDDOCR)
         self.answer = arithmetic.check_answer(answer or "text")
         self.teacher = DdddocrTeacher()
         self.meta = {"labels": {"rule": "auto"}}  # file names read by the auto rule
         self.charset = None  # any symbol
         self.case = case if case in ("lower", "upper") else None  # --case folds readings and labels alike
+        self.low_rule = self.low_confidence_rule(reader.checked_min_confidence(min_confidence))
 
     def low_confidence_rule(self, given=None):
         if given is None:
@@ -209,6 +210,6 @@ class DdddocrReader:
             try:
                 result = self.teacher.first.classification(Path(path).read_bytes(), probability=True)
             except Exception as e:  # ddddocr raises PIL's and its own errors for files it cannot decode
-                yield reader.Reading(str(path), error=f"{path}: ddddocr could not read it ({type(e).__name__})")
+                yield reader.FileReading(str(path), error=f"{path}: ddddocr could not read it ({type(e).__name__})")
                 continue
-            yield reader.Reading(str(path), fold(result["text"], self.case), float(result["confidence"]))
+            yield reader.FileReading(str(path), fold(result["text"], self.case), float(result["confidence"]))

@@ -22,13 +22,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import cli
 import arithmetic
 import labels as label_sources
 import metrics
-import preprocess
+import charsets
+import imagefiles
 import reader
 import teacher
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 def parse_args(argv=None):
@@ -47,16 +49,11 @@ def parse_args(argv=None):
     parser.add_argument("--case", choices=(*reader.CASES, "keep"),
                         help="fold letter case (for sites that ignore it): each letter's two cases count as one, in "
                              "readings and labels alike; keep: no fold (default: the model's own, stored in it)")
-    parser.add_argument("--labels_from", help="how file names give the labels to score against: auto, name, prefix, "
-                                              "suffix or regex:PATTERN (default: the rule the model was trained with)")
-    parser.add_argument("--labels", metavar="FILE", help="a labels file to score against (CSV/TSV, JSON, Python "
-                                                         "dict, one label per line: as train.py --labels)")
+    label_sources.add_label_flags(parser, unset_means="as the model was trained: its rule, and joined spaces if its "
+                                                      "labels were joined")
     parser.add_argument("--answer", choices=arithmetic.ANSWERS,
                         help="arithmetic: the captcha shows an expression (3+5=?); print its value too, and mark a "
                              "reading that is no expression low (default: as the model was trained)")
-    parser.add_argument("--label_spaces", choices=label_sources.SPACES,
-                        help="a space between a label's symbols: auto, join, keep (default: as the model was trained: "
-                             "join if its labels were joined, else auto)")
     parser.add_argument("--min_confidence", type=float,
                         help="mark readings below this confidence (0-1) as low: a caller should fetch a new captcha "
                              "(default: the threshold stored in the model, chosen on its validation split for a "
@@ -114,14 +111,14 @@ def review_name(prediction, path):
 
 def open_reader(args):
     """The model (or ddddocr), checked against --charset and --min_confidence."""
-    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
-        raise CaptchaError(f"--min_confidence {args.min_confidence}: a confidence lies between 0 and 1")
     if args.model == teacher.DDDDOCR:  # the zero-shot teacher, to see what it reads before any training
-        return teacher.DdddocrReader(args.case, args.answer)
-    captcha_reader = reader.Reader(args.model, args.allowed, args.case, args.beam_width, not args.unsafe,
-                                   args.no_auto_crop, args.force_invert, args.strong, args.answer)
-    if args.charset and preprocess.charset_from_arg(args.charset).symbols != captcha_reader.charset.symbols:
-        expected = preprocess.charset_from_arg(args.charset).symbols
+        return teacher.DdddocrReader(args.case, args.answer, args.min_confidence)
+    captcha_reader = reader.Reader.load(args.model, safe_mode=not args.unsafe, allowed=args.allowed, case=args.case,
+                                        beam_width=args.beam_width, no_auto_crop=args.no_auto_crop,
+                                        force_invert=args.force_invert, strong=args.strong, answer=args.answer,
+                                        min_confidence=args.min_confidence)
+    if args.charset and charsets.charset_from_arg(args.charset).symbols != captcha_reader.charset.symbols:
+        expected = charsets.charset_from_arg(args.charset).symbols
         raise CaptchaError(f"{args.model}: reads {captcha_reader.charset.symbols!r}, not the --charset you gave "
                            f"({expected!r})")
     return captcha_reader
@@ -132,7 +129,7 @@ def images_to_read(args):
         if not Path(args.image).is_file():
             raise CaptchaError(f"{args.image}: image file does not exist")
         return [Path(args.image)]
-    paths = preprocess.list_images(args.folder)
+    paths = imagefiles.list_images(args.folder)
     if not paths:
         raise CaptchaError(f"{args.folder}: no image files (png, jpg, bmp, webp, gif, tif)")
     return paths[: args.limit] if args.limit else paths
@@ -150,21 +147,20 @@ def read_all(args, captcha_reader, paths, label_of, low_rule):
             failures += 1
             tqdm.write(f"skipped: {reading.error}", file=sys.stderr)
             continue
-        low = low_rule.is_low(reading.text, reading.confidence, reading.refit)
-        answer = arithmetic.answer_of(reading.text, captcha_reader.answer)
-        low = low or (answer is not None and answer.value is None)
-        shown = reading.text if answer is None else \
-            f"{reading.text} = {answer.value}" if answer.value is not None else f"{reading.text} (no answer: {answer.error})"
+        result = reader.judged(reading.text, reading.confidence, reading.refit, low_rule, captcha_reader.answer)
+        low, arithmetic_answer = result.low, captcha_reader.answer == "arithmetic"
+        shown = reading.text if not arithmetic_answer else \
+            f"{reading.text} = {result.answer}" if result.answer is not None else f"{reading.text} (no answer: {result.reason})"
         tqdm.write(f"{reading.path} -> {shown} ({reading.confidence:.3g}{', LOW' if low else ''})")
         label = label_of.get(reading.path)
         if label is not None:  # labels folded as the readings are
-            label = preprocess.fold_case(label, captcha_reader.case)
+            label = charsets.fold_case(label, captcha_reader.case)
         # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
         unscorable = metrics.unscorable_reason(label, charset, max_len)
         row = {"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),
                "low_confidence": low, "label": None if unscorable else label, "unscorable": unscorable}
-        if answer is not None:  # a label is the expression as drawn; its value is what the site checks
-            row.update(answer=answer.value, answer_error=answer.error,
+        if arithmetic_answer:  # a label is the expression as drawn; its value is what the site checks
+            row.update(answer=result.answer, answer_error=result.reason,
                        label_answer=arithmetic.answer(label).value if label else None)
         rows.append(row)
         if args.review_dir and (low or (not unscorable and reading.text != label)):
@@ -213,9 +209,8 @@ def main(argv=None):
                 Path(folder).mkdir(parents=True, exist_ok=True)
         label_of, unlabelled_why = known_labels(args, captcha_reader.meta)
     except (CaptchaError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    low_rule = captcha_reader.low_confidence_rule(args.min_confidence)
+        return cli.user_error(e)
+    low_rule = captcha_reader.low_rule
     print(low_rule.description, file=sys.stderr)
     if unlabelled_why:
         print(f"not scored: {unlabelled_why}", file=sys.stderr)

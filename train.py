@@ -41,6 +41,8 @@ import finetune
 import labels as label_sources
 import model
 import modelmeta
+import charsets
+import imagefiles
 import preprocess
 import recipes
 import runlength
@@ -49,7 +51,7 @@ import scoring
 import selftrain
 import synth
 import twin
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 @dataclass
@@ -144,11 +146,10 @@ def resolve_data(cfg):
     if cfg.check:
         return None
     folder = Path(cfg.synth_dir) / cfg.synth_style
-    have = len(preprocess.list_images(folder)) if folder.is_dir() else 0
+    have = len(imagefiles.list_images(folder)) if folder.is_dir() else 0
     if have < cfg.synth_count:
         print(f"drawing {cfg.synth_count - have} synthetic captchas into {folder} (cached for later runs)")
-        synth.generate_synthetic(folder, cfg.synth_count - have, seed=cfg.synth_seed + have,
-                                      style=cfg.synth_style)
+        synth.generate_synthetic(folder, cfg.synth_count - have, synth.Drawing(style=cfg.synth_style), seed=cfg.synth_seed + have)
     return folder
 
 
@@ -164,10 +165,9 @@ def check_config(cfg):
 def scan_labelled(cfg, folder, labels_file=None, source=None):
     """One folder's labelled images (labels read by --labels_from / `labels_file`, or by a resumed run's stored
     `source`), refused when there are none."""
-    fixed_charset = None if cfg.charset == "auto" else preprocess.charset_from_arg(cfg.charset)
-    scan = dataset.scan_folder(folder, fixed_charset, cfg.max_len or None, labels_from=cfg.labels_from,
-                               labels_file=labels_file or None, case=cfg.case, source=source, channels=cfg.channels,
-                               spaces=cfg.label_spaces)
+    fixed_charset = None if cfg.charset == "auto" else charsets.charset_from_arg(cfg.charset)
+    labels = source or label_sources.LabelSource.given(cfg.labels_from, labels_file, cfg.label_spaces)
+    scan = dataset.scan_folder(folder, fixed_charset, cfg.max_len or None, labels, case=cfg.case, channels=cfg.channels)
     if scan.decision:
         print(scan.decision)
     print(f"{folder}: {scan.summary()}")
@@ -195,7 +195,7 @@ def load_dataset(cfg, folder, source=None, pseudo=()):
             samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
         train, val, test = dataset.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     labels = [label for _, label in train + val + test] + [label for _, label in pseudo]
-    charset = preprocess.charset_for_labels(cfg.charset, labels)
+    charset = charsets.charset_for_labels(cfg.charset, labels)
     max_len = cfg.max_len or max(len(label) for label in labels)
     print(f"charset: {len(charset.symbols)} symbols + blank; labels up to {max_len} characters; letter case: "
           f"{scan.case}" + (" (folded)" if scan.case != "keep" else "")
@@ -264,9 +264,8 @@ def resume_config(cfg):
         raise CaptchaError(f"{path}: no interrupted run to resume in {cfg.out}")
     saved = meta["resume"]["config"]
     print(f"resuming the run in {cfg.out} after epoch {meta['resume']['epochs_done']} with its saved settings")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     source = label_sources.LabelSource.from_dict(meta["labels"]) if "labels" in meta else None
-    return TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, "out": cfg.out, "resume": True}), source
+    return cli.restored(TrainConfig, saved, out=cfg.out, resume=True), source
 
 
 def train(cfg, pseudo=(), resume_command=None):
@@ -295,15 +294,15 @@ def train(cfg, pseudo=(), resume_command=None):
     # ---- phase 3, the batches and how many updates: a fixed length, or as long as validation pays (runlength.py)
     length = runlength.plan(cfg, recipe, len(train_set))
     epochs = length.epochs
+    batching = dataset.Batching(network.options, recipe.batch_size, shuffle=True, seed=cfg.seed, augment=recipe.augment,
+                                repeats=length.repeats, epoch_steps=length.epoch_steps,
+                                augment_epochs=length.augment_epochs)
     train_batches, val_batches, test_batches = dataset.split_batches(
-        train_set, val_set, test_set, charset, max_len, network.options, batch_size=recipe.batch_size,
-        augmentation=recipe.augment, repeats=length.repeats, epoch_steps=length.epoch_steps,
-        augment_epochs=length.augment_epochs, seed=cfg.seed, workers=cfg.workers, processes=cfg.processes,
-        cache_mb=cfg.cache_mb)
+        (train_set, val_set, test_set), charset, max_len, batching, dataset.Loading(cfg.workers, cfg.processes,
+                                                                                    cfg.cache_mb))
     check_set = val_set[: recipe.check_images] if length.follows_validation else val_set  # what each check reads
     check_batches = val_batches if len(check_set) == len(val_set) else dataset.make_batches(
-        check_set, charset, max_len, options=network.options, batch_size=recipe.batch_size, workers=cfg.workers,
-        in_memory=True)
+        check_set, charset, max_len, batching.for_reading(), workers=cfg.workers, in_memory=True)
     print(runlength.describe(cfg, recipe, length, len(train_batches), len(check_set)))
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
@@ -322,7 +321,7 @@ def train(cfg, pseudo=(), resume_command=None):
         crnn = resumed_model(out, meta, folder, in_scope, state)
         train_batches.epoch = state["epochs_done"]  # the order and augmentation of the next epoch, as if unbroken
         if state["anneal"].get("from_epoch") is not None:  # stopped within the anneal
-            runlength.start_anneal(crnn, train_batches, recipe, state["anneal"], length.epoch_steps)
+            runlength.start_anneal(crnn, train_batches, recipe, state["anneal"], length)
     else:
         crnn = new_model(network, charset, in_scope)
         finetune.set_cnn_trainable(crnn, not frozen_until)  # frozen first, with --freeze_cnn_epochs
@@ -330,12 +329,13 @@ def train(cfg, pseudo=(), resume_command=None):
     describe_model(cfg, recipe, network, crnn, length)
     # ---- phase 5, training
     check_labels = [label for _, label in check_set]
+    start = callbacks.RunStart(state["epochs_done"], state["best_score"],
+                               steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume,
+                               settle_from=length.augment_epochs)
     run_callbacks = callbacks.run_callbacks(
-        out, meta, cfg, recipe, train_batches=train_batches, val_batches=check_batches, charset=charset,
-        val_labels=check_labels, epochs_done=state["epochs_done"], best_score=state["best_score"],
-        steps_left=(epochs - state["epochs_done"]) * len(train_batches), resumed=cfg.resume,
-        settle_from=length.augment_epochs, hold=runlength.hold_callback(cfg, recipe, length, check_labels,
-                                                                        state["anneal"], out, cfg.resume))
+        out, meta, dataclasses.asdict(cfg), recipe, train_batches,
+        callbacks.Validation(check_batches, charset, check_labels), start,
+        hold=runlength.hold_callback(cfg, recipe, length, check_labels, state["anneal"], out, cfg.resume))
     started = time.time()
     callbacks.STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps
     try:
@@ -367,10 +367,9 @@ def train(cfg, pseudo=(), resume_command=None):
                                           prefer_final=recipe.schedule == "onecycle")
         images_per_epoch = (len(train_batches) * recipe.batch_size if length.follows_validation
                             else len(train_set) * length.repeats)
-        record = scoring.RunRecord(folder, cfg, epochs_run, trained, time.time() - started, images_per_epoch,
-                                   steps_run=epochs_run * len(train_batches))
-        results = scoring.score_run(out, chosen, record, charset, network.options, train_set, val_set, test_set,
-                                    test_batches)
+        record = scoring.RunRecord(folder, dataclasses.asdict(cfg), epochs_run, trained, time.time() - started,
+                                   images_per_epoch, steps_run=epochs_run * len(train_batches))
+        results = scoring.score_run(out, chosen, record, charset, network.options, val_set, test_set, test_batches)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
               f"{resume_command}")
@@ -383,14 +382,13 @@ def train(cfg, pseudo=(), resume_command=None):
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        if cfg.teacher and not cfg.unlabeled and not cfg.resume:
-            raise CaptchaError(f"--teacher {cfg.teacher} reads the images of --unlabeled: give that folder too")
+        if not cfg.resume:
+            precheck.teacher_reads_unlabeled(cfg.teacher, cfg.unlabeled)
         with callbacks.stop_on_signals():
             self_training = cfg.unlabeled or (cfg.resume and (Path(cfg.out) / selftrain.STATE_NAME).exists())
-            results = selftrain.run(cfg, train, TrainConfig) if self_training else train(cfg)
+            results = selftrain.run(cfg, train) if self_training else train(cfg)
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
     return 0 if results is not None else callbacks.stopped_status()
 
 

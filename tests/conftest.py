@@ -25,7 +25,7 @@ import model  # noqa: E402
 import reader  # noqa: E402
 import synth  # noqa: E402
 from make_reader import draw_folder  # noqa: E402  (the committed reader's look)
-from preprocess import Charset  # noqa: E402
+from charsets import Charset  # noqa: E402
 
 DIGITS = "0123456789"
 READER = ROOT / "tests" / "fixtures" / "reader.keras"
@@ -83,7 +83,7 @@ def run_stopped_while_round_one_is_scored(monkeypatch, flags):
 def digits_folder(tmp_path_factory):
     """40 captcha-package images, digits, labels of 3 or 4 characters (so lengths vary)."""
     folder = tmp_path_factory.mktemp("digits")
-    synth.generate_synthetic(folder, 40, seed=7, symbols=DIGITS, length=(3, 4), workers=1, progress=False)
+    synth.generate_synthetic(folder, 40, synth.Drawing(symbols=DIGITS, length=(3, 4)), seed=7, workers=1, progress=False)
     return folder
 
 
@@ -106,6 +106,17 @@ def onnx_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     assert export_safe.main(["--in_keras", str(READER), "--out_keras", str(path), "--format", "onnx"]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_onnx(tmp_path_factory):
+    """The shipped base model (pretrained/base.keras) exported to ONNX: a second, different network."""
+    import export_safe
+
+    path = tmp_path_factory.mktemp("base_onnx") / "base.onnx"
+    assert export_safe.main(["--in_keras", str(ROOT / "pretrained" / "base.keras"), "--out_keras", str(path),
+                             "--format", "onnx"]) == 0
     return path
 
 
@@ -141,7 +152,7 @@ def samples(digits_folder):
 @pytest.fixture(scope="module")
 def resume_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume_data")
-    synth.generate_synthetic(folder, 160, seed=2, symbols=DIGITS, length=4, workers=1, progress=False)
+    synth.generate_synthetic(folder, 160, synth.Drawing(symbols=DIGITS, length=4), seed=2, workers=1, progress=False)
     return folder
 
 

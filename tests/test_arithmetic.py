@@ -42,7 +42,7 @@ def test_the_largest_expression_allowed_is_computed_exactly():
 
 
 def test_the_synthetic_style_draws_every_operator_and_labels_each_image_in_a_labels_file(tmp_path):
-    written = synth.generate_synthetic(tmp_path / "a", 60, seed=3, style="arithmetic", workers=1, progress=False)
+    written = synth.generate_synthetic(tmp_path / "a", 60, synth.Drawing(style="arithmetic"), seed=3, workers=1, progress=False)
     found = label_sources.find_labels(tmp_path / "a", labels_file=tmp_path / "a" / "labels.csv")
     assert [path for path, _ in found.samples] == [str(p) for p in written] and found.skipped == {}
     expressions = [label for _, label in found.samples]
@@ -71,7 +71,7 @@ def test_the_synthetic_style_turns_operators_little_and_digits_as_the_captcha_pa
 
     monkeypatch.setattr(captcha.image.ImageCaptcha, "_draw_character", spy_draw)
     monkeypatch.setattr(Image.Image, "rotate", spy_rotate)
-    synth.generate_synthetic(tmp_path / "a", 40, seed=3, style="arithmetic", workers=1, progress=False)
+    synth.generate_synthetic(tmp_path / "a", 40, synth.Drawing(style="arithmetic"), seed=3, workers=1, progress=False)
     operators = [abs(angle) for c, angle in turns if c in synth.ARITHMETIC_OPERATORS + "=?"]
     digits = [abs(angle) for c, angle in turns if c.isdigit()]
     assert len(operators) >= 80 and max(operators) <= synth.OPERATOR_TURN
@@ -136,7 +136,7 @@ def test_train_py_trains_on_expressions_from_a_labels_file_and_stores_the_answer
     import train
 
     folder = tmp_path / "a"
-    synth.generate_synthetic(folder, 24, seed=5, style="arithmetic", workers=1, progress=False)
+    synth.generate_synthetic(folder, 24, synth.Drawing(style="arithmetic"), seed=5, workers=1, progress=False)
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(folder), "--labels", str(folder / "labels.csv"), "--answer", "arithmetic",
                        "--preset", "tiny", "--init_from", "none", "--epochs", "1", "--batch_size", "8",

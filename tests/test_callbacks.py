@@ -20,7 +20,7 @@ import runstate
 import scoring
 import train
 from conftest import DIGITS, ROOT
-from preprocess import Charset
+from charsets import Charset
 
 
 def test_a_run_ends_once_its_validation_cer_holds_while_it_reads_and_not_on_the_ctc_plateau():
@@ -88,7 +88,7 @@ def test_batchnorm_statistics_are_measured_afresh_on_training_batches(samples):
         layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, "float32"))
         layer.moving_variance.assign(np.full(layer.moving_variance.shape, 100.0, "float32"))
     norms[-1].trainable = False  # a frozen layer keeps its statistics
-    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, workers=1, augment="light")
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=3, augment="light"), workers=1)
     callback = callbacks.PreciseBatchNorm(batches, batches=2)
     callback.set_model(crnn)
     callback.on_epoch_end(0)
@@ -115,7 +115,7 @@ def test_averaged_weights_are_swapped_in_for_the_epoch_end_and_the_trained_ones_
     crnn = model.build_model(model.PRESETS["tiny"], Charset(DIGITS).num_classes)
     recipe = dataclasses.replace(recipes.RECIPES["default"], ema_momentum=0.9)
     recipes.compile_model(crnn, Charset(DIGITS), recipe, total_steps=10)
-    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, workers=1)
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=4), workers=1)
     for _ in range(3):
         crnn.train_on_batch(*batches[0])
     average = [keras.ops.convert_to_numpy(v) for v in crnn.optimizer._model_variables_moving_average]

@@ -12,11 +12,14 @@ import pytest
 
 import augment
 import dataset
+import charsets
 import preprocess
 import runstate
 import train
 from conftest import DIGITS, ROOT, captcha_like
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 
 def batch_pixels(batches, index=0):
@@ -25,8 +28,7 @@ def batch_pixels(batches, index=0):
 
 def test_augmentation_changes_training_pixels_every_epoch_and_repeats_with_the_seed(samples):
     def training_batches():
-        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=8, shuffle=False, seed=3,
-                                       workers=1, augment="light")
+        return dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=8, shuffle=False, seed=3, augment="light"), workers=1)
 
     batches = training_batches()
     epoch0 = batch_pixels(batches)
@@ -44,8 +46,8 @@ def test_augmentation_changes_training_pixels_every_epoch_and_repeats_with_the_s
 
 def test_validation_and_test_batches_are_never_augmented(samples):
     train_batches, val_batches, test_batches = dataset.split_batches(
-        samples[:4], samples[4:6], samples[6:], Charset(DIGITS), 4, PreprocessOptions(), batch_size=2,
-        augmentation="strong", workers=1)
+        (samples[:4], samples[4:6], samples[6:]), Charset(DIGITS), 4,
+        dataset.Batching(PreprocessOptions(), batch_size=2, shuffle=True, augment="strong"), dataset.Loading(workers=1))
     assert train_batches.augment == "strong" and train_batches.shuffle
     for batches, part in [(val_batches, samples[4:6]), (test_batches, samples[6:])]:
         assert batches.augment == "none" and not batches.shuffle
@@ -55,8 +57,7 @@ def test_validation_and_test_batches_are_never_augmented(samples):
 
 
 def test_the_clean_finish_reads_the_images_as_they_are(samples):
-    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=8, seed=3, workers=1, augment="light",
-                                      augment_epochs=2)
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=8, seed=3, augment="light", augment_epochs=2), workers=1)
     plain = np.stack([preprocess.load_image(path) for path, _ in samples])
     for epoch in range(4):  # epochs 0 and 1 altered, 2 and 3 (the clean finish) as they are
         pixels = batch_pixels(batches)
@@ -76,8 +77,7 @@ def test_epochs_of_a_fixed_number_of_steps_run_through_shuffled_passes(samples):
             rows += [tuple(label) for index in range(len(batches)) for label in batches[index][1]]
         return rows
 
-    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, seed=5, workers=1, shuffle=True,
-                                   augment="light", epoch_steps=5)
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=3, seed=5, shuffle=True, augment="light", epoch_steps=5), workers=1)
     assert len(batches) == 5  # 8 images, batches of 3: a pass is 3 batches (3, 3, 2); an epoch is 5 batches
     seen = labels_of_epochs(batches, 3)  # 15 batches: 5 passes
     assert len(seen) == 5 * 8
@@ -86,8 +86,7 @@ def test_epochs_of_a_fixed_number_of_steps_run_through_shuffled_passes(samples):
     passes = [seen[i * 8:(i + 1) * 8] for i in range(5)]
     assert all(sorted(one) == everyone for one in passes)  # each pass: every image once
     assert len({tuple(one) for one in passes}) > 1  # in an order of its own
-    again = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, seed=5, workers=1, shuffle=True,
-                                 augment="light", epoch_steps=5)
+    again = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=3, seed=5, shuffle=True, augment="light", epoch_steps=5), workers=1)
     again.epoch = batches.epoch = 2  # a resumed run: epoch 2 reads as it did
     assert np.array_equal(again[1][0], batches[1][0])
     assert not np.array_equal(again[1][0], np.stack([preprocess.load_image(p) for p, _ in samples])[:3])
@@ -112,8 +111,7 @@ def test_augmentation_keeps_the_canvas_and_is_mild(level):
 
 
 def test_an_epoch_of_a_small_folder_passes_over_every_image_several_times(samples):
-    batches = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
-                                      augment="light", repeats=3)
+    batches = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=4, shuffle=True, seed=3, augment="light", repeats=3), workers=1)
     assert len(batches) == 6  # 8 images x 3 passes, 4 a batch
     order = [int(i) for i in batches.order]
     assert sorted(order) == sorted(list(range(8)) * 3)
@@ -126,8 +124,7 @@ def test_a_loader_set_to_an_epoch_gives_the_batches_of_an_unbroken_run(samples):
     """What --resume relies on: the order and the augmentation are drawn from (seed, epoch), so a loader told
     the epoch reads what one that went through the epochs before it reads."""
     def loader():
-        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
-                                    augment="light", in_memory=True)
+        return dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=4, shuffle=True, seed=3, augment="light"), workers=1, in_memory=True)
 
     unbroken, resumed = loader(), loader()
     for _ in range(3):
@@ -141,10 +138,8 @@ def test_a_loader_set_to_an_epoch_gives_the_batches_of_an_unbroken_run(samples):
 
 
 def test_canvases_in_memory_give_the_pixels_read_from_disk(samples):
-    streamed = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
-                                    augment="light")
-    cached = dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=4, shuffle=True, seed=3, workers=1,
-                                  augment="light", in_memory=True)
+    streamed = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=4, shuffle=True, seed=3, augment="light"), workers=1)
+    cached = dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=4, shuffle=True, seed=3, augment="light"), workers=1, in_memory=True)
     assert streamed.canvases is None and cached.canvases.shape == (len(samples), 50, 200)
     for index in range(len(streamed)):
         assert np.array_equal(streamed[index][0], cached[index][0])
@@ -153,8 +148,7 @@ def test_canvases_in_memory_give_the_pixels_read_from_disk(samples):
 @pytest.mark.parametrize("in_memory", [True, False], ids=["canvases_in_memory", "streamed"])
 def test_worker_processes_make_the_batches_threads_make(samples, in_memory):
     def loader(processes):
-        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=3, shuffle=True, seed=3, workers=2,
-                                    augment="light", in_memory=in_memory, processes=processes)
+        return dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=3, shuffle=True, seed=3, augment="light"), workers=2, in_memory=in_memory, processes=processes)
 
     threads, processes = loader(0), loader(2)
     try:
@@ -172,8 +166,7 @@ def test_worker_processes_hand_each_batch_back_whole_when_many_threads_ask_at_on
     """Each batch comes back through a slot of shared memory: with more threads asking than slots, none may
     read a slot another batch is being written into."""
     def loader(processes):
-        return dataset.make_batches(samples, Charset(DIGITS), 4, batch_size=2, shuffle=True, seed=5, workers=2,
-                                    augment="light", processes=processes)
+        return dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(batch_size=2, shuffle=True, seed=5, augment="light"), workers=2, processes=processes)
 
     threads, processes = loader(0), loader(2)
     try:
@@ -261,12 +254,12 @@ def test_split_is_fixed_by_seed_and_disjoint():
 
 def test_batches_stream_padded_labels(digits_folder):
     samples = dataset.scan_folder(digits_folder).samples
-    charset = preprocess.charset_from_arg("digits")
-    batches = dataset.make_batches(samples, charset, 4, batch_size=16, shuffle=True, seed=1, workers=1)
+    charset = charsets.charset_from_arg("digits")
+    batches = dataset.make_batches(samples, charset, 4, dataset.Batching(batch_size=16, shuffle=True, seed=1), workers=1)
     assert len(batches) == 3
     images, labels = batches[0]
     assert images.shape == (16, 50, 200, 1) and labels.shape == (16, 4) and labels.dtype == np.int32
-    lengths = (labels != preprocess.PAD_LABEL).sum(axis=1)
+    lengths = (labels != charsets.PAD_LABEL).sum(axis=1)
     assert set(lengths) <= {3, 4} and 3 in set((batches.labels != -1).sum(axis=1))
     first_order = batches.order.copy()
     batches.on_epoch_end()

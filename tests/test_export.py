@@ -10,7 +10,7 @@ import pytest
 import export_safe
 import model
 import modelmeta
-import preprocess
+import imagefiles
 import reader
 import runstate
 import synth
@@ -104,7 +104,7 @@ def test_export_user_errors(tmp_path, trained_run, capsys):
 def test_unsafe_flag_is_the_only_way_to_load_a_lambda_model(tmp_path, digits_folder, capsys):
     legacy = tmp_path / "legacy.keras"
     model.build_model(TINY, 63, legacy_lambda=True).save(legacy)
-    image = preprocess.list_images(digits_folder)[0]
+    image = imagefiles.list_images(digits_folder)[0]
     assert read_captchas.main(["--model", str(legacy), "--image", str(image)]) == 2
     assert "export_safe.py" in capsys.readouterr().err
     assert read_captchas.main(["--model", str(legacy), "--image", str(image), "--unsafe"]) == 0

@@ -15,8 +15,7 @@ DIGITS = "0123456789"
 def sheets(tmp_path, name="eye", count=5, seed=1):
     folder = tmp_path / "captchas"
     if not folder.exists():
-        synth.generate_synthetic(folder, 7, seed=5, symbols=DIGITS, length=4, style="hershey", workers=1,
-                                 progress=False)
+        synth.generate_synthetic(folder, 7, synth.Drawing(style="hershey", symbols=DIGITS, length=4), seed=5, workers=1, progress=False)
     out = tmp_path / name
     assert eyeread.main(["sheets", str(folder), "--out", str(out), "--count", str(count), "--seed", str(seed)]) == 0
     return out, json.loads((out / eyeread.SAMPLE_NAME).read_text())["samples"]

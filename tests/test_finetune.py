@@ -9,13 +9,17 @@ import finetune
 import labels as label_sources
 import metrics
 import model
+import charsets
+import imagefiles
 import preprocess
 import reader
 import runstate
 import synth
 import train
 from conftest import DIGITS, stop_after_epoch
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 
 def output_rows(crnn):
@@ -27,7 +31,7 @@ def output_rows(crnn):
 def test_fine_tuning_carries_output_rows_over_by_symbol(source_blank):
     """Same size, other symbols: 'dcbx' keeps what 'abcd' learned for d, c, b and the blank; x starts fresh."""
     config = model.PRESETS["tiny"]
-    source_charset = preprocess.charset_from_arg("abcd", source_blank)
+    source_charset = charsets.charset_from_arg("abcd", source_blank)
     target_charset = Charset("dcbx")
     keras.utils.set_random_seed(1)
     source = model.build_model(config, source_charset.num_classes)
@@ -59,7 +63,7 @@ def test_fine_tuning_refuses_another_architecture():
 def test_the_base_model_is_shipped_small_and_safe():
     assert finetune.BASE_MODEL.exists() and finetune.BASE_MODEL.stat().st_size <= 10 * 2**20
     base, meta = model.load_model(finetune.BASE_MODEL)  # safe mode: nothing in the file runs
-    assert meta["charset"]["symbols"] == preprocess.DEFAULT_SYMBOLS and meta["max_len"] == 8
+    assert meta["charset"]["symbols"] == charsets.DEFAULT_SYMBOLS and meta["max_len"] == 8
     assert model.ModelConfig.from_dict(meta["model_config"]) == model.PRESETS[finetune.BASE_PRESET]
     assert base.count_params() == model.build_model(model.PRESETS[finetune.BASE_PRESET], 63).count_params()
 
@@ -67,9 +71,9 @@ def test_the_base_model_is_shipped_small_and_safe():
 def test_the_base_model_reads_captchas_it_never_saw(tmp_path):
     """Zero-shot, on captchas drawn with a seed the pre-training data did not use: it has learned the symbols."""
     folder = tmp_path / "unseen"
-    synth.generate_synthetic(folder, 24, seed=90210, length=5, style="gregwar", workers=1, progress=False)
+    synth.generate_synthetic(folder, 24, synth.Drawing(style="gregwar", length=5), seed=90210, workers=1, progress=False)
     base, meta = model.load_model(finetune.BASE_MODEL)
-    paths = preprocess.list_images(folder)
+    paths = imagefiles.list_images(folder)
     images = np.stack([preprocess.load_image(p, PreprocessOptions.from_dict(meta["preprocess"])) for p in paths])
     predictions = reader.decode(base.predict_on_batch(images), Charset.from_dict(meta["charset"]))
     labels = [label_sources.label_from_filename(p) for p in paths]
@@ -134,7 +138,7 @@ def test_frozen_convolutions_stay_fixed_through_a_resume_then_learn(trained_run,
 
 def test_fine_tuning_to_another_charset_keeps_the_shared_symbols(trained_run, tmp_path, capsys):
     data = tmp_path / "hex"
-    synth.generate_synthetic(data, 30, seed=4, symbols="0123456789abcdef", length=4, workers=1, progress=False)
+    synth.generate_synthetic(data, 30, synth.Drawing(symbols="0123456789abcdef", length=4), seed=4, workers=1, progress=False)
     out = tmp_path / "tuned"
     assert train.main(["--data_dir", str(data), "--init_from", str(trained_run / runstate.BEST_NAME), "--epochs", "1",
                        "--charset", "0123456789abcdef", "--batch_size", "8", "--workers", "1",

@@ -84,8 +84,7 @@ def start_server():
 @pytest.fixture
 def captchas(tmp_path):
     """20 digit captchas named by their text, copied unnamed (0.png ...) into a folder to label; -> folder, truth."""
-    named = synth.generate_synthetic(tmp_path / "named", 20, seed=5, symbols="0123456789", length=4, workers=1,
-                                     progress=False)
+    named = synth.generate_synthetic(tmp_path / "named", 20, synth.Drawing(symbols="0123456789", length=4), seed=5, workers=1, progress=False)
     folder = tmp_path / "to_label"
     folder.mkdir()
     truth = {}

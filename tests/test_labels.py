@@ -13,12 +13,16 @@ import finetune
 import labels as label_sources
 import model
 import modelmeta
+import charsets
+import imagefiles
 import preprocess
 import reader
 import runstate
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 import train
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 LABELS = ["4821", "0375", "9912", "5550", "1234", "708a", "q3z9", "zzk2", "m0p4", "h7h7", "3b3b", "w2e9"]
 
@@ -147,7 +151,7 @@ def test_labels_file_problems_are_skipped_and_counted_by_reason(tmp_path):
     assert counts == {"listed twice": 2, "listed twice with different labels": 1, "listed but missing on disk": 1,
                       "empty label": 1, "no label in the labels file": 1}
     assert found.skipped["no label in the labels file"] == [str(folder / "5.png")]
-    scan = dataset.scan_folder(folder, labels_file=tmp_path / "labels.csv")  # the scan counts them with its own
+    scan = dataset.scan_folder(folder, labels=label_sources.LabelSource.given(labels_file=tmp_path / "labels.csv"))  # the scan counts them with its own
     assert scan.summary() == ("3 usable images; skipped 1 empty label, 1 listed but missing on disk, 2 listed twice, "
                               "1 listed twice with different labels, 1 no label in the labels file")
 
@@ -199,14 +203,47 @@ def test_labels_with_spaces_that_are_not_between_every_symbol_are_refused_unless
     assert len(err) == 1 and "--label_spaces join" in err[0] and not (tmp_path / "out").exists()
 
 
+def test_a_few_stray_files_in_a_folder_of_names_are_skipped_by_reason_and_the_folder_trains(tmp_path, digits_folder,
+                                                                                              capsys):
+    """A user's folder: captchas named by their labels, plus an empty file, a truncated one, a text file and one
+    named `bad name!.png`. The one label with a space is an odd one out against the rest, not a reason to refuse."""
+    import shutil
+
+    folder = tmp_path / "site"
+    shutil.copytree(digits_folder, folder)
+    first = sorted(folder.glob("*.png"))[0]
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(first.read_bytes()[:300])
+    (folder / "notes.txt").write_text("labels typed on Monday\n")
+    shutil.copy(first, folder / "bad name!.png")
+    found = label_sources.find_labels(folder)
+    assert len(found.samples) == 42 and found.source.spaces == "keep"  # 40, and the two broken files (read later)
+    assert found.skipped == {"a space in the label, where 42 of 43 have none": [str(folder / "bad name!.png")]}
+    assert "skipped as odd ones out (e.g. 'bad name!'" in found.decision
+    assert train.main(["--data_dir", str(folder), "--preset", "tiny", "--init_from", "none", "--epochs", "1",
+                       "--batch_size", "8", "--workers", "1", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 a space in the label, where 42 of 43 have none, 1 empty file, 1 not a readable image" in out
+
+
+def test_odd_ones_out_against_cnocr_labels_are_skipped_and_a_real_mix_refused():
+    cnocr = [" ".join(label) for label in CJK] * 2  # 24 labels with one space between symbols
+    mode, why, odd = label_sources.decide_spaces(cnocr + ["降飞淀惶"])
+    assert mode == "join" and odd == {"降飞淀惶": "not one symbol between single spaces, where 24 of 25 are"}
+    assert "1 not written so skipped" in why
+    with pytest.raises(CaptchaError, match="pass --label_spaces join"):
+        label_sources.decide_spaces(cnocr[:12] + CJK[:6])  # a third unspaced: neither reading is safe
+    assert label_sources.decide_spaces(["abc", "a b"], "keep") == ("keep", "", {})  # a flag decides, nothing skipped
+
+
 def test_a_charset_file_of_one_symbol_per_line_is_read_in_order_and_checked(tmp_path):
     (tmp_path / "dict.txt").write_text("降\n飞\n\n淀\n", encoding="utf-8")
-    assert preprocess.charset_from_arg(str(tmp_path / "dict.txt")).symbols == "降飞淀"
+    assert charsets.charset_from_arg(str(tmp_path / "dict.txt")).symbols == "降飞淀"
     for text, message in [("降\n降\n", "listed twice"), ("降飞\n", "line 1 holds '降飞', not one symbol"),
                           ("\n", "no symbols")]:
         (tmp_path / "dict.txt").write_text(text, encoding="utf-8")
         with pytest.raises(CaptchaError, match=message):
-            preprocess.charset_from_arg(str(tmp_path / "dict.txt"))
+            charsets.charset_from_arg(str(tmp_path / "dict.txt"))
 
 
 def test_a_changed_labels_file_is_refused_for_a_stored_source(tmp_path):
@@ -228,7 +265,7 @@ def test_linked_sub_folders_are_read_and_a_link_loop_is_read_once(tmp_path):
     data = write_images(tmp_path / "data" / "own", [f"{label}.png" for label in LABELS[:6]]).parent
     (data / "linked").symlink_to(outside, target_is_directory=True)
     (outside / "back").symlink_to(data, target_is_directory=True)  # a loop
-    paths = preprocess.list_images(data)
+    paths = imagefiles.list_images(data)
     assert sorted(label_sources.label_from_filename(p) for p in paths) == sorted(LABELS)
     assert len({p.resolve() for p in paths}) == len(paths) == len(LABELS)
 
@@ -242,7 +279,7 @@ def test_the_scan_and_train_read_a_folder_alike(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"charset: {len(charset.symbols)} symbols {charset.symbols!r}; labels up to {max_len}" in out
     with pytest.raises(CaptchaError, match="resolved from the labels"):
-        preprocess.charset_from_arg("auto")  # never the literal symbols a, u, t, o
+        charsets.charset_from_arg("auto")  # never the literal symbols a, u, t, o
 
 
 def test_case_auto_folds_labels_typed_in_one_case_and_keeps_mixed_ones():
@@ -283,11 +320,11 @@ def test_the_stored_case_fold_is_applied_by_every_reader(tmp_path, capsys):
     charset = Charset("Aa")
     path = always_reads(charset.encode("A")[0], charset, tmp_path / "m.keras", {"case": "lower"})
     folder = write_images(tmp_path / "images", ["A.png", "a_1.png"])
-    assert reader.Reader(path).read_file(folder / "A.png")[0] == "a"
-    assert reader.Reader(path, case="keep").read_file(folder / "A.png")[0] == "A"
+    assert reader.Reader(path).read(folder / "A.png").text == "a"
+    assert reader.Reader.load(path, case="keep").read(folder / "A.png").text == "A"
     onnx_path = tmp_path / "m.onnx"
     assert export_safe.main(["--in_keras", str(path), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
-    assert reader.Reader(onnx_path).read_file(folder / "A.png")[0] == "a"
+    assert reader.Reader(onnx_path).read(folder / "A.png").text == "a"
     capsys.readouterr()
     # test.py folds labels and readings alike: A.png's label "A" is scored as "a"
     assert read_captchas.main(["--model", str(onnx_path), "--folder", str(folder)]) == 0
@@ -325,7 +362,7 @@ def test_colour_pixels_are_the_same_for_training_and_every_reading_path(tmp_path
     options = colour_reader.options
     assert options.channels == 3
     samples = [(str(folder / "ab12.png"), "ab12"), (str(folder / "cd34.png"), "cd34")]
-    batch, _ = dataset.make_batches(samples, charset, 4, options=options, batch_size=2, workers=1)[0]
+    batch, _ = dataset.make_batches(samples, charset, 4, dataset.Batching(options=options, batch_size=2), workers=1)[0]
     assert batch.shape == (2, 50, 200, 3)
     for image, (file, _) in zip(batch, samples):
         prepared, error = colour_reader.prepare(file)

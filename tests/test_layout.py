@@ -114,3 +114,56 @@ def test_a_whole_built_in_run_prints_no_backend_lines(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "crnn_ctc_best.keras").exists()
     assert noise(result.stderr) == [], result.stderr
+
+
+def imported_at_load(module, found=None):
+    """The project's modules that importing `module` loads: its module-level imports, followed (imports inside
+    functions, such as Keras for a .keras file, are left out)."""
+    found = set() if found is None else found
+    if module in found or not (ROOT / f"{module}.py").is_file():
+        return found
+    found.add(module)
+    for node in ast.parse((ROOT / f"{module}.py").read_text()).body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            imported_at_load(name.split(".")[0], found)
+    return found
+
+
+def test_the_docker_image_copies_what_serve_py_imports_and_serves_a_models_folder():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copy = dockerfile[dockerfile.index("COPY arithmetic.py"):].split("./", 1)[0]
+    copied = copy.replace("\\", " ").split()[1:]
+    assert sorted(copied) == sorted(f"{name}.py" for name in imported_at_load("serve"))
+    assert 'CMD ["--models", "/models"]' in dockerfile
+
+
+def test_the_readme_names_the_files_the_python_api_needs():
+    listed = re.search(r"copy the seven files it\s+needs, `([^`]+)`", (ROOT / "README.md").read_text()).group(1).split()
+    assert sorted(listed) == sorted(f"{name}.py" for name in imported_at_load("reader"))
+
+
+def test_no_product_function_takes_more_than_eight_parameters():
+    """A function that needs more takes a section object (dataset.Batching, reader.ReadSettings, ...)."""
+    long = []
+    for path in sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args
+                named = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+                count = len(named) + bool(arguments.vararg) + bool(arguments.kwarg) - (named[:1] in (["self"], ["cls"]))
+                if count > 8:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({count})")
+    assert not long, long
+
+
+def test_no_library_module_imports_the_training_config():
+    """train.py resolves its flags and hands each module what it needs; only train.py knows TrainConfig."""
+    for path in sorted(ROOT.glob("*.py")):
+        if path.name != "train.py":
+            assert "train" not in imported_modules(path) and "TrainConfig" not in path.read_text(), path.name

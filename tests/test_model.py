@@ -9,9 +9,11 @@ import pytest
 
 import model
 import modelmeta
-import preprocess
+import errors
 from conftest import TINY, one_hot_probs
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 
 def test_archive_members_that_escape_are_refused(tmp_path):
@@ -22,13 +24,13 @@ def test_archive_members_that_escape_are_refused(tmp_path):
         bad.write_bytes(good.read_bytes())
         with zipfile.ZipFile(bad, "a") as archive:
             archive.writestr(name, "x")
-        with pytest.raises(preprocess.CaptchaError, match="points outside the archive"):
+        with pytest.raises(errors.CaptchaError, match="points outside the archive"):
             model.load_model(bad)
     assert not (tmp_path.parent / "escaped.txt").exists()
 
 
 def test_time_steps_are_checked_against_label_length():
-    with pytest.raises(preprocess.CaptchaError, match="time steps"):
+    with pytest.raises(errors.CaptchaError, match="time steps"):
         model.check_time_steps(model.time_steps(model.ModelConfig(width=16)), 5)
 
 

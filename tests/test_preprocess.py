@@ -8,12 +8,15 @@ from PIL import Image
 import dataset
 import labels as label_sources
 import model
+import charsets
 import preprocess
 import reader
 import recipes
 import runstate
 from conftest import captcha_like
-from preprocess import CaptchaError, Charset, PreprocessOptions
+from charsets import Charset
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 
 def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
@@ -22,13 +25,13 @@ def test_training_and_inference_see_the_same_pixels(trained_run, digits_folder):
     samples = dataset.scan_folder(digits_folder).samples[:4]
     charset = Charset.from_dict(meta["charset"])
     training_options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
-    train_images, _ = dataset.make_batches(samples, charset, 4, options=training_options, batch_size=4, workers=1)[0]
+    train_images, _ = dataset.make_batches(samples, charset, 4, dataset.Batching(options=training_options, batch_size=4), workers=1)[0]
     as_read = reader.Reader(model_path)  # what test.py and serve.py read with, without flags
     for (path, _), train_image in zip(samples, train_images):
         test_image, error = as_read.prepare(path)
         assert error is None and np.array_equal(test_image, train_image)
     # and the flags do change them
-    changed, _ = reader.Reader(model_path, strong=True).prepare(samples[0][0])
+    changed, _ = reader.Reader.load(model_path, strong=True).prepare(samples[0][0])
     assert not np.array_equal(changed, train_images[0])
 
 
@@ -138,8 +141,8 @@ def test_charset_rejects_bad_definitions_and_text():
         Charset("abc", blank_index=1)
     with pytest.raises(CaptchaError, match="outside the charset"):
         Charset("abc").encode("abd")
-    assert preprocess.charset_from_arg("digits").symbols == "0123456789"
-    assert preprocess.charset_from_arg("xyz", "last").blank_index == 3
+    assert charsets.charset_from_arg("digits").symbols == "0123456789"
+    assert charsets.charset_from_arg("xyz", "last").blank_index == 3
 
 
 def test_label_from_filename():

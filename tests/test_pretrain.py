@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import labels as label_sources
 import model
-import preprocess
+import charsets
+import imagefiles
 import reader
 import runstate
 import synth
@@ -22,18 +23,15 @@ from tools import pretrain
 
 
 def test_varied_style_is_deterministic_labelled_and_of_many_sizes(tmp_path):
-    a = synth.generate_synthetic(tmp_path / "a", 30, seed=11, style="varied", length=(3, 8), workers=1,
-                                 progress=False)
-    b = synth.generate_synthetic(tmp_path / "b", 30, seed=11, style="varied", length=(3, 8), workers=2,
-                                 progress=False)
-    c = synth.generate_synthetic(tmp_path / "c", 30, seed=12, style="varied", length=(3, 8), workers=1,
-                                 progress=False)
+    a = synth.generate_synthetic(tmp_path / "a", 30, synth.Drawing(style="varied", length=(3, 8)), seed=11, workers=1, progress=False)
+    b = synth.generate_synthetic(tmp_path / "b", 30, synth.Drawing(style="varied", length=(3, 8)), seed=11, workers=2, progress=False)
+    c = synth.generate_synthetic(tmp_path / "c", 30, synth.Drawing(style="varied", length=(3, 8)), seed=12, workers=1, progress=False)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
     sizes = set()
     for path in a:
         label = label_sources.label_from_filename(path)
-        assert 3 <= len(label) <= 8 and not preprocess.Charset().unknown_symbols(label)
+        assert 3 <= len(label) <= 8 and not charsets.Charset().unknown_symbols(label)
         with Image.open(path) as image:
             width, height = image.size
             assert image.mode == "RGB"
@@ -121,8 +119,8 @@ def test_varied_fonts_draw_every_symbol_as_its_own_glyph():
     assert len(fonts) >= 20
     for path in fonts:
         font = ImageFont.truetype(path, 32)
-        glyphs = {bytes(font.getmask(symbol)) for symbol in preprocess.DEFAULT_SYMBOLS}
-        assert len(glyphs) == len(preprocess.DEFAULT_SYMBOLS), path  # no symbol drawn as an empty box or a copy
+        glyphs = {bytes(font.getmask(symbol)) for symbol in charsets.DEFAULT_SYMBOLS}
+        assert len(glyphs) == len(charsets.DEFAULT_SYMBOLS), path  # no symbol drawn as an empty box or a copy
 
 
 def test_each_style_keeps_its_seeds_and_hershey_is_never_pre_trained_on(capsys):
@@ -164,9 +162,9 @@ def test_pre_training_draws_its_styles_and_holds_out_every_style(pretrained):
     assert sorted(p.name for p in (pretrained / "data").iterdir()) == ["captcha", "gregwar", "varied"]
     assert sorted(p.name for p in (pretrained / "heldout").iterdir()) == sorted(synth.SYNTH_STYLES)
     for folder in (pretrained / "data").iterdir():
-        assert len(preprocess.list_images(folder)) == 16
+        assert len(imagefiles.list_images(folder)) == 16
     for folder in (pretrained / "heldout").iterdir():
-        assert len(preprocess.list_images(folder)) == 3
+        assert len(imagefiles.list_images(folder)) == 3
 
 
 def test_a_stopped_pre_training_resumes_its_epochs_and_writes_the_base_model(pretrained):
@@ -176,7 +174,7 @@ def test_a_stopped_pre_training_resumes_its_epochs_and_writes_the_base_model(pre
     assert not (run / runstate.RESUME_NAME).exists()
     base = run / "base.keras"
     crnn, meta = model.load_model(base, safe_mode=True)
-    assert meta["charset"]["symbols"] == preprocess.DEFAULT_SYMBOLS and meta["max_len"] == 8
+    assert meta["charset"]["symbols"] == charsets.DEFAULT_SYMBOLS and meta["max_len"] == 8
     assert meta["preprocess"]["channels"] == 1  # gray, though its styles are drawn in colour: runs widen it
     with zipfile.ZipFile(base) as archive, archive.open("model.weights.h5") as weights, h5py.File(weights) as h5:
         assert "optimizer" not in h5  # the weights alone
@@ -192,8 +190,8 @@ def test_pretrain_json_holds_its_settings_and_each_held_out_styles_reading(pretr
     assert sorted(state["heldout"]) == sorted(synth.SYNTH_STYLES)
     captcha_reader = reader.Reader(pretrained / "run" / "base.keras")
     for style, scores in state["heldout"].items():
-        paths = preprocess.list_images(pretrained / "heldout" / style)
-        texts = [captcha_reader.read_file(p)[0] for p in paths]
+        paths = imagefiles.list_images(pretrained / "heldout" / style)
+        texts = [captcha_reader.read(p).text for p in paths]
         truths = [label_sources.label_from_filename(p) for p in paths]
         assert scores["count"] == 3
         assert scores["exact_match"] == np.mean([t == truth for t, truth in zip(texts, truths)])

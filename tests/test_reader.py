@@ -2,6 +2,7 @@
 and the length rule applied by every reader (Keras, ONNX, test.py, serve.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,11 +11,13 @@ import pytest
 from test_serve import call, multipart, serving
 
 import model
+import errors
+import imagefiles
 import preprocess
 import reader
 import test as read_captchas  # the project's test.py (reads captchas), not a test module
 from conftest import READER, READER_IMAGES, ROOT, one_hot_probs
-from preprocess import Charset
+from charsets import Charset
 
 
 def test_a_stored_threshold_keeps_the_weights_and_is_applied_by_keras_and_onnx_readers(thresholded_reader):
@@ -150,7 +153,7 @@ def test_allowed_symbols_are_masked_before_decoding():
     assert texts == ["b"] and np.allclose(masked.sum(axis=-1), 1.0)  # still probabilities
     assert confidences[0] == pytest.approx(0.4 / (0.4 + probs[0, 0, charset.encode("B")[0]] + probs[0, 0, 0])
                                            * masked[0, 1].max(), rel=1e-5)
-    with pytest.raises(preprocess.CaptchaError, match="cannot read 'z'"):
+    with pytest.raises(errors.CaptchaError, match="cannot read 'z'"):
         reader.symbols_arg("abz", charset)
     assert reader.symbols_arg("lower", Charset("abcdefghijklmnopqrstuvwxyz")) == "abcdefghijklmnopqrstuvwxyz"
 
@@ -168,7 +171,7 @@ def test_case_folding_adds_each_letters_two_cases():
 
 
 def test_reading_onnx_loads_neither_keras_nor_tensorflow(onnx_model, digits_folder):
-    image = preprocess.list_images(digits_folder)[0]
+    image = imagefiles.list_images(digits_folder)[0]
     code = ("import sys, test; code = test.main(['--model', sys.argv[1], '--image', sys.argv[2], '--beam_width', '4']); "
             "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
             "print('LOADED', loaded); sys.exit(code)")
@@ -188,3 +191,36 @@ def test_decode_honours_the_blank_position(blank, beam_width):
     assert reader.decode(probs, charset, beam_width) == ["abxx"]
     wrong = Charset(blank_index=62 - blank)  # misreading the blank position garbles the text
     assert reader.decode(probs, wrong, beam_width) != ["abxx"]
+
+
+def test_the_readmes_three_line_api_runs_as_written_from_the_files_it_names_without_tensorflow(tmp_path, onnx_model):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## Reading", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in example.splitlines() if line and not line.startswith("print")]) == 3
+    listed = readme.split("copy the seven files it", 1)[1].split("`")[1].split()
+    for name in listed:  # as the README lists them
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    (tmp_path / "site.onnx").write_bytes(onnx_model.read_bytes())
+    image = READER_IMAGES[0]
+    (tmp_path / "captcha.png").write_bytes(image.read_bytes())
+    (tmp_path / "example.py").write_text(example + "import sys\nprint(sorted({'tensorflow', 'keras'} & set(sys.modules)))\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    printed, imported = result.stdout.splitlines()
+    text, confidence, low, answer = printed.split()
+    assert text == answer == image.stem and 0 < float(confidence) <= 1 and low == "False"
+    assert imported == "[]"
+
+
+def test_read_takes_bytes_a_path_or_a_decoded_image_and_settings_only_by_keyword(onnx_model):
+    captcha_reader = reader.Reader.load(onnx_model, min_confidence=0.0)
+    image = READER_IMAGES[1]
+    by_path = captcha_reader.read(image)
+    assert captcha_reader.read(image.read_bytes()) == by_path == captcha_reader.read(str(image))
+    assert captcha_reader.read(preprocess.read_image(image, captcha_reader.options.channels)) == by_path
+    assert by_path.text == image.stem and by_path.answer == image.stem and not by_path.low
+    with pytest.raises(TypeError):
+        reader.Reader.load(onnx_model, "digits")  # past the path, keyword only
+    with pytest.raises(errors.CaptchaError, match="image"):
+        captcha_reader.read(b"not an image")

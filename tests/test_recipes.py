@@ -8,7 +8,8 @@ import recipes
 import runlength
 import train
 from conftest import DIGITS
-from preprocess import CaptchaError, Charset
+from charsets import Charset
+from errors import CaptchaError
 
 
 def test_a_run_plans_its_clean_finish_from_the_recipe_or_the_flag(digits_folder, tmp_path, monkeypatch, capsys):
@@ -33,7 +34,7 @@ def test_a_run_plans_its_clean_finish_from_the_recipe_or_the_flag(digits_folder,
 
 def test_unknown_augmentation_is_refused(samples, digits_folder, capsys):
     with pytest.raises(CaptchaError, match="unknown augmentation 'heavy'"):
-        dataset.make_batches(samples, Charset(DIGITS), 4, augment="heavy")
+        dataset.make_batches(samples, Charset(DIGITS), 4, dataset.Batching(augment="heavy"))
     assert train.main(["--data_dir", str(digits_folder), "--augment", "heavy", "--preset", "tiny"]) == 2
     assert "unknown --augment 'heavy'" in capsys.readouterr().err
 

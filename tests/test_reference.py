@@ -10,13 +10,16 @@ import pytest
 import export_safe
 import model
 import modelmeta
+import charsets
+import errors
+import imagefiles
 import preprocess
 import reader
 import recipes
 import runstate
 import test as read_captchas
 import train
-from preprocess import Charset
+from charsets import Charset
 from reference_checkpoint import build_reference_crnn, save_reference_checkpoint
 
 
@@ -66,7 +69,7 @@ def test_newer_metadata_is_refused(tmp_path, trained_run):
     meta = modelmeta.read_meta(trained_run / runstate.BEST_NAME)
     crnn, _ = model.load_model(trained_run / runstate.BEST_NAME)
     model.save_model(crnn, tmp_path / "future.keras", {**meta, "format_version": modelmeta.META_VERSION + 1})
-    with pytest.raises(preprocess.CaptchaError, match="newer than this release"):
+    with pytest.raises(errors.CaptchaError, match="newer than this release"):
         model.load_model(tmp_path / "future.keras")
 
 
@@ -92,9 +95,9 @@ def test_reference_checkpoint_converts_with_identical_outputs(reference_files):
 def test_converted_reference_checkpoint_reads_with_the_blank_last(reference_files, digits_folder, capsys):
     _, original, safe = reference_files
     _, meta = model.load_model(safe)
-    assert meta["charset"] == {"symbols": preprocess.DEFAULT_SYMBOLS, "blank_index": 62}
+    assert meta["charset"] == {"symbols": charsets.DEFAULT_SYMBOLS, "blank_index": 62}
     assert meta["preprocess"]["resize"] == "reference" and meta["preprocess"]["auto_crop"] is False
-    image = preprocess.list_images(digits_folder)[0]
+    image = imagefiles.list_images(digits_folder)[0]
     pixels = preprocess.load_image(image, preprocess.REFERENCE_PREPROCESSING)[np.newaxis]
     expected = reader.decode(original.predict_on_batch(pixels), Charset(blank_index=62))[0]
     assert read_captchas.main(["--model", str(safe), "--image", str(image)]) == 0

@@ -18,7 +18,7 @@ import runstate
 import scoring
 import train
 from conftest import DIGITS, ROOT, stop_after_epoch
-from preprocess import Charset
+from charsets import Charset
 
 VAL_CHARS = 1000  # validation characters: a CER of 0.02 is 20 errors, which spread by about 4.5 between checks
 
@@ -77,10 +77,12 @@ def test_the_hold_ends_in_time_for_the_anneal_within_the_ceiling_and_the_budget(
     assert ended == 8 and why.startswith("the time budget: 8.0 of 10 minutes spent")
 
 
-def test_the_anneal_is_a_quarter_of_the_steps_made_and_at_least_the_minimum():
+def test_the_anneal_is_a_quarter_of_the_steps_made_at_least_the_minimum_and_a_pass():
     recipe = recipes.RECIPES["default"]
     assert runlength.anneal_epochs(recipe, 2, 50) == 2  # 100 steps made: the minimum anneal, 100 steps
     assert runlength.anneal_epochs(recipe, 20, 50) == 5  # 1,000 steps made: 250 steps
+    assert runlength.anneal_epochs(recipe, 10, 50, pass_steps=500) == 10  # a pass over 16,000 images: 500 steps
+    assert runlength.anneal_epochs(recipe, 20, 50, pass_steps=56) == 5  # a small folder's pass changes nothing
     schedule = recipes.anneal_from(recipe, 1000, 250)  # from the peak at step 1,000 to 1% of it at step 1,250
     rates = [float(schedule(step)) for step in (0, 999, 1000, 1125, 1250, 2000)]
     assert rates[:3] == pytest.approx([recipe.learning_rate] * 3)

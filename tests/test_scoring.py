@@ -11,7 +11,8 @@ import modelmeta
 import runstate
 import scoring
 from conftest import READER, READER_IMAGES
-from preprocess import Charset, PreprocessOptions
+from charsets import Charset
+from preprocess import PreprocessOptions
 
 
 def test_every_trained_model_stores_its_threshold_and_metrics_report_it_on_test(trained_run):
@@ -33,7 +34,7 @@ def test_the_stored_threshold_is_chosen_without_readings_no_reader_would_trust(f
     charset = Charset.from_dict(meta["charset"])
     samples = [(path, path.stem) for path in READER_IMAGES]
     options = PreprocessOptions.from_dict(meta["preprocess"])
-    batches = dataset.make_batches(samples, charset, meta["max_len"], options=options, batch_size=8)
+    batches = dataset.make_batches(samples, charset, meta["max_len"], dataset.Batching(options=options, batch_size=8))
     abstain, _ = scoring.store_abstention(keras_path, batches, [label for _, label in samples], charset, 0.99, crnn)
     four = sum(len(path.stem) == 4 for path in READER_IMAGES)
     assert 0 < four < len(READER_IMAGES)

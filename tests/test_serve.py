@@ -1,9 +1,11 @@
-"""serve.py, started for real and called over HTTP: reading, bad requests, speed, and the site's answers
-collected as labels (--collect, POST /feedback)."""
+"""serve.py, started for real and called over HTTP: reading, bad requests, speed, the site's answers collected as
+labels (--collect, POST /feedback), and a folder of models served by name while files come and go (--models)."""
 
 import base64
 import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import labels as label_sources
-import preprocess
+import imagefiles
 import reader
 import train
 from conftest import READER, READER_IMAGES, ROOT, reader_labels
@@ -29,10 +31,15 @@ def server(onnx_model):
         yield url
 
 
-@contextlib.contextmanager
 def serving(model_path, *flags):
+    """serve.py --model MODEL_PATH FLAGS..., yielding its URL while it runs."""
+    return started_server("--model", model_path, *flags)
+
+
+@contextlib.contextmanager
+def started_server(*args):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py", "--model", str(model_path), "--port", str(port), *flags],
+    process = subprocess.Popen([sys.executable, "serve.py", *map(str, args), "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(5000):  # until it answers: start-up speed is the machine's, so the cap is only against a hang
@@ -79,7 +86,7 @@ def test_server_describes_its_model(server):
 
 
 def test_server_answers_bad_requests_with_json_errors(server, digits_folder):
-    image = preprocess.list_images(digits_folder)[0].read_bytes()
+    image = imagefiles.list_images(digits_folder)[0].read_bytes()
     cases = [
         (multipart("image", [("notes.txt", b"not an image")]), 400, "notes.txt: not a readable image"),
         (multipart("image", [("big.png", image + bytes(200_000))]), 413, "limit"),
@@ -162,7 +169,7 @@ def test_concurrent_feedback_files_each_image_once(tmp_path):
 
 def test_a_simulated_site_drives_the_loop_and_train_py_learns_from_the_accepted_images(tmp_path, capsys):
     """The site is an oracle over labelled images: it accepts a reading when it equals the truth."""
-    images = preprocess.list_images(READER_IMAGES[0].parent)
+    images = imagefiles.list_images(READER_IMAGES[0].parent)
     site = {path: path.stem for path in images}
     site.update({path: path.stem.split("_")[0] for path in
                  synthesised(tmp_path / "site")})  # images the reader misreads, so both answers come back
@@ -182,10 +189,92 @@ def test_a_simulated_site_drives_the_loop_and_train_py_learns_from_the_accepted_
     assert train.main(["--data_dir", str(collect / "accepted"), "--init_from", str(READER), "--epochs", "2",
                        "--batch_size", "4", "--workers", "1", "--out", str(out)]) == 0
     assert "labels: file names, rule 'prefix'" in capsys.readouterr().out
-    assert reader.Reader(out / "crnn_ctc_best.keras").read_file(images[0])[0] == images[0].stem
+    assert reader.Reader(out / "crnn_ctc_best.keras").read(images[0]).text == images[0].stem
 
 
 def synthesised(folder):
     import synth
 
-    return synth.generate_synthetic(folder, 6, seed=11, symbols="0123456789", length=4, workers=1, progress=False)
+    return synth.generate_synthetic(folder, 6, synth.Drawing(symbols="0123456789", length=4), seed=11, workers=1, progress=False)
+
+
+def until(condition, what):
+    """Waits for the server's folder thread to act; the cap is only against a hang, not a speed requirement."""
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"never: {what}")
+
+
+def test_a_folder_of_models_is_served_by_name_and_followed_without_a_failed_request(tmp_path, onnx_model, base_onnx,
+                                                                                   thresholded_reader):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(onnx_model, models / "digits.onnx")
+    shutil.copy(base_onnx, models / "base.onnx")
+    image = READER_IMAGES[0]
+    expected = {name: reader.Reader.load(path).read(image) for name, path in
+                (("digits", onnx_model), ("base", base_onnx), ("third", onnx_model))}
+    with started_server("--models", models, "--poll", "0.1") as url:
+        status, listed = call(f"{url}/models")
+        assert status == 200 and sorted(listed["models"]) == ["base", "digits"] and listed["refused"] == {}
+        for name in ("digits", "base"):  # two networks in one process, each read by its name
+            answer = call(f"{url}/read/{name}", *multipart("image", [(image.name, image.read_bytes())]))[1]
+            assert answer["text"] == expected[name].text
+            assert answer["confidence"] == pytest.approx(expected[name].confidence, rel=1e-4)
+        assert expected["digits"].confidence != pytest.approx(expected["base"].confidence, rel=1e-3)
+        status, answer = call(f"{url}/read", *multipart("image", [(image.name, image.read_bytes())]))
+        assert status == 400 and "base, digits" in answer["error"]  # several models: the name is needed
+        status, answer = call(f"{url}/read/nope", *multipart("image", [(image.name, image.read_bytes())]))
+        assert status == 404 and "base, digits" in answer["error"]
+        for name in ("..%2Fdigits.onnx", "%2E%2E", "..%5C..%5Cetc%5Cpasswd", "digits.onnx"):
+            assert call(f"{url}/read/{name}", *multipart("image", [(image.name, image.read_bytes())]))[0] == 404
+
+        # clients read both models in a loop while a model is added, one replaced and a broken file dropped in
+        statuses, stop = {"digits": [], "base": []}, threading.Event()
+
+        def client(name):
+            body = multipart("image", [(image.name, image.read_bytes())])
+            while not stop.is_set():
+                statuses[name].append(call(f"{url}/read/{name}", *body)[0])
+
+        clients = [threading.Thread(target=client, args=(name,)) for name in ("digits", "base")]
+        for thread in clients:
+            thread.start()
+        try:
+            shutil.copy(onnx_model, models / ".third.onnx.tmp")
+            os.replace(models / ".third.onnx.tmp", models / "third.onnx")
+            until(lambda: "third" in call(f"{url}/models")[1]["models"], "third.onnx served")
+            shutil.copy(thresholded_reader[1], models / ".digits.onnx.tmp")
+            os.replace(models / ".digits.onnx.tmp", models / "digits.onnx")
+            until(lambda: call(f"{url}/models")[1]["models"]["digits"]["min_confidence"] is not None, "digits replaced")
+            (models / "broken.onnx").write_bytes(b"not a model")
+            until(lambda: "broken" in call(f"{url}/models")[1]["refused"], "broken.onnx refused")
+            (models / "base.onnx").unlink()
+            until(lambda: "base" not in call(f"{url}/models")[1]["models"], "base.onnx removed")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join()
+        assert statuses["digits"] and set(statuses["digits"]) == {200}  # through the replacement
+        served_base = statuses["base"][: statuses["base"].index(404)] if 404 in statuses["base"] else statuses["base"]
+        assert served_base and set(served_base) == {200} and set(statuses["base"]) <= {200, 404}  # 404 once removed
+        listed = call(f"{url}/models")[1]
+        assert sorted(listed["models"]) == ["digits", "third"] and "not a readable ONNX model" in listed["refused"]["broken"]
+        assert listed["models"]["digits"]["min_confidence"] == pytest.approx(thresholded_reader[2])
+        answer = call(f"{url}/read/third", *multipart("image", [(image.name, image.read_bytes())]))[1]
+        assert answer["text"] == expected["third"].text
+        assert call(f"{url}/read/broken", *multipart("image", [(image.name, image.read_bytes())]))[0] == 404
+
+
+def test_each_model_of_a_folder_collects_its_own_answers(tmp_path, onnx_model):
+    models, collect = tmp_path / "models", tmp_path / "collected"
+    models.mkdir()
+    shutil.copy(onnx_model, models / "login.onnx")
+    shutil.copy(onnx_model, models / "signup.onnx")
+    with started_server("--models", models, "--collect", collect) as url:
+        for name, path in (("login", READER_IMAGES[0]), ("signup", READER_IMAGES[1])):
+            answer = call(f"{url}/read/{name}", *multipart("image", [(path.name, path.read_bytes())]))[1]
+            assert feedback(url, answer["id"], True)[0] == 200
+            assert (collect / name / "accepted" / f"{path.stem}_{answer['id']}.png").read_bytes() == path.read_bytes()

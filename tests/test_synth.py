@@ -6,18 +6,20 @@ import pytest
 from PIL import Image
 
 import labels as label_sources
+import charsets
+import imagefiles
 import preprocess
 import synth
 from conftest import run_script
-from preprocess import Charset
+from charsets import Charset
 
 
 @pytest.mark.parametrize("style, size, extension", [("captcha", (200, 50), ".png"), ("gregwar", (150, 40), ".jpg"),
                                                     ("hershey", (160, 60), ".png")])
 def test_every_synthetic_style_is_deterministic_labelled_and_sized(tmp_path, style, size, extension):
-    a = synth.generate_synthetic(tmp_path / "a", 10, seed=11, style=style, workers=1, progress=False)
-    b = synth.generate_synthetic(tmp_path / "b", 10, seed=11, style=style, workers=2, progress=False)
-    c = synth.generate_synthetic(tmp_path / "c", 10, seed=12, style=style, workers=1, progress=False)
+    a = synth.generate_synthetic(tmp_path / "a", 10, synth.Drawing(style=style), seed=11, workers=1, progress=False)
+    b = synth.generate_synthetic(tmp_path / "b", 10, synth.Drawing(style=style), seed=11, workers=2, progress=False)
+    c = synth.generate_synthetic(tmp_path / "c", 10, synth.Drawing(style=style), seed=12, workers=1, progress=False)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
     for path in a:
@@ -25,7 +27,7 @@ def test_every_synthetic_style_is_deterministic_labelled_and_sized(tmp_path, sty
         with Image.open(path) as image:
             assert image.size == size
         label = label_sources.label_from_filename(path)
-        assert len(label) == 5 and not preprocess.Charset().unknown_symbols(label)
+        assert len(label) == 5 and not charsets.Charset().unknown_symbols(label)
 
 
 def test_visible_fractions_count_the_ink_that_later_symbols_cover():
@@ -36,12 +38,12 @@ def test_visible_fractions_count_the_ink_that_later_symbols_cover():
 
 
 def test_synth_visibility_lists_the_files_it_would_draw(tmp_path, capsys):
-    drawn = synth.generate_synthetic(tmp_path / "set", 8, seed=21, style="hershey", workers=1, progress=False)
+    drawn = synth.generate_synthetic(tmp_path / "set", 8, synth.Drawing(style="hershey"), seed=21, workers=1, progress=False)
     csv_path = tmp_path / "visibility.csv"
     assert synth.main(["--style", "hershey", "--count", "8", "--seed", "21", "--visibility", str(csv_path)]) == 0
     rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
     assert [name for name, _, _ in rows] == [p.name for p in drawn]
-    jobs = synth.plan_synthetic(8, 21, preprocess.DEFAULT_SYMBOLS, 5, 160, 60)
+    jobs = synth.plan_synthetic(8, 21, charsets.DEFAULT_SYMBOLS, 5, 160, 60)
     for (_, label, least), (text, image_seed, width, height) in zip(rows, jobs):
         fractions = synth.hershey_visibility(text, image_seed, width, height)
         assert label == text and len(fractions) == 5 and float(least) == pytest.approx(min(fractions), abs=1e-3)
@@ -57,7 +59,7 @@ def test_synth_visibility_lists_the_files_it_would_draw(tmp_path, capsys):
 
 
 def test_gregwar_style_varies_like_the_library(tmp_path):
-    paths = synth.generate_synthetic(tmp_path, 40, seed=3, style="gregwar", workers=1, progress=False)
+    paths = synth.generate_synthetic(tmp_path, 40, synth.Drawing(style="gregwar"), seed=3, workers=1, progress=False)
     borders = [np.median(np.concatenate([g[0], g[-1]])) for g in map(preprocess.read_gray, paths)]
     inverted = sum(level < 128 for level in borders)
     assert 8 <= inverted <= 32  # about half the images are colour-inverted
@@ -69,9 +71,9 @@ def test_synth_command_writes_a_labelled_folder(tmp_path):
     result = run_script("synth.py", "--out", tmp_path / "s", "--count", "6", "--seed", "3",
                         "--charset", "lower_digits", "--length", "4-6", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    labels = [label_sources.label_from_filename(p) for p in preprocess.list_images(tmp_path / "s")]
+    labels = [label_sources.label_from_filename(p) for p in imagefiles.list_images(tmp_path / "s")]
     assert len(labels) == 6 and all(4 <= len(label) <= 6 for label in labels)
-    assert not Charset(preprocess.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
+    assert not Charset(charsets.CHARSET_PRESETS["lower_digits"]).unknown_symbols("".join(labels))
 
 
 def test_synthetic_generator_is_deterministic_and_labels_files(tmp_path):

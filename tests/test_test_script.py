@@ -7,6 +7,7 @@ import numpy as np
 
 import labels as label_sources
 import model
+import imagefiles
 import preprocess
 import reader
 import runstate
@@ -18,7 +19,7 @@ from conftest import (
     assert_one_line_error,
     run_script,
 )
-from preprocess import Charset
+from charsets import Charset
 
 
 def expected_texts(model_path, paths):
@@ -64,7 +65,7 @@ def test_only_file_names_that_are_labels_of_the_model_are_scored(trained_run, di
     """The model reads digits, up to 4: IMG_1234.png and 12345.png are read but not scored against 'IMG' or '12345'."""
     folder = tmp_path / "named"
     folder.mkdir()
-    image = preprocess.list_images(digits_folder)[0]
+    image = imagefiles.list_images(digits_folder)[0]
     for name in ["IMG_1234.png", "12345.png", f"{label_sources.label_from_filename(image)}.png"]:
         (folder / name).write_bytes(image.read_bytes())
     model_path = trained_run / runstate.BEST_NAME

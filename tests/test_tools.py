@@ -2,6 +2,7 @@
 tools/oneimage.py (one captcha read by a new process)."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 import dataset
 import model
-import preprocess
+import charsets
 import reader
 import runstate
 import train
@@ -95,7 +96,7 @@ def test_bench_runs_on_a_real_folder_with_the_keras_io_contender(digits_folder, 
     assert moved < 0.5 * unrelated, (moved, unrelated)
     kerasio, meta = model.load_model(out / "kerasio.keras")
     assert kerasio.count_params() == model.build_model(model.PRESETS["kerasio"], 11).count_params()
-    assert meta["charset"]["symbols"] == preprocess.charset_of_labels([label for _, label in samples]).symbols
+    assert meta["charset"]["symbols"] == charsets.charset_of_labels([label for _, label in samples]).symbols
     assert (meta["preprocess"]["resize"], meta["preprocess"]["clahe_clip"]) == ("stretch", 0)  # keras-io's pixels
 
 
@@ -147,3 +148,23 @@ def test_oneimage_reads_through_the_twin_and_through_keras_and_puts_the_twin_bac
     for variant in ("its ONNX twin", r"Keras \(the twin set aside\)"):
         assert re.search(rf"through {variant}: median [\d.]+ s a process .* peak memory \d+ MB", out), out
     assert twin.is_twin_of(reader.load_onnx(twin.twin_path(path))[1], path)  # put back, unchanged
+
+
+def test_oneimage_reads_an_onnx_model_through_the_python_api_and_test_py(onnx_model, capsys):
+    from tools import oneimage
+
+    assert oneimage.main([str(onnx_model), "--image", str(READER_IMAGES[0]), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("the Python API", "test.py"):
+        assert re.search(rf"^{variant}: median [\d.]+ s a process .* peak memory \d+ MB", out, re.MULTILINE), out
+
+
+def test_manymodels_serves_copies_of_a_model_and_replaces_one_under_load(onnx_model, base_onnx, capsys):
+    from tools import manymodels
+
+    assert manymodels.main([str(onnx_model), "--replacement", str(base_onnx), "--folder",
+                            str(READER_IMAGES[0].parent), "--models", "3", "--clients", "2", "--requests", "40"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^1 model: \d+ MB resident; 40 requests from 2 clients: \d+ requests/s \(0 failed\)", out, re.M)
+    assert re.search(r"^3 models: \d+ MB resident, -?[\d.]+ MB per extra model; .* of one model's \(0 failed\)", out, re.M)
+    assert re.search(r"^replaced under load: \d+ requests, 0 failed; the new model answered [\d.]+ s after", out, re.M)

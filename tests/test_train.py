@@ -13,7 +13,7 @@ import export_safe
 import labels as label_sources
 import model
 import modelmeta
-import preprocess
+import imagefiles
 import reader
 import runstate
 import synth
@@ -59,9 +59,8 @@ def test_unknown_strategy_is_a_one_line_error(digits_folder, tmp_path, capsys):
 def test_another_kind_of_captcha_trains_with_the_defaults(tmp_path):
     """Lower-case letters and digits, 4 to 6 characters, 150x40 JPEGs: charset and length come from the data."""
     data = tmp_path / "other"
-    synth.generate_synthetic(data, 40, seed=9, symbols="abcdefghijklmnopqrstuvwxyz0123456789", length=(4, 6),
-                                  style="gregwar", workers=1, progress=False)
-    labels = [label_sources.label_from_filename(p) for p in preprocess.list_images(data)]
+    synth.generate_synthetic(data, 40, synth.Drawing(style="gregwar", symbols="abcdefghijklmnopqrstuvwxyz0123456789", length=(4, 6)), seed=9, workers=1, progress=False)
+    labels = [label_sources.label_from_filename(p) for p in imagefiles.list_images(data)]
     out = tmp_path / "out"
     assert train.main(["--data_dir", str(data), "--preset", "tiny", "--epochs", "1", "--workers", "1",
                        "--out", str(out)]) == 0
@@ -91,12 +90,12 @@ def test_built_in_data_is_drawn_once_and_cached(tmp_path, capsys):
     args = ["--synth_dir", str(tmp_path / "synth"), "--preset", "tiny", "--epochs", "1", "--workers", "1",
             "--out", str(tmp_path / "out")]
     assert train.main(args + ["--synth_count", "30"]) == 0
-    drawn = {p: p.stat().st_mtime_ns for p in preprocess.list_images(tmp_path / "synth" / "captcha")}
+    drawn = {p: p.stat().st_mtime_ns for p in imagefiles.list_images(tmp_path / "synth" / "captcha")}
     assert len(drawn) == 30 and "drawing 30 synthetic captchas" in capsys.readouterr().out
     assert train.main(args + ["--synth_count", "20"]) == 0
     printed = capsys.readouterr().out
     assert "drawing" not in printed and "split 16 train / 2 val / 2 test" in printed  # a subset of the cache
-    assert {p: p.stat().st_mtime_ns for p in preprocess.list_images(tmp_path / "synth" / "captcha")} == drawn
+    assert {p: p.stat().st_mtime_ns for p in imagefiles.list_images(tmp_path / "synth" / "captcha")} == drawn
 
 
 def test_training_on_an_empty_folder_is_a_one_line_error(tmp_path):
@@ -108,8 +107,7 @@ def test_training_on_an_empty_folder_is_a_one_line_error(tmp_path):
 @cjk_font_needed
 def test_a_thousand_symbol_charset_trains_from_spaced_labels_exports_to_onnx_and_reads_alike(tmp_path, capsys):
     symbols = synth.cjk_symbols(1000)
-    drawn = synth.generate_synthetic(tmp_path / "drawn", 24, seed=9, symbols=symbols, length=4, style="cjk",
-                                     workers=1, progress=False)
+    drawn = synth.generate_synthetic(tmp_path / "drawn", 24, synth.Drawing(style="cjk", symbols=symbols, length=4), seed=9, workers=1, progress=False)
     folder = tmp_path / "images"
     folder.mkdir()
     rows = []

@@ -21,7 +21,7 @@ READ_ONE = """
 import sys
 import reader
 captcha_reader = reader.Reader(sys.argv[1])
-print(captcha_reader.read_file(sys.argv[2])[0])
+print(captcha_reader.read(sys.argv[2]).text)
 print("tensorflow" in sys.modules, "keras" in sys.modules)
 """
 
@@ -83,3 +83,15 @@ def test_a_twin_that_is_already_the_same_model_is_not_converted_again(with_twin,
 
     monkeypatch.setattr(export_safe, "save_onnx", no_conversion)
     assert twin.write_twin(with_twin) == with_twin.with_suffix(".onnx")  # the self-training run's copied twin
+
+
+@pytest.mark.parametrize("offset, kept", [(5e-4, True), (5e-3, False)])
+def test_a_twin_is_written_only_within_its_tolerance(tmp_path, monkeypatch, offset, kept):
+    """A twin a little further from Keras than an export may be (a 1,000-symbol softmax moves by more than 1e-4) is
+    kept; one that reads further off than TWIN_TOLERANCE is removed and the .keras file is read."""
+    path = tmp_path / "reader.keras"
+    shutil.copy(READER, path)
+    predict = reader.OnnxNetwork.predict_on_batch
+    monkeypatch.setattr(reader.OnnxNetwork, "predict_on_batch", lambda self, images: predict(self, images) + offset)
+    assert (twin.write_twin(path) is not None) == kept
+    assert path.with_suffix(".onnx").exists() == kept

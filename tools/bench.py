@@ -41,12 +41,15 @@ import finetune
 import metrics
 import model
 import modelmeta
+import charsets
+import imagefiles
 import preprocess
 import reader
 import recipes
 import synth
 import train
-from preprocess import CaptchaError, Charset
+from charsets import Charset
+from errors import CaptchaError
 
 
 @dataclass
@@ -79,10 +82,9 @@ def bench_data(cfg, charset):
     parts = {}
     for part, count, seed in [("train", cfg.train_count, cfg.data_seed), ("test", cfg.test_count, cfg.data_seed + 1)]:
         folder = root / f"{part}_{count}"
-        if not folder.is_dir() or len(preprocess.list_images(folder)) != count:
+        if not folder.is_dir() or len(imagefiles.list_images(folder)) != count:
             shutil.rmtree(folder, ignore_errors=True)  # half-written by an interrupted run: start clean
-            synth.generate_synthetic(folder, count, seed=seed, symbols=charset.symbols, length=cfg.length,
-                                          style=cfg.style)
+            synth.generate_synthetic(folder, count, synth.Drawing(style=cfg.style, symbols=charset.symbols, length=cfg.length), seed=seed)
         parts[part] = dataset.scan_folder(folder, charset, cfg.length, verify=False).samples
     return parts["train"], parts["test"]
 
@@ -109,8 +111,7 @@ class Contender:
         else:
             self.source, self.model_config = None, model.PRESETS[preset]
             self.options = self.recipe.preprocess_options(self.model_config)
-        self.batches = dataset.make_batches(train_samples, charset, max_len, options=self.options,
-                                            batch_size=self.recipe.batch_size, shuffle=True, seed=cfg.seed, workers=1, augment=self.recipe.augment)
+        self.batches = dataset.make_batches(train_samples, charset, max_len, dataset.Batching(options=self.options, batch_size=self.recipe.batch_size, shuffle=True, seed=cfg.seed, augment=self.recipe.augment), workers=1)
         self.budget = minutes * 60
         self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
         self.pool = ThreadPoolExecutor(2)
@@ -203,7 +204,7 @@ def bench(cfg):
         charset, max_len, train_samples, test_samples = folder_data(cfg)
         described = f"images of {cfg.data_dir}, up to {max_len}"
     else:
-        charset, max_len = Charset(preprocess.CHARSET_PRESETS.get(cfg.charset, cfg.charset)), cfg.length
+        charset, max_len = Charset(charsets.CHARSET_PRESETS.get(cfg.charset, cfg.charset)), cfg.length
         train_samples, test_samples = bench_data(cfg, charset)
         described = f"{cfg.style}-style captchas, {cfg.length}"
     test_images = {}  # by preprocessing options: the reference recipe reads its own way

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's mo
 import cli
 import labels as label_sources
 import metrics
-from preprocess import CaptchaError, read_image
+from errors import CaptchaError
+from preprocess import read_image
 
 SHEET_COLUMNS, SHEET_ROWS = 3, 4
 TILE_HEIGHT, TILE_WIDTH, NUMBER_BAND = 110, 300, 30  # each image scaled to 110 px high, at most 300 wide

@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
+import cli
 import dataset
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 def main(argv=None):
@@ -37,14 +38,12 @@ def main(argv=None):
     try:
         scan = dataset.scan_folder(Path(args.source), case="auto")  # as train.py scans it
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
     train, val, test = dataset.split_samples(scan.samples, seed=args.seed)  # train.py's default fractions
     pool = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))] + val
     sizes = sorted(args.labelled)
     if sizes[-1] >= len(pool):
-        print(f"error: {args.source}: {len(pool)} images outside the test split, fewer than {sizes[-1]}", file=sys.stderr)
-        return 2
+        return cli.user_error(f"{args.source}: {len(pool)} images outside the test split, fewer than {sizes[-1]}")
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
 

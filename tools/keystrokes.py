@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
 
+import cli
 import labels as label_sources
-from preprocess import CaptchaError
+from errors import CaptchaError
 from tools.localhttp import free_port
 
 
@@ -96,8 +97,7 @@ def main(argv=None):
     try:
         found = label_sources.find_labels(Path(args.folder))
     except CaptchaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
     samples = found.samples[: args.count]
     options = webdriver.ChromeOptions()
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):

@@ -32,12 +32,13 @@ import finetune
 import labels as label_sources
 import metrics
 import model
-import preprocess
+import charsets
+import imagefiles
 import reader
 import runstate
 import synth
 import train
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 PRETRAIN_STYLES = ("captcha", "gregwar", "varied")  # hershey stays out: the look fine-tuning is measured on
 STATE_NAME = "pretrain.json"
@@ -85,12 +86,12 @@ def check(cfg):
 
 def draw_once(folder, style, count, seed, length):
     """`count` images of `style` in `folder`, drawn unless they are already there (the same seed draws the same)."""
-    have = len(preprocess.list_images(folder)) if Path(folder).is_dir() else 0
+    have = len(imagefiles.list_images(folder)) if Path(folder).is_dir() else 0
     if have >= count:
         return
     if have:
         raise CaptchaError(f"{folder}: holds {have} of the {count} images this command draws; remove it to redraw")
-    synth.generate_synthetic(folder, count, seed, preprocess.DEFAULT_SYMBOLS, length, style)
+    synth.generate_synthetic(folder, count, synth.Drawing(style=style, symbols=charsets.DEFAULT_SYMBOLS, length=length), seed=seed)
 
 
 def draw_heldout(cfg, length):
@@ -113,7 +114,7 @@ def score_heldout(model_path, heldout_dir):
     captcha_reader = reader.Reader(model_path)
     scores = {}
     for folder in sorted(p for p in Path(heldout_dir).iterdir() if p.is_dir()):
-        paths = preprocess.list_images(folder)
+        paths = imagefiles.list_images(folder)
         readings = list(captcha_reader.read_paths(paths))
         truths = [label_sources.label_from_filename(p) for p in paths]
         scores[folder.name] = metrics.score([r.text or "" for r in readings], truths)

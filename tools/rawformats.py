@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's mo
 
 import cli
 import labels as label_sources
-from preprocess import list_images
+from imagefiles import list_images
 
 
 def write_formats(source, target, seed=0):

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
 
-from preprocess import fold_case, list_images
+from charsets import fold_case
+from imagefiles import list_images
 from tools.localhttp import call, free_port, multipart
 
 

@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's mo
 import augment
 import cli
 import dataset
-import preprocess
+import charsets
+import imagefiles
 import reader
 import recipes
-from preprocess import CaptchaError, PreprocessOptions
+from errors import CaptchaError
+from preprocess import PreprocessOptions
 
 
 def peak_memory_mb():
@@ -48,18 +50,16 @@ def loader_batches(args):
     --cache_mb), shuffled and augmented as its training split is. Returns (batches, charset)."""
     dataset.pydataset_class()  # Keras imported before the clock starts
     started = time.perf_counter()
-    scan = dataset.scan_folder(args.folder, None if args.charset == "auto" else preprocess.charset_from_arg(args.charset))
+    scan = dataset.scan_folder(args.folder, None if args.charset == "auto" else charsets.charset_from_arg(args.charset))
     if not scan.samples:
         raise CaptchaError(f"{args.folder}: no usable labelled images ({scan.summary()})")
-    charset = preprocess.charset_for_labels(args.charset, [label for _, label in scan.samples])
+    charset = charsets.charset_for_labels(args.charset, [label for _, label in scan.samples])
     max_len = max(len(label) for _, label in scan.samples)
     scanned = time.perf_counter()
     print(f"scan: {scan.summary()} in {scanned - started:.1f} s")
     options = PreprocessOptions()
     in_memory = dataset.canvas_bytes(len(scan.samples), options) <= args.cache_mb * 2**20
-    batches = dataset.make_batches(scan.samples, charset, max_len, options=options, batch_size=args.batch_size, shuffle=True,
-                                   workers=args.workers, augment=args.augment, in_memory=in_memory,
-                                   processes=args.processes)
+    batches = dataset.make_batches(scan.samples, charset, max_len, dataset.Batching(options=options, batch_size=args.batch_size, shuffle=True, augment=args.augment), workers=args.workers, in_memory=in_memory, processes=args.processes)
     print(f"canvases: {'in memory, read' if in_memory else 'streamed from disk (over --cache_mb)'} in "
           f"{time.perf_counter() - scanned:.1f} s")
     return batches, charset
@@ -139,10 +139,10 @@ def time_training_step(args):
     if args.symbols:  # a large alphabet: that many hanzi (synth.py's cjk style draws from them)
         import synth
 
-        charset = preprocess.Charset(synth.cjk_symbols(args.symbols) if args.symbols <= 3755 else
+        charset = charsets.Charset(synth.cjk_symbols(args.symbols) if args.symbols <= 3755 else
                                      "".join(chr(0x4E00 + i) for i in range(args.symbols)))
     else:
-        charset = preprocess.charset_from_arg(args.charset)
+        charset = charsets.charset_from_arg(args.charset)
     config = model.PRESETS[args.preset]
     keras.mixed_precision.set_dtype_policy(args.dtype_policy)
     crnn = recipes.compile_model(model.build_model(config, charset.num_classes), charset, recipes.RECIPES[args.recipe],
@@ -168,7 +168,7 @@ def time_training_step(args):
 
 def time_inference(args):
     captcha_reader = reader.Reader(args.model)  # an .onnx or .tflite model loads no TensorFlow
-    paths = preprocess.list_images(args.folder)[: args.limit]
+    paths = imagefiles.list_images(args.folder)[: args.limit]
     if not paths:
         raise CaptchaError(f"{args.folder}: no image files")
     list(captcha_reader.read_paths(paths[: args.batch_size], args.batch_size))  # warm-up
@@ -181,7 +181,7 @@ def time_inference(args):
     latencies = []
     for i in range(args.repeats + 5):  # the first few build and warm the graph
         started = time.perf_counter()
-        captcha_reader.read_file(paths[i % len(paths)])
+        captcha_reader.read(paths[i % len(paths)])
         latencies.append(time.perf_counter() - started)
     print(f"{args.model}: one image (read, preprocess, predict, decode): median "
           f"{1000 * statistics.median(latencies[5:]):.1f} ms over {args.repeats}; peak memory {peak_memory_mb():.0f} MB"
@@ -194,7 +194,7 @@ def time_server(args):
 
     from tools.localhttp import multipart
 
-    paths = preprocess.list_images(args.folder)[: args.limit]
+    paths = imagefiles.list_images(args.folder)[: args.limit]
     if not paths:
         raise CaptchaError(f"{args.folder}: no image files")
     bodies = []

@@ -17,10 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
-import preprocess
+import cli
+import charsets
+import imagefiles
 import reader
 import selftrain
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 def main(argv=None):
@@ -32,7 +34,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="the augmentation's seed (train.py's --seed)")
     args = parser.parse_args(argv)
     try:
-        paths = preprocess.list_images(args.unlabeled)
+        paths = imagefiles.list_images(args.unlabeled)
         if not paths:
             raise CaptchaError(f"{args.unlabeled}: no image files")
         with open(args.truth, newline="", encoding="utf-8") as f:
@@ -42,11 +44,10 @@ def main(argv=None):
             raise CaptchaError(f"{args.truth}: no label for {len(missing)} images of {args.unlabeled}, e.g. {missing[0]}")
         student = reader.Reader(args.model)
     except (CaptchaError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
 
     def right(texts):  # (path, text) pairs read right
-        return sum(text == preprocess.fold_case(truth[Path(path).name], student.case) if student.case else
+        return sum(text == charsets.fold_case(truth[Path(path).name], student.case) if student.case else
                    text == truth[Path(path).name] for path, text in texts)
 
     every = list(student.read_paths(paths))

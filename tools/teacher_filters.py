@@ -18,10 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
+import cli
 import dataset
-import preprocess
+import imagefiles
 import teacher as teachers
-from preprocess import CaptchaError
+from errors import CaptchaError
 
 
 def read_cached(source, paths, cache):
@@ -52,7 +53,7 @@ def main(argv=None):
     parser.add_argument("--cache", default="", help="where the readings are kept (default: beside the truth file)")
     args = parser.parse_args(argv)
     try:
-        paths = preprocess.list_images(args.unlabeled)
+        paths = imagefiles.list_images(args.unlabeled)
         with open(args.truth, newline="") as f:
             truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
         cache = Path(args.cache or Path(args.truth).with_name(f"teacher_{Path(args.teacher).stem}.csv"))
@@ -64,8 +65,7 @@ def main(argv=None):
                                          [path for path, _ in found.samples], cache.with_name(cache.stem + "_check.csv"))
             check = found, check_readings
     except (CaptchaError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.user_error(e)
 
     def right(kept, case):
         return sum(teachers.fold(truth[Path(path).name], case) == label for path, label in kept)
