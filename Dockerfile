@@ -8,7 +8,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY requirements-serve.txt .
 RUN pip install --no-cache-dir -r requirements-serve.txt
-COPY arithmetic.py charsets.py cli.py errors.py imagefiles.py labels.py modelfolder.py modelmeta.py preprocess.py \
+COPY arithmetic.py charsets.py cli.py errors.py imagefiles.py label_sources.py modelfolder.py modelmeta.py preprocess.py \
      reader.py serve.py twin.py ./
 USER nobody
 EXPOSE 8000

@@ -18,7 +18,7 @@ import numpy as np
 
 import model
 import runstate
-import scoring
+import runscore
 
 
 def early_stopping(recipe):
@@ -128,7 +128,7 @@ class ValidationMetrics(keras.callbacks.Callback):
         self.val_batches, self.charset, self.val_labels = val_batches, charset, val_labels
 
     def on_epoch_end(self, epoch, logs=None):
-        scores, _ = scoring.evaluate(self.model, self.val_batches, self.charset, self.val_labels)
+        scores, _ = runscore.evaluate(self.model, self.val_batches, self.charset, self.val_labels)
         logs["val_loss"] = scores["loss"]
         logs["val_exact_match"] = scores["exact_match"]
         logs["val_cer"] = scores["cer"]

@@ -2,7 +2,7 @@
 
     python dataset.py scan DIR [--labels_from RULE | --labels FILE] [--verbose]
 
-The scan reads labels the way labels.py says (file names or a labels file), folds their letter case
+The scan reads labels the way label_sources.py says (file names or a labels file), folds their letter case
 when asked, checks every image decodes and counts what it skips by reason; train.py, bench.py and the
 scan command share it, so the pre-flight check and training agree on the same folder.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 import cli
 import augment as augment_module  # `augment` is also the loader's option name
-import labels as label_sources
+import label_sources
 from charsets import PAD_LABEL, charset_for_labels, fold_case
 from errors import CaptchaError
 from preprocess import ImageReadError, PreprocessOptions, finish_canvas, load_canvas, read_image

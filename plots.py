@@ -85,7 +85,7 @@ def style_samples(out_path, count=6, seed=1):
     """Raw captchas of every built-in synthetic style, a row each, labelled with their text."""
     import tempfile
 
-    import labels as label_sources
+    import label_sources
     import preprocess
     import synth
 
@@ -112,7 +112,7 @@ def augmentation_samples(out_path, image_paths=(), epochs=3, seed=0):
 
     import charsets
     import dataset
-    import labels as label_sources
+    import label_sources
     import preprocess
     import synth
 

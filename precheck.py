@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import cli
-import labels as label_sources
+import label_sources
 from errors import CaptchaError
 from imagefiles import list_images
 

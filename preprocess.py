@@ -5,7 +5,7 @@ read -> grayscale (or colour, channels=3) -> [auto-crop] -> [invert] -> aspect-p
 and pad to the canvas (200x50 by default) -> CLAHE -> [strong stroke enhancement] -> scale to [0, 1].
 
 The charset is charsets.py, listing a folder's images imagefiles.py, the error a user sees errors.py. Where
-labels come from is labels.py; the folder scan, the split and the batch loader are dataset.py; the synthetic
+labels come from is label_sources.py; the folder scan, the split and the batch loader are dataset.py; the synthetic
 captcha generators are synth.py.
 """
 

@@ -34,7 +34,7 @@ import numpy as np
 import cli
 import augment
 import dataset
-import labels as label_sources
+import label_sources
 import metrics
 import model
 import charsets

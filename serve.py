@@ -60,7 +60,7 @@ from starlette.concurrency import run_in_threadpool
 
 import cli
 import arithmetic
-import labels
+import label_sources
 import modelfolder
 import reader
 from errors import CaptchaError
@@ -117,7 +117,7 @@ class Collector:
                     f"{token}{extension}"
                 path, table = accepted_folder / name, accepted_folder / "labels.csv"
             else:
-                path, table = rejected_folder / f"{token}{extension}", rejected_folder / labels.REJECTED_READINGS_NAME
+                path, table = rejected_folder / f"{token}{extension}", rejected_folder / label_sources.REJECTED_READINGS_NAME
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             with open(table, "a", encoding="utf-8", newline="") as f:

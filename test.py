@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import cli
 import arithmetic
-import labels as label_sources
+import label_sources
 import metrics
 import charsets
 import imagefiles

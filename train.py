@@ -7,7 +7,7 @@
 
 Every field of TrainConfig below is a command-line flag. Writes into --out (default saved_model/):
 crnn_ctc_best.keras (the run's model: the final epoch's, unless the epoch of lowest validation CER reads
-validation better beyond chance; scoring.py), crnn_ctc_final.keras (last epoch), each with the confidence
+validation better beyond chance; runscore.py), crnn_ctc_final.keras (last epoch), each with the confidence
 threshold its readers apply, train_log.csv, metrics.json (the run's model on the held-out test split) and
 three plots. Meanwhile crnn_ctc_resume.keras lets `python train.py --resume` continue after a crash or Ctrl-C.
 
@@ -38,7 +38,7 @@ import callbacks
 import cli
 import dataset
 import finetune
-import labels as label_sources
+import label_sources
 import model
 import modelmeta
 import charsets
@@ -47,7 +47,7 @@ import preprocess
 import recipes
 import runlength
 import runstate
-import scoring
+import runscore
 import selftrain
 import synth
 import twin
@@ -363,13 +363,13 @@ def train(cfg, pseudo=(), resume_command=None):
         model.save_model(crnn, out / runstate.FINAL_NAME, meta)
         run_callbacks.resume.save(finished=True)  # from here a stop leaves only the scoring to do again
     try:
-        chosen = scoring.choose_run_model(out, val_set, val_batches, charset, cfg.target_precision,
+        chosen = runscore.choose_run_model(out, val_set, val_batches, charset, cfg.target_precision,
                                           prefer_final=recipe.schedule == "onecycle")
         images_per_epoch = (len(train_batches) * recipe.batch_size if length.follows_validation
                             else len(train_set) * length.repeats)
-        record = scoring.RunRecord(folder, dataclasses.asdict(cfg), epochs_run, trained, time.time() - started,
+        record = runscore.RunRecord(folder, dataclasses.asdict(cfg), epochs_run, trained, time.time() - started,
                                    images_per_epoch, steps_run=epochs_run * len(train_batches))
-        results = scoring.score_run(out, chosen, record, charset, network.options, val_set, test_set, test_batches)
+        results = runscore.score_run(out, chosen, record, charset, network.options, val_set, test_set, test_batches)
     except KeyboardInterrupt:
         print(f"\ninterrupted while scoring; training is complete and saved in {out}. Score it with: "
               f"{resume_command}")

@@ -62,10 +62,10 @@ def stop_after_epoch(monkeypatch, epoch):
 def run_stopped_while_round_one_is_scored(monkeypatch, flags):
     """train.py's self-training run with `flags`, stopped (Ctrl-C) as its round 1 is scored; returns the --out
     folders score_run was called with."""
-    import scoring
+    import runscore
     import train
 
-    score_run, calls = scoring.score_run, []
+    score_run, calls = runscore.score_run, []
 
     def interrupted_in_round_one(*args, **kwargs):
         calls.append(args[0])
@@ -74,7 +74,7 @@ def run_stopped_while_round_one_is_scored(monkeypatch, flags):
         return score_run(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(scoring, "score_run", interrupted_in_round_one)
+        patch.setattr(runscore, "score_run", interrupted_in_round_one)
         assert train.main(flags) == 130
     return calls
 

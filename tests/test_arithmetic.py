@@ -7,7 +7,7 @@ import pytest
 from test_serve import call, multipart, serving
 
 import arithmetic
-import labels as label_sources
+import label_sources
 import model
 import synth
 import test as read_captchas  # the project's test.py (reads captchas), not a test module

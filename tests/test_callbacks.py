@@ -17,7 +17,7 @@ import dataset
 import model
 import recipes
 import runstate
-import scoring
+import runscore
 import train
 from conftest import DIGITS, ROOT
 from charsets import Charset
@@ -53,8 +53,8 @@ def test_a_run_whose_validation_settles_ends_early_and_is_scored(digits_folder, 
         scores, decoded = evaluate(*args)
         return {**scores, "cer": 0.25, "exact_match": 0.75}, decoded
 
-    evaluate = scoring.evaluate
-    monkeypatch.setattr(scoring, "evaluate", settled_evaluate)
+    evaluate = runscore.evaluate
+    monkeypatch.setattr(runscore, "evaluate", settled_evaluate)
     out = tmp_path / "run"
     assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "6", "--settle_epochs", "2",
                        "--clean_finish", "0.5", "--batch_size", "8", "--workers", "1", "--charset", "digits",
@@ -153,8 +153,8 @@ def test_a_run_validates_checkpoints_and_ends_with_the_weights_moving_average(di
         resumable.append(weights_of(self.model))
         save(self, finished)
 
-    evaluate, swap_in, save = scoring.evaluate, callbacks.AveragedWeights.on_epoch_end, callbacks.ResumeCheckpoint.save
-    monkeypatch.setattr(scoring, "evaluate", recording_evaluate)
+    evaluate, swap_in, save = runscore.evaluate, callbacks.AveragedWeights.on_epoch_end, callbacks.ResumeCheckpoint.save
+    monkeypatch.setattr(runscore, "evaluate", recording_evaluate)
     monkeypatch.setattr(callbacks.AveragedWeights, "on_epoch_end", recording_swap)
     monkeypatch.setattr(callbacks.ResumeCheckpoint, "save", recording_save)
     out = tmp_path / "run"

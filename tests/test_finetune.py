@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import finetune
-import labels as label_sources
+import label_sources
 import metrics
 import model
 import charsets

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-import labels as label_sources
+import label_sources
 import synth
 from conftest import READER, ROOT
 from tools.localhttp import free_port

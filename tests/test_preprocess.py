@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import dataset
-import labels as label_sources
+import label_sources
 import model
 import charsets
 import preprocess

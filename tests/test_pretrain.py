@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-import labels as label_sources
+import label_sources
 import model
 import charsets
 import imagefiles

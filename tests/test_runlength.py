@@ -15,7 +15,7 @@ import modelmeta
 import recipes
 import runlength
 import runstate
-import scoring
+import runscore
 import train
 from conftest import DIGITS, ROOT, stop_after_epoch
 from charsets import Charset
@@ -111,9 +111,9 @@ def log_epochs(out):
 
 
 def scripted_validation(monkeypatch, cers):
-    """scoring.evaluate during training reads validation at these CERs in turn (the last one after them), read
+    """runscore.evaluate during training reads validation at these CERs in turn (the last one after them), read
     right where the CER is under 0.5; every other call (scoring the run's model) is the real one."""
-    evaluate, calls = scoring.evaluate, []
+    evaluate, calls = runscore.evaluate, []
 
     def scripted(keras_model, batches, charset, labels, lengths=None):
         scores, decoded = evaluate(keras_model, batches, charset, labels, lengths)
@@ -123,7 +123,7 @@ def scripted_validation(monkeypatch, cers):
         calls.append(cer)
         return {**scores, "cer": cer, "exact_match": 0.9 if cer < 0.5 else 0.0}, decoded
 
-    monkeypatch.setattr(scoring, "evaluate", scripted)
+    monkeypatch.setattr(runscore, "evaluate", scripted)
     return calls
 
 
@@ -169,12 +169,12 @@ def test_a_stop_within_the_anneal_resumes_into_it(digits_folder, tmp_path, monke
 
 SCRIPTED_RUN = """
 import sys
-import scoring, train
-evaluate = scoring.evaluate
+import runscore, train
+evaluate = runscore.evaluate
 def settled(keras_model, batches, charset, labels, lengths=None):  # the same validation reading every check
     scores, decoded = evaluate(keras_model, batches, charset, labels, lengths)
     return (scores if lengths is not None else {**scores, "cer": 0.1, "exact_match": 0.9}), decoded
-scoring.evaluate = settled
+runscore.evaluate = settled
 sys.exit(train.main(sys.argv[1:]))
 """
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import callbacks
-import labels as label_sources
+import label_sources
 import model
 import modelmeta
 import imagefiles
 import runstate
-import scoring
+import runscore
 import synth
 import train
 from conftest import DIGITS, ROOT
@@ -173,7 +173,7 @@ def test_a_stop_while_scoring_leaves_a_run_that_finishes_with_resume(digits_fold
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        patch.setattr(scoring, "score_run", interrupted)
+        patch.setattr(runscore, "score_run", interrupted)
         assert train.main(["--data_dir", str(digits_folder), "--preset", "tiny", "--epochs", "2", "--batch_size", "8",
                            "--workers", "1", "--charset", "digits", "--out", str(out)]) == 130
     printed = capsys.readouterr().out

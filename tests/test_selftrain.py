@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from make_reader import draw_folder  # the fixture reader's own look
 
-import labels as label_sources
+import label_sources
 import model
 import modelmeta
 import runstate

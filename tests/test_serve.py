@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import labels as label_sources
+import label_sources
 import imagefiles
 import reader
 import train

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import labels as label_sources
+import label_sources
 import charsets
 import imagefiles
 import preprocess

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-import labels as label_sources
+import label_sources
 import model
 import imagefiles
 import preprocess

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 import export_safe
-import labels as label_sources
+import label_sources
 import model
 import modelmeta
 import imagefiles

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import cli
-import labels as label_sources
+import label_sources
 import metrics
 from errors import CaptchaError
 from preprocess import read_image

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the toolkit's modules, one folder up
 
 import cli
-import labels as label_sources
+import label_sources
 from errors import CaptchaError
 from tools.localhttp import free_port
 

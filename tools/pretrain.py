@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's mo
 import callbacks
 import cli
 import finetune
-import labels as label_sources
+import label_sources
 import metrics
 import model
 import charsets

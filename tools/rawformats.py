@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the toolkit's modules, one folder up
 
 import cli
-import labels as label_sources
+import label_sources
 from imagefiles import list_images
 
 

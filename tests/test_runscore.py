@@ -1,4 +1,4 @@
-"""scoring.py: the threshold every model stores, and which of a run's checkpoints is kept."""
+"""runscore.py: the threshold every model stores, and which of a run's checkpoints is kept."""
 
 import json
 
@@ -9,7 +9,7 @@ import metrics
 import model
 import modelmeta
 import runstate
-import scoring
+import runscore
 from conftest import READER, READER_IMAGES
 from charsets import Charset
 from preprocess import PreprocessOptions
@@ -35,7 +35,7 @@ def test_the_stored_threshold_is_chosen_without_readings_no_reader_would_trust(f
     samples = [(path, path.stem) for path in READER_IMAGES]
     options = PreprocessOptions.from_dict(meta["preprocess"])
     batches = dataset.make_batches(samples, charset, meta["max_len"], dataset.Batching(options=options, batch_size=8))
-    abstain, _ = scoring.store_abstention(keras_path, batches, [label for _, label in samples], charset, 0.99, crnn)
+    abstain, _ = runscore.store_abstention(keras_path, batches, [label for _, label in samples], charset, 0.99, crnn)
     four = sum(len(path.stem) == 4 for path in READER_IMAGES)
     assert 0 < four < len(READER_IMAGES)
     # every reading is right, so every reading of an allowed length is kept, and none of another length
@@ -57,18 +57,18 @@ def test_the_final_model_is_kept_unless_the_lowest_validation_cer_checkpoint_is_
     misread = ["x"] * 4 + labels[4:]
     # the lowest-CER epoch read all 20 validation images, the final one 16: p = 0.0625, one epoch's luck
     out = run_with_two_checkpoints(tmp_path / "luck")
-    kept, counts = scoring.keep_final_unless_lowest_is_better(out, labels, labels, misread)
+    kept, counts = runscore.keep_final_unless_lowest_is_better(out, labels, labels, misread)
     assert kept == "final" and (counts["lowest_val_cer_right"], counts["final_right"]) == (20, 16)
     assert modelmeta.read_meta(out / runstate.BEST_NAME)["tag"] == "final"  # what every reader reads by default
     assert modelmeta.read_meta(out / runstate.LOWEST_VAL_NAME)["tag"] == "lowest"  # kept, not lost
     # scored again (a stop during scoring): the swap is not repeated, the lowest-CER checkpoint stays what it was,
     # and the counts are those of the first scoring (the run's model now reads validation as the final one)
-    assert scoring.keep_final_unless_lowest_is_better(out, labels, misread, misread) == ("final", counts)
+    assert runscore.keep_final_unless_lowest_is_better(out, labels, misread, misread) == ("final", counts)
     assert modelmeta.read_meta(out / runstate.LOWEST_VAL_NAME)["tag"] == "lowest"
     # 5 of 20 the final epoch misreads: p = 0.031, the lowest-CER checkpoint stays the run's model
     out = run_with_two_checkpoints(tmp_path / "better")
     (out / runstate.LOWEST_VAL_NAME).write_bytes(b"an earlier run's")
-    kept, _ = scoring.keep_final_unless_lowest_is_better(out, labels, labels, ["x"] * 5 + labels[5:])
+    kept, _ = runscore.keep_final_unless_lowest_is_better(out, labels, labels, ["x"] * 5 + labels[5:])
     assert kept == "best checkpoint" and modelmeta.read_meta(out / runstate.BEST_NAME)["tag"] == "lowest"
     assert not (out / runstate.LOWEST_VAL_NAME).exists()
 

@@ -10,7 +10,7 @@ import pytest
 import dataset
 import export_safe
 import finetune
-import labels as label_sources
+import label_sources
 import model
 import modelmeta
 import charsets
@@ -121,7 +121,7 @@ EXPECTED = {f"{i}.png": label for i, label in zip(range(1, 13), LABELS)}
     ("labels.csv", "".join(f"{i}.png,{label}\n" for i, label in zip(range(1, 13), LABELS))),
     ("labels.txt", "".join(f"{i}.png\t{label}\n" for i, label in zip(range(1, 13), LABELS))),
     ("labels.json", json.dumps({f"{i}.png": label for i, label in zip(range(1, 13), LABELS)})),
-    ("labels.py", repr({f"{i}.png": label for i, label in zip(range(1, 13), LABELS)})),  # single quotes
+    ("label_sources.py", repr({f"{i}.png": label for i, label in zip(range(1, 13), LABELS)})),  # single quotes
     ("labels.txt", "\n".join(LABELS) + "\n"),  # one label per line: line n labels n.png
 ])
 def test_every_labels_file_format_reads_the_same_labels(tmp_path, name, text):
