@@ -34,12 +34,10 @@ IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 
 @dataclasses.dataclass(frozen=True)
 class Served:
-    """A name's reader, the file it was read from, and the files' signature when it was read."""
+    """A name's reader (its `path` is the file it was read from) and the files' signature when it was read."""
 
     reader: reader.Reader
-    path: Path
     signature: tuple
-    loaded_at: float
 
 
 def model_files(folder):
@@ -109,7 +107,7 @@ class ModelFolder:
                 if (name in served and served[name].signature == current) or refused.get(name, (None,))[0] == current:
                     continue  # loaded, or refused, as it is
                 try:
-                    served[name] = Served(reader.Reader.load(paths[0], **self.settings), paths[0], current, time.time())
+                    served[name] = Served(reader.Reader.load(paths[0], **self.settings), current)
                 except Exception as e:  # whatever a broken file makes a loader raise, the other models keep serving
                     why = str(e) if isinstance(e, CaptchaError) else \
                         f"{paths[0]}: not a readable model ({type(e).__name__}: {e})"
@@ -125,7 +123,7 @@ class ModelFolder:
     def describe(self):
         """{"models": {name: what it reads}, "refused": {name: why}} for GET /models."""
         served = sorted(self.served.items())
-        return {"models": {name: describe_reader(entry.reader, entry.path) for name, entry in served},
+        return {"models": {name: describe_reader(entry.reader) for name, entry in served},
                 "refused": {name: why for name, (_, why) in sorted(self.refused.items())}}
 
     def watch(self, interval=1.0):
@@ -143,9 +141,9 @@ class ModelFolder:
         return thread
 
 
-def describe_reader(captcha_reader, path):
+def describe_reader(captcha_reader):
     """A model as GET /models and GET /model show it: its file, charset, kind and threshold."""
-    rule = captcha_reader.low_rule
+    rule, path = captcha_reader.low_rule, captcha_reader.path
     return {"file": path.name, "format": path.suffix.lstrip("."), "charset": captcha_reader.meta["charset"],
             "answer": captcha_reader.answer, "case": captcha_reader.case, "allowed": captcha_reader.allowed,
             "max_len": captcha_reader.meta.get("max_len"),
@@ -170,4 +168,4 @@ class OneModel:
         return self.reader
 
     def describe(self):
-        return {"models": {self.name: describe_reader(self.reader, self.path)}, "refused": {}}
+        return {"models": {self.name: describe_reader(self.reader)}, "refused": {}}

@@ -410,7 +410,7 @@ class Reader:
         if isinstance(image, (bytes, bytearray, memoryview)):
             prepared = self.prepare_encoded(bytes(image), "image")
         elif isinstance(image, (str, os.PathLike)):
-            prepared = preprocess.preprocess_image(preprocess.read_image(image, self.options.channels), self.options)
+            prepared = preprocess.load_image(image, self.options)
         else:
             prepared = preprocess.preprocess_image(np.asarray(image), self.options)
         return self.judge(self.predict(prepared[np.newaxis]))[0]

@@ -8,8 +8,8 @@ Following validation (the default recipe without those flags): warmup-stable-dec
 validated as often. The rate warms up over the first check and is then held at its peak while validation reads
 better beyond chance (callbacks.HoldWhileValidationPays); once `stall_checks` checks in a row have not, it decays
 to ~0 over `anneal_fraction` of the steps made so far (at least `min_anneal_steps`, and at least one pass over the
-training images) on the images as they are, and the run ends. The ceiling is the fixed length the run would make otherwise; `--minutes` fits the held phase and
-the anneal into a time budget. Why this and not a fixed cycle: docs/design.md, "A run's length".
+training images) on the images as they are, and the run ends. The ceiling is the fixed length the run would make
+otherwise; `--minutes` fits the held phase and the anneal into a time budget. Why this and not a fixed cycle: docs/design.md, "A run's length".
 """
 
 import math

@@ -235,7 +235,7 @@ def create_app(models, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH, col
     async def model_info(name: str | None = None):
         name, captcha_reader = chosen(name)
         meta = captcha_reader.meta
-        described = models.describe()["models"][name]
+        described = modelfolder.describe_reader(captcha_reader)  # the reader this request holds, whatever comes
         return {"model": described["file"], **described, "name": name, "preprocess": meta["preprocess"],
                 "model_config": meta.get("model_config")}
 
