@@ -128,3 +128,9 @@ def charset_from_arg(value, blank_index="first"):
 def charset_for_labels(value, labels):
     """--charset as every script reads it: "auto" is the symbols the labels use, else a preset or the symbols."""
     return charset_of_labels(labels) if value == "auto" else charset_from_arg(value)
+
+
+def colour_name(name):
+    """A colour as the labels file, a flag or a form field wrote it, in the one form models store: trimmed, lower
+    case (`Red ` and `red` are one colour; a name in any script is kept as written)."""
+    return str(name).strip().casefold()

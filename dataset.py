@@ -60,6 +60,7 @@ class ScanResult:
     case: str = "keep"  # the fold applied to the labels
     sizes: list = field(default_factory=list)  # (width, height) of each usable image, when verified
     saturations: list = field(default_factory=list)  # each usable image's colour_saturation, when asked (channels 0)
+    asked: dict = field(default_factory=dict)  # path -> the colour its captcha asks for (a labels file's colour column)
 
     def summary(self):
         counts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(self.skipped.items()))
@@ -72,27 +73,46 @@ class ScanResult:
     def channels(self):
         """--channels auto: 3 (colour) when the median image carries colour, else 1 (gray); None when the
         scan did not measure colour. Returns (channels, the line that says why)."""
+        if self.asked:  # the asked colour is told apart by its hue: gray would drop the one thing that matters
+            return 3, ("channels: colour (3), since each image is read with the colour it asks for (the labels "
+                       "file's colour column); set it with --channels 1 or 3")
         if not self.saturations:
             return None, ""
         median = statistics.median(self.saturations)
         colourful = sum(s >= COLOUR_SATURATION for s in self.saturations)
         channels = 3 if median >= COLOUR_SATURATION else 1
         return channels, (f"channels: {'colour (3)' if channels == 3 else 'gray (1)'}, decided from the images: "
-                          f"{colourful} of {len(self.saturations)} carry colour (median saturation {median:.0f}, "
-                          f"colour from {COLOUR_SATURATION}); set it with --channels 1 or 3")
+                          f"{colourful} of {len(self.saturations)} carry colour in their strokes or background "
+                          f"(median {median:.0f}, colour from {COLOUR_SATURATION}); set it with --channels 1 or 3")
+
+    def colours(self):
+        """The colours this folder's captchas ask for, sorted: the planes of a model that reads one."""
+        return tuple(sorted(set(self.asked.values())))
 
     def skipped_lines(self):
         return [f"skipped ({reason}): {path}" for reason, paths in sorted(self.skipped.items()) for path in paths]
 
 
-# An image carries colour when a tenth of its pixels are at least this saturated (HSV, 0-255): gray images,
-# JPEG-compressed ones included, stay near 0, while coloured ink or clutter is well above it.
+# An image carries colour when a tenth of its pixels are at least this saturated (HSV, 0-255), or when its strokes
+# are: gray images, JPEG-compressed ones included, stay near 0, while coloured ink or clutter is well above it.
 COLOUR_SATURATION = 50
+MIN_INK_PIXELS = 20  # fewer pixels apart from the background than this: no strokes to measure
 
 
 def colour_saturation(image):
-    """The 90th percentile of a colour (H, W, 3) image's HSV saturation, 0-255."""
-    return float(np.percentile(cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[..., 1], 90))
+    """How much colour a colour (H, W, 3) image carries, 0-255: the larger of the 90th percentile of its HSV
+    saturation (colour over much of the image: a background, clutter) and the median chroma of its strokes (the
+    pixels far from the border's median colour). Thin coloured strokes on a light background are a small share of
+    the pixels, so the percentile alone calls them gray; chroma (the spread of B, G, R) rather than HSV saturation,
+    which is large for any dark pixel with a little noise in it."""
+    overall = float(np.percentile(cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[..., 1], 90))
+    pixels = image.reshape(-1, 3).astype(np.int16)
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.int16)
+    distance = np.abs(pixels - np.median(border, axis=0)).max(axis=1)
+    ink = pixels[distance >= 60]
+    if len(ink) < MIN_INK_PIXELS:
+        return overall
+    return max(overall, float(np.median(ink.max(axis=1) - ink.min(axis=1))))
 
 
 def _inspect(path, channels):
@@ -134,6 +154,7 @@ def scan_folder(folder, charset=None, max_len=None, labels=label_sources.LabelSo
     else:
         checked = [(None, None, None)] * len(candidates)
     samples, sizes, saturations = [], [], []
+    asked = found.asked
     for (path, label), (problem, size, saturation) in zip(candidates, checked):
         if problem:
             skipped.setdefault(problem, []).append(path)
@@ -143,7 +164,8 @@ def scan_folder(folder, charset=None, max_len=None, labels=label_sources.LabelSo
                 sizes.append(size)
             if saturation is not None:
                 saturations.append(saturation)
-    return ScanResult(samples, skipped, found.source, found.decision, case, sizes, saturations)
+    return ScanResult(samples, skipped, found.source, found.decision, case, sizes, saturations,
+                      {path: asked[path] for path, _ in samples if path in asked})
 
 
 def split_samples(samples, val_fraction=0.1, test_fraction=0.1, seed=42):
@@ -219,6 +241,7 @@ class Batching:
     repeats: int = 1
     epoch_steps: int | None = None
     augment_epochs: int | None = None
+    asked: dict | None = None  # path -> the colour its captcha asks for, for a model that reads one (options.colours)
 
     def for_reading(self):
         return dataclasses.replace(self, shuffle=False, augment="none", repeats=1, epoch_steps=None,
@@ -270,6 +293,7 @@ class CaptchaBatches:
         self.paths = [p for p, _ in samples]
         self.labels = encode_labels([label for _, label in samples], charset, max_len)
         self.options = batching.options
+        self.asked = [(batching.asked or {}).get(path) for path in self.paths]  # each image's asked colour, or None
         self.batch_size = batching.batch_size
         self.shuffle = batching.shuffle
         self.repeats = batching.repeats
@@ -314,8 +338,8 @@ class CaptchaBatches:
             order = self.pass_order(draw)
         start = index * self.batch_size
         rows = order[start : start + self.batch_size]
-        images = np.stack([finish_canvas(self.canvas(i), self.options, augmentation=self._augmentation(draw, start + k))
-                           for k, i in enumerate(rows)])
+        images = np.stack([finish_canvas(self.canvas(i), self.options, augmentation=self._augmentation(draw, start + k),
+                                         asked=self.asked[i]) for k, i in enumerate(rows)])
         return images, self.labels[rows]
 
     def _augmentation(self, draw, position):
@@ -348,7 +372,7 @@ class WorkerProcesses:
 
     def __init__(self, samples, charset, max_len, batching, canvases, count, slots):
         options = batching.options
-        slot_shape = (slots, batching.batch_size, options.height, options.width, options.channels)
+        slot_shape = (slots, batching.batch_size, options.height, options.width, options.input_channels)
         slot_bytes = int(np.prod(slot_shape)) * np.dtype(np.float32).itemsize
         check_shared_memory((canvases.nbytes if canvases is not None else 0) + slot_bytes)
         self.memory = None

@@ -49,13 +49,16 @@ def load_start(init_from):
     return source_model, source_meta, config, options
 
 
-def start_from(source_model, source_meta, charset, config=None):
+def start_from(source_model, source_meta, charset, config=None, options=None):
     """`source_model`'s network with `charset`'s output classes and every weight carried over (the output
-    rows by symbol). `config`: its settings with this run's canvas and channels (None: as the source is).
-    Returns (model, the symbols that start fresh)."""
+    rows by symbol). `config`: its settings with this run's canvas and channels (None: as the source is);
+    `options`: this run's pixels (their channels and asked colours; None: as the source's). Returns (model, the
+    symbols that start fresh)."""
     crnn = (model.build_model(config, charset.num_classes) if config is not None
             else model.with_output_classes(source_model, charset.num_classes))
-    return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset)
+    source_colours = tuple(source_meta.get("preprocess", {}).get("colours", ()))
+    colours = (source_colours, options.colours if options is not None else source_colours)
+    return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset, colours)
 
 
 def output_class_sources(source_charset, target_charset):
@@ -69,10 +72,11 @@ def output_class_sources(source_charset, target_charset):
     return sources
 
 
-def copy_weights_by_symbol(source, source_charset, target, target_charset):
+def copy_weights_by_symbol(source, source_charset, target, target_charset, colours=((), ())):
     """Copy every weight of `source` into the same-shaped `target`, layer by layer in order; the
     output layer's rows are carried over by symbol, so a symbol keeps what it learned whatever its
-    position in the new charset. Returns the symbols that start fresh."""
+    position in the new charset; the first convolution's input channels by first_kernel_for_planes, `colours`
+    being (the source's asked colours, the target's). Returns the symbols that start fresh."""
     source_layers = [layer for layer in source.layers if layer.weights]
     target_layers = [layer for layer in target.layers if layer.weights]
     if len(source_layers) != len(target_layers):
@@ -80,8 +84,8 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
                            f"{len(target_layers)}: not the same architecture")
     for src, dst in zip(source_layers[:-1], target_layers[:-1]):
         weights = src.get_weights()
-        if src is source_layers[0]:  # a gray start model for a colour run, or a colour one for a gray run
-            weights = first_kernel_for_channels(weights, [tuple(w.shape) for w in dst.weights])
+        if src is source_layers[0]:  # gray to colour or back, asked colours added
+            weights = first_kernel_for_planes(weights, tuple(dst.weights[0].shape), *colours)
         if [w.shape for w in weights] != [tuple(w.shape) for w in dst.weights]:
             raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
                                f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
@@ -93,6 +97,22 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset):
             kernel[:, target_class], bias[target_class] = src_kernel[:, source_class], src_bias[source_class]
     target_layers[-1].set_weights([kernel, bias])
     return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
+
+
+def first_kernel_for_planes(weights, target_shape, source_colours=(), target_colours=()):
+    """The first convolution's kernel for the target's input channels (`target_shape`): the image's channels
+    (the input's first ones) as first_kernel_for_channels carries them, then one plane per asked colour, carried by
+    its name where the start model knew it, else zero: the new model starts reading every image exactly as the
+    start model does, and learns from there what each asked colour changes."""
+    kernel, *rest = weights
+    if kernel.ndim != 4:
+        return weights
+    source_image, target_image = kernel.shape[2] - len(source_colours), target_shape[2] - len(target_colours)
+    image_kernel = first_kernel_for_channels([kernel[:, :, :source_image], *rest],
+                                             [target_shape[:2] + (target_image,) + target_shape[3:]])[0]
+    planes = [kernel[:, :, source_image + source_colours.index(name)] if name in source_colours
+              else np.zeros(kernel.shape[:2] + kernel.shape[3:], kernel.dtype) for name in target_colours]
+    return [np.concatenate([image_kernel, *(plane[:, :, np.newaxis] for plane in planes)], axis=2), *rest]
 
 
 def first_kernel_for_channels(weights, target_shapes):
@@ -129,8 +149,9 @@ class Network:
     start: tuple | None = None  # (start model, its metadata)
 
 
-def resolve_network(cfg, recipe, scan, max_len):
-    """The network and its pixels: a preset's, or those of the model it starts from, with this run's canvas."""
+def resolve_network(cfg, recipe, scan, max_len, colours=()):
+    """The network and its pixels: a preset's, or those of the model it starts from, with this run's canvas;
+    `colours`: those the images ask for, each a plane of the input beside the image's channels."""
     preset = "fast" if cfg.preset == "auto" else cfg.preset  # on a GPU too: the network measured on real captchas
     if preset not in model.PRESETS:
         raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
@@ -142,6 +163,9 @@ def resolve_network(cfg, recipe, scan, max_len):
     switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
     median_aspect = scan.median_aspect()
     if init_from and config is None:
+        if colours:
+            raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so it cannot "
+                               f"take the asked colour as an input; use --init_from base or none")
         if cfg.height or cfg.width or cfg.channels not in (0, start_options.channels):
             raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
                                f"and channels cannot change; drop --height, --width and --channels")
@@ -152,11 +176,14 @@ def resolve_network(cfg, recipe, scan, max_len):
                           start)
     else:
         channels = cfg.channels or scan.channels()[0] or 1  # --channels 0: as the scan decided
-        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=channels,
+        if colours and channels == 1:
+            print("warning: --channels 1 reads gray, though the images are read with the colour they ask for: "
+                  "only the strokes' shade can tell the asked ones apart")
+        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=channels + len(colours),
                                      median_aspect=median_aspect, start_model=init_from)
         options = (dataclasses.replace(start_options, height=config.height, width=config.width,
-                                       channels=config.channels, **switches) if init_from
-                   else recipe.preprocess_options(config, **switches))
+                                       channels=channels, colours=tuple(colours), **switches) if init_from
+                   else recipe.preprocess_options(config, channels=channels, colours=tuple(colours), **switches))
         network = Network(config, options, model.time_steps(config), init_from, start)
     model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, median_aspect)
     return network

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from errors import CaptchaError
 from imagefiles import list_images
+from charsets import colour_name
 
 RULES = ("auto", "name", "prefix", "suffix")  # and "regex:PATTERN"
 SPACES = ("auto", "join", "keep")  # --label_spaces
@@ -51,6 +52,7 @@ DUPLICATE_SUFFIX = re.compile(r"[_-]\d{1,3}$")  # 4721_1 and 4721-12 are more im
 SEPARATOR = "_"
 HEX = re.compile(r"[0-9a-fA-F]+")
 LONG_LABEL = 10  # auto: labels this long and nearly all distinct are ids, not captcha texts
+COLOUR_COLUMNS = ("colour", "color")  # a labels file's column of the colour each image asks for
 HEADER_WORDS = {"file", "filename", "file_name", "image", "img", "path", "name", "fname", "id", "label", "labels",
                 "text", "captcha", "answer", "code", "value", "solution"}
 
@@ -91,6 +93,8 @@ class LabelledFolder:
     skipped: dict = field(default_factory=dict)  # reason -> [paths or entries]
     source: LabelSource = LabelSource("name")
     decision: str = ""  # what auto decided and why, with examples (printed by the scripts)
+    asked: dict = field(default_factory=dict)  # path -> the colour its captcha asks for (a labels file's colour
+    #                                            column), for every listed image that has one, labelled or not
 
 
 # ----------------------------------------------------------------------------- file-name rules
@@ -243,7 +247,8 @@ def _from_names(folder, paths, rule):
 
 
 def _entries_from_text(text, path):
-    """A labels file's text -> ([(key, label)], kind); key None: one label per line, in numeric order."""
+    """A labels file's text -> ([(key, label, the row's further columns)], kind); key None: one label per line, in
+    numeric order."""
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
@@ -257,7 +262,7 @@ def _entries_from_text(text, path):
                 raise CaptchaError(f"{path}: neither a JSON object nor a Python dict ({type(e).__name__})") from None
         if not isinstance(table, dict):
             raise CaptchaError(f"{path}: not an object of file -> label")
-        return [(str(k), "" if v is None else str(v)) for k, v in table.items()], kind
+        return [(str(k), "" if v is None else str(v), ()) for k, v in table.items()], kind
     lines = [line for line in stripped.splitlines() if line.strip()]
     if not lines:
         raise CaptchaError(f"{path}: the labels file is empty")
@@ -267,17 +272,32 @@ def _entries_from_text(text, path):
         if any("\t" in line or "," in line for line in lines[:50]):
             raise CaptchaError(f"{path}: some lines have a separator (tab or comma) and some do not; expected "
                                f"file,label rows or one label per line")
-        return [(None, line.strip()) for line in lines], "one label per line"
+        return [(None, line.strip(), ()) for line in lines], "one label per line"
     rows = [row for row in csv.reader(io.StringIO(stripped), delimiter=delimiter) if row]
     bad = next((i for i, row in enumerate(rows) if len(row) < 2), None)
     if bad is not None:
         raise CaptchaError(f"{path}: line {bad + 1} has no label ({delimiter!r}-separated file,label expected)")
     kind = "tab-separated" if delimiter == "\t" else "CSV"
-    return [(row[0].strip(), row[1].strip()) for row in rows], kind
+    return [(row[0].strip(), row[1].strip(), tuple(cell.strip() for cell in row[2:])) for row in rows], kind
 
 
 def _is_header(key, label, lookup):
     return lookup(key) is None and (key.strip().lower() in HEADER_WORDS or label.strip().lower() in HEADER_WORDS)
+
+
+def _colour_column(header, rows):
+    """(the index among a row's extra columns of the asked colour, a note on extra columns not read). The colour
+    is read from a column headed `colour` or `color` only: a third column is not guessed at."""
+    extra = header[2] if header else ()
+    names = [name.strip().lower() for name in extra]
+    for name in COLOUR_COLUMNS:
+        if name in names:
+            return names.index(name), ""
+    if extra:
+        return None, f"; column {extra[0]!r} not read (a column headed colour is read as the colour asked for)"
+    if any(rest for _, _, rest in rows):
+        return None, "; its third column not read (a header row file,label,colour reads it as the colour asked for)"
+    return None, ""
 
 
 def _image_number(path):
@@ -306,6 +326,7 @@ def _from_file(folder, paths, labels_file):
         return by_key.get(key.replace("\\", "/").removeprefix("./"))
 
     assigned = {}  # path -> label
+    asked = {}  # path -> the asked colour
     if entries[0][0] is None:  # one label per line: line n labels n.png (0.png is line 1 if it exists)
         numbered = {}
         for path in paths:
@@ -318,7 +339,7 @@ def _from_file(folder, paths, labels_file):
             else:
                 numbered[number] = path
         first = 0 if 0 in numbered else 1
-        for line, (_, label) in enumerate(entries):
+        for line, (_, label, _) in enumerate(entries):
             path = numbered.pop(first + line, None)
             if path is None:
                 _skip(skipped, "listed but missing on disk", f"line {line + 1} ({label!r}): no image {first + line}")
@@ -328,11 +349,14 @@ def _from_file(folder, paths, labels_file):
             _skip(skipped, "no label in the labels file", path)
         order = f"; line 1 labels image number {first}"
     else:
-        if _is_header(*entries[0], lookup):
-            entries = entries[1:]
+        header = entries[0] if _is_header(*entries[0][:2], lookup) else None
+        entries = entries[1:] if header else entries
+        colour_at, order = _colour_column(header, entries)
         seen = {}
-        for key, label in entries:
+        for key, label, rest in entries:
             path = lookup(key)
+            if path is not None and colour_at is not None and colour_at < len(rest) and rest[colour_at]:
+                asked[str(path)] = colour_name(rest[colour_at])
             if path is None:
                 _skip(skipped, "listed but missing on disk", key)
             elif path in seen:
@@ -348,17 +372,21 @@ def _from_file(folder, paths, labels_file):
         for path in paths:
             if path not in seen:
                 _skip(skipped, "no label in the labels file", path)
-        order = ""
     samples = []
     for path in paths:
         if path in assigned:
-            if assigned[path]:
-                samples.append((str(path), assigned[path]))
-            else:
+            if not assigned[path]:
                 _skip(skipped, "empty label", path)
+            elif asked and str(path) not in asked:
+                _skip(skipped, "no colour in the colour column", path)
+            else:
+                samples.append((str(path), assigned[path]))
     examples = ", ".join(f"{Path(p).name} -> {label!r}" for p, label in samples[:2])
+    if asked:
+        colours = sorted(set(asked.values()))
+        order += f"; the colour asked for from its colour column: {len(colours)} colours ({', '.join(colours)})"
     decision = f"labels: {labels_file} ({kind}, {len(entries)} entries{order}; e.g. {examples})"
-    return LabelledFolder(samples, skipped, source, decision)
+    return LabelledFolder(samples, skipped, source, decision, asked)
 
 
 # ----------------------------------------------------------------------------- spaces between symbols
@@ -433,6 +461,13 @@ def find_labels(folder, labels_from="auto", labels_file=None, spaces="auto"):
     if labels_file:
         return _apply_spaces(_from_file(folder, paths, labels_file), spaces)
     return _apply_spaces(_from_names(folder, paths, check_rule(labels_from)), spaces)
+
+
+def asked_colours(folder, labels_file):
+    """{path: the colour its captcha asks for} of every image of `folder` that `labels_file`'s colour column gives
+    one, labelled or not (an unlabelled folder's file, its label column empty)."""
+    folder = Path(folder)
+    return _from_file(folder, list_images(folder), labels_file).asked
 
 
 def find_labels_as(folder, source):

@@ -148,7 +148,7 @@ def describe_reader(captcha_reader):
             "answer": captcha_reader.answer, "case": captcha_reader.case, "allowed": captcha_reader.allowed,
             "max_len": captcha_reader.meta.get("max_len"),
             "min_confidence": rule.threshold if rule.threshold != float("inf") else None,
-            "label_lengths": rule.lengths}
+            "label_lengths": rule.lengths, "colours": list(captcha_reader.colours)}
 
 
 class OneModel:

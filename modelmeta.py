@@ -15,12 +15,14 @@ from errors import CaptchaError
 from preprocess import REFERENCE_PREPROCESSING
 
 META_MEMBER = "captcha_meta.json"
-META_VERSION = 2  # 2: preprocessing has resize mode and CLAHE settings (files without them mean the defaults)
+META_VERSION = 3  # 2: preprocessing has resize mode and CLAHE settings (files without them mean the defaults);
+#                  3: the model reads an asked colour (preprocessing's colours), which a release before it would drop
 
 
 def make_meta(charset, max_len, preprocess_options, config):
     return {
-        "format_version": META_VERSION,
+        # a plain model stays readable by the releases before asked colours
+        "format_version": META_VERSION if preprocess_options.colours else 2,
         "charset": charset.to_dict(),
         "max_len": max_len,
         "preprocess": preprocess_options.to_dict(),

@@ -25,7 +25,7 @@ def train_inputs(argv):
     """train.py: the folders it reads and how their labels are read."""
     parser = argparse.ArgumentParser(add_help=False)
     label_sources.add_label_flags(parser, unset="")
-    for flag in ("--data_dir", "--unlabeled", "--check", "--check_labels", "--teacher"):
+    for flag in ("--data_dir", "--unlabeled", "--check", "--check_labels", "--teacher", "--unlabeled_labels"):
         parser.add_argument(flag, default="")
     parser.add_argument("--resume", action="store_true")
     args, _ = parser.parse_known_args(argv)
@@ -41,6 +41,11 @@ def train_inputs(argv):
     if args.check:
         label_sources.find_labels(args.check, args.labels_from or "auto", args.check_labels or None,
                                   args.label_spaces or "auto")
+    if args.unlabeled_labels:
+        if not args.unlabeled:
+            raise CaptchaError(f"--unlabeled_labels {args.unlabeled_labels} gives the colours of --unlabeled's images: "
+                               f"give that folder too")
+        label_sources.asked_colours(args.unlabeled, args.unlabeled_labels)
 
 
 def files_exist(argv, flag, what):

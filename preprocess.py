@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from charsets import colour_name
 from errors import CaptchaError
 
 IMG_HEIGHT = 50
@@ -55,6 +56,10 @@ class PreprocessOptions:
     clahe_clip: float = CLAHE_CLIP  # 0: no CLAHE
     clahe_tiles: tuple = CLAHE_TILES
     channels: int = 1  # 1: gray; 3: colour, for sites whose text and clutter differ in colour more than in shade
+    # The colours a model can be asked for ("type the red characters"), in the order of their input planes: a
+    # reading is told which one is asked, and the network sees it as one constant plane per name beside the
+    # image's channels, 1 on the asked one's (with_asked_colour). Empty: a plain model.
+    colours: tuple = ()
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -62,8 +67,16 @@ class PreprocessOptions:
         if self.channels not in CHANNELS:
             raise CaptchaError(f"--channels {self.channels}: 1 (gray) or 3 (colour)")
 
-    def to_dict(self):  # as JSON gives it back
-        return {**asdict(self), "clahe_tiles": list(self.clahe_tiles)}
+    @property
+    def input_channels(self):
+        """The network's input channels: the image's, then one plane per colour it can be asked for."""
+        return self.channels + len(self.colours)
+
+    def to_dict(self):  # as JSON gives it back; a plain model's has no colours (older releases read it)
+        d = {**asdict(self), "clahe_tiles": list(self.clahe_tiles), "colours": list(self.colours)}
+        if not self.colours:
+            del d["colours"]
+        return d
 
     @classmethod
     def from_dict(cls, d):
@@ -71,6 +84,8 @@ class PreprocessOptions:
         d = {k: v for k, v in d.items() if k in known}
         if "clahe_tiles" in d:
             d["clahe_tiles"] = tuple(d["clahe_tiles"])
+        if "colours" in d:
+            d["colours"] = tuple(d["colours"])
         return cls(**d)
 
 
@@ -243,9 +258,10 @@ def make_canvas(image, options=PreprocessOptions(), stages=None):
     return image
 
 
-def finish_canvas(canvas, options=PreprocessOptions(), stages=None, augmentation=None):
+def finish_canvas(canvas, options=PreprocessOptions(), stages=None, augmentation=None, asked=None):
     """The last stages: canvas -> [augmentation, training only] -> CLAHE -> [strong] -> float32
-    (height, width, channels) in [0, 1]. `augmentation`: a function of one 8-bit image."""
+    (height, width, channels) in [0, 1] -> [the asked colour's planes]. `augmentation`: a function of one 8-bit
+    image; `asked`: the colour asked for, for a model that reads one (with_asked_colour)."""
     def keep(name, stage):
         if stages is not None:
             stages[name] = stage
@@ -261,17 +277,48 @@ def finish_canvas(canvas, options=PreprocessOptions(), stages=None, augmentation
         image = cv2.erode(image, np.ones((2, 2), np.uint8))
         keep("5_strong", image)
     pixels = image.astype(np.float32) / 255.0
-    return pixels[:, :, np.newaxis] if pixels.ndim == 2 else pixels
+    return with_asked_colour(pixels[:, :, np.newaxis] if pixels.ndim == 2 else pixels, options, asked)
 
 
-def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentation=None):
+def asked_colour_index(options, asked):
+    """The plane of the asked colour: CaptchaError when the model reads none and one is given, when it reads one
+    and none is given, or when it does not know the name (the line lists those it knows)."""
+    known = ", ".join(options.colours)
+    if not options.colours:
+        if asked:
+            raise CaptchaError(f"colour {asked!r} asked, but this model was not trained with an asked colour (a "
+                               f"labels file's colour column)")
+        return None
+    if not asked:
+        raise CaptchaError(f"this model reads the colour asked for with the image: give one of {known}")
+    name = colour_name(asked)
+    if name not in options.colours:
+        raise CaptchaError(f"unknown colour {asked!r}: this model knows {known}")
+    return options.colours.index(name)
+
+
+def with_asked_colour(pixels, options, asked):
+    """(height, width, channels) -> (height, width, channels + colours): one constant plane per colour the model
+    knows, 1.0 on the asked one's and 0.0 on the others. Every pixel of the first convolution sees which colour is
+    asked, so its filters can keep the strokes of that colour and drop the rest. A plain model's pixels pass as
+    they are."""
+    index = asked_colour_index(options, asked)
+    if index is None:
+        return pixels
+    planes = np.zeros(pixels.shape[:2] + (len(options.colours),), np.float32)
+    planes[:, :, index] = 1.0
+    return np.concatenate([pixels, planes], axis=2)
+
+
+def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentation=None, asked=None):
     """8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for options.channels) -> float32
     (height, width, channels) in [0, 1]: make_canvas, then finish_canvas.
 
     Pass a dict as `stages` to collect every intermediate 8-bit image (for --save_debug).
-    `augmentation` (training only) alters the resized canvas: a function of one 8-bit image.
+    `augmentation` (training only) alters the resized canvas: a function of one 8-bit image. `asked`: the colour
+    asked for, for a model that reads one.
     """
-    return finish_canvas(make_canvas(image, options, stages), options, stages, augmentation)
+    return finish_canvas(make_canvas(image, options, stages), options, stages, augmentation, asked)
 
 
 def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation=None):
@@ -279,8 +326,8 @@ def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation
     return preprocess_image(gray, options, stages, augmentation)
 
 
-def load_image(path, options=PreprocessOptions(), augmentation=None):
-    return preprocess_image(read_image(path, options.channels), options, augmentation=augmentation)
+def load_image(path, options=PreprocessOptions(), augmentation=None, asked=None):
+    return preprocess_image(read_image(path, options.channels), options, augmentation=augmentation, asked=asked)
 
 
 def load_canvas(path, options=PreprocessOptions()):

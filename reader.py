@@ -396,7 +396,12 @@ class Reader:
         self.lock = threading.Lock() if not getattr(self.network, "thread_safe", False) else None
         if warm:
             blank = cv2.imencode(".png", np.full((50, 200), 255, np.uint8))[1].tobytes()
-            self.predict(self.prepare_encoded(blank, "warm-up")[np.newaxis])
+            self.predict(self.prepare_encoded(blank, "warm-up", self.colours[0] if self.colours else None)[np.newaxis])
+
+    @property
+    def colours(self):
+        """The colours this model can be asked for (empty: it reads every image as it is)."""
+        return self.options.colours
 
     @classmethod
     def load(cls, model_path, *, safe_mode=True, warm=False, **settings):
@@ -404,15 +409,16 @@ class Reader:
         `settings`: ReadSettings' fields, by keyword (allowed=, case=, answer=, min_confidence=, ...)."""
         return cls(model_path, ReadSettings(**settings), safe_mode=safe_mode, warm=warm)
 
-    def read(self, image):
+    def read(self, image, colour=None):
         """One captcha -> Reading. `image`: its encoded bytes (png, jpg, ...: what a scraper downloads), a file
-        path, or a decoded image (preprocess.read_image)."""
+        path, or a decoded image (preprocess.read_image). `colour`: the colour the captcha asks for ("type the red
+        characters"), for a model trained with one (`colours`)."""
         if isinstance(image, (bytes, bytearray, memoryview)):
-            prepared = self.prepare_encoded(bytes(image), "image")
+            prepared = self.prepare_encoded(bytes(image), "image", colour)
         elif isinstance(image, (str, os.PathLike)):
-            prepared = preprocess.load_image(image, self.options)
+            prepared = preprocess.load_image(image, self.options, asked=colour)
         else:
-            prepared = preprocess.preprocess_image(np.asarray(image), self.options)
+            prepared = preprocess.preprocess_image(np.asarray(image), self.options, asked=colour)
         return self.judge(self.predict(prepared[np.newaxis]))[0]
 
     def judge(self, decoded):
@@ -449,19 +455,23 @@ class Reader:
         probs = restrict(probs, self.charset, self.allowed, self.case)
         return decode_with_confidence(probs, self.charset, self.beam_width, self.case, self.lengths)
 
-    def prepare_encoded(self, data, name):
-        """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable."""
-        return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.channels), self.options)
+    def prepare_encoded(self, data, name, colour=None):
+        """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable, or if the
+        asked `colour` is missing or unknown."""
+        return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.channels), self.options,
+                                           asked=colour)
 
-    def read_paths(self, paths, batch_size=64, debug_dir=None, augmentation_for=None):
+    def read_paths(self, paths, batch_size=64, debug_dir=None, augmentation_for=None, asked=None):
         """Yield a FileReading per path, in order; reads the next batch's files while predicting this one.
         augmentation_for(path): a function of the 8-bit canvas (augment.augment, seeded per image) that alters it
-        before reading, or None: for readings of altered copies (selftrain's agreement filter)."""
+        before reading, or None: for readings of altered copies (selftrain's agreement filter). asked {path: colour}:
+        the colour each captcha asks for, for a model that reads one."""
+        asked = asked or {}
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         # One thread prepares the next batch, spreading its images over two more (OpenCV frees the GIL).
         with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(2) as pool:
             def load_batch(batch):
-                return list(pool.map(lambda p: self.prepare(p, debug_dir, augmentation_for), batch))
+                return list(pool.map(lambda p: self.prepare(p, debug_dir, augmentation_for, asked.get(str(p))), batch))
 
             pending = prefetch.submit(load_batch, batches[0]) if batches else None
             for i, batch in enumerate(batches):
@@ -476,12 +486,12 @@ class Reader:
                         text, confidence, refit = next(results)
                         yield FileReading(str(path), text, confidence, refit=refit)
 
-    def prepare(self, path, debug_dir=None, augmentation_for=None):
+    def prepare(self, path, debug_dir=None, augmentation_for=None, colour=None):
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""
         try:
             stages = {} if debug_dir else None
             image = preprocess.preprocess_image(preprocess.read_image(path, self.options.channels), self.options, stages,
-                                                augmentation_for(path) if augmentation_for else None)
+                                                augmentation_for(path) if augmentation_for else None, colour)
         except CaptchaError as e:
             return None, str(e)
         if debug_dir:

@@ -55,9 +55,10 @@ class Recipe:
     clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
 
     def preprocess_options(self, config, **switches):
-        """The pixels this recipe trains a `config` network on, with train.py's switches (auto_crop, ...)."""
+        """The pixels this recipe trains a `config` network on, with train.py's switches (auto_crop, ...; channels
+        and colours: the image's channels and the asked colours' planes, when the network's input has both)."""
         return PreprocessOptions(config.height, config.width, resize=self.resize, clahe_clip=self.clahe_clip,
-                                 channels=config.channels, **switches)
+                                 **{"channels": config.channels, **switches})
 
 
 RECIPES = {

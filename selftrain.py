@@ -125,14 +125,35 @@ def augmentation_for(seed, copy):
     return for_path
 
 
-def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented_copies=0, seed=0):
-    """Reads `paths` with the model at `model_path` and selects its pseudo-labels (select_pseudo_labels)."""
+def unlabeled_colours(cfg):
+    """{path: the colour it asks for} of the unlabelled images (--unlabeled_labels' colour column), or {}."""
+    if not cfg.unlabeled_labels:
+        return {}
+    asked = label_sources.asked_colours(cfg.unlabeled, cfg.unlabeled_labels)
+    if not asked:
+        raise CaptchaError(f"--unlabeled_labels {cfg.unlabeled_labels}: no colour for any image of {cfg.unlabeled} "
+                           f"(a header row file,label,colour and a colour on each row)")
+    return asked
+
+
+def pseudo_asked(cfg, pseudo):
+    """{path: the colour it asks for} of the pseudo-labelled images, for a run whose images ask for one."""
+    if not pseudo or not cfg.unlabeled_labels:
+        return {}
+    asked = unlabeled_colours(cfg)
+    return {path: asked[path] for path, _ in pseudo if path in asked}
+
+
+def pseudo_label(model_path, paths, teacher_texts=None, rejected=None, augmented_copies=0, seed=0, asked=None):
+    """Reads `paths` (with the colours they ask for, `asked`) with the model at `model_path` and selects its
+    pseudo-labels (select_pseudo_labels)."""
     captcha_reader = reader.Reader(model_path)
-    return select_pseudo_labels(captcha_reader, captcha_reader.read_paths(paths), teacher_texts, rejected,
-                                augmented_copies, seed)
+    return select_pseudo_labels(captcha_reader, captcha_reader.read_paths(paths, asked=asked), teacher_texts, rejected,
+                                augmented_copies, seed, asked)
 
 
-def select_pseudo_labels(captcha_reader, readings, teacher_texts=None, rejected=None, augmented_copies=0, seed=0):
+def select_pseudo_labels(captcha_reader, readings, teacher_texts=None, rejected=None, augmented_copies=0, seed=0,
+                         asked=None):
     """Of `readings` (captcha_reader's Readings), keeps the readings at or above its stored threshold that the
     network read at a length of the labels people typed (a 5-letter site's 4-letter reading is wrong however
     confident: CTC merged or dropped a symbol; its refit to 5 letters is a guess). teacher_texts {path: texts}: a
@@ -159,15 +180,16 @@ def select_pseudo_labels(captcha_reader, readings, teacher_texts=None, rejected=
             known_wrong += 1
         elif reading.text and (reading.confidence >= low_rule.threshold or teacher_agrees(reading)):
             kept.append((reading.path, reading.text, reading.confidence))
-    steady = steady_readings(captcha_reader, kept, augmented_copies, seed)
+    steady = steady_readings(captcha_reader, kept, augmented_copies, seed, asked)
     return PseudoLabels(steady, unreadable, wrong_length, known_wrong, len(kept) - len(steady))
 
 
-def steady_readings(captcha_reader, kept, copies, seed):
+def steady_readings(captcha_reader, kept, copies, seed, asked=None):
     """The (path, text, confidence) rows of `kept` that `copies` altered copies of the image (augmentation_for)
     also read as `text`."""
     for copy in range(copies):
-        readings = captcha_reader.read_paths([path for path, _, _ in kept], augmentation_for=augmentation_for(seed, copy))
+        readings = captcha_reader.read_paths([path for path, _, _ in kept], augmentation_for=augmentation_for(seed, copy),
+                                             asked=asked)
         kept = [row for row, reading in zip(kept, readings) if reading.text == row[1]]
     return kept
 
@@ -195,11 +217,12 @@ def teach(cfg, out, unlabeled):
         check_labels = [label for _, label in found.samples]
         case, lengths, symbols = found.case, {len(s) for s in check_labels}, set("".join(check_labels))
         truth = {str(path): label for path, label in found.samples}
-        check_readings = list(source.read_paths([path for path, _ in found.samples]))
+        check_readings = list(source.read_paths([path for path, _ in found.samples], asked=found.asked))
         threshold, measured = teachers.check_threshold(check_readings, truth, case, lengths, symbols)
         print(measured)
     print(f"teacher: {source.readers_described} reads {len(unlabeled)} unlabelled images")
-    readings = list(source.read_paths(unlabeled))
+    asked = unlabeled_colours(cfg)
+    readings = list(source.read_paths(unlabeled, asked=asked))
     with open(out / TEACHER_READINGS_NAME, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "text", "second", "confidence"])
@@ -214,9 +237,11 @@ def teach(cfg, out, unlabeled):
         if len(kept) < 2 * held:
             raise CaptchaError(f"--teacher {cfg.teacher}: only {len(kept)} readings pass the filters, too few to hold "
                                f"{held} out for checking and train on the rest; give --check a labelled folder")
+        colour = ["colour"] if asked else []  # the held-out images are read with their colours too
         with open(out / TEACHER_CHECK_NAME, "w", newline="") as f:
-            csv.writer(f).writerows([("file", "label")] + [(os.path.relpath(kept[i][0], cfg.unlabeled), kept[i][1])
-                                                          for i in sorted(order[:held])])
+            csv.writer(f).writerows([["file", "label", *colour]] + [
+                [os.path.relpath(kept[i][0], cfg.unlabeled), kept[i][1], *([asked[kept[i][0]]] if asked else [])]
+                for i in sorted(order[:held])])
         kept = [kept[i] for i in sorted(order[held:])]
     if not kept:
         raise CaptchaError(f"--teacher {cfg.teacher}: no reading passed the filters ({filtered.describe(len(readings))})")
@@ -320,7 +345,7 @@ def run(cfg, train_one):
             # a round builds on the last: it starts from the previous round's model, which already reads the site,
             # and trains as long as its own validation pays (runlength.py); round 0 starts as the run was told
             start = str(round_dir(out, number - 1) / runstate.BEST_NAME) if number else cfg.init_from
-            round_cfg = dataclasses.replace(cfg, out=str(folder), unlabeled="", resume=resumable, init_from=start)
+            round_cfg = dataclasses.replace(cfg, out=str(folder), resume=resumable, init_from=start)
             if train_one(round_cfg, pseudo=pseudo, resume_command=f"python train.py --resume --out {out}") is None:
                 return None
         summaries.append(round_summary(number, out, len(pseudo)))
@@ -332,7 +357,7 @@ def run(cfg, train_one):
         next_labels = pseudo_labels_path(out, number + 1)
         if not next_labels.exists():
             found = pseudo_label(folder / runstate.BEST_NAME, unlabeled, teacher_texts, rejected,
-                                 cfg.augmented_agreement, cfg.seed)
+                                 cfg.augmented_agreement, cfg.seed, unlabeled_colours(cfg))
             write_pseudo_labels(next_labels, found.kept)
             print(f"round {number}'s model pseudo-labels {len(found.kept)} of {len(unlabeled)} unlabelled images"
                   + (f"; {found.wrong_length} reading{'s' if found.wrong_length != 1 else ''} of a length no typed "

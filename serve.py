@@ -12,6 +12,8 @@ Endpoints (every answer is JSON; a bad request gets a 4xx with {"error": "..."},
                     model trained with it) also "answer" (the value, or null and a "reason") and "expression"
   POST /read_batch[/NAME]  several: multipart fields `images`, or JSON {"images": ["<base64>", ...]}
                     -> {"results": [{"text", "confidence", "low_confidence"}, ...], "milliseconds"}
+                    A model trained with the asked colour ("type the red characters") takes it as a form field
+                    `colour` (or `color`) or a JSON key of that name: one name, or a list of one per image
   POST /feedback    with --collect: {"id": "<an answer's id>", "accepted": true|false}, what the site said of a
                     reading -> {"filed": "<path>"}; an unknown id gets 404, one filed before 409
   GET  /health      -> {"status": "ok"}
@@ -144,8 +146,26 @@ async def read_body(request, limit):
     return bytes(body)
 
 
+COLOUR_FIELDS = ("colour", "color")  # the colour a captcha asks for ("type the red characters"): a form field or JSON key
+
+
+def colours_for(given, count):
+    """The asked colour of each of `count` images from what a request gave: nothing, one for all, or one each."""
+    given = [given] if isinstance(given, str) else list(given or [])
+    if any(not isinstance(colour, str) for colour in given):
+        raise RequestError(400, "the colour is a name, e.g. \"red\"")
+    if not given:
+        return [None] * count
+    if len(given) == 1:
+        return given * count
+    if len(given) != count:
+        raise RequestError(400, f"{len(given)} colours for {count} images: give one for all, or one each")
+    return given
+
+
 async def images_from(request, field, limit):
-    """[(name, encoded image bytes)] from a multipart form (files in `field`) or JSON ({field: base64 or list})."""
+    """([(name, encoded image bytes, the colour it asks for or None)]) from a multipart form (files in `field`, the
+    colour in a `colour` field) or JSON ({field: base64 or list, "colour": a name or list})."""
     body = await read_body(request, limit)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -159,15 +179,20 @@ async def images_from(request, field, limit):
         uploads = form.getlist(field)
         if not uploads or any(isinstance(u, str) for u in uploads):
             raise RequestError(400, f"send the image as a file in the form field {field!r}")
-        return [(u.filename or f"{field}[{i}]", await u.read()) for i, u in enumerate(uploads)]
+        colours = colours_for([c for name in COLOUR_FIELDS for c in form.getlist(name)], len(uploads))
+        return [(u.filename or f"{field}[{i}]", await u.read(), colour)
+                for i, (u, colour) in enumerate(zip(uploads, colours))]
     if content_type.startswith("application/json"):
         try:
-            value = json.loads(body)[field]
+            sent = json.loads(body)
+            value = sent[field]
         except (ValueError, KeyError, TypeError):
             raise RequestError(400, f"send JSON with the base64 image in {field!r}") from None
         values = value if isinstance(value, list) else [value]
+        colours = colours_for(next((sent[name] for name in COLOUR_FIELDS if name in sent), None), len(values))
         try:
-            return [(f"{field}[{i}]", base64.b64decode(v, validate=True)) for i, v in enumerate(values)]
+            return [(f"{field}[{i}]", base64.b64decode(v, validate=True), colour)
+                    for i, (v, colour) in enumerate(zip(values, colours))]
         except (binascii.Error, TypeError, ValueError):
             raise RequestError(400, f"{field!r} is not valid base64") from None
     raise RequestError(415, "send multipart/form-data or application/json")
@@ -193,11 +218,11 @@ def create_app(models, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH, col
     def decoded(captcha_reader, images):
         """Preprocessed model inputs; an unreadable image fails the request, naming it."""
         arrays = []
-        for name, data in images:
+        for name, data, colour in images:
             if len(data) > max_image_bytes:
                 raise RequestError(413, f"{name}: {len(data)} bytes; the limit is {max_image_bytes} per image")
             try:
-                arrays.append(captcha_reader.prepare_encoded(data, name))
+                arrays.append(captcha_reader.prepare_encoded(data, name, colour))
             except CaptchaError as e:
                 raise RequestError(400, str(e)) from None
         return np.stack(arrays)
@@ -207,7 +232,7 @@ def create_app(models, max_image_bytes=MAX_IMAGE_BYTES, max_batch=MAX_BATCH, col
 
     def results(readings, images, model_name):
         answers = []
-        for reading, (_, data) in zip(readings, images):
+        for reading, (_, data, _) in zip(readings, images):
             answer = {"text": reading.text, "confidence": float(f"{reading.confidence:.6g}"), "low_confidence": reading.low}
             if reading.expression is not None or reading.reason is not None:  # arithmetic: the value the site asks for
                 answer.update(answer=reading.answer, expression=reading.expression)

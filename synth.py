@@ -10,11 +10,12 @@ OpenCV's stroke fonts, arcs and dots, kept out of the base model's pre-training 
 on a look it never saw can be measured; varied: 23 TrueType faces on canvases of any size, colours,
 clutter and warps, so that pre-training sees many looks. All are seeded: the same seed draws the same files.
 
-Two more kinds of captcha, for development and tests: arithmetic (`3+5=?`, `12×4=`: one- and two-digit operands,
+Three more kinds of captcha, for development and tests: arithmetic (`3+5=?`, `12×4=`: one- and two-digit operands,
 + - × x ÷, whole answers, the captcha package's look with operators nearly upright; files numbered, the
 expressions in labels.csv beside them, since `?` `/` `*` cannot be file names) and cjk (4 hanzi out of
 CJK_SYMBOLS of GB2312's common ones, drawn with the WenQuanYi Micro Hei font, Apache-2.0 or GPL-3 with the font
-exception: `apt-get install fonts-wqy-microhei`).
+exception: `apt-get install fonts-wqy-microhei`); and colours ("type the red characters": six symbols in four of six
+inks, the label the asked ink's symbols, files numbered and labels.csv `file,label,colour` beside them).
 """
 
 import argparse
@@ -570,6 +571,65 @@ def _draw_cjk_png(args):
     return out.getvalue()
 
 
+# The colours style: six symbols in four of these inks, and the captcha asks for one of them ("type the red
+# characters"). Each ink is jittered by up to INK_JITTER per channel, so a colour is a range, as on real sites.
+INKS = {"red": (215, 35, 35), "blue": (35, 70, 215), "green": (30, 150, 50), "black": (30, 30, 30),
+        "orange": (235, 130, 20), "purple": (140, 45, 170)}
+INK_JITTER = 25
+COLOURS_SHOWN = 4
+COLOURS_SYMBOLS = CHARSET_PRESETS["upper_digits"]  # as such sites draw them: one case, so a lone symbol reads alike
+
+
+def colour_plan(text, seed):
+    """The colours style's draw for one captcha: each symbol's ink name, and the name asked for (one that is
+    shown). The label is the asked ink's symbols, left to right."""
+    rng = random.Random(seed)
+    shown = rng.sample(sorted(INKS), COLOURS_SHOWN)
+    inks = [rng.choice(shown) for _ in text]
+    return inks, rng.choice(sorted(set(inks)))
+
+
+def asked_label(text, seed):
+    """(the label, the asked colour) of the colours captcha of (text, seed)."""
+    inks, asked = colour_plan(text, seed)
+    return "".join(symbol for symbol, ink in zip(text, inks) if ink == asked), asked
+
+
+def _draw_colours_png(args):
+    """Six symbols of one face of `varied_fonts`, each in one of four inks, turned and shifted a little, over a light
+    background with thin lines and dots in other inks."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    text, seed, width, height = args
+    inks, _ = colour_plan(text, seed)
+    rng = random.Random(seed + 1)
+    image = Image.new("RGB", (width, height), tuple(rng.randint(225, 255) for _ in range(3)))
+    fonts = varied_fonts()
+    font = ImageFont.truetype(fonts[rng.randrange(len(fonts))], int(height * rng.uniform(0.55, 0.7)))
+
+    def ink(name):
+        return tuple(min(255, max(0, v + rng.randint(-INK_JITTER, INK_JITTER))) for v in INKS[name])
+
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(1, 3)):  # under the text: lines in the inks
+        draw.line([(rng.randint(0, width), rng.randint(0, height)) for _ in range(2)],
+                  fill=ink(rng.choice(sorted(INKS))), width=1)
+    step = (width - 10) / len(text)
+    for i, (symbol, name) in enumerate(zip(text, inks)):
+        glyph = Image.new("L", (height, height), 0)
+        ImageDraw.Draw(glyph).text((height * 0.25, height * 0.1), symbol, font=font, fill=255)
+        glyph = glyph.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
+        x = int(5 + i * step + (step - height) / 2 + rng.uniform(-2, 2))
+        image.paste(Image.new("RGB", glyph.size, ink(name)), (x, int(rng.uniform(-4, 4))), glyph)
+    for _ in range(width * height // 80):
+        draw.point((rng.randrange(width), rng.randrange(height)), fill=ink(rng.choice(sorted(INKS))))
+    out = BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
 SYNTH_STYLES = {
     # style: (drawing function, file extension, default width, default height)
     "captcha": (_draw_captcha_png, ".png", IMG_WIDTH, IMG_HEIGHT),
@@ -580,6 +640,7 @@ SYNTH_STYLES = {
 KIND_STYLES = {  # other kinds of captcha: labels of their own (not the --charset/--length draw)
     "arithmetic": (functools.partial(_draw_captcha_png, upright_operators=True), ".png", 240, 60),
     "cjk": (_draw_cjk_png, ".png", 200, 60),
+    "colours": (_draw_colours_png, ".png", 200, 60),
 }
 ALL_STYLES = {**SYNTH_STYLES, **KIND_STYLES}
 
@@ -647,6 +708,7 @@ def generate_synthetic(out_dir, count, drawing=Drawing(), seed=1234, workers=Non
                           drawing.height or default_height)
     if style == "arithmetic":
         jobs = [(text, *job[1:]) for text, job in zip(arithmetic_expressions(count, seed), jobs)]
+    numbered = style in ("arithmetic", "colours")  # an expression is no file name; a colours label is part of one
     workers = workers or min(os.cpu_count() or 1, max(1, count // 500))  # a few images: not worth a pool's start
     taken = {p.name.lower() for p in out_dir.iterdir()}
     written = []
@@ -662,13 +724,19 @@ def generate_synthetic(out_dir, count, drawing=Drawing(), seed=1234, workers=Non
 
             images = tqdm(images, total=count, desc=f"drawing {style} captchas into {out_dir}", unit="img")
         for (label, *_), data in zip(jobs, images):
-            name = label if style != "arithmetic" else f"{len(taken):06d}"  # an expression is no file name
+            name = f"{len(taken):06d}" if numbered else label
             path = out_dir / unique_filename(name, taken, extension)
             path.write_bytes(data)
             written.append(path)
     if style == "arithmetic":
         with open(out_dir / "labels.csv", "a", encoding="utf-8") as f:
             f.writelines(f"{path.name},{label}\n" for path, (label, *_) in zip(written, jobs))
+    if style == "colours":
+        header = not (out_dir / "labels.csv").exists()
+        with open(out_dir / "labels.csv", "a", encoding="utf-8") as f:
+            f.writelines(["file,label,colour\n"] * header + [
+                "{},{},{}\n".format(path.name, *asked_label(text, image_seed))
+                for path, (text, image_seed, *_) in zip(written, jobs)])
     return written
 
 
@@ -693,12 +761,14 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--charset", default="default", help=f"preset {sorted(CHARSET_PRESETS)} or symbols")
-    parser.add_argument("--length", help="label length, or a range like 4-6 (default: 5; cjk 4)")
+    parser.add_argument("--length", help="label length, or a range like 4-6 (default: 5; cjk 4; colours 6, the "
+                                         "symbols shown, of which the label is those of the asked colour)")
     parser.add_argument("--style", default="captcha", choices=sorted(ALL_STYLES),
                         help="captcha: the `captcha` package (default); gregwar: like the PHP Gregwar/Captcha; "
                              "hershey: stroke fonts, never in the base model's pre-training; varied: many faces, "
                              "sizes, colours, clutter and warps; arithmetic: expressions (labels.csv); cjk: 4 hanzi "
-                             f"of {CJK_SYMBOLS} (--charset a file or the symbols for others)")
+                             f"of {CJK_SYMBOLS} (--charset a file or the symbols for others); colours: 6 symbols (upper case "
+                             "and digits) in 4 inks, labelled with the asked ink's symbols (labels.csv: file,label,colour)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--visibility", metavar="CSV",
                         help="hershey only: draw nothing; write, for each image this command would draw into an "
@@ -706,8 +776,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run():
-        length = parse_length(args.length or ("4" if args.style == "cjk" else "5"))
+        length = parse_length(args.length or {"cjk": "4", "colours": "6"}.get(args.style, "5"))
         symbols = cjk_symbols() if args.style == "cjk" and args.charset == "default" else \
+            COLOURS_SYMBOLS if args.style == "colours" and args.charset == "default" else \
             charset_from_arg(args.charset).symbols
         if args.visibility:
             write_visibility(args.visibility, args.count, args.seed, charset_from_arg(args.charset).symbols, length,

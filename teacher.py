@@ -60,15 +60,37 @@ class DdddocrTeacher:
         self.first = ddddocr.DdddOcr(show_ad=False)
         self.second = ddddocr.DdddOcr(show_ad=False, beta=True)
 
-    def read_paths(self, paths):
+    def read_paths(self, paths, asked=None):
+        """asked {path: colour}: each captcha read through ddddocr's colour filter set to the colour it asks for."""
+        asked = asked or {}
+        check_ddddocr_colours(asked.values())
         for path in paths:
+            colour = ddddocr_colour_filter(asked.get(str(path)))
             try:
                 data = Path(path).read_bytes()
-                first = self.first.classification(data, probability=True)
-                yield TeacherReading(str(path), first["text"], self.second.classification(data),
+                first = self.first.classification(data, probability=True, **colour)
+                yield TeacherReading(str(path), first["text"], self.second.classification(data, **colour),
                                      float(first["confidence"]))
             except Exception:  # ddddocr raises PIL's and its own errors for files it cannot decode: nothing read
                 yield TeacherReading(str(path), "")
+
+
+DDDDOCR_COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "cyan", "black", "white", "gray")
+
+
+def check_ddddocr_colours(colours):
+    """ddddocr's colour filter knows its own names only (1.6): refused before any reading, listing them."""
+    unknown = sorted(set(colours) - set(DDDDOCR_COLOURS) - {"grey"})
+    if unknown:
+        raise CaptchaError(f"ddddocr's colour filter does not know the colour {unknown[0]!r}; it knows "
+                           f"{', '.join(DDDDOCR_COLOURS)}")
+
+
+def ddddocr_colour_filter(colour):
+    """ddddocr's classification() arguments that keep only the strokes of `colour` (none: every stroke)."""
+    if not colour:
+        return {}
+    return {"color_filter_colors": ["gray" if colour == "grey" else colour]}
 
 
 class ModelTeacher:
@@ -82,8 +104,8 @@ class ModelTeacher:
         self.readers_described = (f"{path} (readings at or above its stored confidence threshold {stored:.4g})"
                                   if stored is not None else f"{path} (no confidence threshold stored in it)")
 
-    def read_paths(self, paths):
-        for reading in self.reader.read_paths(list(paths)):
+    def read_paths(self, paths, asked=None):
+        for reading in self.reader.read_paths(list(paths), asked=asked):
             if reading.error:
                 yield TeacherReading(reading.path, "")
             else:
@@ -195,6 +217,8 @@ class DdddocrReader:
         self.teacher = DdddocrTeacher()
         self.meta = {"labels": {"rule": "auto"}}  # file names read by the auto rule
         self.charset = None  # any symbol
+        self.colours = ()  # it needs no asked colour,
+        self.colour_filter = DDDDOCR_COLOURS  # but reads one through its colour filter
         self.case = case if case in ("lower", "upper") else None  # --case folds readings and labels alike
         self.low_rule = self.low_confidence_rule(reader.checked_min_confidence(min_confidence))
 
@@ -205,10 +229,14 @@ class DdddocrReader:
         return reader.LowConfidenceRule(given, None, f"ddddocr's default model (the teacher): readings below "
                                                      f"confidence {given:g} are marked low (--min_confidence)")
 
-    def read_paths(self, paths, batch_size=None, debug_dir=None):
+    def read_paths(self, paths, batch_size=None, debug_dir=None, asked=None):
+        """asked {path: colour}: each read through ddddocr's colour filter set to its asked colour."""
+        asked = asked or {}
+        check_ddddocr_colours(asked.values())
         for path in paths:
             try:
-                result = self.teacher.first.classification(Path(path).read_bytes(), probability=True)
+                result = self.teacher.first.classification(Path(path).read_bytes(), probability=True,
+                                                           **ddddocr_colour_filter(asked.get(str(path))))
             except Exception as e:  # ddddocr raises PIL's and its own errors for files it cannot decode
                 yield reader.FileReading(str(path), error=f"{path}: ddddocr could not read it ({type(e).__name__})")
                 continue

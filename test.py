@@ -3,6 +3,8 @@
     python test.py --model saved_model/crnn_ctc_best.keras --image path/to/captcha.png
     python test.py --model saved_model/crnn_ctc_best.onnx --folder path/to/images --output readings.json
     python test.py --model M --folder D --min_confidence 0.5 --review_dir to_relabel/
+    python test.py --model M --image F --colour red              # a model trained with the asked colour
+    python test.py --model M --folder D --labels labels.csv     # file,label,colour: each read with its own colour
 
 Prints `path -> text (confidence)` per image. Preprocessing and the letter-case fold repeat what the
 model was trained with (saved inside the model); the flags below change them. Where the images have
@@ -42,6 +44,9 @@ def parse_args(argv=None):
     source.add_argument("--image", help="one captcha image")
     source.add_argument("--folder", help="a folder of captcha images (sub-folders too)")
     parser.add_argument("--limit", type=int, default=0, help="read at most this many images of --folder (0: all)")
+    parser.add_argument("--colour", "--color", dest="colour",
+                        help="the colour the captchas ask for (\"type the red characters\"), for a model trained with "
+                             "a labels file's colour column; --labels with such a column gives each image its own")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--beam_width", type=int, default=0, help="CTC beam search width (0: greedy decoding)")
     parser.add_argument("--allowed", help="read only these symbols (e.g. 0123456789, or a preset: digits, lower, "
@@ -76,13 +81,17 @@ def parse_args(argv=None):
 
 
 def known_labels(args, meta):
-    """{path: label} for the images to read, from --labels, --labels_from or the model's own rule, and why
-    there are none (None if there are). A folder whose names auto cannot read as labels is read, not scored."""
+    """({path: label} for the images to read, from --labels, --labels_from or the model's own rule, {path: the
+    colour it asks for} from --labels' colour column, why there are no labels (None if there are)). A folder whose
+    names auto cannot read as labels is read, not scored."""
     stored = meta.get("labels", {}).get("rule", "name")
     spaces = args.label_spaces or ("join" if meta.get("labels", {}).get("spaces") == "join" else "auto")
     folder = Path(args.folder) if args.folder else Path(args.image).parent
     if args.labels:
         found = label_sources.find_labels(folder, labels_file=args.labels, spaces=spaces)
+        if found.decision:
+            print(found.decision, file=sys.stderr)
+        return dict(found.samples), found.asked, None
     else:
         rule = args.labels_from or (stored if stored != "file" else "auto")
         if args.image and rule == "auto":  # one name is too few to decide from
@@ -92,16 +101,37 @@ def known_labels(args, meta):
             label = label_sources.label_from_filename(args.image, rule)
             if label and spaces == "join":
                 label = label_sources.join_symbols(label)
-            return ({str(Path(args.image)): label} if label else {}), None
+            return ({str(Path(args.image)): label} if label else {}), {}, None
         try:
             found = label_sources.find_labels(folder, rule, spaces=spaces)
         except CaptchaError as e:
             if args.labels_from:
                 raise
-            return {}, str(e)
+            return {}, {}, str(e)
     if found.decision:
         print(found.decision, file=sys.stderr)
-    return dict(found.samples), None
+    return dict(found.samples), {}, None
+
+
+def asked_colours(args, captcha_reader, paths, asked):
+    """{path: the colour to read it with}: --labels' colour column, else --colour for every image. Refused in one
+    line when the model reads an asked colour and none is given, or when one is given to a model that reads none."""
+    colours = getattr(captcha_reader, "colours", ())  # a model trained with them needs one
+    known = colours or getattr(captcha_reader, "colour_filter", ())  # ddddocr reads with or without one
+    if args.colour and asked:
+        raise CaptchaError("--colour and a labels file with a colour column: give one of them")
+    if args.colour:
+        asked = {str(path): charsets.colour_name(args.colour) for path in paths}
+    if asked and not known:
+        raise CaptchaError(f"{args.model}: not trained with an asked colour, so it cannot be told one (--colour or "
+                           f"a labels file's colour column)")
+    if colours and not asked:
+        raise CaptchaError(f"{args.model}: reads the colour each captcha asks for: give --colour (one of "
+                           f"{', '.join(colours)}), or --labels with a colour column")
+    unknown = sorted(set(asked.values()) - set(known))
+    if unknown:
+        raise CaptchaError(f"unknown colour {unknown[0]!r}: {args.model} knows {', '.join(known)}")
+    return asked
 
 
 def review_name(prediction, path):
@@ -135,13 +165,14 @@ def images_to_read(args):
     return paths[: args.limit] if args.limit else paths
 
 
-def read_all(args, captcha_reader, paths, label_of, low_rule):
-    """Reads every image, printing a line each; -> (rows, images that could not be read, images copied to review)."""
+def read_all(args, captcha_reader, paths, label_of, low_rule, asked=None):
+    """Reads every image (with its asked colour, if any), printing a line each; -> (rows, images that could not be
+    read, images copied to review)."""
     charset, max_len = captcha_reader.charset, captcha_reader.meta.get("max_len")
     rows, failures, reviewed = [], 0, 0
     # A progress bar on terminals only; tqdm.write keeps result lines from tearing it.
     progress = tqdm(total=len(paths), unit="img", desc="reading", disable=len(paths) < 2 or not sys.stderr.isatty())
-    for reading in captcha_reader.read_paths(paths, args.batch_size, args.save_debug):
+    for reading in captcha_reader.read_paths(paths, args.batch_size, args.save_debug, asked=asked):
         progress.update()
         if reading.error:
             failures += 1
@@ -157,7 +188,7 @@ def read_all(args, captcha_reader, paths, label_of, low_rule):
             label = charsets.fold_case(label, captcha_reader.case)
         # File names count as labels only where they could be labels of this model (IMG_1234.png is not).
         unscorable = metrics.unscorable_reason(label, charset, max_len)
-        row = {"path": reading.path, "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),
+        row = {"path": reading.path, **({"colour": asked[reading.path]} if asked else {}), "prediction": reading.text, "confidence": float(f"{reading.confidence:.6g}"),
                "low_confidence": low, "label": None if unscorable else label, "unscorable": unscorable}
         if arithmetic_answer:  # a label is the expression as drawn; its value is what the site checks
             row.update(answer=result.answer, answer_error=result.reason,
@@ -207,7 +238,8 @@ def main(argv=None):
         for folder in (args.save_debug, args.review_dir):
             if folder:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-        label_of, unlabelled_why = known_labels(args, captcha_reader.meta)
+        label_of, asked, unlabelled_why = known_labels(args, captcha_reader.meta)
+        asked = asked_colours(args, captcha_reader, paths, asked)
     except (CaptchaError, OSError) as e:
         return cli.user_error(e)
     low_rule = captcha_reader.low_rule
@@ -216,7 +248,7 @@ def main(argv=None):
         print(f"not scored: {unlabelled_why}", file=sys.stderr)
     # ---- reading
     started = time.perf_counter()
-    rows, failures, reviewed = read_all(args, captcha_reader, paths, label_of, low_rule)
+    rows, failures, reviewed = read_all(args, captcha_reader, paths, label_of, low_rule, asked)
     seconds = time.perf_counter() - started
     if len(paths) > 1:
         print(f"read {len(rows)} images in {seconds:.2f} s ({len(rows) / seconds:.1f} images/s, reading files included)",

@@ -94,6 +94,8 @@ class TrainConfig:
     check: str = ""  # a folder of images labelled by people (labels read as --labels_from, or --check_labels), half
     #                  the validation and half the test split instead of a split of --data_dir (all of it trains)
     check_labels: str = ""  # a labels file for --check
+    unlabeled_labels: str = ""  # a labels file for --unlabeled whose colour column gives the colour each captcha asks
+    #                             for (its label column may be empty: only the colours are read)
     recipe: str = "default"  # optimizer and schedule: default (AdamW, one-cycle), reference, kerasio (recipes.RECIPES)
     # Settings left unset (None) take the recipe's value.
     epochs: int | None = None  # a fixed length in passes over the training images; unset: the run trains as long as
@@ -183,17 +185,26 @@ def scan_labelled(cfg, folder, labels_file=None, source=None):
 def load_dataset(cfg, folder, source=None, pseudo=()):
     """Scan, split, and pick charset and label length (over the pseudo-labels too). With --check, its images are
     the validation and test split and --data_dir's (if any) all train. Returns (charset, max_len, train, val, test,
-    scan), scan being the check folder's with --check."""
+    scan, asked), scan being the check folder's with --check, asked {path: the colour its captcha asks for} (a labels
+    file's colour column; empty: images read as they are)."""
     if cfg.check:
         scan = scan_labelled(cfg, Path(cfg.check), cfg.check_labels, source)
         val, test = dataset.split_in_two(scan.samples, cfg.seed)
-        train = scan_labelled(cfg, folder, cfg.labels).samples if folder else []
+        train_scan = scan_labelled(cfg, folder, cfg.labels) if folder else None
+        train = train_scan.samples if train_scan else []
+        asked = {**scan.asked, **(train_scan.asked if train_scan else {})}
     else:
         scan = scan_labelled(cfg, folder, cfg.labels, source)
         samples = scan.samples
         if cfg.limit:
             samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
         train, val, test = dataset.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        asked = scan.asked
+    asked = {**asked, **selftrain.pseudo_asked(cfg, pseudo)}
+    without = [path for path, _ in train + val + test + list(pseudo) if asked and path not in asked]
+    if without:
+        raise CaptchaError(f"{without[0]}: no colour asked for, though {len(asked)} images have one; give every "
+                           f"folder's images a labels file with a colour column, or none")
     labels = [label for _, label in train + val + test] + [label for _, label in pseudo]
     charset = charsets.charset_for_labels(cfg.charset, labels)
     max_len = cfg.max_len or max(len(label) for label in labels)
@@ -201,7 +212,10 @@ def load_dataset(cfg, folder, source=None, pseudo=()):
           f"{scan.case}" + (" (folded)" if scan.case != "keep" else "")
           + f"; split {len(train)} train / {len(val)} val / {len(test)} test"
           + (f" (validation and test: {cfg.check})" if cfg.check else ""))
-    return charset, max_len, train, val, test, scan
+    if asked:
+        print(f"asked colours: {', '.join(sorted(set(asked.values())))}: each image is read with the colour it asks "
+              f"for, one input plane per colour")
+    return charset, max_len, train, val, test, scan, asked
 
 
 def resolve_recipe(cfg):
@@ -228,7 +242,7 @@ def new_model(network, charset, in_scope):
     with in_scope():
         if not network.init_from:
             return model.build_model(network.config, charset.num_classes)
-        crnn, fresh = finetune.start_from(*network.start, charset, network.config)
+        crnn, fresh = finetune.start_from(*network.start, charset, network.config, network.options)
     print(f"starting from {network.init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
                                                   if fresh else " (every symbol's output row carried over)"))
     return crnn
@@ -250,7 +264,9 @@ def describe_model(cfg, recipe, network, crnn, length):
     architecture = f"as {network.init_from}" if network.init_from else f"preset {cfg.preset}, from scratch"
     options = network.options
     print(f"model: {architecture}, {crnn.count_params():,} parameters, input {options.width}x{options.height} "
-          f"{'colour' if options.channels == 3 else 'gray'}, {network.steps} time steps; "
+          f"{'colour' if options.channels == 3 else 'gray'}"
+          + (f" and {len(options.colours)} asked-colour planes" if options.colours else "")
+          + f", {network.steps} time steps; "
           f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}"
           + (f"; read and saved: the weights' moving average (momentum {recipe.ema_momentum:g})"
              if recipe.ema_momentum else ""))
@@ -281,13 +297,13 @@ def train(cfg, pseudo=(), resume_command=None):
     folder = resolve_data(cfg)
     if not cfg.data_dir and not cfg.check and not cfg.limit:  # the cache may hold more than this run asked for
         cfg = dataclasses.replace(cfg, limit=cfg.synth_count)
-    charset, max_len, train_set, val_set, test_set, scan = load_dataset(cfg, folder, source, pseudo)
+    charset, max_len, train_set, val_set, test_set, scan, asked = load_dataset(cfg, folder, source, pseudo)
     folder = folder or Path(cfg.check)  # what the run's files name as its data
     typed_lengths = [len(label) for _, label in train_set + val_set]  # by people: what a pseudo-label may be
     train_set = selftrain.with_pseudo_labels(train_set, val_set, test_set, pseudo)  # to the training split only
     # ---- phase 2, the network, the recipe and the pixels
     recipe = resolve_recipe(cfg)
-    network = finetune.resolve_network(cfg, recipe, scan, max_len)
+    network = finetune.resolve_network(cfg, recipe, scan, max_len, colours=sorted(set(asked.values())))
     meta = {**modelmeta.make_meta(charset, max_len, network.options, network.config), "labels": scan.source.to_dict(),
             "case": scan.case, "label_lengths": [min(typed_lengths), max(typed_lengths)], "answer": cfg.answer,
             "run": runstate.run_identity(folder, train_set, val_set, test_set)}
@@ -296,7 +312,7 @@ def train(cfg, pseudo=(), resume_command=None):
     epochs = length.epochs
     batching = dataset.Batching(network.options, recipe.batch_size, shuffle=True, seed=cfg.seed, augment=recipe.augment,
                                 repeats=length.repeats, epoch_steps=length.epoch_steps,
-                                augment_epochs=length.augment_epochs)
+                                augment_epochs=length.augment_epochs, asked=asked)
     train_batches, val_batches, test_batches = dataset.split_batches(
         (train_set, val_set, test_set), charset, max_len, batching, dataset.Loading(cfg.workers, cfg.processes,
                                                                                     cfg.cache_mb))

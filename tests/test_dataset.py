@@ -276,8 +276,8 @@ def test_scan_command_summarises_and_lists_skipped_files(tmp_path, capsys):
     assert out == ["labels: file names, rule 'name' (auto, from all 2 names: aB3xQ.png -> 'aB3xQ', zero5.png -> "
                    "'zero5')", "1 usable images; skipped 1 empty file",
                    "charset: 5 symbols 'BQax3'; labels up to 5 characters; letter case: keep",
-                   "channels: gray (1), decided from the images: 0 of 1 carry colour (median saturation 0, colour "
-                   "from 50); set it with --channels 1 or 3",
+                   "channels: gray (1), decided from the images: 0 of 1 carry colour in their strokes or background "
+                   "(median 0, colour from 50); set it with --channels 1 or 3",
                    f"skipped (empty file): {tmp_path / 'zero5.png'}"]
     assert dataset.main(["scan", str(tmp_path / "missing")]) == 2
     assert "missing: folder does not exist" in capsys.readouterr().err

@@ -273,7 +273,7 @@ def test_linked_sub_folders_are_read_and_a_link_loop_is_read_once(tmp_path):
 def test_the_scan_and_train_read_a_folder_alike(tmp_path, capsys):
     folder = write_images(tmp_path / "f", [f"{label}_{hashlib.md5(label.encode()).hexdigest()}.png" for label in LABELS])
     cfg = train.TrainConfig(data_dir=str(folder))
-    charset, max_len, train_set, val_set, test_set, scan = train.load_dataset(cfg, folder)
+    charset, max_len, train_set, val_set, test_set, scan, _ = train.load_dataset(cfg, folder)
     assert sorted(train_set + val_set + test_set) == sorted(dataset.scan_folder(folder).samples)
     assert dataset.main(["scan", str(folder)]) == 0
     out = capsys.readouterr().out

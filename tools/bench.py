@@ -94,7 +94,7 @@ def folder_data(cfg):
     test part scores. Returns (charset, longest label, train samples, test samples)."""
     # channels=1: the contenders read the pixels of their recipe or start model, gray
     run = train.TrainConfig(data_dir=cfg.data_dir, labels_from=cfg.labels_from, labels=cfg.labels, channels=1)
-    charset, max_len, train_samples, _, test_samples, _ = train.load_dataset(run, Path(cfg.data_dir))
+    charset, max_len, train_samples, _, test_samples, _, _ = train.load_dataset(run, Path(cfg.data_dir))
     return charset, max_len, train_samples, test_samples
 
 

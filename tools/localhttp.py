@@ -24,10 +24,12 @@ def call(url, body=None, content_type=None, timeout=300):
         return e.code, json.loads(e.read())
 
 
-def multipart(field, files):
-    """(body, content type) of a multipart form with the files [(name, bytes)] in `field`."""
+def multipart(field, files, values=None):
+    """(body, content type) of a multipart form with the files [(name, bytes)] in `field`, and text `values`
+    {name: text} in fields of their own (a captcha's asked colour)."""
     boundary = uuid.uuid4().hex
-    body = b""
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{text}\r\n".encode()
+                    for name, text in (values or {}).items())
     for name, data in files:
         body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
                  f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"

@@ -61,7 +61,7 @@ def compare(source, target):
 
     def split(data_dir, labels_file=""):
         cfg = train.TrainConfig(data_dir=str(data_dir), labels=str(labels_file))
-        charset, max_len, *parts, scan = train.load_dataset(cfg, Path(data_dir))
+        charset, max_len, *parts, scan, _ = train.load_dataset(cfg, Path(data_dir))
         return (charset.symbols, max_len, [sorted(label for _, label in part) for part in parts]), scan.source.rule
 
     original, _ = split(source)
