@@ -3,7 +3,7 @@
     cfg = cli.parse(SomeConfig, argv, description=__doc__)   # a dataclass: each field a flag
 
 `int | None` fields parse as int and stay None when not given (the scripts read None as "the
-recipe's value"); bool fields get --flag / --no-flag. `exit_status` is the scripts' one way of
+recipe's value"); bool fields get --flag / --no-flag. `section(cfg, Kind)` takes the fields one module reads. `exit_status` is the scripts' one way of
 turning a user's error into one line and exit status 2.
 """
 
@@ -43,6 +43,12 @@ def parse(cls, argv=None, description=None):
             kind = next((k for k in typing.get_args(f.type) if k is not type(None)), f.type)
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def section(config, kind):
+    """The part of a flat command-line `config` that one module reads: the fields of `kind` (a dataclass that module
+    declares, each field named as its flag), taken from `config` by name. train.py hands each module its own."""
+    return kind(**{f.name: getattr(config, f.name) for f in dataclasses.fields(kind)})
 
 
 def restored(cls, saved, **overrides):

@@ -210,13 +210,15 @@ CACHE_MB = 768  # canvases of a run's images are kept in memory up to this many 
 
 
 def canvas_bytes(count, options):
-    return count * options.height * options.width * options.channels
+    height, width, _ = options.canvas.shape
+    return count * height * width * options.canvas.channels
 
 
 def fill_canvases(paths, options, workers=2):
     """Every image's 8-bit canvas (preprocess.make_canvas), read once on `workers` threads (OpenCV
     decodes and resizes outside the GIL): (count, height, width[, 3]) uint8."""
-    shape = (len(paths), options.height, options.width) + ((3,) if options.channels == 3 else ())
+    canvas = options.canvas
+    shape = (len(paths), canvas.height, canvas.width) + ((3,) if canvas.channels == 3 else ())
     canvases = np.empty(shape, dtype=np.uint8)
 
     def fill(i):
@@ -241,7 +243,7 @@ class Batching:
     repeats: int = 1
     epoch_steps: int | None = None
     augment_epochs: int | None = None
-    asked: dict | None = None  # path -> the colour its captcha asks for, for a model that reads one (options.colours)
+    asked: dict | None = None  # path -> the colour its captcha asks for, for a model that reads one (its canvas's colours)
 
     def for_reading(self):
         return dataclasses.replace(self, shuffle=False, augment="none", repeats=1, epoch_steps=None,
@@ -372,7 +374,7 @@ class WorkerProcesses:
 
     def __init__(self, samples, charset, max_len, batching, canvases, count, slots):
         options = batching.options
-        slot_shape = (slots, batching.batch_size, options.height, options.width, options.input_channels)
+        slot_shape = (slots, batching.batch_size, *options.canvas.shape)
         slot_bytes = int(np.prod(slot_shape)) * np.dtype(np.float32).itemsize
         check_shared_memory((canvases.nbytes if canvases is not None else 0) + slot_bytes)
         self.memory = None

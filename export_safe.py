@@ -152,9 +152,10 @@ def rebuild_safely(src, config, args):
         if rebuilt.output_shape[-1] != charset.num_classes:
             raise CaptchaError(f"{src}: model has {rebuilt.output_shape[-1]} output classes but --charset gives "
                                f"{charset.num_classes} (symbols + blank)")
-        height, width = rebuilt.input_shape[1:3]
+        height, width, channels = rebuilt.input_shape[1:]
         # and trained on the reference's pixels: no crop, its resize arithmetic, mean padding
-        options = dataclasses.replace(preprocess.REFERENCE_PREPROCESSING, height=height, width=width)
+        options = dataclasses.replace(preprocess.REFERENCE_PREPROCESSING,
+                                      canvas=preprocess.Canvas(height, width, channels))
         meta = modelmeta.make_meta(charset, 5, options, None)
         print(f"{src} has no metadata: assuming {len(charset.symbols)} symbols, blank {args.blank} "
               f"(class {charset.blank_index})")

@@ -15,7 +15,7 @@ import model
 import preprocess
 from charsets import Charset
 from errors import CaptchaError
-from preprocess import PreprocessOptions
+from preprocess import Canvas, PreprocessOptions
 
 BASE_MODEL = Path(__file__).resolve().parent / "pretrained" / "base.keras"  # --init_from base
 BASE_PRESET = "fast"  # the network of the base model
@@ -44,21 +44,23 @@ def load_start(init_from):
     without one) and the pixels it learned from: its input size, resize arithmetic and CLAHE settings."""
     source_model, source_meta = model.load_model(init_from)
     config = model.ModelConfig.from_dict(source_meta["model_config"]) if source_meta.get("model_config") else None
-    _, height, width, _ = source_model.input_shape
-    options = dataclasses.replace(PreprocessOptions.from_dict(source_meta["preprocess"]), height=height, width=width)
+    options = PreprocessOptions.from_dict(source_meta["preprocess"])
+    _, height, width, _ = source_model.input_shape  # the network's own, whatever a converted file's metadata says
+    options = dataclasses.replace(options, canvas=dataclasses.replace(options.canvas, height=height, width=width))
     return source_model, source_meta, config, options
 
 
 def start_from(source_model, source_meta, charset, config=None, options=None):
     """`source_model`'s network with `charset`'s output classes and every weight carried over (the output
-    rows by symbol). `config`: its settings with this run's canvas and channels (None: as the source is);
-    `options`: this run's pixels (their channels and asked colours; None: as the source's). Returns (model, the
-    symbols that start fresh)."""
-    crnn = (model.build_model(config, charset.num_classes) if config is not None
+    rows by symbol). `config`: its settings (None: as the source is, on the source's canvas); `options`: this
+    run's pixels, whose canvas the new network reads (None: the source's). Returns (model, the symbols that start
+    fresh)."""
+    source_options = PreprocessOptions.from_dict(source_meta.get("preprocess", {}))
+    canvas = (options or source_options).canvas
+    crnn = (model.build_model(config, charset.num_classes, canvas) if config is not None
             else model.with_output_classes(source_model, charset.num_classes))
-    source_colours = tuple(source_meta.get("preprocess", {}).get("colours", ()))
-    colours = (source_colours, options.colours if options is not None else source_colours)
-    return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset, colours)
+    return crnn, copy_weights_by_symbol(source_model, Charset.from_dict(source_meta["charset"]), crnn, charset,
+                                        (source_options.canvas.colours, canvas.colours))
 
 
 def output_class_sources(source_charset, target_charset):
@@ -138,6 +140,21 @@ def set_cnn_trainable(crnn, trainable):
             layer.trainable = trainable
 
 
+@dataclass(frozen=True)
+class NetworkFlags:
+    """The flags that decide a run's network and pixels (train.py's of the same names: cli.section)."""
+
+    preset: str = "auto"
+    init_from: str = "base"
+    recipe: str = "default"  # the base model starts only runs of its own recipe
+    height: int = 0  # the canvas (0: the network's or the start model's)
+    width: int = 0
+    channels: int = 0  # 0: as the scan decided
+    auto_crop: bool = False
+    force_invert: bool = False
+    strong: bool = False
+
+
 @dataclass
 class Network:
     """Phase 2's result: the network's settings, the pixels it reads, and where its weights start."""
@@ -149,43 +166,43 @@ class Network:
     start: tuple | None = None  # (start model, its metadata)
 
 
-def resolve_network(cfg, recipe, scan, max_len, colours=()):
-    """The network and its pixels: a preset's, or those of the model it starts from, with this run's canvas;
-    `colours`: those the images ask for, each a plane of the input beside the image's channels."""
-    preset = "fast" if cfg.preset == "auto" else cfg.preset  # on a GPU too: the network measured on real captchas
+def resolve_network(flags, recipe, scan, max_len, colours=()):
+    """The network and its pixels (NetworkFlags): a preset's, or those of the model it starts from, with this run's
+    canvas; `colours`: those the images ask for, each a plane of the input beside the image's channels."""
+    preset = "fast" if flags.preset == "auto" else flags.preset  # on a GPU too: the network measured on real captchas
     if preset not in model.PRESETS:
-        raise CaptchaError(f"unknown --preset {cfg.preset!r}; choose from {sorted(model.PRESETS)} or auto")
+        raise CaptchaError(f"unknown --preset {flags.preset!r}; choose from {sorted(model.PRESETS)} or auto")
     config, start, start_options = model.PRESETS[preset], None, None
-    init_from = resolve_init_from(cfg.init_from, preset, cfg.recipe)
+    init_from = resolve_init_from(flags.init_from, preset, flags.recipe)
     if init_from:  # fine-tuning keeps the architecture and the pixels it starts from, read from the file itself
         source_model, source_meta, config, start_options = load_start(init_from)
         start = source_model, source_meta
-    switches = dict(auto_crop=cfg.auto_crop, force_invert=cfg.force_invert, strong=cfg.strong)
+    switches = dict(auto_crop=flags.auto_crop, force_invert=flags.force_invert, strong=flags.strong)
     median_aspect = scan.median_aspect()
     if init_from and config is None:
         if colours:
             raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so it cannot "
                                f"take the asked colour as an input; use --init_from base or none")
-        if cfg.height or cfg.width or cfg.channels not in (0, start_options.channels):
+        if flags.height or flags.width or flags.channels not in (0, start_options.canvas.channels):
             raise CaptchaError(f"--init_from {init_from}: its network settings are not stored in it, so its canvas "
                                f"and channels cannot change; drop --height, --width and --channels")
-        if not cfg.channels and scan.channels()[0] not in (None, start_options.channels):
-            print(f"channels: {start_options.channels}, as {init_from} reads (its network settings are not stored "
+        if not flags.channels and scan.channels()[0] not in (None, start_options.canvas.channels):
+            print(f"channels: {start_options.canvas.channels}, as {init_from} reads (its network settings are not stored "
                   f"in it, so they cannot change)")
         network = Network(None, dataclasses.replace(start_options, **switches), start[0].output_shape[1], init_from,
                           start)
     else:
-        channels = cfg.channels or scan.channels()[0] or 1  # --channels 0: as the scan decided
+        channels = flags.channels or scan.channels()[0] or 1  # --channels 0: as the scan decided
         if colours and channels == 1:
             print("warning: --channels 1 reads gray, though the images are read with the colour they ask for: "
                   "only the strokes' shade can tell the asked ones apart")
-        config = model.canvas_config(config, height=cfg.height, width=cfg.width, channels=channels + len(colours),
-                                     median_aspect=median_aspect, start_model=init_from)
-        options = (dataclasses.replace(start_options, height=config.height, width=config.width,
-                                       channels=channels, colours=tuple(colours), **switches) if init_from
-                   else recipe.preprocess_options(config, channels=channels, colours=tuple(colours), **switches))
-        network = Network(config, options, model.time_steps(config), init_from, start)
-    model.check_time_steps(network.steps, max_len, network.options.height, network.options.width, median_aspect)
+        start_canvas = start_options.canvas if init_from else Canvas()  # the start model's, or the default
+        canvas = model.fit_canvas(config, dataclasses.replace(start_canvas, channels=channels, colours=tuple(colours)),
+                                  height=flags.height, width=flags.width, median_aspect=median_aspect, start_model=init_from)
+        options = (dataclasses.replace(start_options, canvas=canvas, **switches) if init_from
+                   else recipe.preprocess_options(canvas, **switches))
+        network = Network(config, options, model.time_steps(config, canvas), init_from, start)
+    model.check_time_steps(network.steps, max_len, network.options.canvas, median_aspect)
     return network
 
 

@@ -23,14 +23,13 @@ from keras import layers, ops
 from modelmeta import META_MEMBER, lambda_layer_names, read_meta, reference_meta
 from charsets import PAD_LABEL, Charset
 from errors import CaptchaError
-from preprocess import IMG_HEIGHT, IMG_WIDTH
+from preprocess import Canvas
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    height: int = IMG_HEIGHT
-    width: int = IMG_WIDTH
-    channels: int = 1  # 1: gray input; 3: colour
+    """The network's settings; its input is a preprocess.Canvas, given to build_model beside them."""
+
     conv_filters: tuple = (64, 128, 256)
     pools: tuple = ((2, 2), (2, 2), (2, 1))  # (height, width) pooling after each convolution block
     convs_per_block: int = 1  # 3x3 convolutions before each pooling
@@ -51,6 +50,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        # files written before the canvas left the network's settings hold height, width and channels: the canvas
+        # is read from their preprocessing, so these are dropped here
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ or k == "lstm_layers"}
         if "lstm_layers" in d:  # files written before lstm_units became a tuple: units, layers
             d["lstm_units"] = (d["lstm_units"],) * d.pop("lstm_layers")
@@ -94,37 +95,38 @@ PRESETS = {
 }
 
 
-def time_steps(config):
-    """Output sequence length: the input width after the poolings."""
-    return config.width // width_stride(config)
+def time_steps(config, canvas=Canvas()):
+    """Output sequence length: the canvas's width after the network's poolings."""
+    return canvas.width // width_stride(config)
 
 
-def canvas_config(config, *, height=0, width=0, channels=1, median_aspect=None, start_model=None):
-    """`config` with a run's canvas (--height, --width; 0: the network's) and --channels. With the width unset
-    the canvas widens for a folder whose median image is wider than it, so that the text keeps every row."""
+def fit_canvas(config, canvas, *, height=0, width=0, median_aspect=None, start_model=None):
+    """`canvas` (the network's default, or the start model's, with this run's channels and colours) with the run's
+    --height and --width (0: as it is). With the width unset the canvas widens for a folder whose median image is
+    wider than it, so that the text keeps every row; the width is a whole number of `config`'s time steps."""
     stride = width_stride(config)
     fixed_width = width
-    height, width = height or config.height, width or config.width
+    height, width = height or canvas.height, width or canvas.width
     if not fixed_width and median_aspect and height * median_aspect > width:
         width = min(MAX_AUTO_WIDTH, math.ceil(height * median_aspect / stride) * stride)
         print(f"canvas: {width}x{height}, widened for the folder's median image ({median_aspect:.2f}:1, wider than "
-              f"{config.width}x{config.height}); set it with --width")
+              f"{canvas.width}x{canvas.height}); set it with --width")
     if width % stride or height < 8:
         raise CaptchaError(f"--width {width} --height {height}: the width must be a multiple of {stride} (input "
                            f"columns per time step) and the height at least 8")
-    if start_model and config.collapse == "flatten" and height != config.height:
-        raise CaptchaError(f"--height {height}: the start model {start_model} reads {config.height}-row images (its "
-                           f"layers after the convolutions depend on the height); use --height {config.height}, "
+    if start_model and config.collapse == "flatten" and height != canvas.height:
+        raise CaptchaError(f"--height {height}: the start model {start_model} reads {canvas.height}-row images (its "
+                           f"layers after the convolutions depend on the height); use --height {canvas.height}, "
                            f"or --init_from none")
-    return replace(config, height=height, width=width, channels=channels)
+    return replace(canvas, height=height, width=width)
 
 
-def check_time_steps(steps, max_len, height=None, width=None, median_aspect=None):
+def check_time_steps(steps, max_len, canvas=None, median_aspect=None):
     """CTC needs at least one output step per character (and one more between each repeated pair). The
     steps counted are those the text spans: an image narrower than the canvas is padded at its sides."""
     spanned = steps
-    if median_aspect and height and width:
-        spanned = math.floor(steps * min(1.0, height * median_aspect / width))
+    if median_aspect and canvas:
+        spanned = math.floor(steps * min(1.0, canvas.height * median_aspect / canvas.width))
     where = f" (the folder's median image fills {spanned} of the {steps} time steps)" if spanned < steps else ""
     if spanned < max_len:
         raise CaptchaError(f"the text spans {spanned} time steps{where} but labels have up to {max_len} characters; "
@@ -170,13 +172,14 @@ class CollapseHeight(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_model(config, num_classes, legacy_lambda=False):
-    """The CRNN, ending in a softmax over `num_classes` (symbols + blank) at each time step.
+def build_model(config, num_classes, canvas=Canvas(), legacy_lambda=False):
+    """The CRNN of `config` reading `canvas` (preprocess.Canvas: its shape is the input's), ending in a softmax
+    over `num_classes` (symbols + blank) at each time step.
 
     legacy_lambda=True collapses height with a `Lambda` instead of CollapseHeight, as the
     reference's checkpoints do: export_safe.py's tests build those with it.
     """
-    image = keras.Input(shape=(config.height, config.width, config.channels), name="image")  # (batch, 50, 200, 1)
+    image = keras.Input(shape=canvas.shape, name="image")  # (batch, 50, 200, 1)
     x = image
     # The seed pools (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
     for filters, pool in zip(config.conv_filters, config.pools):

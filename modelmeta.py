@@ -22,7 +22,7 @@ META_VERSION = 3  # 2: preprocessing has resize mode and CLAHE settings (files w
 def make_meta(charset, max_len, preprocess_options, config):
     return {
         # a plain model stays readable by the releases before asked colours
-        "format_version": META_VERSION if preprocess_options.colours else 2,
+        "format_version": META_VERSION if preprocess_options.canvas.colours else 2,
         "charset": charset.to_dict(),
         "max_len": max_len,
         "preprocess": preprocess_options.to_dict(),

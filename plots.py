@@ -174,7 +174,6 @@ def main(argv=None):
     From what the run wrote, never from a rescan of the data folder: its log, its test split's readings
     in metrics.json, and the preprocessing stored in its best checkpoint."""
     import argparse
-    import dataclasses
     import json
 
     import numpy as np
@@ -213,7 +212,7 @@ def main(argv=None):
         meta = modelmeta.read_meta(checkpoint)
         if meta is None:
             raise errors.CaptchaError(f"{checkpoint}: no metadata; not a checkpoint of this run")
-        options = dataclasses.replace(preprocess.PreprocessOptions.from_dict(meta["preprocess"]), colours=())  # the image
+        options = preprocess.PreprocessOptions.from_dict(meta["preprocess"]).image_only()
         shown = readings[:24]  # the test images themselves: one gone or unreadable is named and refused
         images = np.stack([preprocess.load_image(r["path"], options) for r in shown]) if shown else np.zeros((0,))
         written = write_run_plots(run, run / Path(results["log"]).name, images, [r["truth"] for r in readings],

@@ -9,7 +9,7 @@ labels come from is label_sources.py; the folder scan, the split and the batch l
 captcha generators are synth.py.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -41,11 +41,32 @@ RESIZE_MODES = ("default", "reference", "stretch")
 
 
 @dataclass(frozen=True)
-class PreprocessOptions:
-    """Pipeline switches. Saved inside every trained model, so inference repeats training's pixels."""
+class Canvas:
+    """The network's input, owned by the pixels: every image is resized and padded to height x width, read in gray
+    (1 channel) or colour (3), with one constant plane per colour a reading can be asked for beside them ("type the
+    red characters": 1.0 on the asked one's, with_asked_colour). The network is built to its `shape` (model.py), and
+    the model's metadata stores it once, among the preprocessing options."""
 
     height: int = IMG_HEIGHT
     width: int = IMG_WIDTH
+    channels: int = 1  # 1: gray; 3: colour, for sites whose text and clutter differ in colour more than in shade
+    colours: tuple = ()  # the asked colours' names, in the order of their planes; empty: a plain model
+
+    def __post_init__(self):
+        if self.channels not in CHANNELS:
+            raise CaptchaError(f"--channels {self.channels}: 1 (gray) or 3 (colour)")
+
+    @property
+    def shape(self):
+        """(height, width, input channels): the image's channels, then the asked colours' planes."""
+        return self.height, self.width, self.channels + len(self.colours)
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Pipeline switches and the canvas. Saved inside every trained model, so inference repeats training's pixels."""
+
+    canvas: Canvas = Canvas()
     auto_crop: bool = False  # one site's captchas share their layout; a crop that follows noise would not
     force_invert: bool = False
     strong: bool = False
@@ -55,38 +76,33 @@ class PreprocessOptions:
     resize: str = "default"
     clahe_clip: float = CLAHE_CLIP  # 0: no CLAHE
     clahe_tiles: tuple = CLAHE_TILES
-    channels: int = 1  # 1: gray; 3: colour, for sites whose text and clutter differ in colour more than in shade
-    # The colours a model can be asked for ("type the red characters"), in the order of their input planes: a
-    # reading is told which one is asked, and the network sees it as one constant plane per name beside the
-    # image's channels, 1 on the asked one's (with_asked_colour). Empty: a plain model.
-    colours: tuple = ()
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
             raise CaptchaError(f"unknown resize mode {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-        if self.channels not in CHANNELS:
-            raise CaptchaError(f"--channels {self.channels}: 1 (gray) or 3 (colour)")
 
-    @property
-    def input_channels(self):
-        """The network's input channels: the image's, then one plane per colour it can be asked for."""
-        return self.channels + len(self.colours)
+    def image_only(self):
+        """These options without the asked colours' planes: the image as the network sees it, for pictures."""
+        return replace(self, canvas=replace(self.canvas, colours=()))
 
-    def to_dict(self):  # as JSON gives it back; a plain model's has no colours (older releases read it)
-        d = {**asdict(self), "clahe_tiles": list(self.clahe_tiles), "colours": list(self.colours)}
-        if not self.colours:
+    def to_dict(self):
+        """As JSON gives it back, the canvas's fields among the others as every release has stored them (a plain
+        model's without colours, so that releases before them read it)."""
+        d = {k: v for k, v in asdict(self).items() if k != "canvas"}
+        d.update(asdict(self.canvas), clahe_tiles=list(self.clahe_tiles), colours=list(self.canvas.colours))
+        if not self.canvas.colours:
             del d["colours"]
         return d
 
     @classmethod
     def from_dict(cls, d):
-        known = {f for f in cls.__dataclass_fields__}
+        canvas_fields = set(Canvas.__dataclass_fields__)
+        canvas = Canvas(**{k: tuple(v) if k == "colours" else v for k, v in d.items() if k in canvas_fields})
+        known = set(cls.__dataclass_fields__) - {"canvas"}
         d = {k: v for k, v in d.items() if k in known}
         if "clahe_tiles" in d:
             d["clahe_tiles"] = tuple(d["clahe_tiles"])
-        if "colours" in d:
-            d["colours"] = tuple(d["colours"])
-        return cls(**d)
+        return cls(canvas, **d)
 
 
 # The reference's training pipeline: no crop, its resize arithmetic and mean padding, CLAHE 2.0 / 8x8.
@@ -236,16 +252,16 @@ def equalize(image, clip, tiles):
 
 def make_canvas(image, options=PreprocessOptions(), stages=None):
     """The first stages: 8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for
-    options.channels) -> [auto-crop] -> [invert] -> resize-and-pad: the 8-bit canvas (height, width[, 3]).
+    its canvas's channels) -> [auto-crop] -> [invert] -> resize-and-pad: the 8-bit canvas (height, width[, 3]).
     It is the same every epoch, so the training loader keeps it in memory where it fits."""
     def keep(name, stage):
         if stages is not None:
             stages[name] = stage
 
-    expected = 2 if options.channels == 1 else 3
-    if image.ndim != expected:
+    channels = options.canvas.channels
+    if image.ndim != (2 if channels == 1 else 3):
         raise CaptchaError(f"a {'gray' if image.ndim == 2 else 'colour'} image for a model that reads "
-                           f"{'gray' if options.channels == 1 else 'colour'} (channels {options.channels})")
+                           f"{'gray' if channels == 1 else 'colour'} (channels {channels})")
     keep("0_gray" if image.ndim == 2 else "0_colour", image)
     if options.auto_crop:
         image = auto_crop(image)
@@ -253,7 +269,7 @@ def make_canvas(image, options=PreprocessOptions(), stages=None):
     if options.force_invert:
         image = 255 - image
         keep("2_invert", image)
-    image = resize_and_pad(image, options.height, options.width, options.resize)
+    image = resize_and_pad(image, options.canvas.height, options.canvas.width, options.resize)
     keep("3_resize_pad", image)
     return image
 
@@ -283,8 +299,9 @@ def finish_canvas(canvas, options=PreprocessOptions(), stages=None, augmentation
 def asked_colour_index(options, asked):
     """The plane of the asked colour: CaptchaError when the model reads none and one is given, when it reads one
     and none is given, or when it does not know the name (the line lists those it knows)."""
-    known = ", ".join(options.colours)
-    if not options.colours:
+    colours = options.canvas.colours
+    known = ", ".join(colours)
+    if not colours:
         if asked:
             raise CaptchaError(f"colour {asked!r} asked, but this model was not trained with an asked colour (a "
                                f"labels file's colour column)")
@@ -292,9 +309,9 @@ def asked_colour_index(options, asked):
     if not asked:
         raise CaptchaError(f"this model reads the colour asked for with the image: give one of {known}")
     name = colour_name(asked)
-    if name not in options.colours:
+    if name not in colours:
         raise CaptchaError(f"unknown colour {asked!r}: this model knows {known}")
-    return options.colours.index(name)
+    return colours.index(name)
 
 
 def with_asked_colour(pixels, options, asked):
@@ -305,13 +322,13 @@ def with_asked_colour(pixels, options, asked):
     index = asked_colour_index(options, asked)
     if index is None:
         return pixels
-    planes = np.zeros(pixels.shape[:2] + (len(options.colours),), np.float32)
+    planes = np.zeros(pixels.shape[:2] + (len(options.canvas.colours),), np.float32)
     planes[:, :, index] = 1.0
     return np.concatenate([pixels, planes], axis=2)
 
 
 def preprocess_image(image, options=PreprocessOptions(), stages=None, augmentation=None, asked=None):
-    """8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for options.channels) -> float32
+    """8-bit image (gray (H, W) or colour (H, W, 3), as read_image gives for the canvas's channels) -> float32
     (height, width, channels) in [0, 1]: make_canvas, then finish_canvas.
 
     Pass a dict as `stages` to collect every intermediate 8-bit image (for --save_debug).
@@ -327,8 +344,8 @@ def preprocess_gray(gray, options=PreprocessOptions(), stages=None, augmentation
 
 
 def load_image(path, options=PreprocessOptions(), augmentation=None, asked=None):
-    return preprocess_image(read_image(path, options.channels), options, augmentation=augmentation, asked=asked)
+    return preprocess_image(read_image(path, options.canvas.channels), options, augmentation=augmentation, asked=asked)
 
 
 def load_canvas(path, options=PreprocessOptions()):
-    return make_canvas(read_image(path, options.channels), options)
+    return make_canvas(read_image(path, options.canvas.channels), options)

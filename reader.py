@@ -401,7 +401,7 @@ class Reader:
     @property
     def colours(self):
         """The colours this model can be asked for (empty: it reads every image as it is)."""
-        return self.options.colours
+        return self.options.canvas.colours
 
     @classmethod
     def load(cls, model_path, *, safe_mode=True, warm=False, **settings):
@@ -458,7 +458,7 @@ class Reader:
     def prepare_encoded(self, data, name, colour=None):
         """Encoded image bytes (an upload) -> model input; CaptchaError naming `name` if unreadable, or if the
         asked `colour` is missing or unknown."""
-        return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.channels), self.options,
+        return preprocess.preprocess_image(preprocess.decode_image(data, name, self.options.canvas.channels), self.options,
                                            asked=colour)
 
     def read_paths(self, paths, batch_size=64, debug_dir=None, augmentation_for=None, asked=None):
@@ -490,7 +490,7 @@ class Reader:
         """-> (model input, None) or (None, error message). Writes the stages when debugging."""
         try:
             stages = {} if debug_dir else None
-            image = preprocess.preprocess_image(preprocess.read_image(path, self.options.channels), self.options, stages,
+            image = preprocess.preprocess_image(preprocess.read_image(path, self.options.canvas.channels), self.options, stages,
                                                 augmentation_for(path) if augmentation_for else None, colour)
         except CaptchaError as e:
             return None, str(e)

@@ -10,7 +10,7 @@ import keras
 import augment
 from model import CTCLoss
 from errors import CaptchaError
-from preprocess import CLAHE_CLIP, PreprocessOptions
+from preprocess import CLAHE_CLIP, Canvas, PreprocessOptions
 
 DEFAULT_EPOCHS = 30  # passes over the training images when --epochs is unset; small folders get more (--min_steps)
 MIN_EPOCH_STEPS = 50  # with --epochs unset, a small folder's epoch passes over its images more than once
@@ -54,11 +54,10 @@ class Recipe:
     resize: str = "default"  # the preprocessing's resize-and-pad arithmetic (PreprocessOptions.resize)
     clahe_clip: float = CLAHE_CLIP  # the preprocessing's contrast equalisation (PreprocessOptions.clahe_clip); 0: none
 
-    def preprocess_options(self, config, **switches):
-        """The pixels this recipe trains a `config` network on, with train.py's switches (auto_crop, ...; channels
-        and colours: the image's channels and the asked colours' planes, when the network's input has both)."""
-        return PreprocessOptions(config.height, config.width, resize=self.resize, clahe_clip=self.clahe_clip,
-                                 **{"channels": config.channels, **switches})
+    def preprocess_options(self, canvas=Canvas(), **switches):
+        """The pixels this recipe trains a network on: `canvas` (preprocess.Canvas), its resize arithmetic and
+        CLAHE, and train.py's switches (auto_crop, force_invert, strong)."""
+        return PreprocessOptions(canvas, resize=self.resize, clahe_clip=self.clahe_clip, **switches)
 
 
 RECIPES = {

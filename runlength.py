@@ -38,33 +38,46 @@ class Length:
         return self.epoch_steps is not None
 
 
-def cpu_sized(cfg):
+@dataclass(frozen=True)
+class LengthFlags:
+    """The flags that decide a run's length (train.py's of the same names: cli.section)."""
+
+    epochs: int | None = None  # a fixed length in passes
+    min_steps: int = 0  # a fixed length of at least this many steps
+    minutes: float = 0  # a time budget for a run that follows its validation
+    freeze_cnn_epochs: int = 0  # fine-tuning in two phases: a fixed length
+    data_dir: str = ""  # with `check`: a run with neither is the built-in one
+    check: str = ""
+
+
+def cpu_sized(flags):
     """The built-in run on a machine without a GPU is sized for a laptop, unless --epochs says otherwise. A run on
     a teacher's pseudo-labels and a check folder has no --data_dir either, but is no built-in run."""
-    return not cfg.data_dir and not cfg.check and not cfg.epochs and not model.gpu_names()
+    return not flags.data_dir and not flags.check and not flags.epochs and not model.gpu_names()
 
 
-def follows_validation(cfg, recipe):
-    return recipe.schedule == "onecycle" and not cfg.epochs and not cfg.min_steps and not cfg.freeze_cnn_epochs
+def follows_validation(flags, recipe):
+    return recipe.schedule == "onecycle" and not flags.epochs and not flags.min_steps and not flags.freeze_cnn_epochs
 
 
-def plan(cfg, recipe, train_images):
-    """The run's Length, from its flags, its recipe and the training images (pseudo-labelled ones included)."""
-    if cfg.minutes < 0:
-        raise CaptchaError(f"--minutes {cfg.minutes:g}: a time budget in minutes, above 0 (0: none)")
-    if cfg.minutes and not follows_validation(cfg, recipe):
-        raise CaptchaError(f"--minutes {cfg.minutes:g} fits the length of a run that follows its validation (the "
+def plan(flags, recipe, train_images):
+    """The run's Length, from its LengthFlags, its recipe and the training images (pseudo-labelled ones
+    included)."""
+    if flags.minutes < 0:
+        raise CaptchaError(f"--minutes {flags.minutes:g}: a time budget in minutes, above 0 (0: none)")
+    if flags.minutes and not follows_validation(flags, recipe):
+        raise CaptchaError(f"--minutes {flags.minutes:g} fits the length of a run that follows its validation (the "
                            f"default recipe, no --epochs, --min_steps or --freeze_cnn_epochs)")
-    epochs, repeats = recipes.plan_epochs(cfg.epochs, cfg.min_steps or recipes.FIXED_MIN_STEPS, train_images,
+    epochs, repeats = recipes.plan_epochs(flags.epochs, flags.min_steps or recipes.FIXED_MIN_STEPS, train_images,
                                           recipe.batch_size)
     steps = epochs * math.ceil(train_images * repeats / recipe.batch_size)
-    if cpu_sized(cfg):
+    if cpu_sized(flags):
         epochs = recipes.cpu_builtin_epochs(train_images * repeats, recipe.batch_size)
         steps = epochs * math.ceil(train_images * repeats / recipe.batch_size)
         print(f"no GPU: the built-in run is sized for a CPU, at most about {recipes.CPU_BUILTIN_STEPS} steps; "
               f"--epochs {recipes.DEFAULT_EPOCHS} makes the full run a GPU makes")
-    if follows_validation(cfg, recipe):
-        why = ("the CPU-sized built-in run" if cpu_sized(cfg) else
+    if follows_validation(flags, recipe):
+        why = ("the CPU-sized built-in run" if cpu_sized(flags) else
                f"{recipes.DEFAULT_EPOCHS} passes or {recipes.FIXED_MIN_STEPS} steps, whichever is more")
         return Length(math.ceil(steps / recipe.check_every), epoch_steps=recipe.check_every,
                       pass_steps=min(math.ceil(train_images / recipe.batch_size), steps // 2), ceiling_why=why)
@@ -79,7 +92,7 @@ def anneal_epochs(recipe, epochs_done, epoch_steps, pass_steps=0):
     return math.ceil(steps / epoch_steps)
 
 
-def describe(cfg, recipe, length, steps_per_epoch, check_images):
+def describe(flags, recipe, length, steps_per_epoch, check_images):
     """The plan line: how long the run trains, and what it waits for."""
     if length.follows_validation:
         return (f"length: as long as validation pays. Validated every {length.epoch_steps} steps on {check_images} "
@@ -89,7 +102,7 @@ def describe(cfg, recipe, length, steps_per_epoch, check_images):
                 f"the steps made (at least {max(recipe.min_anneal_steps, length.pass_steps)}: {recipe.min_anneal_steps}, or a "
                 f"pass over the training images) on the images as they are; augmentation "
                 f"{recipe.augment} until then"
-                + (f"; within {cfg.minutes:g} minutes" if cfg.minutes else "")
+                + (f"; within {flags.minutes:g} minutes" if flags.minutes else "")
                 + f"; at most {length.epochs * length.epoch_steps} steps ({length.ceiling_why})")
     epochs, augment_epochs = length.epochs, length.augment_epochs
     return (f"{epochs} epochs of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer steps"
@@ -102,7 +115,7 @@ def describe(cfg, recipe, length, steps_per_epoch, check_images):
                if recipe.settle_epochs and epochs - augment_epochs >= recipe.settle_epochs else ""))
 
 
-def hold_callback(cfg, recipe, length, val_labels, anneal, out, resumed):
+def hold_callback(flags, recipe, length, val_labels, anneal, out, resumed):
     """A run that follows validation: its HoldWhileValidationPays, with the checks before a resume read back
     from the log. `anneal` is the run's state of it (from the resume checkpoint), which the callback fills."""
     if not length.follows_validation:
@@ -111,7 +124,7 @@ def hold_callback(cfg, recipe, length, val_labels, anneal, out, resumed):
     return callbacks.HoldWhileValidationPays(
         recipe.stall_checks, sum(len(label) for label in val_labels), anneal,
         lambda done: anneal_epochs(recipe, done, length.epoch_steps, length.pass_steps), length.epochs,
-        seconds=60 * cfg.minutes,
+        seconds=60 * flags.minutes,
         history=history)
 
 

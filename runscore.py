@@ -166,8 +166,7 @@ def score_run(out, chosen, record, charset, options, val_set, test_set, test_bat
                          for (path, t), p in zip(val_set, chosen.val_predictions)],
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    image_only = dataclasses.replace(options, colours=())  # the pictures show the images, not the asked colours' planes
-    shown = np.stack([preprocess.load_image(path, image_only) for path, _ in test_set[:24]])
+    shown = np.stack([preprocess.load_image(path, options.image_only()) for path, _ in test_set[:24]])
     pictures = plots.write_run_plots(out, out / runstate.LOG_NAME, shown, test_labels, predictions)
     print(f"plots: {', '.join(str(p) for p in pictures)}")
     print(f"test split ({scores['count']} images, the run's model): exact match {scores['exact_match']:.4f} "

@@ -577,7 +577,9 @@ INKS = {"red": (215, 35, 35), "blue": (35, 70, 215), "green": (30, 150, 50), "bl
         "orange": (235, 130, 20), "purple": (140, 45, 170)}
 INK_JITTER = 25
 COLOURS_SHOWN = 4
-COLOURS_SYMBOLS = CHARSET_PRESETS["upper_digits"]  # as such sites draw them: one case, so a lone symbol reads alike
+# As such sites draw them: one letter case, and without 0/O and 1/I, which many faces draw alike (a lone symbol of
+# the asked colour has no neighbour to compare its size with)
+COLOURS_SYMBOLS = "".join(c for c in CHARSET_PRESETS["upper_digits"] if c not in "0O1I")
 
 
 def colour_plan(text, seed):
@@ -768,7 +770,7 @@ def main(argv=None):
                              "hershey: stroke fonts, never in the base model's pre-training; varied: many faces, "
                              "sizes, colours, clutter and warps; arithmetic: expressions (labels.csv); cjk: 4 hanzi "
                              f"of {CJK_SYMBOLS} (--charset a file or the symbols for others); colours: 6 symbols (upper case "
-                             "and digits) in 4 inks, labelled with the asked ink's symbols (labels.csv: file,label,colour)")
+                             "and digits but 0, O, 1, I) in 4 inks, labelled with the asked ink's symbols (labels.csv: file,label,colour)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--visibility", metavar="CSV",
                         help="hershey only: draw nothing; write, for each image this command would draw into an "

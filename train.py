@@ -241,7 +241,7 @@ def new_model(network, charset, in_scope):
     """A new model: the preset's, or the start model's with its weights carried over."""
     with in_scope():
         if not network.init_from:
-            return model.build_model(network.config, charset.num_classes)
+            return model.build_model(network.config, charset.num_classes, network.options.canvas)
         crnn, fresh = finetune.start_from(*network.start, charset, network.config, network.options)
     print(f"starting from {network.init_from}" + (f"; output rows for new symbols start untrained: {fresh}"
                                                   if fresh else " (every symbol's output row carried over)"))
@@ -262,10 +262,10 @@ def describe_model(cfg, recipe, network, crnn, length):
     schedule = {"onecycle": "peak held, then annealed:" if length.follows_validation else "one-cycle peak",
                 "plateau": "halved on plateau from", "constant": "constant"}[recipe.schedule]
     architecture = f"as {network.init_from}" if network.init_from else f"preset {cfg.preset}, from scratch"
-    options = network.options
-    print(f"model: {architecture}, {crnn.count_params():,} parameters, input {options.width}x{options.height} "
-          f"{'colour' if options.channels == 3 else 'gray'}"
-          + (f" and {len(options.colours)} asked-colour planes" if options.colours else "")
+    canvas = network.options.canvas
+    print(f"model: {architecture}, {crnn.count_params():,} parameters, input {canvas.width}x{canvas.height} "
+          f"{'colour' if canvas.channels == 3 else 'gray'}"
+          + (f" and {len(canvas.colours)} asked-colour planes" if canvas.colours else "")
           + f", {network.steps} time steps; "
           f"recipe {cfg.recipe}: {recipe.optimizer}, {schedule} {recipe.learning_rate:g}, batch {recipe.batch_size}"
           + (f"; read and saved: the weights' moving average (momentum {recipe.ema_momentum:g})"
@@ -303,12 +303,14 @@ def train(cfg, pseudo=(), resume_command=None):
     train_set = selftrain.with_pseudo_labels(train_set, val_set, test_set, pseudo)  # to the training split only
     # ---- phase 2, the network, the recipe and the pixels
     recipe = resolve_recipe(cfg)
-    network = finetune.resolve_network(cfg, recipe, scan, max_len, colours=sorted(set(asked.values())))
+    network = finetune.resolve_network(cli.section(cfg, finetune.NetworkFlags), recipe, scan, max_len,
+                                       colours=sorted(set(asked.values())))
     meta = {**modelmeta.make_meta(charset, max_len, network.options, network.config), "labels": scan.source.to_dict(),
             "case": scan.case, "label_lengths": [min(typed_lengths), max(typed_lengths)], "answer": cfg.answer,
             "run": runstate.run_identity(folder, train_set, val_set, test_set)}
     # ---- phase 3, the batches and how many updates: a fixed length, or as long as validation pays (runlength.py)
-    length = runlength.plan(cfg, recipe, len(train_set))
+    length_flags = cli.section(cfg, runlength.LengthFlags)
+    length = runlength.plan(length_flags, recipe, len(train_set))
     epochs = length.epochs
     batching = dataset.Batching(network.options, recipe.batch_size, shuffle=True, seed=cfg.seed, augment=recipe.augment,
                                 repeats=length.repeats, epoch_steps=length.epoch_steps,
@@ -319,7 +321,7 @@ def train(cfg, pseudo=(), resume_command=None):
     check_set = val_set[: recipe.check_images] if length.follows_validation else val_set  # what each check reads
     check_batches = val_batches if len(check_set) == len(val_set) else dataset.make_batches(
         check_set, charset, max_len, batching.for_reading(), workers=cfg.workers, in_memory=True)
-    print(runlength.describe(cfg, recipe, length, len(train_batches), len(check_set)))
+    print(runlength.describe(length_flags, recipe, length, len(train_batches), len(check_set)))
     # ---- phase 4, the model on its devices: new, fine-tuned from another model, or resumed with its optimizer
     keras.utils.set_random_seed(cfg.seed)
     in_scope = device_scope(cfg, recipe)
@@ -351,7 +353,7 @@ def train(cfg, pseudo=(), resume_command=None):
     run_callbacks = callbacks.run_callbacks(
         out, meta, dataclasses.asdict(cfg), recipe, train_batches,
         callbacks.Validation(check_batches, charset, check_labels), start,
-        hold=runlength.hold_callback(cfg, recipe, length, check_labels, state["anneal"], out, cfg.resume))
+        hold=runlength.hold_callback(length_flags, recipe, length, check_labels, state["anneal"], out, cfg.resume))
     started = time.time()
     callbacks.STOP.in_fit = True  # from here a first Ctrl-C or SIGTERM stops between steps
     try:

@@ -102,8 +102,8 @@ def test_a_third_column_that_is_not_a_colour_is_said_not_read(tmp_path):
 
 
 def test_the_asked_colour_is_one_plane_per_known_colour_and_unknown_ones_are_refused():
-    options = preprocess.PreprocessOptions(height=16, width=32, channels=3, colours=("blue", "red"))
-    assert options.input_channels == 5
+    options = preprocess.PreprocessOptions(preprocess.Canvas(16, 32, channels=3, colours=("blue", "red")))
+    assert options.canvas.shape == (16, 32, 5)
     pixels = preprocess.preprocess_image(bar_picture("hv", ["red", "blue"]), options, asked="Red")
     assert pixels.shape == (16, 32, 5)
     assert (pixels[:, :, 3] == 0).all() and (pixels[:, :, 4] == 1).all()
@@ -135,9 +135,8 @@ def test_a_start_model_carries_into_asked_colour_planes_and_reads_as_before():
     start model reads it, whatever colour is asked; a plane it knew is carried by name."""
     config = model.PRESETS["tiny"]
     gray = model.build_model(config, 5)
-    target_config = model.canvas_config(config, channels=3 + 2)
-    target, _ = finetune.start_from(gray, {"charset": Charset("abcd").to_dict()}, Charset("abcd"), target_config,
-                                    preprocess.PreprocessOptions(channels=3, colours=("blue", "red")))
+    target, _ = finetune.start_from(gray, {"charset": Charset("abcd").to_dict()}, Charset("abcd"), config,
+                                    preprocess.PreprocessOptions(preprocess.Canvas(channels=3, colours=("blue", "red"))))
     image = np.random.default_rng(0).random((2, 50, 200, 1), dtype=np.float32)
     colour = np.repeat(image, 3, axis=3)
     for plane in (3, 4):

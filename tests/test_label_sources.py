@@ -22,7 +22,7 @@ import test as read_captchas  # the project's test.py (reads captchas), not a te
 import train
 from charsets import Charset
 from errors import CaptchaError
-from preprocess import PreprocessOptions
+from preprocess import Canvas, PreprocessOptions
 
 LABELS = ["4821", "0375", "9912", "5550", "1234", "708a", "q3z9", "zzk2", "m0p4", "h7h7", "3b3b", "w2e9"]
 
@@ -299,21 +299,15 @@ def test_case_lower_folds_the_labels_a_run_trains_on(tmp_path):
 
 def always_reads(text_class, charset, path, meta_extra, channels=1):
     """A tiny model whose every time step reads class `text_class` (so greedy decoding gives one symbol)."""
-    config = dataclasses_replace(model.PRESETS["tiny"], channels=channels)
-    crnn = model.build_model(config, charset.num_classes)
+    config, canvas = model.PRESETS["tiny"], Canvas(channels=channels)
+    crnn = model.build_model(config, charset.num_classes, canvas)
     kernel, bias = crnn.layers[-1].get_weights()
     bias[:] = -10.0
     bias[text_class] = 10.0
     crnn.layers[-1].set_weights([np.zeros_like(kernel), bias])
-    options = PreprocessOptions(config.height, config.width, channels=channels)
+    options = PreprocessOptions(canvas)
     model.save_model(crnn, path, {**modelmeta.make_meta(charset, 4, options, config), **meta_extra})
     return path
-
-
-def dataclasses_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def test_the_stored_case_fold_is_applied_by_every_reader(tmp_path, capsys):
@@ -360,7 +354,7 @@ def test_colour_pixels_are_the_same_for_training_and_every_reading_path(tmp_path
     path = always_reads(1, charset, tmp_path / "colour.keras", {}, channels=3)
     colour_reader = reader.Reader(path)
     options = colour_reader.options
-    assert options.channels == 3
+    assert options.canvas.channels == 3
     samples = [(str(folder / "ab12.png"), "ab12"), (str(folder / "cd34.png"), "cd34")]
     batch, _ = dataset.make_batches(samples, charset, 4, dataset.Batching(options=options, batch_size=2), workers=1)[0]
     assert batch.shape == (2, 50, 200, 3)
@@ -378,7 +372,7 @@ def test_a_start_model_changes_channels_and_reads_gray_the_same(tmp_path):
     config = model.PRESETS["tiny"]
     gray_model = model.build_model(config, 5)
     colour_model, fresh = finetune.start_from(gray_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"),
-                                           dataclasses_replace(config, channels=3))
+                                              config, PreprocessOptions(Canvas(channels=3)))
     assert fresh == "" and colour_model.input_shape == (None, 50, 200, 3)
     x = np.random.default_rng(0).random((2, 50, 200, 1), dtype=np.float32)
     np.testing.assert_allclose(colour_model.predict_on_batch(np.repeat(x, 3, axis=-1)),
@@ -387,7 +381,9 @@ def test_a_start_model_changes_channels_and_reads_gray_the_same(tmp_path):
     first_conv = next(layer for layer in colour_model.layers if layer.weights)
     kernel, *rest = first_conv.get_weights()
     first_conv.set_weights([kernel * np.array([0.5, 1.0, 1.5], np.float32)[:, None], *rest])
-    narrowed, _ = finetune.start_from(colour_model, {"charset": Charset("abcd").to_dict()}, Charset("abcd"), config)
+    narrowed, _ = finetune.start_from(colour_model, {"charset": Charset("abcd").to_dict(),
+                                                     "preprocess": PreprocessOptions(Canvas(channels=3)).to_dict()},
+                                      Charset("abcd"), config, PreprocessOptions())
     assert narrowed.input_shape == (None, 50, 200, 1)
     np.testing.assert_allclose(narrowed.predict_on_batch(x), colour_model.predict_on_batch(np.repeat(x, 3, axis=-1)),
                                atol=1e-5)
@@ -430,19 +426,19 @@ def test_channels_auto_reads_colour_images_in_colour_and_gray_ones_in_gray(tmp_p
 
 
 def test_the_canvas_widens_for_wide_captchas_and_the_check_counts_the_steps_the_text_spans(capsys):
-    config = model.PRESETS["fast"]
-    assert model.canvas_config(config, median_aspect=2.4) == config  # fits 200x50
-    wide = model.canvas_config(config, median_aspect=8.0)
-    assert (wide.height, wide.width) == (50, 400) and "canvas: 400x50, widened" in capsys.readouterr().out
-    assert model.canvas_config(config, width=240, median_aspect=8.0).width == 240  # --width wins
+    config, canvas = model.PRESETS["fast"], Canvas(channels=3)
+    assert model.fit_canvas(config, canvas, median_aspect=2.4) == canvas  # fits 200x50
+    wide = model.fit_canvas(config, canvas, median_aspect=8.0)
+    assert wide == Canvas(50, 400, 3) and "canvas: 400x50, widened" in capsys.readouterr().out
+    assert model.fit_canvas(config, canvas, width=240, median_aspect=8.0).width == 240  # --width wins
     with pytest.raises(CaptchaError, match="multiple of 4"):
-        model.canvas_config(config, width=201, median_aspect=1.0)
+        model.fit_canvas(config, canvas, width=201, median_aspect=1.0)
     with pytest.raises(CaptchaError, match="--height 64: the start model base reads 50-row images"):
-        model.canvas_config(config, height=64, median_aspect=1.0, start_model="base")
+        model.fit_canvas(config, canvas, height=64, median_aspect=1.0, start_model="base")
     # a square captcha fills 50 of 200 columns: 12 of 50 steps, too few for 14 characters
     with pytest.raises(CaptchaError, match=r"spans 12 time steps \(the folder's median image fills 12 of the 50"):
-        model.check_time_steps(50, 14, 50, 200, 1.0)
-    model.check_time_steps(50, 14, 50, 200, 4.0)
+        model.check_time_steps(50, 14, Canvas(), 1.0)
+    model.check_time_steps(50, 14, Canvas(), 4.0)
     assert "warning" not in capsys.readouterr().out
 
 
@@ -468,7 +464,7 @@ def test_a_colour_run_fine_tunes_the_base_model_and_exports_read_alike(tmp_path,
     assert "input 200x50 colour" in capsys.readouterr().out
     best = out / runstate.BEST_NAME
     meta = modelmeta.read_meta(best)
-    assert meta["preprocess"]["channels"] == 3 and meta["model_config"]["channels"] == 3
+    assert meta["preprocess"]["channels"] == 3 and "channels" not in meta["model_config"]  # the canvas, stored once
     onnx_path = tmp_path / "colour.onnx"
     assert export_safe.main(["--in_keras", str(best), "--out_keras", str(onnx_path), "--format", "onnx"]) == 0
     keras_reader, onnx_reader = reader.Reader(best), reader.Reader(onnx_path)

@@ -167,3 +167,21 @@ def test_no_library_module_imports_the_training_config():
     for path in sorted(ROOT.glob("*.py")):
         if path.name != "train.py":
             assert "train" not in imported_modules(path) and "TrainConfig" not in path.read_text(), path.name
+
+
+def test_each_section_of_the_flags_is_named_and_defaulted_as_the_flags_are():
+    """A module's section (cli.section) takes train.py's flags by name: a field that is no flag, or a default that
+    differs from the flag's, would read a setting the user never gave."""
+    import dataclasses
+
+    import cli
+    import finetune
+    import runlength
+    import train
+
+    flags = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+    for kind in (finetune.NetworkFlags, runlength.LengthFlags):
+        for field in dataclasses.fields(kind):
+            assert field.name in flags and field.default == flags[field.name], (kind.__name__, field.name)
+    cfg = train.TrainConfig(minutes=5, height=32)
+    assert cli.section(cfg, runlength.LengthFlags).minutes == 5 and cli.section(cfg, finetune.NetworkFlags).height == 32

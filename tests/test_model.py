@@ -13,7 +13,7 @@ import errors
 from conftest import TINY, one_hot_probs
 from charsets import Charset
 from errors import CaptchaError
-from preprocess import PreprocessOptions
+from preprocess import Canvas, PreprocessOptions
 
 
 def test_archive_members_that_escape_are_refused(tmp_path):
@@ -31,7 +31,7 @@ def test_archive_members_that_escape_are_refused(tmp_path):
 
 def test_time_steps_are_checked_against_label_length():
     with pytest.raises(errors.CaptchaError, match="time steps"):
-        model.check_time_steps(model.time_steps(model.ModelConfig(width=16)), 5)
+        model.check_time_steps(model.time_steps(model.ModelConfig(), Canvas(width=16)), 5)
 
 
 def test_collapse_height_modes_and_serialization():

@@ -55,14 +55,14 @@ def test_resize_keeps_aspect_ratio_and_pads_with_background():
 
 def test_the_keras_io_contender_reads_stretched_pixels_without_clahe():
     gray = captcha_like(60, 160)
-    options = recipes.RECIPES["kerasio"].preprocess_options(model.PRESETS["kerasio"])
-    assert (options.resize, options.clahe_clip, options.height, options.width) == ("stretch", 0.0, 50, 200)
+    options = recipes.RECIPES["kerasio"].preprocess_options()
+    assert (options.resize, options.clahe_clip, options.canvas.height, options.canvas.width) == ("stretch", 0.0, 50, 200)
     stages = {}
     x = preprocess.preprocess_gray(gray, options, stages)
     stretched = cv2.resize(gray, (200, 50), interpolation=cv2.INTER_LINEAR)  # the whole image, no padding
     assert np.array_equal(x[:, :, 0], stretched.astype(np.float32) / 255.0)
     assert "4_clahe" not in stages
-    default = preprocess.preprocess_gray(gray, recipes.RECIPES["default"].preprocess_options(model.PRESETS["fast"]))
+    default = preprocess.preprocess_gray(gray, recipes.RECIPES["default"].preprocess_options())
     assert not np.array_equal(default, x)  # the default recipe pads to the aspect ratio and equalises
 
 

@@ -218,7 +218,7 @@ def test_read_takes_bytes_a_path_or_a_decoded_image_and_settings_only_by_keyword
     image = READER_IMAGES[1]
     by_path = captcha_reader.read(image)
     assert captcha_reader.read(image.read_bytes()) == by_path == captcha_reader.read(str(image))
-    assert captcha_reader.read(preprocess.read_image(image, captcha_reader.options.channels)) == by_path
+    assert captcha_reader.read(preprocess.read_image(image, captcha_reader.options.canvas.channels)) == by_path
     assert by_path.text == image.stem and by_path.answer == image.stem and not by_path.low
     with pytest.raises(TypeError):
         reader.Reader.load(onnx_model, "digits")  # past the path, keyword only

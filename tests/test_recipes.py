@@ -78,12 +78,12 @@ def test_the_built_in_run_on_a_cpu_is_sized_in_steps():
 
 def test_only_the_built_in_run_is_sized_for_a_cpu(monkeypatch):
     monkeypatch.setattr(runlength.model, "gpu_names", lambda: [])
-    assert runlength.cpu_sized(train.TrainConfig())  # no folder: the built-in synthetic captchas
-    assert not runlength.cpu_sized(train.TrainConfig(epochs=6))
-    assert not runlength.cpu_sized(train.TrainConfig(data_dir="site"))
-    assert not runlength.cpu_sized(train.TrainConfig(check="checked"))  # a teacher's pseudo-labels: sized as any folder
+    assert runlength.cpu_sized(runlength.LengthFlags())  # no folder: the built-in synthetic captchas
+    assert not runlength.cpu_sized(runlength.LengthFlags(epochs=6))
+    assert not runlength.cpu_sized(runlength.LengthFlags(data_dir="site"))
+    assert not runlength.cpu_sized(runlength.LengthFlags(check="checked"))  # a teacher's pseudo-labels: sized as any folder
     # the built-in run follows its validation too, with the CPU's steps as its ceiling
-    length = runlength.plan(train.TrainConfig(), recipes.RECIPES["default"], 16000)
+    length = runlength.plan(runlength.LengthFlags(), recipes.RECIPES["default"], 16000)
     assert length.follows_validation and length.epochs * length.epoch_steps == recipes.CPU_BUILTIN_STEPS
     monkeypatch.setattr(runlength.model, "gpu_names", lambda: ["GPU:0"])
-    assert not runlength.cpu_sized(train.TrainConfig())
+    assert not runlength.cpu_sized(runlength.LengthFlags())

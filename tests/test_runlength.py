@@ -95,14 +95,14 @@ def test_the_anneal_is_a_quarter_of_the_steps_made_at_least_the_minimum_and_a_pa
 
 def test_a_run_follows_validation_unless_a_length_is_forced():
     recipe = recipes.RECIPES["default"]
-    follows = runlength.plan(train.TrainConfig(data_dir="site"), recipe, 1782)
+    follows = runlength.plan(runlength.LengthFlags(data_dir="site"), recipe, 1782)
     assert follows.follows_validation and follows.epoch_steps == 50
     assert follows.epochs == 61  # the ceiling: 30 passes of 56 steps or 3,000 steps, whichever is more, in checks
     for forced in (dict(epochs=4), dict(min_steps=300), dict(freeze_cnn_epochs=2)):
-        assert not runlength.plan(train.TrainConfig(data_dir="site", **forced), recipe, 1782).follows_validation
-    assert not runlength.plan(train.TrainConfig(data_dir="site"), recipes.RECIPES["reference"], 1782).follows_validation
+        assert not runlength.plan(runlength.LengthFlags(data_dir="site", **forced), recipe, 1782).follows_validation
+    assert not runlength.plan(runlength.LengthFlags(data_dir="site"), recipes.RECIPES["reference"], 1782).follows_validation
     with pytest.raises(Exception, match="--minutes 5 fits the length of a run that follows its validation"):
-        runlength.plan(train.TrainConfig(data_dir="site", epochs=3, minutes=5), recipe, 1782)
+        runlength.plan(runlength.LengthFlags(data_dir="site", epochs=3, minutes=5), recipe, 1782)
 
 
 def log_epochs(out):

@@ -110,7 +110,7 @@ class Contender:
             self.source = source_model, source_meta
         else:
             self.source, self.model_config = None, model.PRESETS[preset]
-            self.options = self.recipe.preprocess_options(self.model_config)
+            self.options = self.recipe.preprocess_options()
         self.batches = dataset.make_batches(train_samples, charset, max_len, dataset.Batching(options=self.options, batch_size=self.recipe.batch_size, shuffle=True, seed=cfg.seed, augment=self.recipe.augment), workers=1)
         self.budget = minutes * 60
         self.seconds, self.images, self.step, self.curve = 0.0, 0, 0, []
@@ -121,7 +121,7 @@ class Contender:
 
     def new_model(self):
         if self.source is None:
-            return model.build_model(self.model_config, self.charset.num_classes)
+            return model.build_model(self.model_config, self.charset.num_classes, self.options.canvas)
         return finetune.start_from(*self.source, self.charset)[0]
 
     def next_batch(self):

@@ -24,8 +24,7 @@ import reader  # noqa: E402
 
 def input_shape(network, meta):
     """(height, width, channels) a model reads: its canvas, the image's channels and the asked colours' planes."""
-    options = preprocess.PreprocessOptions.from_dict(meta["preprocess"])
-    return options.height, options.width, options.input_channels
+    return preprocess.PreprocessOptions.from_dict(meta["preprocess"]).canvas.shape
 
 
 def main(argv=None):

@@ -148,7 +148,7 @@ def time_training_step(args):
     crnn = recipes.compile_model(model.build_model(config, charset.num_classes), charset, recipes.RECIPES[args.recipe],
                                total_steps=args.steps + args.warmup)
     rng = np.random.default_rng(0)
-    images = rng.random((args.batch_size, config.height, config.width, 1), dtype=np.float32)
+    images = rng.random((args.batch_size, *crnn.input_shape[1:]), dtype=np.float32)
     labels = rng.integers(0, len(charset.symbols), (args.batch_size, args.length))
     for _ in range(args.warmup):  # compilation
         crnn.train_on_batch(images, labels)
