@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
 import augment
 import dataset
 import label_sources
@@ -125,22 +124,52 @@ def augmentation_for(seed, copy):
     return for_path
 
 
-def unlabeled_colours(cfg):
-    """{path: the colour it asks for} of the unlabelled images (--unlabeled_labels' colour column), or {}."""
-    if not cfg.unlabeled_labels:
+@dataclasses.dataclass(frozen=True)
+class SelfTrainingFlags:
+    """The flags a self-training run reads (train.py's of the same names: cli.section). The rounds themselves
+    train with every setting of the run, which this module passes on without reading (`settings` below)."""
+
+    unlabeled: str = ""
+    unlabeled_labels: str = ""  # the unlabelled images' asked colours
+    rounds: int = 0
+    augmented_agreement: int = 0
+    teacher: str = ""
+    check: str = ""
+    check_labels: str = ""
+    data_dir: str = ""
+    labels_from: str = "auto"  # how the check folder's labels are read
+    label_spaces: str = "auto"
+    case: str = "auto"
+    init_from: str = "base"  # round 0's start
+    seed: int = 42
+    target_precision: float = 0.99
+    out: str = "saved_model"
+    resume: bool = False
+
+
+def flags_of(settings):
+    """The SelfTrainingFlags of a run's settings (a dict of every flag; one an older release did not save: its
+    default)."""
+    return SelfTrainingFlags(**{f.name: settings.get(f.name, f.default) for f in dataclasses.fields(SelfTrainingFlags)})
+
+
+def unlabeled_colours(folder, labels_file):
+    """{path: the colour it asks for} of the unlabelled images of `folder` (--unlabeled_labels' colour column), or
+    {} without a labels file."""
+    if not labels_file:
         return {}
-    asked = label_sources.asked_colours(cfg.unlabeled, cfg.unlabeled_labels)
+    asked = label_sources.asked_colours(folder, labels_file)
     if not asked:
-        raise CaptchaError(f"--unlabeled_labels {cfg.unlabeled_labels}: no colour for any image of {cfg.unlabeled} "
-                           f"(a header row file,label,colour and a colour on each row)")
+        raise CaptchaError(f"--unlabeled_labels {labels_file}: no colour for any image of {folder} (a header row "
+                           f"file,label,colour and a colour on each row)")
     return asked
 
 
-def pseudo_asked(cfg, pseudo):
+def pseudo_asked(folder, labels_file, pseudo):
     """{path: the colour it asks for} of the pseudo-labelled images, for a run whose images ask for one."""
-    if not pseudo or not cfg.unlabeled_labels:
+    if not pseudo or not labels_file:
         return {}
-    asked = unlabeled_colours(cfg)
+    asked = unlabeled_colours(folder, labels_file)
     return {path: asked[path] for path, _ in pseudo if path in asked}
 
 
@@ -200,20 +229,20 @@ def read_teacher_texts(out):
         return {row["path"]: {text for text in (row["text"], row["second"]) if text} for row in csv.DictReader(f)}
 
 
-def teach(cfg, out, unlabeled):
+def teach(flags, out, unlabeled):
     """The teacher reads every unlabelled image (all its readings: teacher_readings.csv); the filtered ones
     (teacher.filter_readings: the check labels' case, lengths and symbols, else typical ones) become round 0's
     pseudo-labels. With no check folder, a seeded TEACHER_CHECK_SHARE of them is held out as the check split."""
     import teacher as teachers  # ddddocr, when asked for, loads only here
 
-    source = teachers.load_teacher(cfg.teacher)
-    case, lengths, symbols = (cfg.case if cfg.case in ("lower", "upper", "keep") else "lower"), None, None
+    source = teachers.load_teacher(flags.teacher)
+    case, lengths, symbols = (flags.case if flags.case in ("lower", "upper", "keep") else "lower"), None, None
     threshold = getattr(source, "threshold", None)
-    if cfg.check:
-        found = dataset.scan_folder(Path(cfg.check), labels=label_sources.LabelSource.given(
-            cfg.labels_from, cfg.check_labels, cfg.label_spaces), case=cfg.case, verify=False)
+    if flags.check:
+        found = dataset.scan_folder(Path(flags.check), labels=label_sources.LabelSource.given(
+            flags.labels_from, flags.check_labels, flags.label_spaces), case=flags.case, verify=False)
         if not found.samples:
-            raise CaptchaError(f"--check {cfg.check}: no labelled images ({found.summary()})")
+            raise CaptchaError(f"--check {flags.check}: no labelled images ({found.summary()})")
         check_labels = [label for _, label in found.samples]
         case, lengths, symbols = found.case, {len(s) for s in check_labels}, set("".join(check_labels))
         truth = {str(path): label for path, label in found.samples}
@@ -221,7 +250,7 @@ def teach(cfg, out, unlabeled):
         threshold, measured = teachers.check_threshold(check_readings, truth, case, lengths, symbols)
         print(measured)
     print(f"teacher: {source.readers_described} reads {len(unlabeled)} unlabelled images")
-    asked = unlabeled_colours(cfg)
+    asked = unlabeled_colours(flags.unlabeled, flags.unlabeled_labels)
     readings = list(source.read_paths(unlabeled, asked=asked))
     with open(out / TEACHER_READINGS_NAME, "w", newline="") as f:
         writer = csv.writer(f)
@@ -231,20 +260,20 @@ def teach(cfg, out, unlabeled):
     filtered = teachers.filter_readings(readings, case, lengths, symbols, threshold)
     print(f"teacher: {filtered.describe(len(readings))}; all readings in {out / TEACHER_READINGS_NAME}")
     kept = filtered.kept
-    if not cfg.check:
-        order = np.random.default_rng(cfg.seed).permutation(len(kept))
+    if not flags.check:
+        order = np.random.default_rng(flags.seed).permutation(len(kept))
         held = max(MIN_TEACHER_CHECK, round(TEACHER_CHECK_SHARE * len(kept)))
         if len(kept) < 2 * held:
-            raise CaptchaError(f"--teacher {cfg.teacher}: only {len(kept)} readings pass the filters, too few to hold "
+            raise CaptchaError(f"--teacher {flags.teacher}: only {len(kept)} readings pass the filters, too few to hold "
                                f"{held} out for checking and train on the rest; give --check a labelled folder")
         colour = ["colour"] if asked else []  # the held-out images are read with their colours too
         with open(out / TEACHER_CHECK_NAME, "w", newline="") as f:
             csv.writer(f).writerows([["file", "label", *colour]] + [
-                [os.path.relpath(kept[i][0], cfg.unlabeled), kept[i][1], *([asked[kept[i][0]]] if asked else [])]
+                [os.path.relpath(kept[i][0], flags.unlabeled), kept[i][1], *([asked[kept[i][0]]] if asked else [])]
                 for i in sorted(order[:held])])
         kept = [kept[i] for i in sorted(order[held:])]
     if not kept:
-        raise CaptchaError(f"--teacher {cfg.teacher}: no reading passed the filters ({filtered.describe(len(readings))})")
+        raise CaptchaError(f"--teacher {flags.teacher}: no reading passed the filters ({filtered.describe(len(readings))})")
     write_pseudo_labels(pseudo_labels_path(out, 0), [(path, label, 1.0) for path, label in kept])
 
 
@@ -271,8 +300,10 @@ def describe_round(summary):
                f"{precision:.4f}"))
 
 
-def start_state(cfg):
-    """The run's settings: saved at a fresh start (earlier rounds in --out are removed), read on --resume."""
+def start_state(settings):
+    """The run's settings (a dict of every flag): saved at a fresh start (earlier rounds in --out are removed), read
+    on --resume, with a --rounds or --augmented_agreement given then over the saved ones."""
+    cfg = flags_of(settings)
     out = Path(cfg.out)
     state_path = out / STATE_NAME
     if cfg.rounds < 0:
@@ -293,26 +324,28 @@ def start_state(cfg):
                       f"trained with it")
                 saved = {**saved, name: given}
                 state_path.write_text(json.dumps({**state, "config": saved}, indent=2))
-        return cli.restored(type(cfg), saved, out=cfg.out, resume=True)
+        return {**saved, "out": cfg.out, "resume": True}
     if not Path(cfg.unlabeled).is_dir():
         raise CaptchaError(f"--unlabeled {cfg.unlabeled}: not a folder")
     if not cfg.teacher and not cfg.data_dir:
         raise CaptchaError("--unlabeled needs labelled images (--data_dir) or a --teacher to read them first")
     if cfg.check and not Path(cfg.check).is_dir():
         raise CaptchaError(f"--check {cfg.check}: not a folder")
-    cfg = dataclasses.replace(cfg, rounds=cfg.rounds or DEFAULT_ROUNDS)
+    settings = {**settings, "rounds": cfg.rounds or DEFAULT_ROUNDS}
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("round_*"), *out.glob("pseudo_labels_round_*.csv")]:
         print(f"removing the earlier run's {old}")
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    state_path.write_text(json.dumps({"config": dataclasses.asdict(cfg), "rounds": []}, indent=2))
-    return cfg
+    state_path.write_text(json.dumps({"config": settings, "rounds": []}, indent=2))
+    return settings
 
 
-def run(cfg, train_one):
-    """Self-training rounds; `train_one(cfg, pseudo, resume_command)` is train.train. Returns the chosen round's
-    results (its metrics, with the rounds' log), or None if interrupted (resumable)."""
-    cfg = start_state(cfg)
+def run(settings, train_one):
+    """Self-training rounds. `settings`: every flag of the run, as a dict (this module reads its SelfTrainingFlags
+    and hands the rest on); `train_one(settings, pseudo, resume_command)` trains one round with them (train.py's).
+    Returns the chosen round's results (its metrics, with the rounds' log), or None if interrupted (resumable)."""
+    settings = start_state(settings)
+    cfg = flags_of(settings)
     out = Path(cfg.out)
     unlabeled = imagefiles.list_images(cfg.unlabeled)
     if not unlabeled:
@@ -332,7 +365,8 @@ def run(cfg, train_one):
             print(f"no --check folder: the run cannot measure itself. Validation and test are {TEACHER_CHECK_NAME}, "
                   f"readings held out from training; their scores are agreement with the teacher, not accuracy, "
                   f"and the result stores no confidence threshold")
-            cfg = dataclasses.replace(cfg, check=cfg.unlabeled, check_labels=str(out / TEACHER_CHECK_NAME))
+            settings = {**settings, "check": cfg.unlabeled, "check_labels": str(out / TEACHER_CHECK_NAME)}
+            cfg = flags_of(settings)
     summaries = []
     for number in range(cfg.rounds + 1):
         pseudo = read_pseudo_labels(pseudo_labels_path(out, number)) if number or cfg.teacher else []
@@ -345,8 +379,8 @@ def run(cfg, train_one):
             # a round builds on the last: it starts from the previous round's model, which already reads the site,
             # and trains as long as its own validation pays (runlength.py); round 0 starts as the run was told
             start = str(round_dir(out, number - 1) / runstate.BEST_NAME) if number else cfg.init_from
-            round_cfg = dataclasses.replace(cfg, out=str(folder), resume=resumable, init_from=start)
-            if train_one(round_cfg, pseudo=pseudo, resume_command=f"python train.py --resume --out {out}") is None:
+            round_settings = {**settings, "out": str(folder), "resume": resumable, "init_from": start}
+            if train_one(round_settings, pseudo=pseudo, resume_command=f"python train.py --resume --out {out}") is None:
                 return None
         summaries.append(round_summary(number, out, len(pseudo)))
         print(describe_round(summaries[-1]))
@@ -357,7 +391,7 @@ def run(cfg, train_one):
         next_labels = pseudo_labels_path(out, number + 1)
         if not next_labels.exists():
             found = pseudo_label(folder / runstate.BEST_NAME, unlabeled, teacher_texts, rejected,
-                                 cfg.augmented_agreement, cfg.seed, unlabeled_colours(cfg))
+                                 cfg.augmented_agreement, cfg.seed, unlabeled_colours(cfg.unlabeled, cfg.unlabeled_labels))
             write_pseudo_labels(next_labels, found.kept)
             print(f"round {number}'s model pseudo-labels {len(found.kept)} of {len(unlabeled)} unlabelled images"
                   + (f"; {found.wrong_length} reading{'s' if found.wrong_length != 1 else ''} of a length no typed "

@@ -200,7 +200,7 @@ def load_dataset(cfg, folder, source=None, pseudo=()):
             samples = [samples[i] for i in np.random.default_rng(cfg.seed).permutation(len(samples))[: cfg.limit]]
         train, val, test = dataset.split_samples(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         asked = scan.asked
-    asked = {**asked, **selftrain.pseudo_asked(cfg, pseudo)}
+    asked = {**asked, **selftrain.pseudo_asked(cfg.unlabeled, cfg.unlabeled_labels, pseudo)}
     without = [path for path, _ in train + val + test + list(pseudo) if asked and path not in asked]
     if without:
         raise CaptchaError(f"{without[0]}: no colour asked for, though {len(asked)} images have one; give every "
@@ -397,6 +397,11 @@ def train(cfg, pseudo=(), resume_command=None):
     return results
 
 
+def train_round(settings, pseudo=(), resume_command=None):
+    """One round of a self-training run: a run of its `settings` (every flag, as the run stored them)."""
+    return train(cli.restored(TrainConfig, settings), pseudo, resume_command)
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     try:
@@ -404,7 +409,7 @@ def main(argv=None):
             precheck.teacher_reads_unlabeled(cfg.teacher, cfg.unlabeled)
         with callbacks.stop_on_signals():
             self_training = cfg.unlabeled or (cfg.resume and (Path(cfg.out) / selftrain.STATE_NAME).exists())
-            results = selftrain.run(cfg, train) if self_training else train(cfg)
+            results = selftrain.run(dataclasses.asdict(cfg), train_round) if self_training else train(cfg)
     except CaptchaError as e:
         return cli.user_error(e)
     return 0 if results is not None else callbacks.stopped_status()

@@ -177,10 +177,11 @@ def test_each_section_of_the_flags_is_named_and_defaulted_as_the_flags_are():
     import cli
     import finetune
     import runlength
+    import selftrain
     import train
 
     flags = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
-    for kind in (finetune.NetworkFlags, runlength.LengthFlags):
+    for kind in (finetune.NetworkFlags, runlength.LengthFlags, selftrain.SelfTrainingFlags):
         for field in dataclasses.fields(kind):
             assert field.name in flags and field.default == flags[field.name], (kind.__name__, field.name)
     cfg = train.TrainConfig(minutes=5, height=32)
