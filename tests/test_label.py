@@ -134,7 +134,8 @@ def open_page(driver, server):
 
 
 def saved_labels(path):
-    return dict(label_sources._entries_from_text(path.read_text(encoding="utf-8"), path)[0][1:])
+    return {key: label for key, label, _ in label_sources._entries_from_text(path.read_text(encoding="utf-8"),
+                                                                              path)[0][1:]}
 
 
 @browser_needed
