@@ -85,10 +85,6 @@ class ScanResult:
                           f"{colourful} of {len(self.saturations)} carry colour in their strokes or background "
                           f"(median {median:.0f}, colour from {COLOUR_SATURATION}); set it with --channels 1 or 3")
 
-    def colours(self):
-        """The colours this folder's captchas ask for, sorted: the planes of a model that reads one."""
-        return tuple(sorted(set(self.asked.values())))
-
     def skipped_lines(self):
         return [f"skipped ({reason}): {path}" for reason, paths in sorted(self.skipped.items()) for path in paths]
 
@@ -210,8 +206,8 @@ CACHE_MB = 768  # canvases of a run's images are kept in memory up to this many 
 
 
 def canvas_bytes(count, options):
-    height, width, _ = options.canvas.shape
-    return count * height * width * options.canvas.channels
+    canvas = options.canvas
+    return count * canvas.height * canvas.width * canvas.channels
 
 
 def fill_canvases(paths, options, workers=2):
