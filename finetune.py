@@ -77,21 +77,27 @@ def output_class_sources(source_charset, target_charset):
 def copy_weights_by_symbol(source, source_charset, target, target_charset, colours=((), ())):
     """Copy every weight of `source` into the same-shaped `target`, layer by layer in order; the
     output layer's rows are carried over by symbol, so a symbol keeps what it learned whatever its
-    position in the new charset; the first convolution's input channels by first_kernel_for_planes, `colours`
-    being (the source's asked colours, the target's). Returns the symbols that start fresh."""
-    source_layers = [layer for layer in source.layers if layer.weights]
-    target_layers = [layer for layer in target.layers if layer.weights]
+    position in the new charset; the first convolution's input channels by first_kernel_for_channels, and the
+    asked colours' shifts by asked_colour_kernel, `colours` being (the source's asked colours, the target's).
+    Returns the symbols that start fresh."""
+    source_layers = [layer for layer in source.layers if layer.weights and layer.name != model.ASKED_COLOUR]
+    target_layers = [layer for layer in target.layers if layer.weights and layer.name != model.ASKED_COLOUR]
     if len(source_layers) != len(target_layers):
         raise CaptchaError(f"--init_from model has {len(source_layers)} layers with weights, this one "
                            f"{len(target_layers)}: not the same architecture")
+    first_release_planes = 0 if takes_asked_colour(source) else len(colours[0])
     for src, dst in zip(source_layers[:-1], target_layers[:-1]):
         weights = src.get_weights()
-        if src is source_layers[0]:  # gray to colour or back, asked colours added
-            weights = first_kernel_for_planes(weights, tuple(dst.weights[0].shape), *colours)
+        if src is source_layers[0]:  # gray to colour or back; a first release's asked-colour planes left out
+            if first_release_planes:
+                weights = [weights[0][:, :, :-first_release_planes], *weights[1:]]
+            weights = first_kernel_for_channels(weights, [tuple(dst.weights[0].shape)])
         if [w.shape for w in weights] != [tuple(w.shape) for w in dst.weights]:
             raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
                                f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
         dst.set_weights(weights)
+    if colours[1]:
+        target.get_layer(model.ASKED_COLOUR).set_weights([asked_colour_kernel(source, target, *colours)])
     (src_kernel, src_bias), (kernel, bias) = source_layers[-1].get_weights(), target_layers[-1].get_weights()
     sources = output_class_sources(source_charset, target_charset)
     for target_class, source_class in enumerate(sources):
@@ -101,20 +107,25 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset, colou
     return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
 
 
-def first_kernel_for_planes(weights, target_shape, source_colours=(), target_colours=()):
-    """The first convolution's kernel for the target's input channels (`target_shape`): the image's channels
-    (the input's first ones) as first_kernel_for_channels carries them, then one plane per asked colour, carried by
-    its name where the start model knew it, else zero: the new model starts reading every image exactly as the
-    start model does, and learns from there what each asked colour changes."""
-    kernel, *rest = weights
-    if kernel.ndim != 4:
-        return weights
-    source_image, target_image = kernel.shape[2] - len(source_colours), target_shape[2] - len(target_colours)
-    image_kernel = first_kernel_for_channels([kernel[:, :, :source_image], *rest],
-                                             [target_shape[:2] + (target_image,) + target_shape[3:]])[0]
-    planes = [kernel[:, :, source_image + source_colours.index(name)] if name in source_colours
-              else np.zeros(kernel.shape[:2] + kernel.shape[3:], kernel.dtype) for name in target_colours]
-    return [np.concatenate([image_kernel, *(plane[:, :, np.newaxis] for plane in planes)], axis=2), *rest]
+def asked_colour_kernel(source, target, source_colours, target_colours):
+    """The target's asked-colour kernel (colours, image channels): each colour's shift of the image carried by its
+    name where the start model knew it (gray to colour: the same shift on each channel; back: their mean), else
+    zero, so the new model starts reading every image exactly as the start model does and learns from there what
+    each asked colour changes. (A first-release model convolved constant planes instead; nothing carries.)"""
+    kernel = np.zeros(tuple(target.get_layer(model.ASKED_COLOUR).weights[0].shape), np.float32)
+    if source_colours and takes_asked_colour(source):
+        known = source.get_layer(model.ASKED_COLOUR).get_weights()[0]  # (colours, channels)
+        if known.shape[1] != kernel.shape[1]:
+            known = np.repeat(known.mean(axis=1, keepdims=True), kernel.shape[1], axis=1)
+        for row, name in enumerate(target_colours):
+            if name in source_colours:
+                kernel[row] = known[source_colours.index(name)]
+    return kernel
+
+
+def takes_asked_colour(crnn):
+    """Whether `crnn` turns the asked colour into a shift of the image (model.build_model), not convolved planes."""
+    return any(layer.name == model.ASKED_COLOUR for layer in crnn.layers)
 
 
 def first_kernel_for_channels(weights, target_shapes):

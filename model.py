@@ -172,6 +172,29 @@ class CollapseHeight(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+ASKED_COLOUR = "asked_colour"  # the Dense layer that turns the asked colour into a shift of the image's colours
+
+
+@keras.saving.register_keras_serializable(package="crnn")
+class SplitAskedColour(layers.Layer):
+    """(batch, H, W, C + K) -> [(batch, H, W, C), (batch, K)]: the image's channels, and the asked colour read from
+    one pixel of the K constant planes that follow them (preprocess.with_asked_colour)."""
+
+    def __init__(self, image_channels, **kwargs):
+        super().__init__(**kwargs)
+        self.image_channels = image_channels
+
+    def call(self, x):
+        return x[..., :self.image_channels], x[:, 0, 0, self.image_channels:]
+
+    def compute_output_shape(self, input_shape):
+        batch, h, w, c = input_shape
+        return [(batch, h, w, self.image_channels), (batch, c - self.image_channels)]
+
+    def get_config(self):
+        return {**super().get_config(), "image_channels": self.image_channels}
+
+
 def build_model(config, num_classes, canvas=Canvas(), legacy_lambda=False):
     """The CRNN of `config` reading `canvas` (preprocess.Canvas: its shape is the input's), ending in a softmax
     over `num_classes` (symbols + blank) at each time step.
@@ -179,8 +202,15 @@ def build_model(config, num_classes, canvas=Canvas(), legacy_lambda=False):
     legacy_lambda=True collapses height with a `Lambda` instead of CollapseHeight, as the
     reference's checkpoints do: export_safe.py's tests build those with it.
     """
-    image = keras.Input(shape=canvas.shape, name="image")  # (batch, 50, 200, 1)
+    image = keras.Input(shape=canvas.shape, name="image")  # (batch, 50, 200, 1), or (batch, 50, 200, 3 + colours)
     x = image
+    if canvas.colours:
+        # The asked colour shifts the image's colours by a vector learned for it (zero at first: a start model reads
+        # as it did), so a filter tuned to one ink rises or falls with it from the first convolution on, for one
+        # addition a pixel; convolving the constant planes themselves cost that convolution several times its work.
+        x, asked = SplitAskedColour(canvas.channels, name="split_asked_colour")(image)  # (b, H, W, C), (b, K)
+        shift = layers.Dense(canvas.channels, use_bias=False, kernel_initializer="zeros", name=ASKED_COLOUR)(asked)
+        x = layers.Add()([x, layers.Reshape((1, 1, canvas.channels))(shift)])  # (b, H, W, C) + (b, 1, 1, C)
     # The seed pools (2, 2), (2, 2), then height only, so 200 columns become 50 time steps.
     for filters, pool in zip(config.conv_filters, config.pools):
         for _ in range(config.convs_per_block):

@@ -6,8 +6,10 @@ import base64
 import json
 import subprocess
 import sys
+import types
 
 import cv2
+import keras
 import numpy as np
 import pytest
 
@@ -131,23 +133,45 @@ def test_thin_coloured_strokes_on_a_light_background_read_in_colour():
 
 
 def test_a_start_model_carries_into_asked_colour_planes_and_reads_as_before():
-    """The gray base's first convolution widened to colour and two zero planes: every image reads exactly as the
-    start model reads it, whatever colour is asked; a plane it knew is carried by name."""
+    """The gray base's first convolution widened to colour and a zero shift for each asked colour: every image reads
+    exactly as the start model reads it, whatever colour is asked; the planes are not convolved (the first
+    convolution takes the image's channels only)."""
     config = model.PRESETS["tiny"]
     gray = model.build_model(config, 5)
     target, _ = finetune.start_from(gray, {"charset": Charset("abcd").to_dict()}, Charset("abcd"), config,
                                     preprocess.PreprocessOptions(preprocess.Canvas(channels=3, colours=("blue", "red"))))
+    first_conv = next(layer for layer in target.layers if isinstance(layer, keras.layers.Conv2D))
+    assert first_conv.get_weights()[0].shape == (3, 3, 3, 8)
     image = np.random.default_rng(0).random((2, 50, 200, 1), dtype=np.float32)
     colour = np.repeat(image, 3, axis=3)
     for plane in (3, 4):
         asked = np.concatenate([colour, np.zeros((2, 50, 200, 2), np.float32)], axis=3)
         asked[..., plane] = 1.0
         np.testing.assert_allclose(target.predict_on_batch(asked), gray.predict_on_batch(image), atol=1e-5)
-    kernel = np.random.default_rng(1).random((3, 3, 5, 8), dtype=np.float32)
-    carried = finetune.first_kernel_for_planes([kernel], (3, 3, 6, 8), ("blue", "red"), ("green", "red", "blue"))[0]
-    np.testing.assert_array_equal(carried[:, :, 3], 0)  # green: new
-    np.testing.assert_array_equal(carried[:, :, 4], kernel[:, :, 4])  # red, by name
-    np.testing.assert_array_equal(carried[:, :, 5], kernel[:, :, 3])  # blue
+
+
+def test_asked_colours_are_carried_by_name_and_a_first_release_models_planes_are_left_out():
+    """A start model's asked colours keep their shifts by name (a new one starts at zero). A first-release model
+    convolved the planes with the image: its image channels are carried, its planes left out, its shifts zero."""
+    config = model.PRESETS["tiny"]
+    rng = np.random.default_rng(1)
+    source = model.build_model(config, 5, preprocess.Canvas(channels=3, colours=("blue", "red")))
+    source.get_layer(model.ASKED_COLOUR).set_weights([rng.random((2, 3), dtype=np.float32)])
+    colours = (("blue", "red"), ("green", "red", "blue"))
+    target = model.build_model(config, 5, preprocess.Canvas(channels=3, colours=colours[1]))
+    finetune.copy_weights_by_symbol(source, Charset("abcd"), target, Charset("abcd"), colours)
+    carried, known = (m.get_layer(model.ASKED_COLOUR).get_weights()[0] for m in (target, source))
+    np.testing.assert_array_equal(carried[0], 0)  # green: new
+    np.testing.assert_array_equal(carried[1], known[1])  # red, by name
+    np.testing.assert_array_equal(carried[2], known[0])  # blue
+
+    # the first release's layout: the colour image and the two planes all input channels of the first convolution
+    first_release = model.build_model(config, 5, types.SimpleNamespace(shape=(50, 200, 5), colours=()))
+    first_release.layers[1].set_weights([rng.random((3, 3, 5, 8), dtype=np.float32)])
+    finetune.copy_weights_by_symbol(first_release, Charset("abcd"), target, Charset("abcd"), colours)
+    np.testing.assert_array_equal(target.get_layer(model.ASKED_COLOUR).get_weights()[0], 0)
+    first_conv = next(layer for layer in target.layers if isinstance(layer, keras.layers.Conv2D))
+    np.testing.assert_array_equal(first_conv.get_weights()[0], first_release.layers[1].get_weights()[0][:, :, :3])
 
 
 # ----------------------------------------------------------------------------- a model that reads the asked colour
