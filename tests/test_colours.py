@@ -132,7 +132,7 @@ def test_thin_coloured_strokes_on_a_light_background_read_in_colour():
     assert dataset.colour_saturation(jpeg) < dataset.COLOUR_SATURATION  # dark gray strokes with JPEG noise: gray
 
 
-def test_a_start_model_carries_into_asked_colour_planes_and_reads_as_before():
+def test_a_start_model_carries_into_an_asked_colour_model_and_reads_as_before():
     """The gray base's first convolution widened to colour and a zero shift for each asked colour: every image reads
     exactly as the start model reads it, whatever colour is asked; the planes are not convolved (the first
     convolution takes the image's channels only)."""
