@@ -80,8 +80,8 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset, colou
     position in the new charset; the first convolution's input channels by first_kernel_for_channels, and the
     asked colours' shifts by asked_colour_kernel, `colours` being (the source's asked colours, the target's).
     Returns the symbols that start fresh."""
-    source_layers = [layer for layer in source.layers if layer.weights and layer.name != model.ASKED_COLOUR]
-    target_layers = [layer for layer in target.layers if layer.weights and layer.name != model.ASKED_COLOUR]
+    source_layers = [layer for layer in source.layers if layer.weights and layer.name not in model.ASKED_COLOUR_LAYERS]
+    target_layers = [layer for layer in target.layers if layer.weights and layer.name not in model.ASKED_COLOUR_LAYERS]
     if len(source_layers) != len(target_layers):
         raise CaptchaError(f"--init_from model has {len(source_layers)} layers with weights, this one "
                            f"{len(target_layers)}: not the same architecture")
@@ -96,8 +96,8 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset, colou
             raise CaptchaError(f"--init_from layer {src.name} has weights of shapes {[w.shape for w in weights]}, "
                                f"this model's {dst.name} {[tuple(w.shape) for w in dst.weights]}")
         dst.set_weights(weights)
-    if colours[1]:
-        target.get_layer(model.ASKED_COLOUR).set_weights([asked_colour_kernel(source, target, *colours)])
+    for name in model.ASKED_COLOUR_LAYERS if colours[1] else ():
+        target.get_layer(name).set_weights([asked_colour_kernel(source, target, *colours, name)])
     (src_kernel, src_bias), (kernel, bias) = source_layers[-1].get_weights(), target_layers[-1].get_weights()
     sources = output_class_sources(source_charset, target_charset)
     for target_class, source_class in enumerate(sources):
@@ -107,19 +107,20 @@ def copy_weights_by_symbol(source, source_charset, target, target_charset, colou
     return "".join(s for s in target_charset.symbols if sources[target_charset.encode(s)[0]] is None)
 
 
-def asked_colour_kernel(source, target, source_colours, target_colours):
-    """The target's asked-colour kernel (colours, image channels): each colour's shift of the image carried by its
-    name where the start model knew it (gray to colour: the same shift on each channel; back: their mean), else
-    zero, so the new model starts reading every image exactly as the start model does and learns from there what
-    each asked colour changes. (A first-release model convolved constant planes instead; nothing carries.)"""
-    kernel = np.zeros(tuple(target.get_layer(model.ASKED_COLOUR).weights[0].shape), np.float32)
-    if source_colours and takes_asked_colour(source):
-        known = source.get_layer(model.ASKED_COLOUR).get_weights()[0]  # (colours, channels)
+def asked_colour_kernel(source, target, source_colours, target_colours, name=model.ASKED_COLOUR):
+    """The kernel (colours, shifted values) of the target's asked-colour layer `name` (model.ASKED_COLOUR_LAYERS):
+    each colour's shift carried by its name where the start model knew it (of the image, gray to colour: the same
+    shift on each channel; back: their mean), else zero, so the new model starts reading every image exactly as the
+    start model does and learns from there what each asked colour changes. (A first-release model convolved
+    constant planes instead, and this release's first models had no feature shift; nothing carries.)"""
+    kernel = np.zeros(tuple(target.get_layer(name).weights[0].shape), np.float32)
+    if source_colours and any(layer.name == name for layer in source.layers):
+        known = source.get_layer(name).get_weights()[0]  # (colours, channels or features)
         if known.shape[1] != kernel.shape[1]:
             known = np.repeat(known.mean(axis=1, keepdims=True), kernel.shape[1], axis=1)
-        for row, name in enumerate(target_colours):
-            if name in source_colours:
-                kernel[row] = known[source_colours.index(name)]
+        for row, colour in enumerate(target_colours):
+            if colour in source_colours:
+                kernel[row] = known[source_colours.index(colour)]
     return kernel
 
 

@@ -173,6 +173,8 @@ class CollapseHeight(layers.Layer):
 
 
 ASKED_COLOUR = "asked_colour"  # the Dense layer that turns the asked colour into a shift of the image's colours
+ASKED_COLOUR_FEATURES = "asked_colour_features"  # ... and the one that turns it into a shift of the column features
+ASKED_COLOUR_LAYERS = (ASKED_COLOUR, ASKED_COLOUR_FEATURES)
 
 
 @keras.saving.register_keras_serializable(package="crnn")
@@ -237,6 +239,13 @@ def build_model(config, num_classes, canvas=Canvas(), legacy_lambda=False):
         x = CollapseHeight(config.collapse, name="collapse_height")(x)
     if config.project_units:
         x = layers.Dense(config.project_units, activation="relu", name="project")(x)
+    if canvas.colours:
+        # The first shift can only move the first convolution's outputs along the image's C directions; this one tells
+        # the recurrent layers which colour to keep in all F directions (zero at first too), for one addition a column.
+        features = x.shape[-1]
+        feature_shift = layers.Dense(features, use_bias=False, kernel_initializer="zeros",
+                                     name=ASKED_COLOUR_FEATURES)(asked)
+        x = layers.Add()([x, layers.Reshape((1, features))(feature_shift)])  # (b, W, F) + (b, 1, F)
     if config.dropout_cnn:
         x = layers.Dropout(config.dropout_cnn)(x)
     for i, units in enumerate(config.lstm_units):

@@ -156,20 +156,25 @@ def test_asked_colours_are_carried_by_name_and_a_first_release_models_planes_are
     config = model.PRESETS["tiny"]
     rng = np.random.default_rng(1)
     source = model.build_model(config, 5, preprocess.Canvas(channels=3, colours=("blue", "red")))
-    source.get_layer(model.ASKED_COLOUR).set_weights([rng.random((2, 3), dtype=np.float32)])
+    for name in model.ASKED_COLOUR_LAYERS:  # the image's shift (2, 3), the column features' (2, F)
+        layer = source.get_layer(name)
+        layer.set_weights([rng.random(tuple(layer.weights[0].shape), dtype=np.float32)])
     colours = (("blue", "red"), ("green", "red", "blue"))
     target = model.build_model(config, 5, preprocess.Canvas(channels=3, colours=colours[1]))
     finetune.copy_weights_by_symbol(source, Charset("abcd"), target, Charset("abcd"), colours)
-    carried, known = (m.get_layer(model.ASKED_COLOUR).get_weights()[0] for m in (target, source))
-    np.testing.assert_array_equal(carried[0], 0)  # green: new
-    np.testing.assert_array_equal(carried[1], known[1])  # red, by name
-    np.testing.assert_array_equal(carried[2], known[0])  # blue
+    for name in model.ASKED_COLOUR_LAYERS:
+        carried, known = (m.get_layer(name).get_weights()[0] for m in (target, source))
+        assert carried.shape == (3, known.shape[1])
+        np.testing.assert_array_equal(carried[0], 0)  # green: new
+        np.testing.assert_array_equal(carried[1], known[1])  # red, by name
+        np.testing.assert_array_equal(carried[2], known[0])  # blue
 
     # the first release's layout: the colour image and the two planes all input channels of the first convolution
     first_release = model.build_model(config, 5, types.SimpleNamespace(shape=(50, 200, 5), colours=()))
     first_release.layers[1].set_weights([rng.random((3, 3, 5, 8), dtype=np.float32)])
     finetune.copy_weights_by_symbol(first_release, Charset("abcd"), target, Charset("abcd"), colours)
-    np.testing.assert_array_equal(target.get_layer(model.ASKED_COLOUR).get_weights()[0], 0)
+    for name in model.ASKED_COLOUR_LAYERS:
+        np.testing.assert_array_equal(target.get_layer(name).get_weights()[0], 0)
     first_conv = next(layer for layer in target.layers if isinstance(layer, keras.layers.Conv2D))
     np.testing.assert_array_equal(first_conv.get_weights()[0], first_release.layers[1].get_weights()[0][:, :, :3])
 
