@@ -114,7 +114,7 @@ def asked_colour_kernel(source, target, source_colours, target_colours, name=mod
     start model does and learns from there what each asked colour changes. (A first-release model convolved
     constant planes instead, and this release's first models had no feature shift; nothing carries.)"""
     kernel = np.zeros(tuple(target.get_layer(name).weights[0].shape), np.float32)
-    if source_colours and any(layer.name == name for layer in source.layers):
+    if source_colours and has_layer(source, name):
         known = source.get_layer(name).get_weights()[0]  # (colours, channels or features)
         if known.shape[1] != kernel.shape[1]:
             known = np.repeat(known.mean(axis=1, keepdims=True), kernel.shape[1], axis=1)
@@ -126,7 +126,11 @@ def asked_colour_kernel(source, target, source_colours, target_colours, name=mod
 
 def takes_asked_colour(crnn):
     """Whether `crnn` turns the asked colour into a shift of the image (model.build_model), not convolved planes."""
-    return any(layer.name == model.ASKED_COLOUR for layer in crnn.layers)
+    return has_layer(crnn, model.ASKED_COLOUR)
+
+
+def has_layer(crnn, name):
+    return any(layer.name == name for layer in crnn.layers)
 
 
 def first_kernel_for_channels(weights, target_shapes):

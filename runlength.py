@@ -6,9 +6,9 @@ planned, one cycle of the learning rate over them, the last `clean_finish` of th
 Following validation (the default recipe without those flags): warmup-stable-decay. An epoch is one check,
 `check_every` steps that the loader draws from an endless run of shuffled passes, so a folder of any size is
 validated as often. The rate warms up over the first check and is then held at its peak while validation reads
-better beyond chance or at a 5% lower loss (callbacks.HoldWhileValidationPays); once `stall_checks` checks in a row have not, it decays
-to ~0 over `anneal_fraction` of the steps made so far (at least `min_anneal_steps`, and at least one pass over the
-training images) on the images as they are, and the run ends. The ceiling is the fixed length the run would make
+better beyond chance or at a lower loss (callbacks.HoldWhileValidationPays); once `stall_checks` checks in a row
+have not, it decays to ~0 over `anneal_fraction` of the steps made so far (at least `min_anneal_steps`, and at
+least one pass over the training images) on the images as they are, and the run ends. The ceiling is the fixed length the run would make
 otherwise; `--minutes` fits the held phase and the anneal into a time budget. Why this and not a fixed cycle: docs/design.md, "A run's length".
 """
 
@@ -99,8 +99,8 @@ def describe(flags, recipe, length, steps_per_epoch, check_images):
                 f"images; the learning rate "
                 f"warms up over the first {length.epoch_steps}, is held at its peak until {recipe.stall_checks} checks "
                 f"in a row read validation no better (fewer errors beyond chance, or a "
-                f"{1 - callbacks.HoldWhileValidationPays.LOSS_FACTOR:.0%} lower loss), then anneals over {recipe.anneal_fraction:.0%} of "
-                f"the steps made (at least {max(recipe.min_anneal_steps, length.pass_steps)}: {recipe.min_anneal_steps}, or a "
+                f"{1 - callbacks.HoldWhileValidationPays.LOSS_FACTOR:.0%} lower loss), then anneals over "
+                f"{recipe.anneal_fraction:.0%} of the steps made (at least {max(recipe.min_anneal_steps, length.pass_steps)}: {recipe.min_anneal_steps}, or a "
                 f"pass over the training images) on the images as they are; augmentation "
                 f"{recipe.augment} until then"
                 + (f"; within {flags.minutes:g} minutes" if flags.minutes else "")
